@@ -1,0 +1,201 @@
+"""Frozen, validated configuration objects. Each component takes only the config it needs.
+
+``ModelConfig`` is built from a Hugging Face ``config.json``; it covers the Llama family (Llama 2/3, Mistral,
+Qwen2, Gemma) and Mixtral, which differ only in the flags below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "GemmaForCausalLM",
+    "MixtralForCausalLM",
+)
+SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RopeScaling:
+    """RoPE frequency scaling as in HF ``rope_scaling`` / ``rope_parameters``."""
+
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Shape and numerics of one decoder-only model."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = RopeScaling()
+    attention_bias: bool = False  # q/k/v bias (Qwen2, some Llamas)
+    o_bias: bool = False
+    mlp_bias: bool = False
+    hidden_act: str = "silu"  # "silu" | "gelu_pytorch_tanh" | "gelu"
+    tie_word_embeddings: bool = False
+    norm_unit_offset: bool = False  # Gemma: RMSNorm multiplies by (1 + w)
+    embed_scale: bool = False  # Gemma: embeddings scaled by sqrt(hidden_size)
+    sliding_windows: tuple[int | None, ...] = ()  # per layer; None = full attention
+    num_experts: int = 0  # Mixtral: experts per MoE layer (0 = dense MLP)
+    num_experts_per_tok: int = 0
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    dtype: str = "float32"  # the checkpoint's dtype name
+
+    def __post_init__(self) -> None:
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"architectures: {self.architecture!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                     "head_dim", "max_position_embeddings"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_heads}) must be a multiple of num_key_value_heads ({self.num_kv_heads})"
+            )
+        if self.rope_scaling.rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ValueError(
+                f"rope_scaling: type {self.rope_scaling.rope_type!r} is not supported; "
+                f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+            )
+        if self.hidden_act not in ("silu", "gelu_pytorch_tanh", "gelu"):
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported")
+        if len(self.sliding_windows) != self.num_layers:
+            raise ValueError("sliding_windows needs one entry per layer")
+        if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ValueError("num_experts_per_tok must be in [1, num_experts]")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def q_per_kv(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> ModelConfig:
+        config_path = os.path.join(path, "config.json")
+        if not os.path.isfile(config_path):
+            raise ValueError(f"model: no config.json in {os.fspath(path)!r}")
+        with open(config_path) as f:
+            return cls.from_hf_dict(json.load(f))
+
+    @classmethod
+    def from_hf_dict(cls, hf: dict[str, Any]) -> ModelConfig:
+        """Translates a HF ``config.json`` dict (transformers 4.x or 5.x spelling)."""
+        archs = hf.get("architectures") or []
+        if not archs:
+            raise ValueError(f"architectures: missing in config.json; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        arch = archs[0]
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"architectures: {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        model_type = hf.get("model_type", "")
+        num_heads = hf["num_attention_heads"]
+        hidden = hf["hidden_size"]
+        head_dim = hf.get("head_dim") or hidden // num_heads
+        num_layers = hf["num_hidden_layers"]
+        rope = dict(hf.get("rope_scaling") or {})
+        rope.update(hf.get("rope_parameters") or {})
+        rope_theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+        rope_type = rope.pop("rope_type", rope.pop("type", "default")) or "default"
+        known = {f.name for f in dataclasses.fields(RopeScaling)}
+        rope_scaling = RopeScaling(rope_type=rope_type, **{k: v for k, v in rope.items() if k in known})
+        is_gemma = model_type == "gemma" or arch == "GemmaForCausalLM"
+        is_qwen2 = model_type == "qwen2" or arch == "Qwen2ForCausalLM"
+        windows = _sliding_windows(hf, num_layers, is_qwen2)
+        eos = hf.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        act = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
+        if is_gemma and act == "gelu":
+            act = "gelu_pytorch_tanh"  # Gemma checkpoints say "gelu" but were trained with the tanh approximation
+        return cls(
+            architecture=arch,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hidden,
+            intermediate_size=hf["intermediate_size"],
+            num_layers=num_layers,
+            num_heads=num_heads,
+            num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+            head_dim=head_dim,
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            attention_bias=bool(hf.get("attention_bias", False)) or is_qwen2,
+            o_bias=bool(hf.get("attention_bias", False)) and not is_qwen2,
+            mlp_bias=bool(hf.get("mlp_bias", False)),
+            hidden_act=act,
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", is_gemma)),
+            norm_unit_offset=is_gemma,
+            embed_scale=is_gemma,
+            sliding_windows=windows,
+            num_experts=hf.get("num_local_experts", 0) or 0,
+            num_experts_per_tok=hf.get("num_experts_per_tok", 0) or 0,
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+            dtype=str(hf.get("dtype") or hf.get("torch_dtype") or "float32"),
+        )
+
+
+def _sliding_windows(hf: dict[str, Any], num_layers: int, is_qwen2: bool) -> tuple[int | None, ...]:
+    window = hf.get("sliding_window")
+    layer_types = hf.get("layer_types")
+    if layer_types:
+        return tuple(window if t == "sliding_attention" else None for t in layer_types)
+    if is_qwen2:
+        if not hf.get("use_sliding_window", False) or not window:
+            return (None,) * num_layers
+        first = hf.get("max_window_layers", num_layers)
+        return tuple(window if i >= first else None for i in range(num_layers))
+    return (window or None,) * num_layers
+
+
+@dataclass(frozen=True, kw_only=True)
+class CacheConfig:
+    """Paged KV cache: fixed pool of ``num_pages`` pages of ``page_size`` tokens (page 0 is the null page)."""
+
+    page_size: int = 16
+    num_pages: int | None = None  # None: sized from free device memory
+    memory_fraction: float = 0.5  # share of free device memory the KV cache may take when num_pages is None
+    enable_prefix_caching: bool = True
+    kv_cache_dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.page_size < 1 or self.page_size & (self.page_size - 1):
+            raise ValueError(f"page_size must be a positive power of two, got {self.page_size}")
+        if self.num_pages is not None and self.num_pages < 2:
+            raise ValueError(f"num_pages must be >= 2 (page 0 is reserved), got {self.num_pages}")
+        if not 0.0 < self.memory_fraction <= 1.0:
+            raise ValueError(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
+        if self.kv_cache_dtype != "auto":
+            raise ValueError(f"kv_cache_dtype {self.kv_cache_dtype!r} is not supported yet (only 'auto')")
+
+    def pages_for(self, num_tokens: int) -> int:
+        return math.ceil(num_tokens / self.page_size)

@@ -1,0 +1,59 @@
+"""Self-attention over the paged KV cache: project q/k/v, rotate, write K/V into pages, attend, project out.
+
+GQA/MQA never repeat K/V: the backend groups query heads per KV head.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jserve import ops
+from jserve.config import ModelConfig
+from jserve.models.layers import apply_rope, param
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, *, dtype, rngs: nnx.Rngs):
+        d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = param(rngs, (d, n, h), ("embed", "q_heads", "head_dim"), dtype)
+        self.k_proj = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), dtype)
+        self.v_proj = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), dtype)
+        self.o_proj = param(rngs, (n, h, d), ("q_heads", "head_dim", "embed"), dtype)
+        self.qkv_bias = cfg.attention_bias
+        self.o_bias = cfg.o_bias
+        if cfg.attention_bias:
+            zeros = nnx.initializers.zeros
+            self.q_bias = param(rngs, (n, h), ("q_heads", "head_dim"), dtype, zeros)
+            self.k_bias = param(rngs, (k, h), ("kv_heads", "head_dim"), dtype, zeros)
+            self.v_bias = param(rngs, (k, h), ("kv_heads", "head_dim"), dtype, zeros)
+        if cfg.o_bias:
+            self.o_bias_param = param(rngs, (d,), ("embed",), dtype, nnx.initializers.zeros)
+        self.sm_scale = h**-0.5
+        self.sliding_window = cfg.sliding_windows[layer_idx]
+
+    def __call__(
+        self,
+        x: jax.Array,  # [T, D]
+        positions: jax.Array,  # [T]
+        inv_freq: jax.Array,  # [H/2]
+        kv: tuple[jax.Array, jax.Array],  # this layer's pages, each [K, P, L, H]
+        meta: ops.AttentionMetadata,
+        backend: ops.AttentionBackend,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        q = jnp.einsum("td,dnh->tnh", x, self.q_proj[...])
+        k = jnp.einsum("td,dkh->tkh", x, self.k_proj[...])
+        v = jnp.einsum("td,dkh->tkh", x, self.v_proj[...])
+        if self.qkv_bias:
+            q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
+        q = apply_rope(q, positions, inv_freq)
+        k = apply_rope(k, positions, inv_freq)
+        k_pages, v_pages = ops.write_kv(kv[0], kv[1], k, v, meta)
+        out = ops.paged_attention(
+            backend, q, k_pages, v_pages, meta, sm_scale=self.sm_scale, sliding_window=self.sliding_window
+        )
+        out = jnp.einsum("tnh,nhd->td", out, self.o_proj[...])
+        if self.o_bias:
+            out = out + self.o_bias_param[...]
+        return out, (k_pages, v_pages)

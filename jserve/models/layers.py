@@ -1,0 +1,117 @@
+"""Small pure building blocks shared by the model families: RMSNorm, RoPE, MLP, embedding.
+
+Every parameter names its logical axes (``sharding_names``); only ``jserve/parallel/sharding.py`` maps them to
+mesh axes. Computation follows the HF reference implementations' numerics (norms in float32).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jserve.config import ModelConfig, RopeScaling
+
+_INIT = nnx.initializers.normal(stddev=0.02)
+
+
+def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], dtype, init=_INIT) -> nnx.Param:
+    """A parameter with logical axis names; values come from a checkpoint, the init only fixes shape/dtype."""
+    return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=axes, eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+    """Root-mean-square norm; Gemma scales by (1 + w) and keeps the multiply in float32."""
+
+    def __init__(self, dim: int, eps: float, *, unit_offset: bool, dtype, rngs: nnx.Rngs):
+        init = nnx.initializers.zeros if unit_offset else nnx.initializers.ones
+        self.weight = param(rngs, (dim,), ("embed",), dtype, init)
+        self.eps = eps
+        self.unit_offset = unit_offset
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.unit_offset:
+            return (normed * (1.0 + self.weight[...].astype(jnp.float32))).astype(x.dtype)
+        return normed.astype(x.dtype) * self.weight[...]
+
+
+def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling) -> jax.Array:
+    """Per-pair rotation frequencies [H/2], with llama3 or linear scaling applied."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    if scaling.rope_type == "linear":
+        return inv_freq / scaling.factor
+    if scaling.rope_type == "llama3":
+        old_len = scaling.original_max_position_embeddings
+        low_wavelen = old_len / scaling.low_freq_factor
+        high_wavelen = old_len / scaling.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = jnp.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+        smooth = (old_len / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+        is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return jnp.where(is_medium, smoothed, scaled)
+    return inv_freq
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotates x [T, heads, H] by position (HF "rotate_half" layout: first half pairs with second half)."""
+    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, H/2]
+    cos = jnp.cos(angles)[:, None, :]
+    sin = jnp.sin(angles)[:, None, :]
+    x32 = x.astype(jnp.float32)
+    first, second = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+def activation(name: str):
+    if name == "silu":
+        return jax.nn.silu
+    if name == "gelu_pytorch_tanh":
+        return lambda x: jax.nn.gelu(x, approximate=True)
+    return lambda x: jax.nn.gelu(x, approximate=False)
+
+
+class MLP(nnx.Module):
+    """Gated MLP: down(act(gate(x)) * up(x)) — SwiGLU for Llama, GeGLU-tanh for Gemma."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = param(rngs, (d, f), ("embed", "mlp"), dtype)
+        self.up_proj = param(rngs, (d, f), ("embed", "mlp"), dtype)
+        self.down_proj = param(rngs, (f, d), ("mlp", "embed"), dtype)
+        if cfg.mlp_bias:
+            self.gate_bias = param(rngs, (f,), ("mlp",), dtype, nnx.initializers.zeros)
+            self.up_bias = param(rngs, (f,), ("mlp",), dtype, nnx.initializers.zeros)
+            self.down_bias = param(rngs, (d,), ("embed",), dtype, nnx.initializers.zeros)
+        self.mlp_bias = cfg.mlp_bias
+        self.act = activation(cfg.hidden_act)
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # [T, D] -> [T, D]
+        gate = x @ self.gate_proj[...]
+        up = x @ self.up_proj[...]
+        if self.mlp_bias:
+            gate, up = gate + self.gate_bias[...], up + self.up_bias[...]
+        out = (self.act(gate) * up) @ self.down_proj[...]
+        return out + self.down_bias[...] if self.mlp_bias else out
+
+
+class Embedding(nnx.Module):
+    """Token embedding; also serves as the LM head when embeddings are tied."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        self.embedding = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype)
+        self.scale = math.sqrt(cfg.hidden_size) if cfg.embed_scale else None
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:  # [T] -> [T, D]
+        x = jnp.take(self.embedding[...], tokens, axis=0)
+        if self.scale is not None:
+            x = x * jnp.asarray(self.scale, dtype=x.dtype)  # HF casts the normalizer to the model dtype
+        return x
+
+    def attend(self, x: jax.Array) -> jax.Array:  # [B, D] -> [B, V] float32
+        return jnp.einsum("bd,vd->bv", x, self.embedding[...], preferred_element_type=jnp.float32)

@@ -1,0 +1,90 @@
+"""Attention backend selection and the one attention call the models make.
+
+The backend is resolved once at startup (no import-time switches) and passed to the model as a static value:
+"xla" runs the plain-jnp reference, "gpu"/"tpu" the Pallas kernels, and ``interpret`` runs a kernel on CPU.
+Attention metadata is an explicit pytree argument built by ``engine/batch.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import jax
+
+import pallas_kernels
+from pallas_kernels import reference
+from pallas_kernels.dispatch import resolve_backend
+
+ATTENTION_BACKENDS = ("auto", "pallas", "xla")
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class AttentionMetadata:
+    """Where each new token's K/V goes and what each sequence attends to, for one engine step.
+
+    slot_mapping [T]: flat cache slot (page * page_size + offset) of each new token; padding -> null page 0.
+    kv_lens [S]: tokens in cache per sequence, this step's included. block_tables [S, Pmax]: page ids.
+    cu_q_lens [S + 1]: sequence i owns tokens cu_q_lens[i]:cu_q_lens[i+1]. num_seqs [1]: real sequences.
+    """
+
+    slot_mapping: jax.Array
+    kv_lens: jax.Array
+    block_tables: jax.Array
+    cu_q_lens: jax.Array
+    num_seqs: jax.Array
+
+
+@dataclass(frozen=True)
+class AttentionBackend:
+    """Resolved backend: ``kernel`` is "xla" | "gpu" | "tpu"; ``interpret`` runs Pallas kernels on CPU."""
+
+    kernel: str = "xla"
+    interpret: bool = False
+
+    def replace(self, **changes) -> AttentionBackend:
+        return dataclasses.replace(self, **changes)
+
+
+def resolve_attention_backend(choice: str, platform: str | None = None) -> AttentionBackend:
+    """Maps the user-facing ``attention_backend`` to a kernel.
+
+    "auto": Pallas on TPU and on Hopper-or-newer GPUs, the XLA reference elsewhere. "pallas": force the kernels;
+    on CPU they run under their interpreters (the TPU kernel's interpreter, which is the faster one).
+    """
+    if choice not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {choice!r}")
+    platform = platform or jax.devices()[0].platform
+    if choice == "xla":
+        return AttentionBackend("xla")
+    if choice == "auto":
+        return AttentionBackend(resolve_backend("auto"))
+    if platform == "tpu":
+        return AttentionBackend("tpu")
+    if platform == "gpu":
+        return AttentionBackend("gpu")
+    return AttentionBackend("tpu", interpret=True)
+
+
+def write_kv(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array, meta: AttentionMetadata):
+    """Scatters this step's K/V [T, K, H] into the layer's pages [K, P, L, H]."""
+    return reference.write_to_pages(k_pages, v_pages, k, v, meta.slot_mapping)
+
+
+def paged_attention(
+    backend: AttentionBackend,
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    meta: AttentionMetadata,
+    *,
+    sm_scale: float,
+    sliding_window: int | None,
+) -> jax.Array:
+    """q [T, N, H] against the paged cache (new K/V already written) -> [T, N, H]."""
+    return pallas_kernels.ragged_paged_attention(
+        q, k_pages, v_pages, meta.kv_lens, meta.block_tables, meta.cu_q_lens, meta.num_seqs,
+        sm_scale=sm_scale, sliding_window=sliding_window, backend=backend.kernel, interpret=backend.interpret,
+    )
+
