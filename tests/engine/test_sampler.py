@@ -1,0 +1,502 @@
+"""Tests for jserve.engine.sampler: filters, penalties, seeds, distributions and logprobs against numpy.
+
+Everything is seeded (numpy RNGs, PRNG seeds, derandomized hypothesis) so nothing can flake. Each jitted
+function is compiled once per (flags, shapes) combination and reused, so shapes are kept to a small set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from jserve.engine.sampler import (
+    RowSpec,
+    SamplerFlags,
+    SamplerOutput,
+    SamplingTensors,
+    filtered_logits,
+    make_sampling_tensors,
+    process_logits,
+    sample,
+)
+from jserve.sampling_params import SamplingParams
+
+SAMPLE = jax.jit(sample, static_argnames="flags")
+PROCESS = jax.jit(process_logits, static_argnames="flags")
+FILTERED = jax.jit(filtered_logits, static_argnames="flags")
+
+HYP = settings(max_examples=25, deadline=None, derandomize=True, database=None)
+
+GREEDY = SamplerFlags(all_greedy=True)
+PLAIN = SamplerFlags()
+FILTERS = SamplerFlags(use_filters=True)
+PENALTIES = SamplerFlags(use_penalties=True)
+EVERYTHING = SamplerFlags(use_penalties=True, use_filters=True)
+
+
+def tensors(b: int, *, hist: int = 0, banned: int = 0, **overrides) -> SamplingTensors:
+    """Neutral sampled rows (temperature 1, filters and penalties off); overrides are broadcast to [B]."""
+    fields = dict(
+        temperature=np.ones(b, np.float32),
+        top_k=np.zeros(b, np.int32),
+        top_p=np.ones(b, np.float32),
+        min_p=np.zeros(b, np.float32),
+        repetition_penalty=np.ones(b, np.float32),
+        presence_penalty=np.zeros(b, np.float32),
+        frequency_penalty=np.zeros(b, np.float32),
+        seeds=np.arange(b, dtype=np.uint32),
+        steps=np.zeros(b, np.int32),
+        token_history=np.full((b, hist), -1, np.int32),
+        history_is_output=np.zeros((b, hist), bool),
+        banned_token_ids=np.full((b, banned), -1, np.int32),
+    )
+    for name, value in overrides.items():
+        ref = fields[name]
+        fields[name] = np.broadcast_to(np.asarray(value, dtype=ref.dtype), ref.shape).copy()
+    return SamplingTensors(**fields)
+
+
+def run(logits, t: SamplingTensors, flags: SamplerFlags) -> SamplerOutput:
+    return jax.device_get(SAMPLE(jnp.asarray(logits), t, flags=flags))
+
+
+def np_softmax(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def np_log_softmax(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+def np_top_p_set(scaled: np.ndarray, p: float) -> set[int]:
+    """Smallest set of highest-prob tokens whose mass reaches p, in float64."""
+    probs = np_softmax(scaled)
+    order = np.argsort(-probs, kind="stable")
+    exclusive = np.cumsum(probs[order]) - probs[order]
+    return {int(i) for i in order[exclusive < p]}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Greedy
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_greedy_equals_argmax(dtype):
+    logits = jnp.asarray(np.random.default_rng(0).normal(size=(8, 64)) * 3, dtype)
+    expected = np.argmax(np.asarray(logits.astype(jnp.float32)), axis=-1)
+    out = run(logits, tensors(8, temperature=0.0), GREEDY)
+    np.testing.assert_array_equal(out.token_ids, expected)
+    assert out.token_ids.dtype == np.int32
+    # Same rows through the sampling path (flags not all_greedy) stay greedy.
+    out = run(logits, tensors(8, temperature=0.0, top_k=3, top_p=0.5), FILTERS)
+    np.testing.assert_array_equal(out.token_ids, expected)
+
+
+@pytest.mark.parametrize("flags", [PLAIN, FILTERS])
+def test_temperature_zero_rows_are_greedy_in_mixed_batch(flags):
+    rng = np.random.default_rng(1)
+    b = 64
+    logits = rng.normal(size=(b, 64)).astype(np.float32)  # flat-ish: sampled rows rarely hit the argmax
+    temperature = np.where(np.arange(b) % 2 == 0, 0.0, 1.5).astype(np.float32)
+    t = tensors(b, temperature=temperature, top_k=np.where(np.arange(b) % 4 == 1, 5, 0), top_p=0.9)
+    tokens = run(logits, t, flags).token_ids
+    argmax = logits.argmax(-1)
+    np.testing.assert_array_equal(tokens[::2], argmax[::2])
+    assert (tokens[1::2] != argmax[1::2]).sum() > 5  # the sampled rows really sample
+
+
+# ----------------------------------------------------------------------------------------------------
+# Filters
+# ----------------------------------------------------------------------------------------------------
+
+V_HYP = 32
+B_MANY = 128
+logit_rows = st.lists(
+    st.floats(-8.0, 8.0, allow_nan=False, width=32), min_size=V_HYP, max_size=V_HYP, unique=True
+).map(lambda v: np.asarray(v, np.float32))
+
+
+@HYP
+@given(row=logit_rows, k=st.integers(1, V_HYP), temp=st.floats(0.3, 3.0))
+def test_top_k_never_leaves_top_k(row, k, temp):
+    logits = np.broadcast_to(row, (B_MANY, V_HYP))
+    t = tensors(B_MANY, temperature=temp, top_k=k, seeds=np.arange(B_MANY) * 7919)
+    tokens = run(logits, t, FILTERS).token_ids
+    kth = np.sort(row)[::-1][k - 1]
+    allowed = set(np.flatnonzero(row >= kth).tolist())
+    assert set(tokens.tolist()) <= allowed
+    if k == 1:
+        assert set(tokens.tolist()) == {int(row.argmax())}
+
+
+@HYP
+@given(row=logit_rows, p=st.floats(0.02, 0.999), temp=st.floats(0.3, 3.0))
+def test_top_p_keeps_smallest_set_reaching_p(row, p, temp):
+    scaled = row.astype(np.float64) / np.float32(temp)
+    probs = np.sort(np_softmax(scaled))[::-1]
+    assume(np.min(np.abs(np.cumsum(probs) - p)) > 1e-4)  # stay clear of f32 rounding at the boundary
+    allowed = np_top_p_set(scaled, p)
+    t = tensors(B_MANY, temperature=temp, top_p=p, seeds=np.arange(B_MANY) + 1000)
+    logits = np.broadcast_to(row, (B_MANY, V_HYP))
+    # The filter mask equals the numpy set exactly ...
+    kept = np.isfinite(np.asarray(FILTERED(jnp.asarray(logits), t, flags=FILTERS))[0])
+    assert set(np.flatnonzero(kept).tolist()) == allowed
+    # ... and every sample lies in it.
+    assert set(run(logits, t, FILTERS).token_ids.tolist()) <= allowed
+
+
+def test_top_p_small_set_all_members_appear():
+    row = np.array([3.0, 2.8, 2.6, 0.0, -1.0, -2.0, -3.0, -4.0], np.float32)
+    p = 0.8
+    allowed = np_top_p_set(row, p)
+    assert allowed == {0, 1, 2}  # masses ~0.36, 0.30, 0.24 -> exclusive 0.66 < 0.8 keeps token 2
+    b = 600
+    t = tensors(b, top_p=p, seeds=np.arange(b) * 31 + 5, steps=np.arange(b) % 3)
+    tokens = run(np.broadcast_to(row, (b, 8)), t, FILTERS).token_ids
+    assert set(tokens.tolist()) == allowed
+
+
+@HYP
+@given(row=logit_rows, k=st.integers(1, V_HYP), p=st.floats(0.05, 1.0), min_p=st.floats(0.0, 1.0))
+def test_combined_filter_mask_matches_numpy(row, k, p, min_p):
+    """top-k -> top-p on the renormalised top-k distribution -> min-p (relative to the max prob)."""
+    order = np.argsort(-row, kind="stable")
+    top = order[:k]
+    probs = np_softmax(row[top].astype(np.float64))
+    cum = np.cumsum(probs)
+    assume(p >= 1.0 or np.min(np.abs(cum - p)) > 1e-4)
+    max_prob = probs.max()
+    assume(np.min(np.abs(probs - min_p * max_prob)) > 1e-5)
+    exclusive = cum - probs
+    keep = (exclusive < p) | (p >= 1.0)
+    keep &= probs >= min_p * max_prob
+    keep[0] = True
+    expected = {int(i) for i in top[keep]}
+
+    t = tensors(1, top_k=k, top_p=p, min_p=min_p)
+    kept = np.isfinite(np.asarray(FILTERED(jnp.asarray(row[None]), t, flags=FILTERS))[0])
+    assert set(np.flatnonzero(kept).tolist()) == expected
+
+
+def test_top_p_applies_to_renormalised_top_k():
+    probs = np.array([0.3, 0.2, 0.1] + [0.4 / 13] * 13)
+    logits = np.log(probs).astype(np.float32)[None]
+    # Full distribution: exclusive masses 0, 0.3, 0.5 -> top-p 0.45 would keep {0, 1}; after top-3 the
+    # masses are 0.5, 0.33, 0.17, so top-p 0.45 keeps {0} only.
+    t = tensors(1, top_k=3, top_p=0.45)
+    kept = np.isfinite(np.asarray(FILTERED(jnp.asarray(logits), t, flags=FILTERS))[0])
+    assert np.flatnonzero(kept).tolist() == [0]
+    t = tensors(1, top_k=0, top_p=0.45)
+    kept = np.isfinite(np.asarray(FILTERED(jnp.asarray(logits), t, flags=FILTERS))[0])
+    assert np.flatnonzero(kept).tolist() == [0, 1]
+
+
+def test_min_p_never_samples_below_threshold():
+    rng = np.random.default_rng(2)
+    b = 512
+    row = rng.normal(size=V_HYP).astype(np.float32) * 2
+    for min_p, temp in [(0.1, 1.0), (0.3, 2.0), (0.05, 0.7)]:
+        t = tensors(b, min_p=min_p, temperature=temp, seeds=np.arange(b) + int(min_p * 1000))
+        tokens = run(np.broadcast_to(row, (b, V_HYP)), t, FILTERS).token_ids
+        probs = np_softmax(row.astype(np.float64) / temp)
+        allowed = set(np.flatnonzero(probs >= min_p * probs.max()).tolist())
+        assert set(tokens.tolist()) <= allowed
+        assert len(set(tokens.tolist())) >= min(3, len(allowed))
+
+
+def test_filters_never_produce_nan_or_empty_rows():
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(4, V_HYP)).astype(np.float32)
+    logits[1, :] = -np.inf  # fully masked by the model
+    logits[2, 5:] = -np.inf
+    t = tensors(
+        4, top_k=[1, 3, 40, 0], top_p=[1e-6, 0.5, 1.0, 1e-6], min_p=[1.0, 0.0, 0.9, 1.0], temperature=0.01
+    )
+    x = np.asarray(FILTERED(jnp.asarray(logits), t, flags=FILTERS))
+    assert not np.isnan(x).any()
+    for r in (0, 2, 3):
+        assert np.isfinite(x[r]).sum() >= 1
+        assert np.isfinite(x[r, logits[r].argmax()])
+    out = run(logits, t, FILTERS)
+    assert out.token_ids[0] == logits[0].argmax() and out.token_ids[3] == logits[3].argmax()
+    assert 0 <= out.token_ids[1] < V_HYP and out.token_ids[2] < 5
+
+
+# ----------------------------------------------------------------------------------------------------
+# Penalties and banned ids
+# ----------------------------------------------------------------------------------------------------
+
+
+def np_process(logits, rep, pres, freq, history, is_output, banned):
+    out = np.asarray(logits, np.float64).copy()
+    b, v = out.shape
+    for r in range(b):
+        for tok in banned[r]:
+            if 0 <= tok < v:
+                out[r, tok] = -np.inf
+        hist = history[r][history[r] >= 0]
+        outs = history[r][(history[r] >= 0) & is_output[r]]
+        for tok in set(hist.tolist()):
+            out[r, tok] = out[r, tok] / rep[r] if out[r, tok] > 0 else out[r, tok] * rep[r]
+        counts = np.bincount(outs, minlength=v)
+        out[r] -= freq[r] * counts
+        out[r] -= pres[r] * (counts > 0)
+    return out
+
+
+def test_penalties_match_numpy():
+    rng = np.random.default_rng(4)
+    b, v, h, nb = 6, 48, 40, 3
+    logits = (rng.normal(size=(b, v)) * 4).astype(np.float32)
+    history = rng.integers(0, 12, size=(b, h)).astype(np.int32)  # small id range: many repeats
+    lengths = rng.integers(0, h + 1, size=b)
+    lengths[0] = h
+    lengths[1] = 0
+    for r in range(b):
+        history[r, lengths[r] :] = -1
+    prompt_len = rng.integers(0, h, size=b)
+    is_output = (np.arange(h)[None, :] >= prompt_len[:, None]) & (history >= 0)
+    banned = np.full((b, nb), -1, np.int32)
+    banned[2, :2] = [3, 47]
+    banned[3, 0] = 0
+    rep = np.array([1.3, 0.7, 1.0, 2.0, 1.1, 1.0], np.float32)
+    pres = np.array([0.5, -0.5, 1.0, 0.0, 2.0, 0.0], np.float32)
+    freq = np.array([0.25, 0.0, -1.0, 0.3, -2.0, 0.0], np.float32)
+    t = tensors(
+        b,
+        hist=h,
+        banned=nb,
+        repetition_penalty=rep,
+        presence_penalty=pres,
+        frequency_penalty=freq,
+        token_history=history,
+        history_is_output=is_output,
+        banned_token_ids=banned,
+    )
+    got = np.asarray(PROCESS(jnp.asarray(logits), t, flags=PENALTIES))
+    expected = np_process(logits, rep, pres, freq, history, is_output, banned)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    # Padding (-1) never touches token V-1; the last row is fully neutral.
+    assert got[0, v - 1] == pytest.approx(logits[0, v - 1])
+    np.testing.assert_array_equal(got[5], logits[5])
+    # Without the flag, penalties are skipped but bans still apply.
+    got = np.asarray(PROCESS(jnp.asarray(logits), t, flags=PLAIN))
+    zero = np.zeros(b, np.float32)
+    np.testing.assert_allclose(got, np_process(logits, np.ones(b), zero, zero, history, is_output, banned))
+
+
+def test_repetition_penalty_direction():
+    logits = np.array([[2.0, -2.0, 1.0, -1.0]], np.float32)
+    t = tensors(1, hist=2, repetition_penalty=2.0, token_history=[[0, 1]], history_is_output=[[False, False]])
+    got = np.asarray(PROCESS(jnp.asarray(logits), t, flags=PENALTIES))
+    np.testing.assert_allclose(got, [[1.0, -4.0, 1.0, -1.0]])  # prompt tokens penalised too
+
+
+@pytest.mark.parametrize("flags", [GREEDY, PLAIN, FILTERS])
+def test_banned_ids_never_sampled(flags):
+    rng = np.random.default_rng(5)
+    b, v = 256, 16
+    logits = rng.normal(size=(b, v)).astype(np.float32)
+    logits[:, 7] = 10.0  # the banned id dominates
+    logits[:, 3] = 9.0
+    banned = np.tile(np.array([7, 3, -1, -1], np.int32), (b, 1))
+    temperature = 0.0 if flags.all_greedy else 2.0
+    t = tensors(
+        b, banned=4, banned_token_ids=banned, temperature=temperature, top_k=v if flags.use_filters else 0
+    )
+    tokens = run(logits, t, flags).token_ids
+    assert not np.isin(tokens, [3, 7]).any()
+    if flags.all_greedy:
+        masked = logits.copy()
+        masked[:, [3, 7]] = -np.inf
+        np.testing.assert_array_equal(tokens, masked.argmax(-1))
+    else:
+        assert (tokens == v - 1).any()  # -1 padding does not ban the last id
+
+
+# ----------------------------------------------------------------------------------------------------
+# Seeds
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_seed_determinism_independent_of_batch():
+    rng = np.random.default_rng(6)
+    n, v = 24, 64
+    logits = rng.normal(size=(n, v)).astype(np.float32)
+    seeds = rng.integers(0, 2**32, size=n, dtype=np.uint64).astype(np.uint32)
+    steps = rng.integers(0, 1000, size=n).astype(np.int32)
+
+    def batch(idx, pad_to):
+        """Rows idx (in that order), then filler rows with other settings up to pad_to."""
+        k = pad_to - len(idx)
+        lg = np.concatenate([logits[idx], rng.normal(size=(k, v)).astype(np.float32)])
+        t = tensors(
+            pad_to,
+            seeds=np.concatenate([seeds[idx], rng.integers(0, 2**31, size=k).astype(np.uint32)]),
+            steps=np.concatenate([steps[idx], rng.integers(0, 50, size=k).astype(np.int32)]),
+            temperature=np.concatenate([np.ones(len(idx)), rng.uniform(0, 2, size=k)]),
+            top_k=np.concatenate([np.zeros(len(idx)), rng.integers(0, 5, size=k)]),
+        )
+        return lg, t
+
+    lg, t = batch(np.arange(n), n)
+    reference = run(lg, t, PLAIN).token_ids
+    assert len(set(reference.tolist())) > n // 3
+    perm = rng.permutation(n)
+    for idx, pad_to, flags in [(perm, 32, PLAIN), (perm[:5], 8, FILTERS), (perm[::-1], 48, FILTERS)]:
+        lg, t = batch(idx, pad_to)
+        np.testing.assert_array_equal(run(lg, t, flags).token_ids[: len(idx)], reference[idx])
+    for i in (0, 7):  # a row alone
+        lg, t = batch(np.array([i]), 1)
+        assert run(lg, t, PLAIN).token_ids[0] == reference[i]
+
+
+def test_steps_and_seeds_give_different_streams():
+    b, v = 256, 64
+    logits = np.zeros((b, v), np.float32)
+    same_seed = run(logits, tensors(b, seeds=42, steps=np.arange(b)), PLAIN).token_ids
+    assert len(set(same_seed.tolist())) > 40  # ~63 expected for independent uniform draws
+    same_step = run(logits, tensors(b, seeds=np.arange(b) + 1, steps=3), PLAIN).token_ids
+    assert len(set(same_step.tolist())) > 40
+    assert (same_seed != same_step).sum() > b // 2
+    again = run(logits, tensors(b, seeds=42, steps=np.arange(b)), PLAIN).token_ids
+    np.testing.assert_array_equal(same_seed, again)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Distribution
+# ----------------------------------------------------------------------------------------------------
+
+CHI2_CRIT = {7: 29.9, 3: 21.1}  # chi-square critical values at p = 1e-4 for 7 and 3 degrees of freedom
+
+
+def chi2(counts: np.ndarray, probs: np.ndarray) -> float:
+    expected = probs * counts.sum()
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+def test_empirical_distribution_matches_softmax():
+    row = np.array([1.5, 0.5, 0.0, -0.3, -1.0, 0.8, -2.0, 0.2], np.float32)
+    temps = [0.5, 1.0, 2.0]
+    n = 8000
+    b = n * len(temps)
+    t = tensors(b, temperature=np.repeat(temps, n), seeds=12345, steps=np.arange(b))
+    tokens = run(np.broadcast_to(row, (b, 8)), t, PLAIN).token_ids
+    for j, temp in enumerate(temps):
+        counts = np.bincount(tokens[j * n : (j + 1) * n], minlength=8)
+        assert chi2(counts, np_softmax(row / temp)) < CHI2_CRIT[7], (temp, counts)
+    # With top-k 4 the draws follow the renormalised top-4 distribution.
+    t = tensors(n, top_k=4, temperature=1.3, seeds=np.arange(n) + 99)
+    tokens = run(np.broadcast_to(row, (n, 8)), t, FILTERS).token_ids
+    top4 = np.argsort(-row)[:4]
+    counts = np.bincount(tokens, minlength=8)
+    assert counts.sum() == counts[top4].sum()
+    assert chi2(counts[top4], np_softmax(row[top4] / 1.3)) < CHI2_CRIT[3], counts
+
+
+# ----------------------------------------------------------------------------------------------------
+# Logprobs
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_logprobs_are_raw_log_softmax(dtype):
+    rng = np.random.default_rng(7)
+    b, v, k = 8, 64, 5
+    logits = jnp.asarray(rng.normal(size=(b, v)) * 3, dtype)
+    raw = np.asarray(logits.astype(jnp.float32))
+    t = tensors(
+        b,
+        hist=4,
+        temperature=np.where(np.arange(b) % 2, 0.7, 0.0),
+        top_k=10,
+        repetition_penalty=1.5,
+        frequency_penalty=0.5,
+        token_history=np.tile([1, 2, 3, -1], (b, 1)),
+        history_is_output=np.tile([False, True, True, False], (b, 1)),
+    )
+    out = run(logits, t, dataclasses.replace(EVERYTHING, num_logprobs=k))
+    expected = np_log_softmax(raw)
+    np.testing.assert_allclose(out.logprobs, expected[np.arange(b), out.token_ids], rtol=1e-5, atol=1e-5)
+    assert out.top_ids.shape == (b, k) and out.top_logprobs.shape == (b, k)
+    assert out.top_ids.dtype == np.int32 and out.top_logprobs.dtype == np.float32
+    assert (np.diff(out.top_logprobs, axis=-1) <= 0).all()
+    np.testing.assert_array_equal(out.top_ids, np.argsort(-raw, axis=-1, kind="stable")[:, :k])
+    np.testing.assert_allclose(
+        out.top_logprobs, np.take_along_axis(expected, out.top_ids, -1), rtol=1e-5, atol=1e-5
+    )
+    out = run(logits, t, EVERYTHING)
+    assert out.top_ids.shape == (b, 0) and out.top_logprobs.shape == (b, 0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# make_sampling_tensors
+# ----------------------------------------------------------------------------------------------------
+
+
+def row(step=0, seed=0, prompt=(1, 2), output=(), banned=(), **params) -> RowSpec:
+    return RowSpec(SamplingParams(**params), seed, step, list(prompt), list(output), list(banned))
+
+
+def test_make_sampling_tensors_fields_padding_and_flags():
+    rows = [
+        row(temperature=0.7, top_k=5, top_p=0.9, min_p=0.1, seed=2**32 + 5, step=3, logprobs=2),
+        row(temperature=0.0, top_k=3, prompt=(4, 5, 6), output=(7,), banned=(0, 9)),
+        row(temperature=1.0, frequency_penalty=0.5, prompt=(1, 1), output=(2, 3, 3), logprobs=4),
+    ]
+    t, flags = make_sampling_tensors(rows, pad_to=5)
+    assert flags == SamplerFlags(all_greedy=False, use_penalties=True, use_filters=True, num_logprobs=4)
+    np.testing.assert_allclose(t.temperature, [0.7, 0.0, 1.0, 0.0, 0.0])
+    np.testing.assert_array_equal(t.top_k, [5, 3, 0, 0, 0])
+    np.testing.assert_allclose(t.top_p, [0.9, 1, 1, 1, 1])
+    np.testing.assert_allclose(t.min_p, [0.1, 0, 0, 0, 0])
+    np.testing.assert_allclose(t.frequency_penalty, [0, 0, 0.5, 0, 0])
+    np.testing.assert_allclose(t.repetition_penalty, [1, 1, 1, 1, 1])
+    np.testing.assert_array_equal(t.steps, [3, 0, 0, 0, 0])
+    assert t.seeds.dtype == np.uint32 and t.seeds[0] == 4 and t.seeds[2] == 0
+    # History: only the penalised row, prompt then output, width = its length.
+    assert t.token_history.shape == (5, 5) and t.token_history.dtype == np.int32
+    np.testing.assert_array_equal(t.token_history[2], [1, 1, 2, 3, 3])
+    np.testing.assert_array_equal(t.history_is_output[2], [False, False, True, True, True])
+    assert (t.token_history[[0, 1, 3, 4]] == -1).all() and not t.history_is_output[[0, 1, 3, 4]].any()
+    np.testing.assert_array_equal(t.banned_token_ids, [[-1, -1], [0, 9], [-1, -1], [-1, -1], [-1, -1]])
+    assert t.temperature.dtype == np.float32 and t.top_k.dtype == np.int32 and t.steps.dtype == np.int32
+
+    # Bucketed widths; too-small widths raise.
+    t, _ = make_sampling_tensors(rows, history_len=16, banned_len=4)
+    assert t.token_history.shape == (3, 16) and t.banned_token_ids.shape == (3, 4)
+    for kwargs in (dict(history_len=4), dict(banned_len=1), dict(pad_to=2)):
+        with pytest.raises(ValueError):
+            make_sampling_tensors(rows, **kwargs)
+
+    # It feeds the sampler directly; padded rows are greedy.
+    t, flags = make_sampling_tensors(rows, pad_to=8, history_len=8, banned_len=2)
+    logits = np.random.default_rng(8).normal(size=(8, V_HYP)).astype(np.float32)
+    out = run(logits, t, flags)
+    np.testing.assert_array_equal(out.token_ids[3:], logits[3:].argmax(-1))
+    assert out.token_ids[1] not in (0, 9)
+    assert out.top_ids.shape == (8, 4)
+
+
+def test_make_sampling_tensors_flag_cases():
+    _, flags = make_sampling_tensors([row(temperature=0.0), row(temperature=0.0, top_p=0.5)], pad_to=4)
+    assert flags == SamplerFlags(all_greedy=True)  # filters on greedy rows do not count
+    _, flags = make_sampling_tensors([row(temperature=0.0, repetition_penalty=1.2)])
+    assert flags == SamplerFlags(all_greedy=True, use_penalties=True)
+    t, flags = make_sampling_tensors([row(temperature=1.0, presence_penalty=0.0, logprobs=0)])
+    assert flags == SamplerFlags() and t.token_history.shape == (1, 0) and t.banned_token_ids.shape == (1, 0)
+    t, flags = make_sampling_tensors([], pad_to=2)
+    assert flags == SamplerFlags(all_greedy=True) and t.temperature.shape == (2,)
+    _, flags = make_sampling_tensors([row(temperature=0.5, min_p=0.2)])
+    assert flags.use_filters and not flags.use_penalties
