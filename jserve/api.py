@@ -1,0 +1,212 @@
+"""LLM: the offline API (generate / generate_stream / chat / stats), driving the same Engine the server uses."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import jax
+from tqdm.auto import tqdm
+
+from jserve.engine.engine import Engine
+from jserve.engine.factory import EngineArgs, build_engine
+from jserve.outputs import CompletionOutput, RequestOutput
+from jserve.sampling_params import SamplingParams
+
+BUNDLED_MODEL = Path(__file__).parent / "assets" / "tiny-llama"
+
+
+class LLM:
+    """An offline engine over one model. Arguments follow vLLM's ``LLM`` (see API.md)."""
+
+    def __init__(
+        self,
+        model: str | os.PathLike | None = None,
+        *,
+        dtype: str = "auto",
+        tensor_parallel_size: int = 1,
+        pipeline_parallel_size: int = 1,
+        data_parallel_size: int = 1,
+        max_model_len: int | None = None,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int | None = None,
+        page_size: int = 16,
+        num_pages: int | None = None,
+        enable_prefix_caching: bool = True,
+        quantization: str | None = None,
+        kv_cache_dtype: str = "auto",
+        attention_backend: str = "auto",
+        speculative_model: str | None = None,
+        num_speculative_tokens: int = 0,
+        seed: int = 0,
+    ):
+        args = EngineArgs(
+            model=str(model) if model is not None else str(BUNDLED_MODEL),
+            dtype=dtype,
+            tensor_parallel_size=tensor_parallel_size,
+            pipeline_parallel_size=pipeline_parallel_size,
+            data_parallel_size=data_parallel_size,
+            max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            page_size=page_size,
+            num_pages=num_pages,
+            enable_prefix_caching=enable_prefix_caching,
+            quantization=quantization,
+            kv_cache_dtype=kv_cache_dtype,
+            attention_backend=attention_backend,
+            speculative_model=speculative_model,
+            num_speculative_tokens=num_speculative_tokens,
+            seed=seed,
+        )
+        self.engine: Engine = build_engine(args)
+        self.tokenizer = self.engine.tokenizer
+        self.args = args
+
+    # ------------------------------------------------------------------ requests
+
+    def _prompts(
+        self, prompts: str | Sequence[str] | None, prompt_token_ids: Sequence[Sequence[int]] | None
+    ) -> list[tuple[str | None, list[int]]]:
+        if (prompts is None) == (prompt_token_ids is None):
+            raise ValueError("prompts: pass exactly one of prompts or prompt_token_ids")
+        if prompt_token_ids is not None:
+            if not prompt_token_ids or isinstance(prompt_token_ids[0], int):
+                raise ValueError("prompt_token_ids must be a non-empty list of token-id lists")
+            return [(None, [_token_id(t) for t in ids]) for ids in prompt_token_ids]
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not prompts:
+            raise ValueError("prompts must not be empty")
+        if self.tokenizer is None:
+            raise ValueError("prompts: this model has no tokenizer; pass prompt_token_ids instead")
+        out = []
+        for text in prompts:
+            if not isinstance(text, str) or not text:
+                raise ValueError("prompt must be a non-empty string")
+            out.append((text, self.tokenizer.encode(text)))
+        return out
+
+    def _add_all(self, prompts, sampling_params) -> list[str]:
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"sampling_params: got {len(params)} for {len(prompts)} prompts")
+        for p in params:  # validate everything before enqueuing anything
+            if not isinstance(p, SamplingParams):
+                raise ValueError("sampling_params must be SamplingParams or a list of them")
+        for (_, ids), p in zip(prompts, params, strict=True):
+            self.engine.validate(ids, p)
+        return [self.engine.add_request(ids, p, prompt=text) for (text, ids), p in zip(prompts, params, strict=True)]
+
+    def generate(
+        self,
+        prompts: str | Sequence[str] | None = None,
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        prompt_token_ids: Sequence[Sequence[int]] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generates for every prompt with continuous batching; returns outputs in prompt order."""
+        request_ids = self._add_all(self._prompts(prompts, prompt_token_ids), sampling_params)
+        final: dict[str, RequestOutput] = {}
+        with tqdm(total=len(request_ids), desc="Generating", disable=not use_tqdm, unit="req") as bar:
+            try:
+                done = 0
+                while done < len(request_ids):
+                    for delta in self.engine.step():
+                        merged = _merge(final.get(delta.request_id), delta)
+                        final[delta.request_id] = merged
+                        if merged.finished:
+                            done += 1
+                            bar.update(1)
+            except BaseException:
+                for rid in request_ids:
+                    self.engine.abort_request(rid)
+                self.engine.step()
+                raise
+        return [final[rid] for rid in request_ids]
+
+    def generate_stream(
+        self, prompt: str | list[int], sampling_params: SamplingParams | None = None
+    ) -> Iterator[RequestOutput]:
+        """Yields RequestOutput deltas (new text/tokens only) for one prompt as they are generated."""
+        if isinstance(prompt, str):
+            prompts = self._prompts(prompt, None)
+        else:
+            prompts = self._prompts(None, [prompt])
+        (request_id,) = self._add_all(prompts, sampling_params)
+        finished = False
+        try:
+            while not finished:
+                for delta in self.engine.step():
+                    if delta.request_id == request_id:
+                        finished = delta.finished
+                        yield delta
+        finally:
+            if not finished:
+                self.engine.abort_request(request_id)
+                self.engine.step()
+
+    def chat(
+        self,
+        messages: list[dict[str, str]] | list[list[dict[str, str]]],
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        chat_template: str | None = None,
+    ) -> list[RequestOutput]:
+        """Applies the checkpoint's chat template, then generates (one conversation or a list of them)."""
+        if self.tokenizer is None:
+            raise ValueError("messages: this model has no tokenizer")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        if not conversations:
+            raise ValueError("messages must not be empty")
+        token_ids = [
+            self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True,
+                                               chat_template=chat_template)
+            for c in conversations
+        ]
+        return self.generate(prompt_token_ids=token_ids, sampling_params=sampling_params, use_tqdm=use_tqdm)
+
+    def stats(self) -> dict[str, float | int]:
+        """Engine state: page counts, queue lengths, preemptions, prefix-cache hit rate (see API.md)."""
+        return self.engine.stats()
+
+    @property
+    def devices(self) -> list[jax.Device]:
+        return jax.devices()
+
+
+def _token_id(t) -> int:
+    if isinstance(t, bool) or not isinstance(t, int):
+        try:
+            import numpy as np
+
+            if isinstance(t, np.integer):
+                return int(t)
+        except ImportError:  # pragma: no cover
+            pass
+        raise ValueError(f"prompt_token_ids must hold integers, got {t!r}")
+    return t
+
+
+def _merge(acc: RequestOutput | None, delta: RequestOutput) -> RequestOutput:
+    """Accumulates streamed deltas into a full RequestOutput."""
+    if acc is None:
+        acc = RequestOutput(delta.request_id, delta.prompt, delta.prompt_token_ids, None, [], False)
+    by_index = {c.index: c for c in acc.outputs}
+    for c in delta.outputs:
+        prev = by_index.get(c.index)
+        if prev is None:
+            prev = by_index[c.index] = CompletionOutput(c.index, "", [], [] if c.logprobs is not None else None)
+        prev.text += c.text
+        prev.token_ids.extend(c.token_ids)
+        if c.logprobs is not None:
+            prev.logprobs = (prev.logprobs or []) + c.logprobs
+        prev.finish_reason, prev.stop_reason = c.finish_reason, c.stop_reason
+    acc.outputs = [by_index[i] for i in sorted(by_index)]
+    acc.prompt_logprobs = delta.prompt_logprobs if delta.prompt_logprobs is not None else acc.prompt_logprobs
+    acc.finished = delta.finished
+    acc.metrics = delta.metrics
+    return acc

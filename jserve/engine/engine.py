@@ -1,0 +1,368 @@
+"""Engine: inbox (add/abort) -> schedule -> build -> run -> update -> stream deltas.
+
+Concurrency story: the Engine itself is single-threaded — only the thread that calls ``step()`` touches the
+scheduler, the page pool and the device. Other threads talk to it through one thread-safe hand-off, the inbox
+(``add_request`` / ``abort_request`` enqueue; ``step()`` drains it first). ``AsyncLLM`` runs ``step()`` on its own
+engine thread and hands deltas back to the asyncio loop with ``call_soon_threadsafe`` (the second hand-off);
+``LLM`` calls ``step()`` in the caller's thread. A request with ``n > 1`` becomes n sequences ``{id}-{i}`` that
+share the prompt's pages through the prefix cache; their deltas are reported under the parent id.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from jserve.engine.batch import Buckets, StepPlan, build_step
+from jserve.engine.kv_cache import KVCacheManager
+from jserve.engine.request import Request, RequestStatus
+from jserve.engine.runner import ModelRunner, StepResult
+from jserve.engine.scheduler import Scheduler
+from jserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from jserve.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from jserve.tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+@dataclass
+class _Sample:
+    """Per-sequence streaming state: text emitted so far and what is held back for stop strings."""
+
+    index: int
+    detokenizer: IncrementalDetokenizer | None
+    text: str = ""  # all text decided so far (emitted + held back)
+    emitted_chars: int = 0
+    emitted_tokens: int = 0
+    logprobs: list[dict[int, float]] = field(default_factory=list)
+    emitted_logprobs: int = 0
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    reported_finish: bool = False
+
+
+@dataclass
+class _Group:
+    """One user request (possibly n samples)."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float
+    samples: dict[str, _Sample]
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    prompt_logprobs_sent: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finish_reason is not None for s in self.samples.values())
+
+
+@dataclass(frozen=True)
+class _Add:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float
+
+
+class Engine:
+    """Drives the scheduler and the model runner one step at a time (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        runner: ModelRunner,
+        scheduler: Scheduler,
+        kv_cache: KVCacheManager,
+        tokenizer: Tokenizer | None,
+        eos_token_ids: Sequence[int],
+        vocab_size: int,
+        max_model_len: int,
+        seed: int = 0,
+    ):
+        self.runner = runner
+        self.scheduler = scheduler
+        self.kv_cache = kv_cache
+        self.tokenizer = tokenizer
+        self.eos_token_ids = list(eos_token_ids)
+        self.vocab_size = vocab_size
+        self.max_model_len = max_model_len
+        self.seed = seed
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._groups: dict[str, _Group] = {}
+        self._seq_to_group: dict[str, str] = {}
+        self._sequences: dict[str, Request] = {}
+        self._seeds: dict[str, int] = {}
+        self._auto_ids = itertools.count()
+        self._seed_counter = itertools.count()
+        self._ids_lock = threading.Lock()
+        self._live_ids: set[str] = set()  # ids added and not yet fully reported, across threads
+        self.num_steps = 0
+
+    # ------------------------------------------------------------------ inbox (thread-safe)
+
+    def validate(self, prompt_token_ids: Sequence[int], params: SamplingParams) -> None:
+        """Raises ValueError for a request the engine can never serve."""
+        if not prompt_token_ids:
+            raise ValueError("prompt must not be empty")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt is too long: {len(prompt_token_ids)} tokens, max_model_len is {self.max_model_len} "
+                "(the prompt must leave room for at least one generated token)"
+            )
+        bad = [t for t in prompt_token_ids if not 0 <= int(t) < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt_token_ids: ids outside the vocabulary [0, {self.vocab_size}): {bad[:8]}")
+        bad_stop = [t for t in params.stop_token_ids if t >= self.vocab_size]
+        if bad_stop:
+            raise ValueError(f"stop_token_ids: ids outside the vocabulary [0, {self.vocab_size}): {bad_stop[:8]}")
+
+    def add_request(
+        self,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        *,
+        request_id: str | None = None,
+        prompt: str | None = None,
+        arrival_time: float | None = None,
+    ) -> str:
+        """Validates and enqueues a request; returns its id. Safe to call from any thread."""
+        params.validate()
+        self.validate(prompt_token_ids, params)
+        request_id = request_id if request_id is not None else f"req-{next(self._auto_ids)}"
+        with self._ids_lock:
+            if request_id in self._live_ids:
+                raise ValueError(f"request_id {request_id!r} is already in use")
+            self._live_ids.add(request_id)
+        arrival = time.time() if arrival_time is None else arrival_time
+        self._inbox.put(_Add(request_id, prompt, [int(t) for t in prompt_token_ids], params, arrival))
+        return request_id
+
+    def _next_seed(self) -> int:
+        """Seeds for requests without one: distinct per request, reproducible from the engine seed."""
+        return (self.seed * 1_000_003 + next(self._seed_counter) * 7919) & 0x7FFFFFFF
+
+    def abort_request(self, request_id: str) -> None:
+        """Aborts a request (all its samples); its pages are freed at the next step. Any thread."""
+        self._inbox.put(request_id)
+
+    def _drain_inbox(self) -> list[RequestOutput]:
+        outputs = []
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return outputs
+            if isinstance(item, _Add):
+                self._admit(item)
+            else:
+                outputs.extend(self._abort(item))
+
+    def _admit(self, add: _Add) -> None:
+        samples = {}
+        for i in range(add.params.n):
+            seq_id = add.request_id if add.params.n == 1 else f"{add.request_id}-{i}"
+            request = Request(seq_id, add.prompt_token_ids, add.params, eos_token_ids=self.eos_token_ids,
+                              arrival_time=add.arrival_time)
+            detok = None
+            if self.tokenizer is not None:
+                detok = self.tokenizer.detokenizer(add.prompt_token_ids, add.params.skip_special_tokens)
+            samples[seq_id] = _Sample(index=i, detokenizer=detok)
+            self._sequences[seq_id] = request
+            self._seq_to_group[seq_id] = add.request_id
+            base_seed = add.params.seed if add.params.seed is not None else self._next_seed()
+            self._seeds[seq_id] = (base_seed + i) & 0x7FFFFFFF
+            self.scheduler.add_request(request)
+        self._groups[add.request_id] = _Group(
+            add.request_id, add.prompt, add.prompt_token_ids, add.params, add.arrival_time, samples,
+            prompt_logprobs=[None] if add.params.prompt_logprobs is not None else None,
+        )
+
+    def _abort(self, request_id: str) -> list[RequestOutput]:
+        group = self._groups.get(request_id)
+        if group is None:
+            return []
+        for seq_id, sample in group.samples.items():
+            if sample.finish_reason is None:
+                self.scheduler.abort_request(seq_id)
+                sample.finish_reason = "abort"
+        return [self._delta(group, list(group.samples))]
+
+    # ------------------------------------------------------------------ the step
+
+    def has_unfinished(self) -> bool:
+        return bool(self._groups) or not self._inbox.empty()
+
+    def step(self) -> list[RequestOutput]:
+        """One iteration; returns the deltas of every request that changed."""
+        outputs = self._drain_inbox()
+        sched = self.scheduler.schedule()
+        if not sched.chunks:
+            self._collect_finished()
+            return outputs
+        plan = build_step(sched, self._sequences, self.runner.buckets, self.runner.page_size,
+                          lambda r: self._seeds[r.request_id], self._banned_ids)
+        result = self.runner.step(plan)
+        self.num_steps += 1
+        sampled = {rid: int(result.token_ids[i]) for i, rid in enumerate(plan.sampled_ids)}
+        self._record_prompt_logprobs(plan, result)
+        updated = self.scheduler.update(sched, sampled)
+        touched: dict[str, list[str]] = {}
+        now = time.time()
+        for request in updated:
+            seq_id = request.request_id
+            row = plan.sampled_ids.index(seq_id)
+            self._on_token(request, result, row, now)
+            touched.setdefault(self._seq_to_group[seq_id], []).append(seq_id)
+        for chunk in sched.chunks:  # prompt logprobs may be ready before any token
+            group_id = self._seq_to_group[chunk.request_id]
+            if chunk.prompt_logprobs and group_id not in touched:
+                touched[group_id] = []
+        outputs.extend(self._delta(self._groups[g], seqs) for g, seqs in touched.items())
+        self._collect_finished()
+        return outputs
+
+    def _banned_ids(self, request: Request) -> list[int]:
+        params = request.sampling_params
+        if request.num_output_tokens >= params.min_tokens:
+            return []
+        return list(request.eos_token_ids) + list(params.stop_token_ids)
+
+    def _record_prompt_logprobs(self, plan: StepPlan, result: StepResult) -> None:
+        for rows in plan.prompt_rows:
+            group = self._groups[self._seq_to_group[rows.request_id]]
+            k = group.params.prompt_logprobs or 0
+            if group.prompt_logprobs is None or len(group.prompt_logprobs) != rows.first_position + 1:
+                continue  # already recorded (a sibling or a recompute after preemption computed it)
+            for j in range(rows.count):
+                position = rows.first_position + j + 1
+                if position >= len(group.prompt_token_ids):
+                    break
+                row = rows.start + j
+                entry = {int(t): float(lp) for t, lp in zip(result.prompt_top_ids[row, :k],
+                                                            result.prompt_top_logprobs[row, :k], strict=True)}
+                entry[group.prompt_token_ids[position]] = float(result.prompt_target_logprobs[row])
+                group.prompt_logprobs.append(entry)
+
+    def _on_token(self, request: Request, result: StepResult, row: int, now: float) -> None:
+        group = self._groups[self._seq_to_group[request.request_id]]
+        sample = group.samples[request.request_id]
+        token = request.output_token_ids[-1]
+        if group.params.logprobs is not None:
+            k = group.params.logprobs
+            entry = {int(t): float(lp) for t, lp in zip(result.top_ids[row, :k], result.top_logprobs[row, :k],
+                                                        strict=True)}
+            entry[token] = float(result.logprobs[row])
+            sample.logprobs.append(entry)
+        if sample.detokenizer is not None:
+            sample.text += sample.detokenizer.add([token])
+            if request.is_finished:
+                sample.text += sample.detokenizer.flush()
+        if group.params.stop and self._check_stop_strings(group.params.stop, sample):
+            if not request.is_finished:
+                self.scheduler.finish_request(request.request_id, "stop", sample.stop_reason)
+        elif request.is_finished:
+            sample.finish_reason, sample.stop_reason = request.finish_reason, request.stop_reason
+
+    @staticmethod
+    def _check_stop_strings(stops: list[str], sample: _Sample) -> bool:
+        """Finds a stop string in the not-yet-emitted text (plus overlap), truncates the text before it."""
+        longest = max(len(s) for s in stops)
+        search_from = max(0, sample.emitted_chars - longest + 1)
+        hits = [(sample.text.find(s, search_from), s) for s in stops]
+        hits = [(pos, s) for pos, s in hits if pos >= 0]
+        if not hits:
+            return False
+        pos, stop = min(hits)
+        sample.text = sample.text[:pos]
+        sample.finish_reason, sample.stop_reason = "stop", stop
+        return True
+
+    def _delta(self, group: _Group, seq_ids: list[str]) -> RequestOutput:
+        completions = []
+        holdback = max((len(s) for s in group.params.stop), default=1) - 1
+        for seq_id in seq_ids:
+            sample = group.samples[seq_id]
+            request = self._sequences[seq_id]
+            finished = sample.finish_reason is not None
+            end = len(sample.text) if finished else max(sample.emitted_chars, len(sample.text) - holdback)
+            tokens = request.output_token_ids[sample.emitted_tokens:]
+            logprobs = sample.logprobs[sample.emitted_logprobs:] if group.params.logprobs is not None else None
+            completions.append(CompletionOutput(
+                index=sample.index, text=sample.text[sample.emitted_chars:end], token_ids=list(tokens),
+                logprobs=logprobs, finish_reason=sample.finish_reason, stop_reason=sample.stop_reason,
+            ))
+            sample.emitted_chars, sample.emitted_tokens = end, len(request.output_token_ids)
+            sample.emitted_logprobs = len(sample.logprobs)
+            sample.reported_finish = finished
+        prompt_logprobs = None
+        if group.prompt_logprobs is not None and len(group.prompt_logprobs) == len(group.prompt_token_ids):
+            if not group.prompt_logprobs_sent:
+                prompt_logprobs = group.prompt_logprobs
+                group.prompt_logprobs_sent = True
+        return RequestOutput(
+            request_id=group.request_id, prompt=group.prompt, prompt_token_ids=group.prompt_token_ids,
+            prompt_logprobs=prompt_logprobs, outputs=completions, finished=group.finished,
+            metrics=self._metrics(group),
+        )
+
+    def _metrics(self, group: _Group) -> RequestMetrics:
+        requests = [self._sequences[s] for s in group.samples]
+        firsts = [r.first_token_time for r in requests if r.first_token_time is not None]
+        ends = [r.finished_time for r in requests if r.finished_time is not None]
+        scheduled = [r.first_scheduled_time for r in requests if r.first_scheduled_time is not None]
+        return RequestMetrics(
+            arrival_time=group.arrival_time,
+            first_scheduled_time=min(scheduled) if scheduled else None,
+            first_token_time=min(firsts) if firsts else None,
+            finished_time=max(ends) if group.finished and ends else (time.time() if group.finished else None),
+            num_prompt_tokens=len(group.prompt_token_ids),
+            num_output_tokens=sum(r.num_output_tokens for r in requests),
+            num_cached_tokens=max((r.num_cached_tokens for r in requests), default=0),
+        )
+
+    def _collect_finished(self) -> None:
+        for group_id in [g for g, group in self._groups.items() if group.finished]:
+            group = self._groups[group_id]
+            if not all(s.reported_finish for s in group.samples.values()):
+                continue
+            for seq_id in group.samples:
+                del self._sequences[seq_id], self._seq_to_group[seq_id], self._seeds[seq_id]
+            del self._groups[group_id]
+            with self._ids_lock:
+                self._live_ids.discard(group_id)
+
+    # ------------------------------------------------------------------ introspection
+
+    def stats(self) -> dict[str, float | int]:
+        cache = self.kv_cache
+        return {
+            "pages_total": cache.pages_total,
+            "pages_free": cache.num_free_pages,
+            "pages_cached": cache.num_cached_pages,
+            "num_running": self.scheduler.num_running,
+            "num_waiting": self.scheduler.num_waiting,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "prefix_cache_hit_rate": cache.prefix_cache_hit_rate,
+            "prompt_tokens_computed": self.scheduler.prompt_tokens_computed,
+            "num_steps": self.num_steps,
+            "compiled_shapes": self.runner.compiled_shapes,
+        }
+
+
+def make_buckets(*, max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int, page_size: int) -> Buckets:
+    return Buckets.from_limits(
+        max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
+        max_pages_per_seq=-(-max_model_len // page_size),
+    )
+
+
+__all__ = ["Engine", "RequestStatus", "make_buckets"]

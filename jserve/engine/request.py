@@ -1,0 +1,149 @@
+"""Request: one sequence being generated, as the scheduler and the KV cache see it.
+
+The engine expands a prompt with ``SamplingParams.n > 1`` into n Requests (ids ``f"{parent}-{i}"``); from here
+on each one is an independent sequence. The scheduler owns the mutable state (status, ``num_computed_tokens``,
+output tokens) and mutates it only on the engine thread.
+
+This module imports no jax: the scheduler and the page pool are plain Python, testable on any host.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Iterable
+
+from jserve.outputs import RequestMetrics
+from jserve.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    """Where a request is in its life: waiting -> running (<-> preempted) -> one of the finished states."""
+
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    PREEMPTED = enum.auto()  # evicted from running to free pages; waits to be recomputed (keeps its outputs)
+    FINISHED_STOPPED = enum.auto()  # eos, a stop token id, or a stop string (engine side)
+    FINISHED_LENGTH = enum.auto()  # max_tokens, max_model_len, or the KV cache cannot hold it
+    FINISHED_ABORTED = enum.auto()  # client cancelled
+
+    @property
+    def is_finished(self) -> bool:
+        return self in _FINISH_REASON
+
+    @property
+    def finish_reason(self) -> str | None:
+        """The API's finish_reason string ("stop" | "length" | "abort"), None while unfinished."""
+        return _FINISH_REASON.get(self)
+
+    @classmethod
+    def from_finish_reason(cls, reason: str) -> RequestStatus:
+        for status, name in _FINISH_REASON.items():
+            if name == reason:
+                return status
+        raise ValueError(f"reason must be one of {sorted(_FINISH_REASON.values())}, got {reason!r}")
+
+
+_FINISH_REASON = {
+    RequestStatus.FINISHED_STOPPED: "stop",
+    RequestStatus.FINISHED_LENGTH: "length",
+    RequestStatus.FINISHED_ABORTED: "abort",
+}
+
+
+class Request:
+    """One sequence: its tokens, how far its K/V are computed, and its timings.
+
+    NOTE: tokens only ever grow (prompt, then sampled tokens appended by the scheduler);
+    ``num_computed_tokens`` counts the leading tokens whose K/V are in the cache, so it is <= ``num_tokens``
+    always, and it drops back to 0 when the request is preempted (pages freed, recomputed later).
+    """
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: Iterable[int],
+        sampling_params: SamplingParams,
+        *,
+        eos_token_ids: Iterable[int] = (),
+        arrival_time: float | None = None,
+    ) -> None:
+        self.request_id = request_id
+        self.prompt_token_ids: list[int] = [int(t) for t in prompt_token_ids]
+        if not self.prompt_token_ids:
+            raise ValueError("prompt_token_ids must not be empty")
+        self.sampling_params = sampling_params
+        self.arrival_time: float = time.time() if arrival_time is None else arrival_time
+        # vLLM convention: a lower value is more important.
+        self.priority: int = sampling_params.priority
+        self.eos_token_ids: list[int] = [] if sampling_params.ignore_eos else [int(t) for t in eos_token_ids]
+        # NOTE: append sampled tokens with append_output_token() so all_token_ids stays a cheap view.
+        self.output_token_ids: list[int] = []
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0
+        self.status = RequestStatus.WAITING
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+        self.first_scheduled_time: float | None = None
+        self.first_token_time: float | None = None
+        self.finished_time: float | None = None
+        self.num_preemptions = 0
+        # Chained hashes of the full pages of all_token_ids, filled lazily by the KVCacheManager (one page
+        # size per engine). Kept here, not in the pool, so a waiting request that is looked up every step is
+        # hashed once and an aborted one leaves nothing behind.
+        self.page_hashes: list[bytes] = []
+        self._all_token_ids: list[int] = list(self.prompt_token_ids)
+
+    def append_output_token(self, token_id: int) -> None:
+        self.output_token_ids.append(int(token_id))
+        self._all_token_ids.append(int(token_id))
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        """Prompt followed by outputs. Treat as read-only: it is the request's own list, not a copy."""
+        if len(self._all_token_ids) != len(self.prompt_token_ids) + len(self.output_token_ids):
+            # Someone appended to output_token_ids directly; rebuild rather than serve stale tokens.
+            self._all_token_ids = self.prompt_token_ids + self.output_token_ids
+        return self._all_token_ids
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+    def set_finished(self, status: RequestStatus, stop_reason: int | str | None = None) -> None:
+        """Marks the request finished; the caller (the scheduler) frees its pages."""
+        if not status.is_finished:
+            raise ValueError(f"status must be a finished state, got {status}")
+        self.status = status
+        self.finish_reason = status.finish_reason
+        self.stop_reason = stop_reason
+        self.finished_time = time.time()
+
+    def metrics(self) -> RequestMetrics:
+        return RequestMetrics(
+            arrival_time=self.arrival_time,
+            first_scheduled_time=self.first_scheduled_time,
+            first_token_time=self.first_token_time,
+            finished_time=self.finished_time,
+            num_prompt_tokens=self.num_prompt_tokens,
+            num_output_tokens=self.num_output_tokens,
+            num_cached_tokens=self.num_cached_tokens,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"Request({self.request_id!r}, status={self.status.name}, tokens={self.num_prompt_tokens}"
+            f"+{self.num_output_tokens}, computed={self.num_computed_tokens})"
+        )

@@ -1,0 +1,351 @@
+"""Iteration-level scheduler (Orca / vLLM v1 style): which tokens of which requests run in the next step.
+
+Each ``schedule()`` builds one mixed step under two limits, ``max_num_seqs`` running sequences and
+``max_num_batched_tokens`` tokens:
+
+    1. running requests, most important first: a decoding request gets its last sampled token, a request
+       still prefilling gets its next chunk (min(remaining, budget left)). A request that needs a page the
+       pool cannot give preempts the least important running request (possibly itself) by recompute.
+    2. if nobody was preempted, waiting requests in order (priority, then arrival; preempted ones first within
+       a priority), each with a prefix-cache lookup, until a limit or the pool runs out.
+
+``update()`` applies the runner's sampled tokens and the token-level stops. There is no notion of "prefill" or
+"decode" beyond this: a chunk is ``num_tokens - num_computed_tokens`` tokens or fewer, so chunked prefill,
+recompute after preemption and decoding are one code path.
+
+Prefix sharing: when waiting requests share a prefix that is not cached yet (a batch with one system prompt,
+or the n samples of one prompt), the first one admitted becomes the *leader* of its first page; the others
+wait while the leader is still computing pages they share, then hit those pages instead of all computing the
+same tokens (in one step, or chunk by chunk alongside a chunked leader). The wait ends when the leader's
+prefill passes the shared part or the leader leaves running, so nothing is deferred forever.
+
+Requests that can never fit (their tokens need more pages than the whole pool) are finished with "length"
+instead of waiting forever; so is a running request that is alone and still cannot get a page.
+
+This module imports no jax. Not thread-safe: only the engine thread calls it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from jserve.engine.kv_cache import KVCacheManager
+from jserve.engine.request import Request, RequestStatus
+
+
+@dataclass(frozen=True, kw_only=True)
+class SchedulerConfig:
+    """Per-replica scheduling limits."""
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int
+    enable_chunked_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens must be >= max_num_seqs ({self.max_num_seqs}), "
+                f"got {self.max_num_batched_tokens}"
+            )
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                f"max_num_batched_tokens must be >= max_model_len ({self.max_model_len}) when "
+                f"enable_chunked_prefill is False, got {self.max_num_batched_tokens}"
+            )
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    """The tokens one request runs in a step. ``start_pos`` is its ``num_computed_tokens`` before the step."""
+
+    request_id: str
+    token_ids: list[int]
+    start_pos: int
+    block_table: list[int]  # covers start_pos + len(token_ids) tokens
+    sample: bool  # the chunk reaches the end of the request's tokens: sample a next token
+    prompt_logprobs: bool  # the request wants prompt logprobs and this chunk holds prompt tokens
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    """The one boundary type between the scheduler and the runner."""
+
+    chunks: list[ScheduledChunk]  # running requests first (running order), then newly admitted ones
+    num_batched_tokens: int
+    preempted_ids: list[str] = field(default_factory=list)
+    # Finished outside update() since the previous schedule() (aborts, finish_request, "can never fit");
+    # their pages are already freed.
+    finished_ids: list[str] = field(default_factory=list)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager) -> None:
+        self.config = config
+        self.kv_cache = kv_cache
+        # NOTE: both lists stay sorted by _rank / _waiting_rank, so the least important running request is
+        # always running[-1] and the next to admit is waiting[0].
+        self.running: list[Request] = []
+        self.waiting: list[Request] = []
+        self._requests: dict[str, Request] = {}  # every unfinished request
+        self._seq: dict[str, int] = {}  # arrival order, the last tie-breaker
+        self._next_seq = 0
+        self._leaders: dict[bytes, Request] = {}  # first-page hash -> request computing that prefix
+        self._finished_ids: list[str] = []
+        self.num_preemptions = 0
+        self.prompt_tokens_computed = 0
+
+    # ---- queries ---------------------------------------------------------------------------------
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    def get_request(self, request_id: str) -> Request | None:
+        """The unfinished request with this id, or None."""
+        return self._requests.get(request_id)
+
+    def _rank(self, request: Request) -> tuple:
+        return (request.priority, request.arrival_time, self._seq[request.request_id])
+
+    def _waiting_rank(self, request: Request) -> tuple:
+        preempted_first = 0 if request.status == RequestStatus.PREEMPTED else 1
+        return (request.priority, preempted_first, request.arrival_time, self._seq[request.request_id])
+
+    # ---- requests in and out ---------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self._requests:
+            raise ValueError(f"request_id {request.request_id!r} is already scheduled")
+        if request.num_tokens > self.config.max_model_len:
+            raise ValueError(
+                f"prompt length ({request.num_tokens}) must be <= max_model_len ({self.config.max_model_len})"
+            )
+        request.status = RequestStatus.WAITING
+        self._requests[request.request_id] = request
+        self._seq[request.request_id] = self._next_seq
+        self._next_seq += 1
+        bisect.insort(self.waiting, request, key=self._waiting_rank)
+
+    def abort_request(self, request_id: str) -> None:
+        """Aborts a waiting or running request, freeing its pages now; unknown or finished ids: no-op."""
+        self.finish_request(request_id, "abort")
+
+    def abort_requests(self, request_ids: Iterable[str]) -> None:
+        for request_id in request_ids:
+            self.abort_request(request_id)
+
+    def finish_request(self, request_id: str, reason: str, stop_reason: int | str | None = None) -> None:
+        """Finishes a request from outside ``update()`` (abort, engine-side stop strings); frees its pages."""
+        request = self._requests.get(request_id)
+        if request is None:
+            return
+        status = RequestStatus.from_finish_reason(reason)
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        self._finish(request, status, stop_reason)
+        self._finished_ids.append(request_id)
+
+    def _finish(self, request: Request, status: RequestStatus, stop_reason: int | str | None = None) -> None:
+        """Marks finished and frees pages; the caller has already taken it out of running / waiting."""
+        request.set_finished(status, stop_reason)
+        self.kv_cache.free(request)
+        del self._requests[request.request_id]
+        del self._seq[request.request_id]
+
+    def _preempt(self, request: Request) -> None:
+        """Recompute preemption: drop its pages, keep its outputs, wait at the front of its priority."""
+        self.kv_cache.free(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.PREEMPTED
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        bisect.insort(self.waiting, request, key=self._waiting_rank)
+
+    # ---- one step --------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        preempted: list[Request] = []
+
+        # 1. Running requests, most important first.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = self._chunk_len(request.num_tokens - request.num_computed_tokens, budget)
+            if num_new == 0:
+                i += 1
+                continue
+            while not self.kv_cache.allocate(request, num_new):
+                victim = self.running.pop()
+                if victim is not request:
+                    self._preempt(victim)
+                    preempted.append(victim)
+                elif i == 0:
+                    # Alone and still no page: nobody will ever free one for it. The pool is full.
+                    self._finish(request, RequestStatus.FINISHED_LENGTH)
+                    self._finished_ids.append(request.request_id)
+                    break
+                else:
+                    self._preempt(request)
+                    preempted.append(request)
+                    break
+            else:
+                chunks.append(self._make_chunk(request, num_new))
+                budget -= num_new
+                i += 1
+
+        # 2. Waiting requests, unless the pool was just too tight for the running ones.
+        if not preempted:
+            budget = self._admit(budget, chunks)
+
+        finished_ids, self._finished_ids = self._finished_ids, []
+        return SchedulerOutput(
+            chunks=chunks,
+            num_batched_tokens=self.config.max_num_batched_tokens - budget,
+            preempted_ids=[r.request_id for r in preempted],
+            finished_ids=finished_ids,
+        )
+
+    def _chunk_len(self, remaining: int, budget: int) -> int:
+        """Tokens to run now out of ``remaining``: all, else the budget if chunking is on, else none."""
+        if remaining <= budget:
+            return remaining
+        return budget if self.config.enable_chunked_prefill else 0
+
+    def _admit(self, budget: int, chunks: list[ScheduledChunk]) -> int:
+        kv = self.kv_cache
+        # Leaders that finished their prompt (or left running) no longer hold anyone back.
+        self._leaders = {
+            h: r
+            for h, r in self._leaders.items()
+            if r.status == RequestStatus.RUNNING and r.num_computed_tokens < r.num_prompt_tokens
+        }
+        deferred: list[Request] = []
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            if kv.pages_needed(request.num_tokens) > kv.pages_total:
+                # NOTE: it could never compute its tokens even with the whole pool: finish, never block.
+                self.waiting.pop(0)
+                self._finish(request, RequestStatus.FINISHED_LENGTH)
+                self._finished_ids.append(request.request_id)
+                continue
+            cached_pages, num_cached = kv.find_cached_prefix(request)
+            lead_key = kv.page_hashes(request, 1)[0] if kv.max_cached_pages(request) > 0 else None
+            if lead_key is not None and self._must_wait_for_leader(request, lead_key):
+                deferred.append(self.waiting.pop(0))
+                continue
+            num_new = self._chunk_len(request.num_tokens - num_cached, budget)
+            if num_new == 0 or not kv.allocate(request, num_new, cached_pages):
+                break  # FCFS: the head waits for budget or pages rather than being overtaken
+            self.waiting.pop(0)
+            if lead_key is not None and lead_key not in self._leaders:
+                self._leaders[lead_key] = request
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = time.time()
+                request.num_cached_tokens = num_cached
+            request.num_computed_tokens = num_cached
+            request.status = RequestStatus.RUNNING
+            bisect.insort(self.running, request, key=self._rank)
+            chunks.append(self._make_chunk(request, num_new))
+            budget -= num_new
+        for request in deferred:
+            bisect.insort(self.waiting, request, key=self._waiting_rank)
+        return budget
+
+    def _must_wait_for_leader(self, request: Request, first_page: bytes) -> bool:
+        """Prefix sharing: True while the leader of this first page has not computed the pages we share.
+
+        NOTE: leaders are running and make progress every step they get budget, and the wait ends when the
+        leader's prompt is computed or it leaves running, so a request is never deferred forever.
+        """
+        leader = self._leaders.get(first_page)
+        if leader is None:
+            return False
+        kv = self.kv_cache
+        mine = kv.page_hashes(request, kv.max_cached_pages(request))
+        theirs = kv.page_hashes(leader, min(len(mine), leader.num_prompt_tokens // kv.page_size))
+        shared = 0
+        while shared < len(theirs) and mine[shared] == theirs[shared]:
+            shared += 1
+        return leader.num_computed_tokens < shared * kv.page_size
+
+    def _make_chunk(self, request: Request, num_new: int) -> ScheduledChunk:
+        start = request.num_computed_tokens
+        end = start + num_new
+        is_decode = request.num_output_tokens > 0 and start == request.num_tokens - 1
+        if not is_decode:
+            self.prompt_tokens_computed += num_new
+        return ScheduledChunk(
+            request_id=request.request_id,
+            token_ids=request.all_token_ids[start:end],
+            start_pos=start,
+            block_table=list(self.kv_cache.block_table(request.request_id)),
+            sample=end == request.num_tokens,
+            prompt_logprobs=(
+                request.sampling_params.prompt_logprobs is not None
+                and request.num_output_tokens == 0
+                and start < request.num_prompt_tokens
+            ),
+        )
+
+    # ---- after the step --------------------------------------------------------------------------
+    def update(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """Applies a finished step. Returns the requests that got a new token, in chunk order."""
+        new_token_requests: list[Request] = []
+        finished: list[Request] = []
+        now = time.time()
+        for chunk in output.chunks:
+            request = self._requests.get(chunk.request_id)
+            if request is None or request.status != RequestStatus.RUNNING:
+                continue  # finished (aborted) between schedule() and update()
+            request.num_computed_tokens += len(chunk.token_ids)
+            self.kv_cache.cache_computed_pages(request)
+            if not chunk.sample:
+                continue
+            request.append_output_token(sampled[chunk.request_id])
+            if request.first_token_time is None:
+                request.first_token_time = now
+            new_token_requests.append(request)
+            status, stop_reason = self._check_stop(request)
+            if status is not None:
+                request.set_finished(status, stop_reason)
+                finished.append(request)
+        if finished:
+            done = {r.request_id for r in finished}
+            self.running = [r for r in self.running if r.request_id not in done]
+            for request in finished:
+                self.kv_cache.free(request)
+                del self._requests[request.request_id]
+                del self._seq[request.request_id]
+        return new_token_requests
+
+    def _check_stop(self, request: Request) -> tuple[RequestStatus | None, int | None]:
+        """Token-level stops after a token was appended. Stop strings are the engine's (finish_request)."""
+        params = request.sampling_params
+        token = request.output_token_ids[-1]
+        # NOTE: eos and stop tokens only count once min_tokens outputs exist; the sampler should mask them
+        # before that (vLLM does), this is the backstop.
+        if request.num_output_tokens >= params.min_tokens:
+            if token in request.eos_token_ids:
+                return RequestStatus.FINISHED_STOPPED, None
+            if token in params.stop_token_ids:
+                return RequestStatus.FINISHED_STOPPED, token
+        if request.num_output_tokens >= params.max_tokens or request.num_tokens >= self.config.max_model_len:
+            return RequestStatus.FINISHED_LENGTH, None
+        return None, None

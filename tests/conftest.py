@@ -1,0 +1,36 @@
+"""Test-wide setup: 8 fake CPU devices, a persistent compilation cache, float32 matmuls, shared fixtures."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+_CACHE_DIR = os.environ.get("JSERVE_TEST_JAX_CACHE", os.path.join(os.path.dirname(__file__), "..", ".jax_cache"))
+jax.config.update("jax_compilation_cache_dir", os.path.abspath(_CACHE_DIR))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(scope="session")
+def sp_model(tmp_path_factory):
+    """A sentencepiece tokenizer trained on the corpus the repository ships."""
+    from tests.tokenizer_utils import train_sentencepiece
+
+    return train_sentencepiece(tmp_path_factory.mktemp("sp"), vocab_size=512)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, sp_model):
+    """A tiny random Llama (GQA) with a trained sentencepiece tokenizer; weights scaled up so that greedy
+    choices are decisive (no near-ties that float reassociation could flip)."""
+    from tests.checkpoints import make_checkpoint
+    from tests.tokenizer_utils import write_hf_tokenizer_files
+
+    path, _ = make_checkpoint("llama-gqa", tmp_path_factory.mktemp("tiny") / "llama", initializer_range=0.1)
+    write_hf_tokenizer_files(path, sp_model)
+    return path
