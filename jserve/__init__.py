@@ -1,8 +1,22 @@
-"""jserve: a JAX/XLA inference runtime for large language models."""
+"""jserve: a JAX/XLA inference runtime for large language models.
 
-from jserve.api import LLM
-from jserve.engine.async_llm import AsyncLLM
+``LLM`` and ``AsyncLLM`` import jax, so they load on first use: the engine's host modules (request, kv_cache,
+scheduler) and the server's validation stay importable without jax.
+"""
+
 from jserve.outputs import CompletionOutput, RequestOutput
 from jserve.sampling_params import SamplingParams
 
 __all__ = ["LLM", "AsyncLLM", "CompletionOutput", "RequestOutput", "SamplingParams"]
+
+
+def __getattr__(name: str):
+    if name == "LLM":
+        from jserve.api import LLM
+
+        return LLM
+    if name == "AsyncLLM":
+        from jserve.engine.async_llm import AsyncLLM
+
+        return AsyncLLM
+    raise AttributeError(f"module 'jserve' has no attribute {name!r}")

@@ -205,6 +205,7 @@ class Engine:
         """One iteration; returns the deltas of every request that changed."""
         outputs = self._drain_inbox()
         sched = self.scheduler.schedule()
+        outputs.extend(self._finished_by_scheduler(sched.finished_ids))
         if not sched.chunks:
             self._collect_finished()
             return outputs
@@ -228,6 +229,19 @@ class Engine:
                 touched[group_id] = []
         outputs.extend(self._delta(self._groups[g], seqs) for g, seqs in touched.items())
         self._collect_finished()
+        return outputs
+
+    def _finished_by_scheduler(self, seq_ids: list[str]) -> list[RequestOutput]:
+        """Requests the scheduler ended on its own (e.g. too long for the whole page pool)."""
+        outputs = []
+        for seq_id in seq_ids:
+            group = self._groups.get(self._seq_to_group.get(seq_id, ""))
+            if group is None or group.samples[seq_id].finish_reason is not None:
+                continue  # the engine finished it itself (abort, stop string) and already reported it
+            request = self._sequences[seq_id]
+            sample = group.samples[seq_id]
+            sample.finish_reason, sample.stop_reason = request.finish_reason, request.stop_reason
+            outputs.append(self._delta(group, [seq_id]))
         return outputs
 
     def _banned_ids(self, request: Request) -> list[int]:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import bisect
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from jserve.engine.kv_cache import KVCacheManager
@@ -144,10 +143,6 @@ class Scheduler:
         """Aborts a waiting or running request, freeing its pages now; unknown or finished ids: no-op."""
         self.finish_request(request_id, "abort")
 
-    def abort_requests(self, request_ids: Iterable[str]) -> None:
-        for request_id in request_ids:
-            self.abort_request(request_id)
-
     def finish_request(self, request_id: str, reason: str, stop_reason: int | str | None = None) -> None:
         """Finishes a request from outside ``update()`` (abort, engine-side stop strings); frees its pages."""
         request = self._requests.get(request_id)
@@ -188,27 +183,10 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             num_new = self._chunk_len(request.num_tokens - request.num_computed_tokens, budget)
-            if num_new == 0:
-                i += 1
-                continue
-            while not self.kv_cache.allocate(request, num_new):
-                victim = self.running.pop()
-                if victim is not request:
-                    self._preempt(victim)
-                    preempted.append(victim)
-                elif i == 0:
-                    # Alone and still no page: nobody will ever free one for it. The pool is full.
-                    self._finish(request, RequestStatus.FINISHED_LENGTH)
-                    self._finished_ids.append(request.request_id)
-                    break
-                else:
-                    self._preempt(request)
-                    preempted.append(request)
-                    break
-            else:
+            if num_new > 0 and self._make_room(request, num_new, preempted):
                 chunks.append(self._make_chunk(request, num_new))
                 budget -= num_new
-                i += 1
+            i += 1  # NOTE: _make_room only pops from the end, so running[:i] is untouched
 
         # 2. Waiting requests, unless the pool was just too tight for the running ones.
         if not preempted:
@@ -221,6 +199,27 @@ class Scheduler:
             preempted_ids=[r.request_id for r in preempted],
             finished_ids=finished_ids,
         )
+
+    def _make_room(self, request: Request, num_new: int, preempted: list[Request]) -> bool:
+        """Pages for ``num_new`` more tokens, preempting from the least important end of running as needed.
+
+        False when ``request`` itself had to go: preempted, or finished with "length" if it is alone (then
+        nobody else holds a page it could wait for: its sequence has outgrown the whole pool).
+        """
+        while not self.kv_cache.allocate(request, num_new):
+            victim = self.running.pop()
+            if victim is not request:
+                self._preempt(victim)
+                preempted.append(victim)
+                continue
+            if self.running:
+                self._preempt(request)
+                preempted.append(request)
+            else:
+                self._finish(request, RequestStatus.FINISHED_LENGTH)
+                self._finished_ids.append(request.request_id)
+            return False
+        return True
 
     def _chunk_len(self, remaining: int, budget: int) -> int:
         """Tokens to run now out of ``remaining``: all, else the budget if chunking is on, else none."""
@@ -308,7 +307,7 @@ class Scheduler:
     def update(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
         """Applies a finished step. Returns the requests that got a new token, in chunk order."""
         new_token_requests: list[Request] = []
-        finished: list[Request] = []
+        finished: list[tuple[Request, RequestStatus, int | None]] = []
         now = time.time()
         for chunk in output.chunks:
             request = self._requests.get(chunk.request_id)
@@ -324,15 +323,12 @@ class Scheduler:
             new_token_requests.append(request)
             status, stop_reason = self._check_stop(request)
             if status is not None:
-                request.set_finished(status, stop_reason)
-                finished.append(request)
+                finished.append((request, status, stop_reason))
         if finished:
-            done = {r.request_id for r in finished}
+            done = {request.request_id for request, _, _ in finished}
             self.running = [r for r in self.running if r.request_id not in done]
-            for request in finished:
-                self.kv_cache.free(request)
-                del self._requests[request.request_id]
-                del self._seq[request.request_id]
+            for request, status, stop_reason in finished:
+                self._finish(request, status, stop_reason)
         return new_token_requests
 
     def _check_stop(self, request: Request) -> tuple[RequestStatus | None, int | None]:
