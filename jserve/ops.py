@@ -1,7 +1,7 @@
 """Attention backend selection and the one attention call the models make.
 
 The backend is resolved once at startup (no import-time switches) and passed to the model as a static value:
-"xla" runs the plain-jnp reference, "gpu"/"tpu" the Pallas kernels, and ``interpret`` runs a kernel on CPU.
+"xla" runs paged attention in plain XLA ops (``pallas_kernels/xla.py``), "gpu"/"tpu" the Pallas kernels, and ``interpret`` runs a kernel on CPU.
 Attention metadata is an explicit pytree argument built by ``engine/batch.py``.
 """
 
@@ -14,6 +14,7 @@ import jax
 
 import pallas_kernels
 from pallas_kernels import reference
+from pallas_kernels import xla as pallas_xla
 from pallas_kernels.dispatch import resolve_backend
 
 ATTENTION_BACKENDS = ("auto", "pallas", "xla")
@@ -83,6 +84,11 @@ def paged_attention(
     sliding_window: int | None,
 ) -> jax.Array:
     """q [T, N, H] against the paged cache (new K/V already written) -> [T, N, H]."""
+    if backend.kernel == "xla":
+        return pallas_xla.ragged_paged_attention(
+            q, k_pages, v_pages, meta.kv_lens, meta.block_tables, meta.cu_q_lens, meta.num_seqs,
+            sm_scale=sm_scale, sliding_window=sliding_window,
+        )
     return pallas_kernels.ragged_paged_attention(
         q, k_pages, v_pages, meta.kv_lens, meta.block_tables, meta.cu_q_lens, meta.num_seqs,
         sm_scale=sm_scale, sliding_window=sliding_window, backend=backend.kernel, interpret=backend.interpret,

@@ -71,15 +71,18 @@ class ModelRunner:
         self.kv_cache: KVCache = init_kv_cache(cfg, num_pages, page_size, kv_dtype, kv_sharding)
         self.compile_seconds = 0.0
         self._compiled: set[tuple] = set()
+        # NOTE: params travel as a flat tuple of arrays; re-flattening the nnx.State on every call costs ms.
+        self.param_leaves, self._param_treedef = jax.tree.flatten(state)
         self._step_fn = jax.jit(
-            functools.partial(self._step, graphdef, backend),
+            functools.partial(self._step, graphdef, self._param_treedef, backend),
             static_argnames=("flags", "num_prompt_logprobs"),
             donate_argnums=(1,),
         )
 
     @staticmethod
-    def _step(graphdef, backend, state, kv_cache, inputs: StepInput, flags: SamplerFlags, num_prompt_logprobs: int):
-        model = nnx.merge(graphdef, state)
+    def _step(graphdef, treedef, backend, param_leaves, kv_cache, inputs: StepInput, flags: SamplerFlags,
+              num_prompt_logprobs: int):
+        model = nnx.merge(graphdef, jax.tree.unflatten(treedef, param_leaves))
         hidden, kv_cache = model(inputs.tokens, inputs.positions, kv_cache, inputs.meta, backend)
         logits = model.logits(hidden[inputs.logits_indices])
         sampled: SamplerOutput = sample(logits, inputs.sampling, flags)
@@ -94,7 +97,7 @@ class ModelRunner:
         start = time.perf_counter()
         inputs = jax.device_put(plan.inputs, self.batch_sharding) if self.batch_sharding else plan.inputs
         self.kv_cache, (sampled, prompt) = self._step_fn(
-            self.state, self.kv_cache, inputs, flags=plan.flags, num_prompt_logprobs=plan.num_prompt_logprobs
+            self.param_leaves, self.kv_cache, inputs, flags=plan.flags, num_prompt_logprobs=plan.num_prompt_logprobs
         )
         sampled, prompt = jax.device_get((sampled, prompt))  # NOTE: the step's one device->host copy
         if first:
