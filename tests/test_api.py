@@ -1,0 +1,105 @@
+"""The public API (API.md): the bundled default model, validation errors naming the field, chat, stats."""
+
+from __future__ import annotations
+
+import pytest
+
+from jserve import LLM, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(max_model_len=128, max_num_seqs=8, num_pages=64, max_num_batched_tokens=64)
+
+
+def test_bundled_model_generates_text(llm):
+    out = llm.generate(["Hello, my name is", "The capital of"], SamplingParams(max_tokens=8, seed=0),
+                       use_tqdm=False)
+    assert [o.prompt for o in out] == ["Hello, my name is", "The capital of"]
+    for o in out:
+        assert o.finished and o.prompt_token_ids[0] == llm.tokenizer.bos_token_id
+        assert len(o.outputs[0].token_ids) <= 8 and o.outputs[0].finish_reason in ("stop", "length")
+        assert o.metrics.first_token_time >= o.metrics.arrival_time
+        assert o.metrics.num_prompt_tokens == len(o.prompt_token_ids)
+
+
+@pytest.mark.parametrize(("kwargs", "field"), [
+    (dict(temperature=-0.5), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(top_k=-1), "top_k"),
+    (dict(max_tokens=0), "max_tokens"),
+    (dict(n=0), "n"),
+    (dict(min_p=2.0), "min_p"),
+    (dict(repetition_penalty=0.0), "repetition_penalty"),
+    (dict(presence_penalty=3.0), "presence_penalty"),
+    (dict(logprobs=-1), "logprobs"),
+    (dict(logprobs=100), "logprobs"),
+    (dict(min_tokens=5, max_tokens=2), "min_tokens"),
+    (dict(stop=[""]), "stop"),
+    (dict(seed=-3), "seed"),
+])
+def test_invalid_sampling_params_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=rf"^{field}\b"):
+        SamplingParams(**kwargs)
+
+
+def test_invalid_prompts_name_the_field_and_leave_the_engine_working(llm):
+    with pytest.raises(ValueError, match="^prompt must not be empty"):
+        llm.generate(prompt_token_ids=[[]], use_tqdm=False)
+    with pytest.raises(ValueError, match="^prompt must be a non-empty string"):
+        llm.generate([""], use_tqdm=False)
+    with pytest.raises(ValueError, match="^prompt is too long: 200 tokens, max_model_len is 128"):
+        llm.generate(prompt_token_ids=[[5] * 200], use_tqdm=False)
+    with pytest.raises(ValueError, match=r"^prompt_token_ids: ids outside the vocabulary"):
+        llm.generate(prompt_token_ids=[[5, 6, llm.engine.vocab_size]], use_tqdm=False)
+    with pytest.raises(ValueError, match=r"^prompt_token_ids: ids outside the vocabulary"):
+        llm.generate(prompt_token_ids=[[5, -1]], use_tqdm=False)
+    with pytest.raises(ValueError, match="^prompt_token_ids must hold integers"):
+        llm.generate(prompt_token_ids=[[5, "x"]], use_tqdm=False)
+    with pytest.raises(ValueError, match="^stop_token_ids"):
+        llm.generate("hi", SamplingParams(stop_token_ids=[10**9]), use_tqdm=False)
+    with pytest.raises(ValueError, match="^sampling_params"):
+        llm.generate(["a", "b"], [SamplingParams()], use_tqdm=False)
+    # a batch with one bad prompt enqueues nothing
+    with pytest.raises(ValueError, match="^prompt is too long"):
+        llm.generate(prompt_token_ids=[[5, 6], [5] * 500], use_tqdm=False)
+    stats = llm.stats()
+    assert stats["num_waiting"] == stats["num_running"] == 0
+    assert stats["pages_free"] == stats["pages_total"]
+    assert llm.generate("still fine", SamplingParams(max_tokens=3), use_tqdm=False)[0].finished
+
+
+@pytest.mark.parametrize(("kwargs", "field"), [
+    (dict(dtype="int3"), "dtype"),
+    (dict(quantization="int8"), "quantization"),
+    (dict(quantization="int2"), "quantization"),
+    (dict(kv_cache_dtype="int8"), "kv_cache_dtype"),
+    (dict(speculative_model="ngram"), "speculative_model"),
+    (dict(num_speculative_tokens=2), "num_speculative_tokens"),
+    (dict(attention_backend="cuda"), "attention_backend"),
+    (dict(page_size=12), "page_size"),
+    (dict(max_num_seqs=0), "max_num_seqs"),
+    (dict(model="/nonexistent/model/dir"), "model"),
+])
+def test_invalid_engine_arguments_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=rf"^{field}\b"):
+        LLM(**kwargs)
+
+
+def test_chat_applies_the_template(llm):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there!"}]
+    params = SamplingParams(temperature=0.0, max_tokens=6)
+    chat = llm.chat(messages, params, use_tqdm=False)[0]
+    ids = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    assert chat.prompt_token_ids == ids
+    direct = llm.generate(prompt_token_ids=[ids], sampling_params=params, use_tqdm=False)[0]
+    assert chat.outputs[0].token_ids == direct.outputs[0].token_ids
+
+
+def test_stats_keys(llm):
+    stats = llm.stats()
+    for key in ("pages_total", "pages_free", "pages_cached", "num_running", "num_waiting", "num_preemptions",
+                "prefix_cache_hit_rate", "prompt_tokens_computed"):
+        assert key in stats
+    assert stats["pages_total"] == 63
