@@ -11,7 +11,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,56 +30,123 @@ _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 _PROGRESS_BYTES = 256 * 1024 * 1024  # show a progress bar above this checkpoint size
 
 
+Index = tuple[slice, ...]
+
+
+def _flat_range(dims: tuple[int, ...], index: Index) -> slice:
+    """A group of our dims that is one flattened HF axis -> the HF range. Only the group's first dim may be split
+    (sharding splits heads / mlp / vocab / hidden, each the leading dim of its group)."""
+    if not dims:
+        return slice(None)
+    inner = int(np.prod(dims[1:], dtype=np.int64))
+    first = index[0].indices(dims[0])
+    for sl, size in zip(index[1:], dims[1:], strict=True):
+        assert sl.indices(size) == (0, size, 1), "only the leading dim of a group can be sharded"
+    return slice(first[0] * inner, first[1] * inner)
+
+
 @dataclass(frozen=True)
 class TensorSpec:
-    """How one of our params is made from HF tensors: their names, and a numpy transform."""
+    """One of our params read from one HF tensor: ``ours = hf.T.reshape(b_dims + a_dims)`` when transposed
+    (HF [A, B] as [out, in]), else ``ours = hf.reshape(a_dims)``. Knowing the layout lets a device read only the
+    rows/columns of its own shard (``safetensors`` slices), so loading never holds a whole tensor per device."""
 
-    hf_names: tuple[str, ...]
-    transform: Callable[..., np.ndarray]
+    hf_name: str
+    a_dims: tuple[int, ...]
+    b_dims: tuple[int, ...] = ()
+    transposed: bool = False
+    hf_flat: bool = False  # untransposed, but stored flattened in HF (q/k/v biases [N*H] -> ours [N, H])
+
+    @property
+    def hf_names(self) -> tuple[str, ...]:
+        return (self.hf_name,)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.b_dims + self.a_dims if self.transposed else self.a_dims
+
+    def read(self, reader: _TensorReader, index: Index) -> np.ndarray:
+        index = tuple(index) + (slice(None),) * (len(self.shape) - len(index))
+        if not self.transposed:
+            if not self.hf_flat:
+                return reader.read_slice(self.hf_name, index)
+            block = reader.read_slice(self.hf_name, (_flat_range(self.a_dims, index),))
+            return block.reshape(tuple(len(range(*i.indices(d))) for i, d in zip(index, self.a_dims, strict=True)))
+        nb = len(self.b_dims)
+        rows = _flat_range(self.a_dims, index[nb:])
+        cols = _flat_range(self.b_dims, index[:nb])
+        block = reader.read_slice(self.hf_name, (rows, cols)).T
+        out_shape = tuple(len(range(*i.indices(d))) for i, d in zip(index, self.shape, strict=True))
+        return block.reshape(out_shape)
 
 
-def _t(x: np.ndarray) -> np.ndarray:
-    return x.T
+@dataclass(frozen=True)
+class StackedSpec:
+    """Mixtral experts: ours [E, ...] stacks one transposed HF tensor per expert; a shard reads its experts only."""
+
+    experts: tuple[TensorSpec, ...]
+
+    @property
+    def hf_names(self) -> tuple[str, ...]:
+        return tuple(e.hf_name for e in self.experts)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.experts), *self.experts[0].shape)
+
+    def read(self, reader: _TensorReader, index: Index) -> np.ndarray:
+        index = tuple(index) + (slice(None),) * (len(self.shape) - len(index))
+        chosen = range(*index[0].indices(len(self.experts)))
+        return np.stack([self.experts[j].read(reader, index[1:]) for j in chosen])
 
 
-def _param_specs(cfg: ModelConfig) -> dict[str, TensorSpec]:
-    """Our flat param path ("layers/0/attn/q_proj") -> how to build it from the HF checkpoint."""
-    d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    specs: dict[str, TensorSpec] = {
-        "embed/embedding": TensorSpec(("model.embed_tokens.weight",), lambda w: w),
-        "final_norm/weight": TensorSpec(("model.norm.weight",), lambda w: w),
+def _param_specs(cfg: ModelConfig) -> dict[str, TensorSpec | StackedSpec]:
+    """Our flat param path ("layers/0/attn/q_proj") -> where and how to read it from the HF checkpoint."""
+    d, n, k, h, f, v = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
+                        cfg.vocab_size)
+
+    def linear(name: str, in_dims: tuple[int, ...], out_dims: tuple[int, ...]) -> TensorSpec:
+        """HF nn.Linear weight [out, in] -> ours [*in_dims, *out_dims]."""
+        return TensorSpec(name, a_dims=out_dims, b_dims=in_dims, transposed=True)
+
+    specs: dict[str, TensorSpec | StackedSpec] = {
+        "embed/embedding": TensorSpec("model.embed_tokens.weight", (v, d)),
+        "final_norm/weight": TensorSpec("model.norm.weight", (d,)),
     }
     if not cfg.tie_word_embeddings:
-        specs["lm_head"] = TensorSpec(("lm_head.weight",), _t)
+        specs["lm_head"] = linear("lm_head.weight", (d,), (v,))
     for i in range(cfg.num_layers):
         hf, ours = f"model.layers.{i}.", f"layers/{i}/"
-        specs[ours + "input_norm/weight"] = TensorSpec((hf + "input_layernorm.weight",), lambda w: w)
-        specs[ours + "post_attn_norm/weight"] = TensorSpec((hf + "post_attention_layernorm.weight",), lambda w: w)
+        specs[ours + "input_norm/weight"] = TensorSpec(hf + "input_layernorm.weight", (d,))
+        specs[ours + "post_attn_norm/weight"] = TensorSpec(hf + "post_attention_layernorm.weight", (d,))
         a = hf + "self_attn."
-        specs[ours + "attn/q_proj"] = TensorSpec((a + "q_proj.weight",), lambda w: w.T.reshape(d, n, h))
-        specs[ours + "attn/k_proj"] = TensorSpec((a + "k_proj.weight",), lambda w: w.T.reshape(d, k, h))
-        specs[ours + "attn/v_proj"] = TensorSpec((a + "v_proj.weight",), lambda w: w.T.reshape(d, k, h))
-        specs[ours + "attn/o_proj"] = TensorSpec((a + "o_proj.weight",), lambda w: w.T.reshape(n, h, d))
+        specs[ours + "attn/q_proj"] = linear(a + "q_proj.weight", (d,), (n, h))
+        specs[ours + "attn/k_proj"] = linear(a + "k_proj.weight", (d,), (k, h))
+        specs[ours + "attn/v_proj"] = linear(a + "v_proj.weight", (d,), (k, h))
+        specs[ours + "attn/o_proj"] = linear(a + "o_proj.weight", (n, h), (d,))
         if cfg.attention_bias:
-            specs[ours + "attn/q_bias"] = TensorSpec((a + "q_proj.bias",), lambda b: b.reshape(n, h))
-            specs[ours + "attn/k_bias"] = TensorSpec((a + "k_proj.bias",), lambda b: b.reshape(k, h))
-            specs[ours + "attn/v_bias"] = TensorSpec((a + "v_proj.bias",), lambda b: b.reshape(k, h))
+            specs[ours + "attn/q_bias"] = TensorSpec(a + "q_proj.bias", (n, h), hf_flat=True)
+            specs[ours + "attn/k_bias"] = TensorSpec(a + "k_proj.bias", (k, h), hf_flat=True)
+            specs[ours + "attn/v_bias"] = TensorSpec(a + "v_proj.bias", (k, h), hf_flat=True)
         if cfg.o_bias:
-            specs[ours + "attn/o_bias_param"] = TensorSpec((a + "o_proj.bias",), lambda b: b)
+            specs[ours + "attn/o_bias_param"] = TensorSpec(a + "o_proj.bias", (d,))
         if cfg.is_moe:
-            moe, e = hf + "block_sparse_moe.", range(cfg.num_experts)
-            stack = lambda *ws: np.stack([w.T for w in ws])  # noqa: E731
-            specs[ours + "mlp/router"] = TensorSpec((moe + "gate.weight",), _t)
-            for ours_name, hf_name in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2")):
-                names = tuple(f"{moe}experts.{j}.{hf_name}.weight" for j in e)
-                specs[ours + "mlp/" + ours_name] = TensorSpec(names, stack)
+            moe = hf + "block_sparse_moe."
+            specs[ours + "mlp/router"] = linear(moe + "gate.weight", (d,), (cfg.num_experts,))
+            for ours_name, hf_name, in_dim, out_dim in (("gate_proj", "w1", d, f), ("up_proj", "w3", d, f),
+                                                        ("down_proj", "w2", f, d)):
+                specs[ours + "mlp/" + ours_name] = StackedSpec(tuple(
+                    linear(f"{moe}experts.{j}.{hf_name}.weight", (in_dim,), (out_dim,))
+                    for j in range(cfg.num_experts)))
         else:
             m = hf + "mlp."
-            for name in ("gate_proj", "up_proj", "down_proj"):
-                specs[ours + f"mlp/{name}"] = TensorSpec((m + name + ".weight",), _t)
-                if cfg.mlp_bias:
-                    short = name.split("_")[0]
-                    specs[ours + f"mlp/{short}_bias"] = TensorSpec((m + name + ".bias",), lambda b: b)
+            specs[ours + "mlp/gate_proj"] = linear(m + "gate_proj.weight", (d,), (f,))
+            specs[ours + "mlp/up_proj"] = linear(m + "up_proj.weight", (d,), (f,))
+            specs[ours + "mlp/down_proj"] = linear(m + "down_proj.weight", (f,), (d,))
+            if cfg.mlp_bias:
+                specs[ours + "mlp/gate_bias"] = TensorSpec(m + "gate_proj.bias", (f,))
+                specs[ours + "mlp/up_bias"] = TensorSpec(m + "up_proj.bias", (f,))
+                specs[ours + "mlp/down_bias"] = TensorSpec(m + "down_proj.bias", (d,))
     return specs
 
 
@@ -115,11 +182,12 @@ class _TensorReader:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._handle(name).get_slice(name).get_shape())
 
-    def read(self, name: str) -> np.ndarray:
-        tensor = self._handle(name).get_tensor(name)
-        if not isinstance(tensor, np.ndarray):  # torch tensor (bf16 files): go through float32
-            tensor = tensor.float().numpy()
-        return tensor
+    def read_slice(self, name: str, index: Index) -> np.ndarray:
+        """Only the requested rows/columns are read from disk."""
+        part = self._handle(name).get_slice(name)[index]
+        if not isinstance(part, np.ndarray):  # torch tensor (bf16 files): go through float32
+            part = part.float().numpy()
+        return part
 
 
 def _needs_torch(file: Path) -> bool:
@@ -206,20 +274,43 @@ def load_hf_params(
     total_bytes = sum(f.stat().st_size for f in set(files.values()))
     show = total_bytes > _PROGRESS_BYTES if use_tqdm is None else use_tqdm
     for our_path, spec in tqdm(specs.items(), desc="Loading weights", disable=not show, unit="tensor"):
-        value = spec.transform(*(reader.read(name) for name in spec.hf_names))
         target = expected[our_path]
-        if tuple(value.shape) != tuple(target.shape):
-            shapes = ", ".join(f"{n} {reader.shape(n)}" for n in spec.hf_names)
-            raise ValueError(
-                f"model: tensor {shapes} has the wrong shape for {cfg.architecture} with this config.json "
-                f"(expected {tuple(target.shape)} after conversion, got {tuple(value.shape)})"
-            )
-        array = jnp.asarray(value, dtype=target.dtype)
-        if shardings is not None:
-            array = jax.device_put(array, shardings[our_path])
+        _check_shape(reader, spec, tuple(target.shape), cfg)
+        dtype = target.dtype
+
+        def read(index: Index, spec=spec, dtype=dtype) -> np.ndarray:
+            return np.asarray(spec.read(reader, index), dtype=dtype)
+
+        if shardings is None:
+            array = jnp.asarray(read(()))
+        else:  # each device reads only its own shard
+            array = jax.make_array_from_callback(tuple(target.shape), shardings[our_path], read)
         _set_path(pure, our_path, array)
     nnx.replace_by_pure_dict(abstract_state, pure)
     return graphdef, abstract_state
+
+
+def _check_shape(reader: _TensorReader, spec, expected: tuple[int, ...], cfg: ModelConfig) -> None:
+    for name, part_shape in zip(spec.hf_names, _hf_shapes(spec), strict=True):
+        actual = reader.shape(name)
+        if actual != part_shape:
+            raise ValueError(
+                f"model: tensor {name} {actual} has the wrong shape for {cfg.architecture} with this config.json "
+                f"(expected {part_shape})"
+            )
+    assert spec.shape == expected, (spec.shape, expected)
+
+
+def _hf_shapes(spec) -> list[tuple[int, ...]]:
+    parts = spec.experts if isinstance(spec, StackedSpec) else (spec,)
+    out = []
+    for p in parts:
+        a = int(np.prod(p.a_dims, dtype=np.int64))
+        if p.transposed:
+            out.append((a, int(np.prod(p.b_dims, dtype=np.int64))))
+        else:
+            out.append((a,) if p.hf_flat else p.a_dims)
+    return out
 
 
 def _preview(names: list[str], limit: int = 8) -> str:

@@ -199,3 +199,38 @@ class CacheConfig:
 
     def pages_for(self, num_tokens: int) -> int:
         return math.ceil(num_tokens / self.page_size)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParallelConfig:
+    """Device layout: data-parallel replicas x pipeline stages x tensor-parallel shards (= the device count)."""
+
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size * self.data_parallel_size
+
+    def check_model(self, cfg: ModelConfig) -> None:
+        """Raises ValueError when the model cannot be split this way."""
+        tp, pp = self.tensor_parallel_size, self.pipeline_parallel_size
+        if cfg.num_heads % tp:
+            raise ValueError(
+                f"tensor_parallel_size {tp} must divide num_attention_heads {cfg.num_heads}")
+        if cfg.num_kv_heads % tp and tp % cfg.num_kv_heads:
+            raise ValueError(
+                f"tensor_parallel_size {tp} must divide num_key_value_heads {cfg.num_kv_heads} or be a multiple of it")
+        if cfg.intermediate_size % tp:
+            raise ValueError(f"tensor_parallel_size {tp} must divide intermediate_size {cfg.intermediate_size}")
+        if cfg.num_experts and cfg.num_experts % tp:
+            raise ValueError(f"tensor_parallel_size {tp} must divide num_local_experts {cfg.num_experts}")
+        if pp > cfg.num_layers:
+            raise ValueError(f"pipeline_parallel_size {pp} must be <= num_hidden_layers {cfg.num_layers}")

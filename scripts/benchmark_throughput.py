@@ -49,7 +49,7 @@ def run_jserve(model_dir: Path, prompts: list[list[int]], args) -> float:
               data_parallel_size=args.data_parallel_size)
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
     llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)  # warm-up: compiles the buckets
-    llm.engine.kv_cache.reset_prefix_cache()  # the timed run must not reuse the warm-up's prompt pages
+    llm.engine.reset_prefix_cache()  # the timed run must not reuse the warm-up's prompt pages
     start = time.perf_counter()
     outs = llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
     elapsed = time.perf_counter() - start

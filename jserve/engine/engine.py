@@ -10,6 +10,7 @@ share the prompt's pages through the prefix cache; their deltas are reported und
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import queue
 import threading
@@ -22,7 +23,7 @@ from jserve.engine.batch import Buckets, StepPlan, build_step
 from jserve.engine.kv_cache import KVCacheManager
 from jserve.engine.request import Request, RequestStatus
 from jserve.engine.runner import ModelRunner, StepResult
-from jserve.engine.scheduler import Scheduler
+from jserve.engine.scheduler import Scheduler, SchedulerOutput
 from jserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from jserve.sampling_params import SamplingParams
 
@@ -209,18 +210,26 @@ class Engine:
         if not sched.chunks:
             self._collect_finished()
             return outputs
-        plan = build_step(sched, self._sequences, self.runner.buckets, self.runner.page_size,
-                          lambda r: self._seeds[r.request_id], self._banned_ids)
-        result = self.runner.step(plan)
+        plans = [
+            build_step(part, self._sequences, self.runner.buckets, self.runner.page_size,
+                       lambda r: self._seeds[r.request_id], self._banned_ids)
+            for part in self._microbatches(sched)
+        ]
+        results = self.runner.step(plans)
         self.num_steps += 1
-        sampled = {rid: int(result.token_ids[i]) for i, rid in enumerate(plan.sampled_ids)}
-        self._record_prompt_logprobs(plan, result)
+        rows: dict[str, tuple[StepResult, int]] = {}
+        sampled: dict[str, int] = {}
+        for plan, result in zip(plans, results, strict=True):
+            for i, rid in enumerate(plan.sampled_ids):
+                rows[rid] = (result, i)
+                sampled[rid] = int(result.token_ids[i])
+            self._record_prompt_logprobs(plan, result)
         updated = self.scheduler.update(sched, sampled)
         touched: dict[str, list[str]] = {}
         now = time.time()
         for request in updated:
             seq_id = request.request_id
-            row = plan.sampled_ids.index(seq_id)
+            result, row = rows[seq_id]
             self._on_token(request, result, row, now)
             touched.setdefault(self._seq_to_group[seq_id], []).append(seq_id)
         for chunk in sched.chunks:  # prompt logprobs may be ready before any token
@@ -230,6 +239,22 @@ class Engine:
         outputs.extend(self._delta(self._groups[g], seqs) for g, seqs in touched.items())
         self._collect_finished()
         return outputs
+
+    def _microbatches(self, sched: SchedulerOutput) -> list[SchedulerOutput]:
+        """One part per pipeline stage (disjoint sequences, balanced by tokens) so every stage has work."""
+        parts = min(self.runner.num_stages, len(sched.chunks))
+        if parts <= 1:
+            return [sched]
+        target = sched.num_batched_tokens / parts
+        groups: list[list] = [[]]
+        filled = 0
+        for chunk in sched.chunks:
+            if filled >= target * len(groups) and len(groups) < parts:
+                groups.append([])
+            groups[-1].append(chunk)
+            filled += len(chunk.token_ids)
+        return [dataclasses.replace(sched, chunks=g, num_batched_tokens=sum(len(c.token_ids) for c in g))
+                for g in groups if g]
 
     def _finished_by_scheduler(self, seq_ids: list[str]) -> list[RequestOutput]:
         """Requests the scheduler ended on its own (e.g. too long for the whole page pool)."""
@@ -355,6 +380,10 @@ class Engine:
                 self._live_ids.discard(group_id)
 
     # ------------------------------------------------------------------ introspection
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget cached prefixes (refused while requests hold pages); benchmarks use it between runs."""
+        return self.kv_cache.reset_prefix_cache()
 
     def stats(self) -> dict[str, float | int]:
         cache = self.kv_cache

@@ -13,14 +13,17 @@ from pathlib import Path
 
 import jax
 
-from jserve.checkpoint import load_params, resolve_dtype
-from jserve.config import CacheConfig, ModelConfig
+from jserve.checkpoint import abstract_model, load_params, resolve_dtype
+from jserve.config import CacheConfig, ModelConfig, ParallelConfig
+from jserve.engine.data_parallel import DataParallelEngine
 from jserve.engine.engine import Engine, make_buckets
 from jserve.engine.kv_cache import KVCacheManager, default_num_pages
 from jserve.engine.runner import ModelRunner
 from jserve.engine.scheduler import Scheduler, SchedulerConfig
 from jserve.models.llama import kv_cache_bytes_per_page
 from jserve.ops import resolve_attention_backend
+from jserve.parallel.mesh import make_mesh, stage_mesh
+from jserve.parallel.sharding import param_shardings
 
 CPU_KV_BUDGET_BYTES = 1 << 30  # CPU devices report no memory stats: give the KV cache 1 GiB
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
@@ -60,18 +63,21 @@ class EngineArgs:
             raise ValueError("speculative_model is not supported yet")
         if self.num_speculative_tokens:
             raise ValueError("num_speculative_tokens is not supported yet")
-        for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-            if value != 1:
-                raise ValueError(f"{name}={value} is not supported yet (single device only)")
+        ParallelConfig(tensor_parallel_size=self.tensor_parallel_size,
+                       pipeline_parallel_size=self.pipeline_parallel_size,
+                       data_parallel_size=self.data_parallel_size)  # validates the sizes
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if isinstance(self.max_num_seqs, bool) or not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be an integer >= 1, got {self.max_num_seqs!r}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+
+    @property
+    def parallel(self) -> ParallelConfig:
+        return ParallelConfig(tensor_parallel_size=self.tensor_parallel_size,
+                              pipeline_parallel_size=self.pipeline_parallel_size,
+                              data_parallel_size=self.data_parallel_size)
 
     def replace(self, **changes) -> EngineArgs:
         return dataclasses.replace(self, **changes)
@@ -84,28 +90,52 @@ def _free_device_bytes(device: jax.Device) -> int:
     return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
 
 
-def build_engine(args: EngineArgs) -> Engine:
+def build_engine(args: EngineArgs, devices: list[jax.Device] | None = None) -> Engine | DataParallelEngine:
+    """One Engine per data-parallel replica, each on its own (pp, tp) slice of the device mesh."""
     path = Path(args.model)
     if not path.is_dir():
         raise ValueError(f"model: {os.fspath(path)!r} is not a directory")
     model_config = ModelConfig.from_pretrained(path)
-    dtype = resolve_dtype(args.dtype, model_config)
+    parallel = args.parallel
+    parallel.check_model(model_config)
+    devices = list(jax.devices() if devices is None else devices)[: parallel.world_size]
+    if len(devices) < parallel.world_size:
+        raise ValueError(f"data_parallel_size x pipeline_parallel_size x tensor_parallel_size = "
+                         f"{parallel.world_size} needs that many devices; {len(devices)} are available")
+    mesh = make_mesh(parallel, devices)
+    tokenizer = _load_tokenizer(path)
+    engines = [
+        _build_replica(args, path, model_config, tokenizer,
+                       [stage_mesh(mesh, r, s) for s in range(parallel.pipeline_parallel_size)])
+        for r in range(parallel.data_parallel_size)
+    ]
+    return engines[0] if len(engines) == 1 else DataParallelEngine(engines)
+
+
+def _build_replica(args: EngineArgs, path: Path, model_config: ModelConfig, tokenizer, meshes: list) -> Engine:
+    dtype = resolve_dtype(args.dtype, model_config, meshes[0].devices.flat[0].platform)
     backend = resolve_attention_backend(args.attention_backend)
     cache_config = CacheConfig(
         page_size=args.page_size, num_pages=args.num_pages, memory_fraction=args.kv_cache_memory_fraction,
         enable_prefix_caching=args.enable_prefix_caching, kv_cache_dtype=args.kv_cache_dtype,
     )
-    tokenizer = _load_tokenizer(path)
-
-    graphdef, state = load_params(path, model_config, dtype)
+    shardings = None
+    if len(meshes) == 1:  # load each param straight onto its shards (pipeline stages are placed by the runner)
+        _, abstract_state = abstract_model(model_config, dtype)
+        shardings = param_shardings(abstract_state, model_config, meshes[0])
+    graphdef, state = load_params(path, model_config, dtype, shardings)
     bytes_per_page = kv_cache_bytes_per_page(model_config, cache_config.page_size, dtype)
     max_model_len = args.max_model_len or model_config.max_position_embeddings
     pages_per_seq = cache_config.pages_for(max_model_len)
     if cache_config.num_pages is not None:
         num_pages = cache_config.num_pages
     else:
-        free = _free_device_bytes(jax.devices()[0])
-        num_pages = default_num_pages(free, bytes_per_page, cache_config.memory_fraction)
+        tp = meshes[0].devices.size
+        free = min(_free_device_bytes(d) for m in meshes for d in m.devices.flat)
+        # a device holds its stage's layers, and 1/tp of each page when kv heads are split
+        kv_split = tp if model_config.num_kv_heads % tp == 0 else 1
+        per_device_page = max(1, bytes_per_page // (len(meshes) * kv_split))
+        num_pages = default_num_pages(free, per_device_page, cache_config.memory_fraction)
         num_pages = min(num_pages, args.max_num_seqs * pages_per_seq + 1)  # more could never be used
     if args.max_model_len is None:  # cap the default by what one sequence can hold
         max_model_len = min(max_model_len, (num_pages - 1) * cache_config.page_size)
@@ -127,7 +157,7 @@ def build_engine(args: EngineArgs) -> Engine:
     kv_cache = KVCacheManager(num_pages, cache_config.page_size, cache_config.enable_prefix_caching)
     runner = ModelRunner(
         model_config, graphdef, state, num_pages=num_pages, page_size=cache_config.page_size, kv_dtype=dtype,
-        buckets=buckets, backend=backend,
+        buckets=buckets, backend=backend, stage_meshes=meshes,
     )
     eos = list(tokenizer.eos_token_ids) if tokenizer is not None else list(model_config.eos_token_ids)
     return Engine(

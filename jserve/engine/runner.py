@@ -1,25 +1,38 @@
-"""ModelRunner: params + physical KV pages + one compiled step per bucket shape.
+"""ModelRunner: params + physical KV pages + one compiled program per (stage, bucket shape).
 
-``step()`` runs model forward -> logits of the sampled rows -> sampler in one jit with the KV pages donated,
-then makes one device-to-host copy of the results.
+With one pipeline stage (the common case) a step is one jit: forward -> logits of the sampled rows -> sampler,
+KV pages donated, then one device-to-host copy. With ``pp`` stages, each stage owns a contiguous range of layers
+and those layers' pages on its own tensor-parallel slice of devices; the engine splits a step into microbatches
+(disjoint sets of sequences) and ``step()`` dispatches them in pipeline order:
+
+```
+time ->      t0     t1     t2     t3     t4
+stage 0      mb0    mb1    mb2    mb3
+stage 1             mb0    mb1    mb2    mb3
+```
+JAX dispatch is asynchronous and each stage runs on its own devices, so stage s works on microbatch m while stage
+s+1 works on m-1. The bubble is (pp - 1) / (M + pp - 1) of the step for M microbatches; the engine uses
+M = pp when it has enough sequences. Hidden states move between stages with ``jax.device_put``.
 """
 
 from __future__ import annotations
 
 import functools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
 
 from jserve import ops
 from jserve.config import ModelConfig
 from jserve.engine.batch import Buckets, StepInput, StepPlan
-from jserve.engine.sampler import SamplerFlags, SamplerOutput, sample
-from jserve.models.llama import KVCache, init_kv_cache
+from jserve.engine.sampler import SamplerFlags, sample
+from jserve.models.llama import KVCache, kv_cache_shape
+from jserve.parallel import sharding as shard_rules
 
 
 @dataclass
@@ -43,8 +56,52 @@ def _prompt_logprobs(logits: jax.Array, targets: jax.Array, k: int):
     return target_lp, top_ids.astype(jnp.int32), top_lp
 
 
+def split_layers(num_layers: int, num_stages: int) -> list[range]:
+    """Contiguous layer ranges, earlier stages taking the remainder."""
+    base, extra = divmod(num_layers, num_stages)
+    bounds = [0]
+    for s in range(num_stages):
+        bounds.append(bounds[-1] + base + (1 if s < extra else 0))
+    return [range(bounds[s], bounds[s + 1]) for s in range(num_stages)]
+
+
+def _stage_state(state: nnx.State, layers: range, first: bool, last: bool, tied: bool) -> nnx.State:
+    """This stage's params; params of other stages become scalar stubs.
+
+    NOTE: the stubs keep the nnx graph whole (``nnx.merge`` needs every variable) and are never read: a stage
+    only calls its own layers, plus the embedding (first stage, and the last one when embeddings are tied) and
+    the final norm / LM head (last stage).
+    """
+    def keep(path: tuple) -> bool:
+        head = str(path[0])
+        if head == "layers":
+            return int(path[1]) in layers
+        if head == "embed":
+            return first or (last and tied)
+        return last  # final_norm, lm_head
+
+    flat = nnx.to_flat_state(state)
+    for path, var in flat:
+        if not keep(path):
+            var.set_value(jnp.zeros((), var.get_value().dtype))
+    return nnx.from_flat_state(flat)
+
+
+@dataclass
+class _Stage:
+    layers: range
+    mesh: Mesh
+    first: bool
+    last: bool
+    param_leaves: list = field(default_factory=list)
+    param_names: list[str] = field(default_factory=list)
+    kv_cache: KVCache = field(default_factory=list)
+    kv_sharding: NamedSharding | None = None
+    fn: object = None
+
+
 class ModelRunner:
-    """Owns the device state; the engine hands it StepPlans."""
+    """Owns the device state; the engine hands it StepPlans (one per microbatch)."""
 
     def __init__(
         self,
@@ -57,52 +114,108 @@ class ModelRunner:
         kv_dtype,
         buckets: Buckets,
         backend: ops.AttentionBackend,
-        kv_sharding=None,
-        batch_sharding=None,
+        stage_meshes: list[Mesh] | None = None,
     ):
         self.config = cfg
-        self.graphdef = graphdef
-        self.state = state
         self.num_pages = num_pages
         self.page_size = page_size
         self.buckets = buckets
         self.backend = backend
-        self.batch_sharding = batch_sharding
-        self.kv_cache: KVCache = init_kv_cache(cfg, num_pages, page_size, kv_dtype, kv_sharding)
         self.compile_seconds = 0.0
         self._compiled: set[tuple] = set()
-        # NOTE: params travel as a flat tuple of arrays; re-flattening the nnx.State on every call costs ms.
-        self.param_leaves, self._param_treedef = jax.tree.flatten(state)
-        self._step_fn = jax.jit(
-            functools.partial(self._step, graphdef, self._param_treedef, backend),
-            static_argnames=("flags", "num_prompt_logprobs"),
-            donate_argnums=(1,),
-        )
+        meshes = stage_meshes or [Mesh(np.asarray(jax.devices()[:1]), ("tp",))]
+        ranges = split_layers(cfg.num_layers, len(meshes))
+        self.stages: list[_Stage] = []
+        for s, (mesh, layers) in enumerate(zip(meshes, ranges, strict=True)):
+            stage = _Stage(layers, mesh, first=s == 0, last=s == len(meshes) - 1)
+            st_state = jax.tree.map(lambda x: x, state)  # a copy: placement below must not touch the caller's
+            if len(meshes) > 1:
+                st_state = _stage_state(st_state, layers, stage.first, stage.last, cfg.tie_word_embeddings)
+            shardings = shard_rules.param_shardings(st_state, cfg, mesh)
+            flat = nnx.to_flat_state(st_state)
+            for path, var in flat:
+                name = "/".join(str(p) for p in path)
+                target = shardings[name] if var.get_value().ndim else shard_rules.replicated(mesh)
+                var.set_value(jax.device_put(var.get_value(), target))
+            placed = nnx.from_flat_state(flat)
+            with_paths, treedef = jax.tree_util.tree_flatten_with_path(placed)
+            stage.param_leaves = [leaf for _, leaf in with_paths]
+            stage.param_names = ["/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path
+                                          if not str(getattr(k, "name", "")) == "value")
+                                 for path, _ in with_paths]
+            stage.kv_sharding = NamedSharding(mesh, shard_rules.kv_cache_spec(cfg, mesh))
+            shape = kv_cache_shape(cfg, num_pages, page_size)
+            zeros = jax.jit(lambda: jnp.zeros(shape, kv_dtype), out_shardings=stage.kv_sharding)
+            stage.kv_cache = [(zeros(), zeros()) for _ in layers]
+            # NOTE: params travel as a flat tuple of arrays; re-flattening an nnx.State per call costs ms.
+            stage.fn = jax.jit(
+                functools.partial(self._stage_step, graphdef, treedef, backend, layers, stage.first, stage.last,
+                                  stage.kv_sharding),
+                static_argnames=("flags", "num_prompt_logprobs"),
+                donate_argnums=(1,),
+            )
+            self.stages.append(stage)
+        self.replicated = [shard_rules.replicated(st.mesh) for st in self.stages]
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    @property
+    def param_leaves(self) -> list:
+        return self.stages[0].param_leaves
+
+    @property
+    def kv_cache(self) -> KVCache:
+        """All layers' pages, in layer order (across stages)."""
+        return [kv for stage in self.stages for kv in stage.kv_cache]
 
     @staticmethod
-    def _step(graphdef, treedef, backend, param_leaves, kv_cache, inputs: StepInput, flags: SamplerFlags,
-              num_prompt_logprobs: int):
+    def _stage_step(graphdef, treedef, backend, layers, first, last, kv_sharding, param_leaves, kv_cache, x,
+                    inputs: StepInput, flags: SamplerFlags, num_prompt_logprobs: int):
         model = nnx.merge(graphdef, jax.tree.unflatten(treedef, param_leaves))
-        hidden, kv_cache = model(inputs.tokens, inputs.positions, kv_cache, inputs.meta, backend)
-        logits = model.logits(hidden[inputs.logits_indices])
-        sampled: SamplerOutput = sample(logits, inputs.sampling, flags)
+        if first:
+            x = model.embed(inputs.tokens)
+        x, kv_cache = model.run_layers(x, inputs.positions, kv_cache, inputs.meta, backend, layers)
+        kv_cache = [tuple(jax.lax.with_sharding_constraint(a, kv_sharding) for a in kv) for kv in kv_cache]
+        if not last:
+            return kv_cache, x
+        hidden = model.final_norm(x)
+        sampled = sample(model.logits(hidden[inputs.logits_indices]), inputs.sampling, flags)
         prompt = None
         if num_prompt_logprobs:
             prompt = _prompt_logprobs(model.logits(hidden), inputs.prompt_targets, num_prompt_logprobs)
         return kv_cache, (sampled, prompt)
 
-    def step(self, plan: StepPlan) -> StepResult:
-        key = (plan.shape_key, plan.flags, plan.num_prompt_logprobs)
-        first = key not in self._compiled
+    def step(self, plans: list[StepPlan]) -> list[StepResult]:
+        """Runs microbatches through the stages in pipeline order; one device->host copy at the end."""
         start = time.perf_counter()
-        inputs = jax.device_put(plan.inputs, self.batch_sharding) if self.batch_sharding else plan.inputs
-        self.kv_cache, (sampled, prompt) = self._step_fn(
-            self.param_leaves, self.kv_cache, inputs, flags=plan.flags, num_prompt_logprobs=plan.num_prompt_logprobs
-        )
-        sampled, prompt = jax.device_get((sampled, prompt))  # NOTE: the step's one device->host copy
-        if first:
-            self._compiled.add(key)
+        keys = [(p.shape_key, p.flags, p.num_prompt_logprobs) for p in plans]
+        first_time = any(k not in self._compiled for k in keys)
+        carried: list = [None] * len(plans)
+        outputs: list = [None] * len(plans)
+        for tick in range(len(plans) + self.num_stages - 1):
+            for s in reversed(range(self.num_stages)):  # later stages first: their inputs are already queued
+                m = tick - s
+                if not 0 <= m < len(plans):
+                    continue
+                stage, plan = self.stages[s], plans[m]
+                inputs = jax.device_put(plan.inputs, self.replicated[s])
+                x = None if stage.first else jax.device_put(carried[m], self.replicated[s])
+                stage.kv_cache, out = stage.fn(stage.param_leaves, stage.kv_cache, x, inputs, flags=plan.flags,
+                                               num_prompt_logprobs=plan.num_prompt_logprobs)
+                if stage.last:
+                    outputs[m] = out
+                else:
+                    carried[m] = out
+        outputs = jax.device_get(outputs)  # NOTE: the step's one device->host copy
+        if first_time:
+            self._compiled.update(keys)
             self.compile_seconds += time.perf_counter() - start
+        return [self._result(sampled, prompt) for sampled, prompt in outputs]
+
+    @staticmethod
+    def _result(sampled, prompt) -> StepResult:
         return StepResult(
             token_ids=sampled.token_ids,
             logprobs=sampled.logprobs,
@@ -112,6 +225,11 @@ class ModelRunner:
             prompt_top_ids=None if prompt is None else prompt[1],
             prompt_top_logprobs=None if prompt is None else prompt[2],
         )
+
+    def params(self) -> dict[str, jax.Array]:
+        """Flat param name -> the placed array (the owning stage's copy; stubs of other stages skipped)."""
+        return {name: leaf for stage in self.stages
+                for name, leaf in zip(stage.param_names, stage.param_leaves, strict=True) if leaf.ndim}
 
     @property
     def compiled_shapes(self) -> int:

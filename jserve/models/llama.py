@@ -59,13 +59,21 @@ class CausalLM(nnx.Module):
     ) -> tuple[jax.Array, KVCache]:
         """Returns final hidden states [T, D] and the updated per-layer pages."""
         x = self.embed(tokens)
+        x, kv_cache = self.run_layers(x, positions, kv_cache, meta, backend, range(self.config.num_layers))
+        return self.final_norm(x), kv_cache
+
+    def run_layers(
+        self, x: jax.Array, positions: jax.Array, kv_cache: KVCache, meta: ops.AttentionMetadata,
+        backend: ops.AttentionBackend, layers: range,
+    ) -> tuple[jax.Array, KVCache]:
+        """Runs a contiguous range of layers (a pipeline stage); kv_cache holds exactly those layers' pages."""
         cfg = self.config
         inv_freq = rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)  # folded by XLA
         new_cache = []
-        for layer, kv in zip(self.layers, kv_cache, strict=True):
-            x, kv = layer(x, positions, inv_freq, kv, meta, backend)
+        for i, kv in zip(layers, kv_cache, strict=True):
+            x, kv = self.layers[i](x, positions, inv_freq, kv, meta, backend)
             new_cache.append(kv)
-        return self.final_norm(x), new_cache
+        return x, new_cache
 
     def logits(self, hidden: jax.Array) -> jax.Array:  # [B, D] -> [B, V] float32
         if self.config.tie_word_embeddings:

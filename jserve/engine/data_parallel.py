@@ -1,0 +1,99 @@
+"""Data parallelism: independent engine replicas, each with its own page pool, scheduler and devices.
+
+A request goes to the replica with the least load (fewest unfinished requests, then most free pages) and stays
+there; ``step()`` steps every replica that has work. Stats are sums over replicas. This is how one server batches
+requests across devices without any cross-replica communication on the hot path.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Sequence
+
+from jserve.engine.engine import Engine
+from jserve.outputs import RequestOutput
+from jserve.sampling_params import SamplingParams
+
+
+class DataParallelEngine:
+    """The Engine interface over several replicas."""
+
+    def __init__(self, replicas: list[Engine]):
+        self.replicas = replicas
+        self._owner: dict[str, Engine] = {}
+        self._pending: dict[int, int] = {id(e): 0 for e in replicas}  # added but not yet scheduled
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+
+    # the parts of Engine that callers read directly
+    @property
+    def tokenizer(self):
+        return self.replicas[0].tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self.replicas[0].vocab_size
+
+    @property
+    def max_model_len(self) -> int:
+        return self.replicas[0].max_model_len
+
+    @property
+    def runner(self):
+        return self.replicas[0].runner
+
+    def validate(self, prompt_token_ids: Sequence[int], params: SamplingParams) -> None:
+        self.replicas[0].validate(prompt_token_ids, params)
+
+    def _load(self, engine: Engine) -> tuple[int, int]:
+        stats = engine.stats()
+        busy = stats["num_running"] + stats["num_waiting"] + self._pending[id(engine)]
+        return busy, -stats["pages_free"]
+
+    def add_request(self, prompt_token_ids: Sequence[int], params: SamplingParams, *,
+                    request_id: str | None = None, **kwargs) -> str:
+        with self._lock:
+            if request_id is None:  # ids must be unique across replicas, not just within one
+                request_id = f"req-{next(self._ids)}"
+            if request_id in self._owner:
+                raise ValueError(f"request_id {request_id!r} is already in use")
+            engine = min(self.replicas, key=self._load)
+            engine.add_request(prompt_token_ids, params, request_id=request_id, **kwargs)
+            self._owner[request_id] = engine
+            self._pending[id(engine)] += 1
+        return request_id
+
+    def abort_request(self, request_id: str) -> None:
+        with self._lock:
+            engine = self._owner.get(request_id)
+        if engine is not None:
+            engine.abort_request(request_id)
+
+    def has_unfinished(self) -> bool:
+        return any(e.has_unfinished() for e in self.replicas)
+
+    def step(self) -> list[RequestOutput]:
+        outputs: list[RequestOutput] = []
+        for engine in self.replicas:
+            if engine.has_unfinished():
+                with self._lock:
+                    self._pending[id(engine)] = 0  # the step below drains this replica's inbox
+                outputs.extend(engine.step())
+        with self._lock:
+            for out in outputs:
+                if out.finished:
+                    self._owner.pop(out.request_id, None)
+        return outputs
+
+    def stats(self) -> dict[str, float | int]:
+        per_replica = [e.stats() for e in self.replicas]
+        total = {key: sum(s[key] for s in per_replica) for key in per_replica[0]}
+        queried = sum(e.kv_cache.num_queried_tokens for e in self.replicas)
+        hits = sum(e.kv_cache.num_hit_tokens for e in self.replicas)
+        total["prefix_cache_hit_rate"] = hits / queried if queried else 0.0
+        total["num_replicas"] = len(self.replicas)
+        return total
+
+    def reset_prefix_cache(self) -> bool:
+        return all(e.kv_cache.reset_prefix_cache() for e in self.replicas)
