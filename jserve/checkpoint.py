@@ -283,11 +283,25 @@ def load_hf_params(
 
         if shardings is None:
             array = jnp.asarray(read(()))
-        else:  # each device reads only its own shard
-            array = jax.make_array_from_callback(tuple(target.shape), shardings[our_path], read)
+        else:
+            array = _place_shard_by_shard(tuple(target.shape), shardings[our_path], read)
         _set_path(pure, our_path, array)
     nnx.replace_by_pure_dict(abstract_state, pure)
     return graphdef, abstract_state
+
+
+def _place_shard_by_shard(shape: tuple[int, ...], sharding: jax.sharding.Sharding, read) -> jax.Array:
+    """Each device reads and receives only its own slice, one device at a time.
+
+    NOTE: ``jax.make_array_from_callback`` would first collect every device's numpy slice (a whole tensor on the
+    host for a fully sharded param); copying each slice to its device before reading the next keeps the host
+    peak near one shard.
+    """
+    pieces = []
+    for device, index in sharding.addressable_devices_indices_map(shape).items():
+        pieces.append(jax.device_put(read(index), device))
+        pieces[-1].block_until_ready()
+    return jax.make_array_from_single_device_arrays(shape, sharding, pieces)
 
 
 def _check_shape(reader: _TensorReader, spec, expected: tuple[int, ...], cfg: ModelConfig) -> None:

@@ -25,6 +25,7 @@ from jserve.engine.request import Request, RequestStatus
 from jserve.engine.runner import ModelRunner, StepResult
 from jserve.engine.scheduler import Scheduler, SchedulerOutput
 from jserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from jserve.parallel.multihost import STOP
 from jserve.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -107,6 +108,8 @@ class Engine:
         self._ids_lock = threading.Lock()
         self._live_ids: set[str] = set()  # ids added and not yet fully reported, across threads
         self.num_steps = 0
+        self.inbox_sync = None  # multi-host: set to jserve.parallel.multihost.broadcast_items
+        self.stopped = False
 
     # ------------------------------------------------------------------ inbox (thread-safe)
 
@@ -156,16 +159,33 @@ class Engine:
         self._inbox.put(request_id)
 
     def _drain_inbox(self) -> list[RequestOutput]:
-        outputs = []
+        items = []
         while True:
             try:
-                item = self._inbox.get_nowait()
+                items.append(self._inbox.get_nowait())
             except queue.Empty:
-                return outputs
+                break
+        if self.inbox_sync is not None:  # multi-host: every process applies the leader's inbox
+            items = self.inbox_sync(items)
+        outputs = []
+        for item in items:
             if isinstance(item, _Add):
                 self._admit(item)
+            elif item == STOP:
+                self.stopped = True
             else:
                 outputs.extend(self._abort(item))
+        return outputs
+
+    def step_following(self) -> bool:
+        """Multi-host follower: one lockstep step; False once the leader said stop."""
+        self.step()
+        return not self.stopped
+
+    def broadcast_stop(self) -> None:
+        """Multi-host leader: one last step that tells the followers to stop."""
+        self._inbox.put(STOP)
+        self.step()
 
     def _admit(self, add: _Add) -> None:
         samples = {}

@@ -56,6 +56,11 @@ def _prompt_logprobs(logits: jax.Array, targets: jax.Array, k: int):
     return target_lp, top_ids.astype(jnp.int32), top_lp
 
 
+def _local_copy(array: jax.Array) -> jax.Array:
+    """A replicated result's local piece (multi-host: the global array is not fully addressable here)."""
+    return array if array.is_fully_addressable else array.addressable_data(0)
+
+
 def split_layers(num_layers: int, num_stages: int) -> list[range]:
     """Contiguous layer ranges, earlier stages taking the remainder."""
     base, extra = divmod(num_layers, num_stages)
@@ -185,7 +190,9 @@ class ModelRunner:
         prompt = None
         if num_prompt_logprobs:
             prompt = _prompt_logprobs(model.logits(hidden), inputs.prompt_targets, num_prompt_logprobs)
-        return kv_cache, (sampled, prompt)
+        # replicated results: every process of a multi-host mesh can read them
+        return kv_cache, jax.lax.with_sharding_constraint((sampled, prompt), jax.sharding.NamedSharding(
+            kv_sharding.mesh, jax.sharding.PartitionSpec()))
 
     def step(self, plans: list[StepPlan]) -> list[StepResult]:
         """Runs microbatches through the stages in pipeline order; one device->host copy at the end."""
@@ -208,7 +215,7 @@ class ModelRunner:
                     outputs[m] = out
                 else:
                     carried[m] = out
-        outputs = jax.device_get(outputs)  # NOTE: the step's one device->host copy
+        outputs = jax.device_get(jax.tree.map(_local_copy, outputs))  # NOTE: the step's one device->host copy
         if first_time:
             self._compiled.update(keys)
             self.compile_seconds += time.perf_counter() - start
