@@ -11,11 +11,18 @@ import dataclasses
 from dataclasses import dataclass
 
 import jax
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 import pallas_kernels
 from pallas_kernels import reference
 from pallas_kernels import xla as pallas_xla
 from pallas_kernels.dispatch import resolve_backend
+
+try:  # jax >= 0.7 exposes shard_map at the top level
+    from jax import shard_map
+except ImportError:  # pragma: no cover
+    from jax.experimental.shard_map import shard_map
 
 ATTENTION_BACKENDS = ("auto", "pallas", "xla")
 
@@ -43,6 +50,7 @@ class AttentionBackend:
 
     kernel: str = "xla"
     interpret: bool = False
+    mesh: Mesh | None = None  # tensor-parallel mesh ("tp" axis): Pallas kernels then run per device in shard_map
 
     def replace(self, **changes) -> AttentionBackend:
         return dataclasses.replace(self, **changes)
@@ -89,8 +97,39 @@ def paged_attention(
             q, k_pages, v_pages, meta.kv_lens, meta.block_tables, meta.cu_q_lens, meta.num_seqs,
             sm_scale=sm_scale, sliding_window=sliding_window,
         )
-    return pallas_kernels.ragged_paged_attention(
-        q, k_pages, v_pages, meta.kv_lens, meta.block_tables, meta.cu_q_lens, meta.num_seqs,
-        sm_scale=sm_scale, sliding_window=sliding_window, backend=backend.kernel, interpret=backend.interpret,
-    )
 
+    def kernel(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs):
+        return pallas_kernels.ragged_paged_attention(
+            q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs,
+            sm_scale=sm_scale, sliding_window=sliding_window, backend=backend.kernel, interpret=backend.interpret,
+        )
+
+    args = (q, k_pages, v_pages, meta.kv_lens, meta.block_tables, meta.cu_q_lens, meta.num_seqs)
+    if backend.mesh is None or backend.mesh.shape.get("tp", 1) == 1:
+        return kernel(*args)
+    return _local_heads_attention(kernel, backend.mesh, *args)
+
+
+def _local_heads_attention(kernel, mesh: Mesh, q, k_pages, v_pages, *meta_arrays):
+    """Runs a kernel on each device's own heads (Pallas kernels see local shards only).
+
+    Query heads are split over "tp". KV pages are split the same way when tp divides the kv heads; otherwise they
+    are replicated and each device slices out the one kv head its query heads share.
+    """
+    tp = mesh.shape["tp"]
+    num_heads, num_kv_heads = q.shape[1], k_pages.shape[0]
+    kv_split = num_kv_heads % tp == 0
+    kv_spec = P("tp") if kv_split else P()
+
+    def local(q, k_pages, v_pages, *meta_arrays):
+        if not kv_split:  # tp > num_kv_heads: this device's query heads all belong to one kv head
+            group = num_heads // num_kv_heads
+            head = jax.lax.axis_index("tp") * (num_heads // tp) // group
+            k_pages = jax.lax.dynamic_slice_in_dim(k_pages, head, 1, axis=0)
+            v_pages = jax.lax.dynamic_slice_in_dim(v_pages, head, 1, axis=0)
+        return kernel(q, k_pages, v_pages, *meta_arrays)
+
+    return shard_map(
+        local, mesh=mesh, in_specs=(P(None, "tp"), kv_spec, kv_spec) + (P(),) * len(meta_arrays),
+        out_specs=P(None, "tp"), check_vma=False,
+    )(q, k_pages, v_pages, *meta_arrays)

@@ -154,7 +154,9 @@ class ModelRunner:
             stage.kv_cache = [(zeros(), zeros()) for _ in layers]
             # NOTE: params travel as a flat tuple of arrays; re-flattening an nnx.State per call costs ms.
             stage.fn = jax.jit(
-                functools.partial(self._stage_step, graphdef, treedef, backend, layers, stage.first, stage.last,
+                functools.partial(self._stage_step, graphdef, treedef,
+                                  backend.replace(mesh=mesh) if mesh.devices.size > 1 else backend,
+                                  layers, stage.first, stage.last,
                                   stage.kv_sharding),
                 static_argnames=("flags", "num_prompt_logprobs"),
                 donate_argnums=(1,),
