@@ -163,8 +163,9 @@ class LLM:
         if not conversations:
             raise ValueError("messages must not be empty")
         token_ids = [
-            self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True,
-                                               chat_template=chat_template)
+            self.tokenizer.apply_chat_template(
+                c, add_generation_prompt=True, tokenize=True, chat_template=chat_template
+            )
             for c in conversations
         ]
         return self.generate(prompt_token_ids=token_ids, sampling_params=sampling_params, use_tqdm=use_tqdm)

@@ -102,8 +102,14 @@ class StackedSpec:
 
 def _param_specs(cfg: ModelConfig) -> dict[str, TensorSpec | StackedSpec]:
     """Our flat param path ("layers/0/attn/q_proj") -> where and how to read it from the HF checkpoint."""
-    d, n, k, h, f, v = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
-                        cfg.vocab_size)
+    d, n, k, h, f, v = (
+        cfg.hidden_size,
+        cfg.num_heads,
+        cfg.num_kv_heads,
+        cfg.head_dim,
+        cfg.intermediate_size,
+        cfg.vocab_size,
+    )
 
     def linear(name: str, in_dims: tuple[int, ...], out_dims: tuple[int, ...]) -> TensorSpec:
         """HF nn.Linear weight [out, in] -> ours [*in_dims, *out_dims]."""
@@ -133,11 +139,17 @@ def _param_specs(cfg: ModelConfig) -> dict[str, TensorSpec | StackedSpec]:
         if cfg.is_moe:
             moe = hf + "block_sparse_moe."
             specs[ours + "mlp/router"] = linear(moe + "gate.weight", (d,), (cfg.num_experts,))
-            for ours_name, hf_name, in_dim, out_dim in (("gate_proj", "w1", d, f), ("up_proj", "w3", d, f),
-                                                        ("down_proj", "w2", f, d)):
-                specs[ours + "mlp/" + ours_name] = StackedSpec(tuple(
-                    linear(f"{moe}experts.{j}.{hf_name}.weight", (in_dim,), (out_dim,))
-                    for j in range(cfg.num_experts)))
+            for ours_name, hf_name, in_dim, out_dim in (
+                ("gate_proj", "w1", d, f),
+                ("up_proj", "w3", d, f),
+                ("down_proj", "w2", f, d),
+            ):
+                specs[ours + "mlp/" + ours_name] = StackedSpec(
+                    tuple(
+                        linear(f"{moe}experts.{j}.{hf_name}.weight", (in_dim,), (out_dim,))
+                        for j in range(cfg.num_experts)
+                    )
+                )
         else:
             m = hf + "mlp."
             specs[ours + "mlp/gate_proj"] = linear(m + "gate_proj.weight", (d,), (f,))
@@ -203,7 +215,7 @@ def checkpoint_dtype(cfg: ModelConfig) -> str:
 
 
 def resolve_dtype(dtype: str, cfg: ModelConfig, platform: str | None = None) -> jnp.dtype:
-    """"auto": the checkpoint's dtype; float32 checkpoints run in bf16 on accelerators, fp16 in fp32 on CPU."""
+    """ "auto": the checkpoint's dtype; float32 checkpoints run in bf16 on accelerators, fp16 in fp32 on CPU."""
     if dtype not in ("auto", "bfloat16", "float32", "float16"):
         raise ValueError(f"dtype must be one of 'auto', 'bfloat16', 'float32', 'float16', got {dtype!r}")
     if dtype != "auto":
@@ -335,7 +347,11 @@ def _preview(names: list[str], limit: int = 8) -> str:
 # ---------------------------------------------------------------- Orbax
 
 _COPIED_FILES = (
-    "config.json", "generation_config.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+    "config.json",
+    "generation_config.json",
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
     "special_tokens_map.json",
 )
 
@@ -360,7 +376,10 @@ def save_orbax(state: nnx.State, cfg_dir: str | os.PathLike, out_dir: str | os.P
 
 
 def load_orbax(
-    path: str | os.PathLike, cfg: ModelConfig, dtype, shardings: dict[str, jax.sharding.Sharding] | None = None
+    path: str | os.PathLike,
+    cfg: ModelConfig,
+    dtype,
+    shardings: dict[str, jax.sharding.Sharding] | None = None,
 ) -> tuple[nnx.GraphDef, nnx.State]:
     import orbax.checkpoint as ocp
 

@@ -67,15 +67,25 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
             raise ValueError(
-                f"architectures: {self.architecture!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+                f"architectures: {self.architecture!r} is not supported; "
+                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-                     "head_dim", "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "max_position_embeddings",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
-                f"num_attention_heads ({self.num_heads}) must be a multiple of num_key_value_heads ({self.num_kv_heads})"
+                f"num_attention_heads ({self.num_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_kv_heads})"
             )
         if self.rope_scaling.rope_type not in SUPPORTED_ROPE_TYPES:
             raise ValueError(
@@ -223,11 +233,11 @@ class ParallelConfig:
         """Raises ValueError when the model cannot be split this way."""
         tp, pp = self.tensor_parallel_size, self.pipeline_parallel_size
         if cfg.num_heads % tp:
-            raise ValueError(
-                f"tensor_parallel_size {tp} must divide num_attention_heads {cfg.num_heads}")
+            raise ValueError(f"tensor_parallel_size {tp} must divide num_attention_heads {cfg.num_heads}")
         if cfg.num_kv_heads % tp and tp % cfg.num_kv_heads:
             raise ValueError(
-                f"tensor_parallel_size {tp} must divide num_key_value_heads {cfg.num_kv_heads} or be a multiple of it")
+                f"tensor_parallel_size {tp} must divide num_key_value_heads {cfg.num_kv_heads} or be a multiple of it"
+            )
         if cfg.intermediate_size % tp:
             raise ValueError(f"tensor_parallel_size {tp} must divide intermediate_size {cfg.intermediate_size}")
         if cfg.num_experts and cfg.num_experts % tp:

@@ -1,8 +1,8 @@
 """Attention backend selection and the one attention call the models make.
 
 The backend is resolved once at startup (no import-time switches) and passed to the model as a static value:
-"xla" runs paged attention in plain XLA ops (``pallas_kernels/xla.py``), "gpu"/"tpu" the Pallas kernels, and ``interpret`` runs a kernel on CPU.
-Attention metadata is an explicit pytree argument built by ``engine/batch.py``.
+"xla" runs paged attention in plain XLA ops (``pallas_kernels/xla.py``), "gpu"/"tpu" the Pallas kernels, and
+``interpret`` runs a kernel on CPU. Attention metadata is an explicit pytree argument built by ``engine/batch.py``.
 """
 
 from __future__ import annotations
@@ -94,14 +94,30 @@ def paged_attention(
     """q [T, N, H] against the paged cache (new K/V already written) -> [T, N, H]."""
     if backend.kernel == "xla":
         return pallas_xla.ragged_paged_attention(
-            q, k_pages, v_pages, meta.kv_lens, meta.block_tables, meta.cu_q_lens, meta.num_seqs,
-            sm_scale=sm_scale, sliding_window=sliding_window,
+            q,
+            k_pages,
+            v_pages,
+            meta.kv_lens,
+            meta.block_tables,
+            meta.cu_q_lens,
+            meta.num_seqs,
+            sm_scale=sm_scale,
+            sliding_window=sliding_window,
         )
 
     def kernel(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs):
         return pallas_kernels.ragged_paged_attention(
-            q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs,
-            sm_scale=sm_scale, sliding_window=sliding_window, backend=backend.kernel, interpret=backend.interpret,
+            q,
+            k_pages,
+            v_pages,
+            kv_lens,
+            block_tables,
+            cu_q_lens,
+            num_seqs,
+            sm_scale=sm_scale,
+            sliding_window=sliding_window,
+            backend=backend.kernel,
+            interpret=backend.interpret,
         )
 
     args = (q, k_pages, v_pages, meta.kv_lens, meta.block_tables, meta.cu_q_lens, meta.num_seqs)
@@ -130,6 +146,9 @@ def _local_heads_attention(kernel, mesh: Mesh, q, k_pages, v_pages, *meta_arrays
         return kernel(q, k_pages, v_pages, *meta_arrays)
 
     return shard_map(
-        local, mesh=mesh, in_specs=(P(None, "tp"), kv_spec, kv_spec) + (P(),) * len(meta_arrays),
-        out_specs=P(None, "tp"), check_vma=False,
+        local,
+        mesh=mesh,
+        in_specs=(P(None, "tp"), kv_spec, kv_spec) + (P(),) * len(meta_arrays),
+        out_specs=P(None, "tp"),
+        check_vma=False,
     )(q, k_pages, v_pages, *meta_arrays)

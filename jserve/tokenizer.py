@@ -295,9 +295,7 @@ def _added_tokens(tokenizer_config: Mapping[str, Any]) -> dict[int, _AddedToken]
     return tokens
 
 
-def _special_tokens(
-    tokenizer_config: Mapping[str, Any], special_tokens_map: Mapping[str, Any]
-) -> dict[str, str]:
+def _special_tokens(tokenizer_config: Mapping[str, Any], special_tokens_map: Mapping[str, Any]) -> dict[str, str]:
     """The named special-token strings (`bos_token`, ...), which chat templates also see."""
     tokens = {}
     for name in _SPECIAL_TOKEN_NAMES:
@@ -367,9 +365,7 @@ def _strftime_now(fmt: str) -> str:
 @lru_cache(maxsize=32)
 def _compile_chat_template(template: str) -> jinja2.Template:
     """Compile in a sandbox configured like transformers', so checkpoints' templates render identically."""
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
-    )
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now

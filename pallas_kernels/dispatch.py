@@ -10,7 +10,7 @@ BACKENDS = ("auto", "xla", "gpu", "tpu")
 
 
 def resolve_backend(backend: str) -> str:
-    """"auto" -> "tpu" on TPU, "gpu" on Hopper-or-newer NVIDIA GPUs, else "xla"."""
+    """ "auto" -> "tpu" on TPU, "gpu" on Hopper-or-newer NVIDIA GPUs, else "xla"."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend != "auto":
@@ -31,6 +31,22 @@ def _is_hopper_or_newer(device: jax.Device) -> bool:
         return False
 
 
+def _gpu_supports(head_dim: int, page_size: int | None = None) -> bool:
+    """Shapes the Mosaic GPU kernels take: wgmma tiles need head_dim % 64; a KV step is 64 keys of whole pages
+    (page_size dividing 64) or one page of 64..256 keys."""
+    if head_dim % 64:
+        return False
+    return page_size is None or 64 % page_size == 0 and page_size % 8 == 0 or page_size in (128, 192, 256)
+
+
+def _pick(backend: str, head_dim: int, page_size: int | None = None) -> str:
+    """Resolve the backend; "auto" falls back to the reference for shapes the chosen kernel cannot take."""
+    resolved = resolve_backend(backend)
+    if backend == "auto" and resolved == "gpu" and not _gpu_supports(head_dim, page_size):
+        return "xla"
+    return resolved
+
+
 def _kernel_module(backend: str, name: str):
     if backend == "gpu":
         from pallas_kernels import gpu as platform
@@ -39,19 +55,66 @@ def _kernel_module(backend: str, name: str):
     return getattr(platform, name)
 
 
-def flash_attention(q, k, v, *, causal=True, sliding_window=None, sm_scale=None, segment_ids=None,
-                    logit_soft_cap=None, backend="auto", interpret=False):
-    backend = resolve_backend(backend)
-    kwargs = dict(causal=causal, sliding_window=sliding_window, sm_scale=sm_scale, segment_ids=segment_ids,
-                  logit_soft_cap=logit_soft_cap)
+def flash_attention(
+    q,
+    k,
+    v,
+    *,
+    causal=True,
+    sliding_window=None,
+    sm_scale=None,
+    segment_ids=None,
+    logit_soft_cap=None,
+    backend="auto",
+    interpret=False,
+):
+    """Dense (prefill) attention; semantics of ``reference.flash_attention``.
+
+    Args:
+        q: [B, Tq, N, H]. k, v: [B, Tk, K, H] with N a multiple of K (GQA without repeating K/V).
+        backend: "auto" | "xla" | "gpu" | "tpu"; ``interpret=True`` runs a gpu/tpu kernel on CPU.
+
+    Returns:
+        [B, Tq, N, H] in q's dtype.
+    """
+    backend = _pick(backend, q.shape[-1])
+    kwargs = dict(
+        causal=causal,
+        sliding_window=sliding_window,
+        sm_scale=sm_scale,
+        segment_ids=segment_ids,
+        logit_soft_cap=logit_soft_cap,
+    )
     if backend == "xla":
         return reference.flash_attention(q, k, v, **kwargs)
     return _kernel_module(backend, "flash_attention")(q, k, v, interpret=interpret, **kwargs)
 
 
-def paged_attention(q, k_pages, v_pages, lengths, block_tables, *, sm_scale=None, k_scales=None, v_scales=None,
-                    logit_soft_cap=None, backend="auto", interpret=False):
-    backend = resolve_backend(backend)
+def paged_attention(
+    q,
+    k_pages,
+    v_pages,
+    lengths,
+    block_tables,
+    *,
+    sm_scale=None,
+    k_scales=None,
+    v_scales=None,
+    logit_soft_cap=None,
+    backend="auto",
+    interpret=False,
+):
+    """Decode attention, one new token per sequence; semantics of ``reference.paged_attention``.
+
+    Args:
+        q: [B, N, H]. k_pages, v_pages: [K, P, L, H] (int8 with ``k_scales``/``v_scales`` [K, P]).
+        lengths: [B] tokens in cache including this one. block_tables: [B, Pmax] page ids.
+        backend: "auto" | "xla" | "gpu" | "tpu"; ``interpret=True`` runs a gpu/tpu kernel on CPU.
+
+    Returns:
+        [B, N, H] in q's dtype.
+    """
+    backend = _pick(backend, q.shape[-1], k_pages.shape[2])
     kwargs = dict(sm_scale=sm_scale, k_scales=k_scales, v_scales=v_scales, logit_soft_cap=logit_soft_cap)
     if backend == "xla":
         return reference.paged_attention(q, k_pages, v_pages, lengths, block_tables, **kwargs)
@@ -59,12 +122,42 @@ def paged_attention(q, k_pages, v_pages, lengths, block_tables, *, sm_scale=None
     return fn(q, k_pages, v_pages, lengths, block_tables, interpret=interpret, **kwargs)
 
 
-def ragged_paged_attention(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs, *, sm_scale=None,
-                           sliding_window=None, k_scales=None, v_scales=None, logit_soft_cap=None,
-                           backend="auto", interpret=False):
-    backend = resolve_backend(backend)
-    kwargs = dict(sm_scale=sm_scale, sliding_window=sliding_window, k_scales=k_scales, v_scales=v_scales,
-                  logit_soft_cap=logit_soft_cap)
+def ragged_paged_attention(
+    q,
+    k_pages,
+    v_pages,
+    kv_lens,
+    block_tables,
+    cu_q_lens,
+    num_seqs,
+    *,
+    sm_scale=None,
+    sliding_window=None,
+    k_scales=None,
+    v_scales=None,
+    logit_soft_cap=None,
+    backend="auto",
+    interpret=False,
+):
+    """The engine's mixed prefill/decode step; semantics of ``reference.ragged_paged_attention``.
+
+    Args:
+        q: [T, N, H] new tokens of all sequences, packed; rows past ``cu_q_lens[num_seqs]`` are padding.
+        k_pages, v_pages: [K, P, L, H] with this step's K/V already written (int8 with scales [K, P]).
+        kv_lens: [S]. block_tables: [S, Pmax]. cu_q_lens: [S + 1], non-decreasing. num_seqs: int32 [1].
+        backend: "auto" | "xla" | "gpu" | "tpu"; ``interpret=True`` runs a gpu/tpu kernel on CPU.
+
+    Returns:
+        [T, N, H] in q's dtype.
+    """
+    backend = _pick(backend, q.shape[-1], k_pages.shape[2])
+    kwargs = dict(
+        sm_scale=sm_scale,
+        sliding_window=sliding_window,
+        k_scales=k_scales,
+        v_scales=v_scales,
+        logit_soft_cap=logit_soft_cap,
+    )
     args = (q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs)
     if backend == "xla":
         return reference.ragged_paged_attention(*args, **kwargs)

@@ -152,8 +152,17 @@ def paged_attention(
     cu_q_lens = jnp.arange(batch + 1, dtype=jnp.int32)
     num_seqs = jnp.array([batch], dtype=jnp.int32)
     return ragged_paged_attention(
-        q, k_pages, v_pages, lengths, block_tables, cu_q_lens, num_seqs,
-        sm_scale=sm_scale, k_scales=k_scales, v_scales=v_scales, logit_soft_cap=logit_soft_cap,
+        q,
+        k_pages,
+        v_pages,
+        lengths,
+        block_tables,
+        cu_q_lens,
+        num_seqs,
+        sm_scale=sm_scale,
+        k_scales=k_scales,
+        v_scales=v_scales,
+        logit_soft_cap=logit_soft_cap,
     )
 
 

@@ -76,8 +76,11 @@ def ragged_paged_attention(
         return new_max, denom, acc
 
     shape = (num_tokens, num_kv_heads, group)
-    init = (jnp.full(shape, _NEG, jnp.float32), jnp.zeros(shape, jnp.float32),
-            jnp.zeros((*shape, head_dim), jnp.float32))
+    init = (
+        jnp.full(shape, _NEG, jnp.float32),
+        jnp.zeros(shape, jnp.float32),
+        jnp.zeros((*shape, head_dim), jnp.float32),
+    )
     last_step = (jnp.max(kv_len) + keys_per_step - 1) // keys_per_step
     first_step = 0
     if sliding_window is not None:
@@ -86,4 +89,3 @@ def ragged_paged_attention(
     _, denom, acc = jax.lax.fori_loop(first_step, last_step, body, init)
     out = acc / jnp.where(denom == 0.0, 1.0, denom)[..., None]
     return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)
-

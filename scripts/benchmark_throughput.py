@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -25,9 +26,16 @@ def make_model(out_dir: Path, args) -> Path:
     import transformers
 
     config = transformers.LlamaConfig(
-        vocab_size=args.vocab_size, hidden_size=args.hidden_size, intermediate_size=args.hidden_size * 4,
-        num_hidden_layers=args.num_layers, num_attention_heads=args.num_heads, num_key_value_heads=args.num_kv_heads,
-        max_position_embeddings=1024, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+        vocab_size=args.vocab_size,
+        hidden_size=args.hidden_size,
+        intermediate_size=args.hidden_size * 4,
+        num_hidden_layers=args.num_layers,
+        num_attention_heads=args.num_heads,
+        num_key_value_heads=args.num_kv_heads,
+        max_position_embeddings=1024,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
     )
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(config).save_pretrained(out_dir, safe_serialization=True)
@@ -43,10 +51,17 @@ def make_prompts(args) -> list[list[int]]:
 def run_jserve(model_dir: Path, prompts: list[list[int]], args) -> float:
     from jserve import LLM, SamplingParams
 
-    llm = LLM(model=model_dir, dtype="float32", max_num_seqs=args.max_num_seqs, page_size=args.page_size,
-              max_model_len=args.max_prompt_len + args.output_len, max_num_batched_tokens=args.max_num_batched_tokens,
-              tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
-              data_parallel_size=args.data_parallel_size)
+    llm = LLM(
+        model=model_dir,
+        dtype="float32",
+        max_num_seqs=args.max_num_seqs,
+        page_size=args.page_size,
+        max_model_len=args.max_prompt_len + args.output_len,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        tensor_parallel_size=args.tensor_parallel_size,
+        pipeline_parallel_size=args.pipeline_parallel_size,
+        data_parallel_size=args.data_parallel_size,
+    )
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
     llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)  # warm-up: compiles the buckets
     llm.engine.reset_prefix_cache()  # the timed run must not reuse the warm-up's prompt pages
@@ -71,8 +86,14 @@ def run_transformers(model_dir: Path, prompts: list[list[int]], args) -> float:
             ids = torch.tensor([[0] * (width - len(p)) + p for p in batch])
             mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
             with torch.no_grad():
-                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.output_len,
-                                     min_new_tokens=args.output_len, do_sample=False, pad_token_id=0)
+                out = model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    max_new_tokens=args.output_len,
+                    min_new_tokens=args.output_len,
+                    do_sample=False,
+                    pad_token_id=0,
+                )
             produced += (out.shape[1] - width) * len(batch)
         return produced
 
@@ -103,22 +124,37 @@ def main() -> None:
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--model", help="an existing HF checkpoint dir instead of the random model")
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument(
+        "--emulate-cpu-devices",
+        type=int,
+        default=0,
+        help="split the CPU into N devices (XLA_FLAGS) to try parallel layouts without accelerators",
+    )
     args = parser.parse_args()
+    if args.emulate_cpu_devices:
+        os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.emulate_cpu_devices}"
 
     import jax
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(args.model) if args.model else make_model(Path(tmp) / "model", args)
         prompts = make_prompts(args)
-        result = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
-                  "num_requests": args.num_requests, "output_len": args.output_len}
+        result = {
+            "device": f"{len(jax.devices())} x {jax.devices()[0].device_kind}",
+            "jax": jax.__version__,
+            "layout": f"tp={args.tensor_parallel_size} pp={args.pipeline_parallel_size} dp={args.data_parallel_size}",
+            "num_requests": args.num_requests,
+            "output_len": args.output_len,
+        }
         result["jserve_tok_s"] = run_jserve(model_dir, prompts, args)
-        print(f"jserve:       {result['jserve_tok_s']:9.1f} output tokens/s")
+        print(f"jserve:       {result['jserve_tok_s']:9.1f} output tokens/s ({result['layout']}, {result['device']})")
         if not args.skip_transformers:
             result["transformers_tok_s"] = run_transformers(model_dir, prompts, args)
             result["ratio"] = result["jserve_tok_s"] / result["transformers_tok_s"]
-            print(f"transformers: {result['transformers_tok_s']:9.1f} output tokens/s "
-                  f"(static batches of {args.hf_batch_size})")
+            print(
+                f"transformers: {result['transformers_tok_s']:9.1f} output tokens/s "
+                f"(static batches of {args.hf_batch_size})"
+            )
             print(f"ratio:        {result['ratio']:9.2f}x")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))

@@ -64,9 +64,7 @@ def write_tokenizer(out_dir: Path) -> None:
     tokenizer_utils = _import_tokenizer_utils()
     with tempfile.TemporaryDirectory() as tmp:
         sp_model = tokenizer_utils.train_sentencepiece(Path(tmp), vocab_size=VOCAB_SIZE)
-        tokenizer_utils.write_hf_tokenizer_files(
-            out_dir, sp_model, chat_template=tokenizer_utils.DEFAULT_CHAT_TEMPLATE
-        )
+        tokenizer_utils.write_hf_tokenizer_files(out_dir, sp_model, chat_template=tokenizer_utils.DEFAULT_CHAT_TEMPLATE)
 
 
 def check(out_dir: Path) -> None:

@@ -9,29 +9,65 @@ import transformers
 
 VOCAB = 512  # matches the session sentencepiece model
 
-BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=2)
+BASE = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 
 FAMILIES: dict[str, tuple[type, type, dict]] = {
     # name: (config class, model class, overrides)
     "llama-gqa": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(tie_word_embeddings=False)),
-    "llama3-mqa": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(
-        num_key_value_heads=1, rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
-                                                 high_freq_factor=4.0, original_max_position_embeddings=64),
-        rope_theta=500000.0)),
-    "llama-linear-rope": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(
-        num_key_value_heads=4, rope_scaling=dict(rope_type="linear", factor=2.0), tie_word_embeddings=True)),
+    "llama3-mqa": (
+        transformers.LlamaConfig,
+        transformers.LlamaForCausalLM,
+        dict(
+            num_key_value_heads=1,
+            rope_scaling=dict(
+                rope_type="llama3",
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=64,
+            ),
+            rope_theta=500000.0,
+        ),
+    ),
+    "llama-linear-rope": (
+        transformers.LlamaConfig,
+        transformers.LlamaForCausalLM,
+        dict(num_key_value_heads=4, rope_scaling=dict(rope_type="linear", factor=2.0), tie_word_embeddings=True),
+    ),
     "mistral-window": (transformers.MistralConfig, transformers.MistralForCausalLM, dict(sliding_window=16)),
     "qwen2-tied": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(tie_word_embeddings=True)),
-    "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM, dict(
-        head_dim=32, num_key_value_heads=1, hidden_activation="gelu_pytorch_tanh")),
-    "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM, dict(
-        num_local_experts=4, num_experts_per_tok=2, intermediate_size=64)),
+    "gemma": (
+        transformers.GemmaConfig,
+        transformers.GemmaForCausalLM,
+        dict(head_dim=32, num_key_value_heads=1, hidden_activation="gelu_pytorch_tanh"),
+    ),
+    "mixtral": (
+        transformers.MixtralConfig,
+        transformers.MixtralForCausalLM,
+        dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=64),
+    ),
 }
 
 
-def make_checkpoint(family: str, out_dir: Path, *, seed: int = 0, dtype: torch.dtype = torch.float32,
-                    max_shard_size: str | None = None, **overrides) -> tuple[Path, torch.nn.Module]:
+def make_checkpoint(
+    family: str,
+    out_dir: Path,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    max_shard_size: str | None = None,
+    **overrides,
+) -> tuple[Path, torch.nn.Module]:
     """Writes a random checkpoint of ``family`` to out_dir; returns (dir, the float32 torch model)."""
     config_cls, model_cls, family_overrides = FAMILIES[family]
     config = config_cls(**{**BASE, **family_overrides, **overrides})

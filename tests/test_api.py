@@ -13,8 +13,7 @@ def llm():
 
 
 def test_bundled_model_generates_text(llm):
-    out = llm.generate(["Hello, my name is", "The capital of"], SamplingParams(max_tokens=8, seed=0),
-                       use_tqdm=False)
+    out = llm.generate(["Hello, my name is", "The capital of"], SamplingParams(max_tokens=8, seed=0), use_tqdm=False)
     assert [o.prompt for o in out] == ["Hello, my name is", "The capital of"]
     for o in out:
         assert o.finished and o.prompt_token_ids[0] == llm.tokenizer.bos_token_id
@@ -23,22 +22,25 @@ def test_bundled_model_generates_text(llm):
         assert o.metrics.num_prompt_tokens == len(o.prompt_token_ids)
 
 
-@pytest.mark.parametrize(("kwargs", "field"), [
-    (dict(temperature=-0.5), "temperature"),
-    (dict(top_p=0.0), "top_p"),
-    (dict(top_p=1.5), "top_p"),
-    (dict(top_k=-1), "top_k"),
-    (dict(max_tokens=0), "max_tokens"),
-    (dict(n=0), "n"),
-    (dict(min_p=2.0), "min_p"),
-    (dict(repetition_penalty=0.0), "repetition_penalty"),
-    (dict(presence_penalty=3.0), "presence_penalty"),
-    (dict(logprobs=-1), "logprobs"),
-    (dict(logprobs=100), "logprobs"),
-    (dict(min_tokens=5, max_tokens=2), "min_tokens"),
-    (dict(stop=[""]), "stop"),
-    (dict(seed=-3), "seed"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        (dict(temperature=-0.5), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_k=-1), "top_k"),
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(n=0), "n"),
+        (dict(min_p=2.0), "min_p"),
+        (dict(repetition_penalty=0.0), "repetition_penalty"),
+        (dict(presence_penalty=3.0), "presence_penalty"),
+        (dict(logprobs=-1), "logprobs"),
+        (dict(logprobs=100), "logprobs"),
+        (dict(min_tokens=5, max_tokens=2), "min_tokens"),
+        (dict(stop=[""]), "stop"),
+        (dict(seed=-3), "seed"),
+    ],
+)
 def test_invalid_sampling_params_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=rf"^{field}\b"):
         SamplingParams(**kwargs)
@@ -70,18 +72,21 @@ def test_invalid_prompts_name_the_field_and_leave_the_engine_working(llm):
     assert llm.generate("still fine", SamplingParams(max_tokens=3), use_tqdm=False)[0].finished
 
 
-@pytest.mark.parametrize(("kwargs", "field"), [
-    (dict(dtype="int3"), "dtype"),
-    (dict(quantization="int8"), "quantization"),
-    (dict(quantization="int2"), "quantization"),
-    (dict(kv_cache_dtype="int8"), "kv_cache_dtype"),
-    (dict(speculative_model="ngram"), "speculative_model"),
-    (dict(num_speculative_tokens=2), "num_speculative_tokens"),
-    (dict(attention_backend="cuda"), "attention_backend"),
-    (dict(page_size=12), "page_size"),
-    (dict(max_num_seqs=0), "max_num_seqs"),
-    (dict(model="/nonexistent/model/dir"), "model"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        (dict(dtype="int3"), "dtype"),
+        (dict(quantization="int8"), "quantization"),
+        (dict(quantization="int2"), "quantization"),
+        (dict(kv_cache_dtype="int8"), "kv_cache_dtype"),
+        (dict(speculative_model="ngram"), "speculative_model"),
+        (dict(num_speculative_tokens=2), "num_speculative_tokens"),
+        (dict(attention_backend="cuda"), "attention_backend"),
+        (dict(page_size=12), "page_size"),
+        (dict(max_num_seqs=0), "max_num_seqs"),
+        (dict(model="/nonexistent/model/dir"), "model"),
+    ],
+)
 def test_invalid_engine_arguments_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=rf"^{field}\b"):
         LLM(**kwargs)
@@ -99,7 +104,15 @@ def test_chat_applies_the_template(llm):
 
 def test_stats_keys(llm):
     stats = llm.stats()
-    for key in ("pages_total", "pages_free", "pages_cached", "num_running", "num_waiting", "num_preemptions",
-                "prefix_cache_hit_rate", "prompt_tokens_computed"):
+    for key in (
+        "pages_total",
+        "pages_free",
+        "pages_cached",
+        "num_running",
+        "num_waiting",
+        "num_preemptions",
+        "prefix_cache_hit_rate",
+        "prompt_tokens_computed",
+    ):
         assert key in stats
     assert stats["pages_total"] == 63

@@ -42,9 +42,7 @@ MESSAGES = [
     {"role": "user", "content": "Merci, café ☕?"},
 ]
 
-settings.register_profile(
-    "tokenizer", max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
+settings.register_profile("tokenizer", max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +65,7 @@ def byte_level_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     bpe = ByteLevelBPETokenizer()
     lines = CORPUS_PATH.read_text(encoding="utf-8").splitlines()
     special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    bpe.train_from_iterator(
-        lines, vocab_size=600, min_frequency=2, special_tokens=special, show_progress=False
-    )
+    bpe.train_from_iterator(lines, vocab_size=600, min_frequency=2, special_tokens=special, show_progress=False)
     bpe.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "bos_token": None}))
     return path
@@ -136,9 +132,7 @@ def test_special_ids_from_config(tokenizers: dict[str, Tokenizer], backend: str)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_eos_ids_merge_generation_config_and_config(
-    checkpoints: dict[str, Path], tmp_path: Path, backend: str
-) -> None:
+def test_eos_ids_merge_generation_config_and_config(checkpoints: dict[str, Path], tmp_path: Path, backend: str) -> None:
     path = _copy_checkpoint(checkpoints[backend], tmp_path / "ckpt", eos_token={"content": "</s>"})
     (path / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": [2, 40, 41]}))
     (path / "config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 42}))
@@ -177,12 +171,8 @@ def test_add_bos_and_eos_flags(checkpoints: dict[str, Path], tmp_path: Path, bac
     assert tok.encode("Hello", add_special_tokens=False) == ids[:-1]
 
 
-def test_tokenizer_json_post_processor_decides_without_flags(
-    checkpoints: dict[str, Path], tmp_path: Path
-) -> None:
-    path = _copy_checkpoint(
-        checkpoints["tokenizer.json"], tmp_path / "ckpt", add_bos_token=None, add_eos_token=None
-    )
+def test_tokenizer_json_post_processor_decides_without_flags(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    path = _copy_checkpoint(checkpoints["tokenizer.json"], tmp_path / "ckpt", add_bos_token=None, add_eos_token=None)
     assert Tokenizer.from_pretrained(path).encode("Hello")[0] == 1  # the converted post-processor adds <s>
 
 
@@ -222,9 +212,7 @@ def test_byte_level_tokenizer_json(tokenizers: dict[str, Tokenizer]) -> None:
     )
     ids = tok.apply_chat_template(MESSAGES[:2], chat_template=chatml, tokenize=True)
     assert ids[0] == im_start and ids.count(im_start) == 3 and ids.count(im_end) == 2
-    assert tok.decode(ids, skip_special_tokens=False) == tok.apply_chat_template(
-        MESSAGES[:2], chat_template=chatml
-    )
+    assert tok.decode(ids, skip_special_tokens=False) == tok.apply_chat_template(MESSAGES[:2], chat_template=chatml)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -238,9 +226,7 @@ def test_ids_match_transformers(tokenizers: dict[str, Tokenizer], hf_tokenizers:
             assert tok.decode(ids, skip_special_tokens=skip) == hf.decode(ids, skip_special_tokens=skip), text
 
 
-def test_sentencepiece_backend_matches_sentencepiece(
-    tokenizers: dict[str, Tokenizer], sp_model: Path
-) -> None:
+def test_sentencepiece_backend_matches_sentencepiece(tokenizers: dict[str, Tokenizer], sp_model: Path) -> None:
     """On plain text (no special-token strings) the sentencepiece backend is sentencepiece itself, including
     its dummy-prefix space before text that starts with a space (where tokenizer.json conversions differ)."""
     import sentencepiece as spm
@@ -258,17 +244,13 @@ token_ids = st.lists(
     st.one_of(
         st.integers(0, 2**16),  # taken modulo the vocabulary size
         st.sampled_from(BYTE_IDS),  # bytes that may or may not form valid UTF-8
-        st.sampled_from(
-            [0xE4 + 3, 0xBD + 3, 0xA0 + 3, 0xF0 + 3, 0x9F + 3, 0x98 + 3, 0x80 + 3]
-        ),  # 你 😀 pieces
+        st.sampled_from([0xE4 + 3, 0xBD + 3, 0xA0 + 3, 0xF0 + 3, 0x9F + 3, 0x98 + 3, 0x80 + 3]),  # 你 😀 pieces
         st.sampled_from(SPECIAL_IDS),
     ),
     max_size=40,
 )
 chunk_sizes = st.lists(st.integers(1, 4), min_size=1, max_size=5)
-texts = st.text(
-    alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\u2581\ufffd"), max_size=40
-)
+texts = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\u2581\ufffd"), max_size=40)
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
@@ -372,9 +354,7 @@ def test_chat_template_selection(checkpoints: dict[str, Path], tmp_path: Path) -
         {"name": "default", "template": DEFAULT_CHAT_TEMPLATE},
         {"name": "plain", "template": "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"},
     ]
-    tok = Tokenizer.from_pretrained(
-        _copy_checkpoint(checkpoints["sentencepiece"], tmp_path / "c", chat_template=named)
-    )
+    tok = Tokenizer.from_pretrained(_copy_checkpoint(checkpoints["sentencepiece"], tmp_path / "c", chat_template=named))
     assert tok.apply_chat_template(MESSAGES[:2]).startswith("<s><|system|>")
     assert tok.apply_chat_template(MESSAGES[:2], chat_template="plain") == "You answer briefly.\n" + (
         "What is the capital of Japan? 日本\n"
@@ -387,9 +367,7 @@ def test_chat_template_errors(checkpoints: dict[str, Path], tmp_path: Path) -> N
     tok = Tokenizer.from_pretrained(checkpoints["sentencepiece"])
     with pytest.raises(ValueError, match="Conversation roles"):
         tok.apply_chat_template([{"role": "robot", "content": "beep"}])
-    bare = Tokenizer.from_pretrained(
-        _copy_checkpoint(checkpoints["sentencepiece"], tmp_path / "c", chat_template=None)
-    )
+    bare = Tokenizer.from_pretrained(_copy_checkpoint(checkpoints["sentencepiece"], tmp_path / "c", chat_template=None))
     assert bare.chat_template is None
     with pytest.raises(ValueError, match="no chat template"):
         bare.apply_chat_template(MESSAGES)

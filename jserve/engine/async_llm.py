@@ -115,6 +115,10 @@ class AsyncLLM:
         try:
             self.engine.add_request(prompt_token_ids, params, request_id=request_id, prompt=prompt)
             self._wake.set()
+            # NOTE: the engine may have died after the check above and snapshotted _streams before this
+            # stream was in it; errored is set before that snapshot, so this check means nobody waits forever.
+            if self.errored is not None:
+                raise EngineDeadError(f"engine is dead: {self.errored!r}")
             while not finished:
                 item = await stream.queue.get()
                 if isinstance(item, BaseException):

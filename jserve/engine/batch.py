@@ -51,8 +51,9 @@ class Buckets:
     max_num_seqs: int
 
     @classmethod
-    def from_limits(cls, *, max_num_batched_tokens: int, max_num_seqs: int, max_pages_per_seq: int,
-                    min_tokens: int = 8) -> Buckets:
+    def from_limits(
+        cls, *, max_num_batched_tokens: int, max_num_seqs: int, max_pages_per_seq: int, min_tokens: int = 8
+    ) -> Buckets:
         return cls(
             token_buckets=_powers_of_two(min(min_tokens, max_num_batched_tokens), max_num_batched_tokens),
             page_buckets=_powers_of_two(1, max(1, max_pages_per_seq)),
@@ -147,11 +148,16 @@ def build_step(
         if chunk.sample:
             logits_indices[len(sampled_ids)] = cursor + n - 1
             sampled_ids.append(chunk.request_id)
-            rows.append(RowSpec(
-                params=request.sampling_params, seed=seed_of(request), step=request.num_output_tokens,
-                prompt_token_ids=request.prompt_token_ids, output_token_ids=request.output_token_ids,
-                banned_token_ids=banned_ids_of(request),
-            ))
+            rows.append(
+                RowSpec(
+                    params=request.sampling_params,
+                    seed=seed_of(request),
+                    step=request.num_output_tokens,
+                    prompt_token_ids=request.prompt_token_ids,
+                    output_token_ids=request.output_token_ids,
+                    banned_token_ids=banned_ids_of(request),
+                )
+            )
         if chunk.prompt_logprobs:
             if prompt_targets is None:
                 prompt_targets = np.full(t_pad, -1, np.int32)
@@ -159,8 +165,9 @@ def build_step(
             in_prompt = max(0, min(n, len(prompt) - chunk.start_pos))
             targets = pos[:in_prompt] + 1
             valid = targets < len(prompt)
-            prompt_targets[cursor: cursor + in_prompt] = np.where(
-                valid, np.asarray(prompt)[np.minimum(targets, len(prompt) - 1)], -1)
+            prompt_targets[cursor : cursor + in_prompt] = np.where(
+                valid, np.asarray(prompt)[np.minimum(targets, len(prompt) - 1)], -1
+            )
             prompt_rows.append(PromptLogprobRows(chunk.request_id, cursor, in_prompt, chunk.start_pos))
             num_prompt_logprobs = max(num_prompt_logprobs, request.sampling_params.prompt_logprobs or 0)
         cursor += n
@@ -174,7 +181,10 @@ def build_step(
         tokens=tokens,
         positions=positions,
         meta=AttentionMetadata(
-            slot_mapping=slots, kv_lens=kv_lens, block_tables=block_tables, cu_q_lens=cu_q_lens,
+            slot_mapping=slots,
+            kv_lens=kv_lens,
+            block_tables=block_tables,
+            cu_q_lens=cu_q_lens,
             num_seqs=np.array([len(chunks)], np.int32),
         ),
         logits_indices=logits_indices,

@@ -51,8 +51,14 @@ class DataParallelEngine:
         busy = stats["num_running"] + stats["num_waiting"] + self._pending[id(engine)]
         return busy, -stats["pages_free"]
 
-    def add_request(self, prompt_token_ids: Sequence[int], params: SamplingParams, *,
-                    request_id: str | None = None, **kwargs) -> str:
+    def add_request(
+        self,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        *,
+        request_id: str | None = None,
+        **kwargs,
+    ) -> str:
         with self._lock:
             if request_id is None:  # ids must be unique across replicas, not just within one
                 request_id = f"req-{next(self._ids)}"

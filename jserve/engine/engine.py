@@ -191,8 +191,13 @@ class Engine:
         samples = {}
         for i in range(add.params.n):
             seq_id = add.request_id if add.params.n == 1 else f"{add.request_id}-{i}"
-            request = Request(seq_id, add.prompt_token_ids, add.params, eos_token_ids=self.eos_token_ids,
-                              arrival_time=add.arrival_time)
+            request = Request(
+                seq_id,
+                add.prompt_token_ids,
+                add.params,
+                eos_token_ids=self.eos_token_ids,
+                arrival_time=add.arrival_time,
+            )
             detok = None
             if self.tokenizer is not None:
                 detok = self.tokenizer.detokenizer(add.prompt_token_ids, add.params.skip_special_tokens)
@@ -203,7 +208,12 @@ class Engine:
             self._seeds[seq_id] = (base_seed + i) & 0x7FFFFFFF
             self.scheduler.add_request(request)
         self._groups[add.request_id] = _Group(
-            add.request_id, add.prompt, add.prompt_token_ids, add.params, add.arrival_time, samples,
+            add.request_id,
+            add.prompt,
+            add.prompt_token_ids,
+            add.params,
+            add.arrival_time,
+            samples,
             prompt_logprobs=[None] if add.params.prompt_logprobs is not None else None,
         )
 
@@ -231,8 +241,14 @@ class Engine:
             self._collect_finished()
             return outputs
         plans = [
-            build_step(part, self._sequences, self.runner.buckets, self.runner.page_size,
-                       lambda r: self._seeds[r.request_id], self._banned_ids)
+            build_step(
+                part,
+                self._sequences,
+                self.runner.buckets,
+                self.runner.page_size,
+                lambda r: self._seeds[r.request_id],
+                self._banned_ids,
+            )
             for part in self._microbatches(sched)
         ]
         results = self.runner.step(plans)
@@ -273,8 +289,11 @@ class Engine:
                 groups.append([])
             groups[-1].append(chunk)
             filled += len(chunk.token_ids)
-        return [dataclasses.replace(sched, chunks=g, num_batched_tokens=sum(len(c.token_ids) for c in g))
-                for g in groups if g]
+        return [
+            dataclasses.replace(sched, chunks=g, num_batched_tokens=sum(len(c.token_ids) for c in g))
+            for g in groups
+            if g
+        ]
 
     def _finished_by_scheduler(self, seq_ids: list[str]) -> list[RequestOutput]:
         """Requests the scheduler ended on its own (e.g. too long for the whole page pool)."""
@@ -306,8 +325,10 @@ class Engine:
                 if position >= len(group.prompt_token_ids):
                     break
                 row = rows.start + j
-                entry = {int(t): float(lp) for t, lp in zip(result.prompt_top_ids[row, :k],
-                                                            result.prompt_top_logprobs[row, :k], strict=True)}
+                entry = {
+                    int(t): float(lp)
+                    for t, lp in zip(result.prompt_top_ids[row, :k], result.prompt_top_logprobs[row, :k], strict=True)
+                }
                 entry[group.prompt_token_ids[position]] = float(result.prompt_target_logprobs[row])
                 group.prompt_logprobs.append(entry)
 
@@ -317,8 +338,9 @@ class Engine:
         token = request.output_token_ids[-1]
         if group.params.logprobs is not None:
             k = group.params.logprobs
-            entry = {int(t): float(lp) for t, lp in zip(result.top_ids[row, :k], result.top_logprobs[row, :k],
-                                                        strict=True)}
+            entry = {
+                int(t): float(lp) for t, lp in zip(result.top_ids[row, :k], result.top_logprobs[row, :k], strict=True)
+            }
             entry[token] = float(result.logprobs[row])
             sample.logprobs.append(entry)
         if sample.detokenizer is not None:
@@ -353,12 +375,18 @@ class Engine:
             request = self._sequences[seq_id]
             finished = sample.finish_reason is not None
             end = len(sample.text) if finished else max(sample.emitted_chars, len(sample.text) - holdback)
-            tokens = request.output_token_ids[sample.emitted_tokens:]
-            logprobs = sample.logprobs[sample.emitted_logprobs:] if group.params.logprobs is not None else None
-            completions.append(CompletionOutput(
-                index=sample.index, text=sample.text[sample.emitted_chars:end], token_ids=list(tokens),
-                logprobs=logprobs, finish_reason=sample.finish_reason, stop_reason=sample.stop_reason,
-            ))
+            tokens = request.output_token_ids[sample.emitted_tokens :]
+            logprobs = sample.logprobs[sample.emitted_logprobs :] if group.params.logprobs is not None else None
+            completions.append(
+                CompletionOutput(
+                    index=sample.index,
+                    text=sample.text[sample.emitted_chars : end],
+                    token_ids=list(tokens),
+                    logprobs=logprobs,
+                    finish_reason=sample.finish_reason,
+                    stop_reason=sample.stop_reason,
+                )
+            )
             sample.emitted_chars, sample.emitted_tokens = end, len(request.output_token_ids)
             sample.emitted_logprobs = len(sample.logprobs)
             sample.reported_finish = finished
@@ -368,8 +396,12 @@ class Engine:
                 prompt_logprobs = group.prompt_logprobs
                 group.prompt_logprobs_sent = True
         return RequestOutput(
-            request_id=group.request_id, prompt=group.prompt, prompt_token_ids=group.prompt_token_ids,
-            prompt_logprobs=prompt_logprobs, outputs=completions, finished=group.finished,
+            request_id=group.request_id,
+            prompt=group.prompt,
+            prompt_token_ids=group.prompt_token_ids,
+            prompt_logprobs=prompt_logprobs,
+            outputs=completions,
+            finished=group.finished,
             metrics=self._metrics(group),
         )
 
@@ -423,7 +455,8 @@ class Engine:
 
 def make_buckets(*, max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int, page_size: int) -> Buckets:
     return Buckets.from_limits(
-        max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens,
+        max_num_seqs=max_num_seqs,
         max_pages_per_seq=-(-max_model_len // page_size),
     )
 

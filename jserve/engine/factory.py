@@ -63,9 +63,11 @@ class EngineArgs:
             raise ValueError("speculative_model is not supported yet")
         if self.num_speculative_tokens:
             raise ValueError("num_speculative_tokens is not supported yet")
-        ParallelConfig(tensor_parallel_size=self.tensor_parallel_size,
-                       pipeline_parallel_size=self.pipeline_parallel_size,
-                       data_parallel_size=self.data_parallel_size)  # validates the sizes
+        ParallelConfig(
+            tensor_parallel_size=self.tensor_parallel_size,
+            pipeline_parallel_size=self.pipeline_parallel_size,
+            data_parallel_size=self.data_parallel_size,
+        )  # validates the sizes
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if isinstance(self.max_num_seqs, bool) or not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1:
@@ -75,9 +77,11 @@ class EngineArgs:
 
     @property
     def parallel(self) -> ParallelConfig:
-        return ParallelConfig(tensor_parallel_size=self.tensor_parallel_size,
-                              pipeline_parallel_size=self.pipeline_parallel_size,
-                              data_parallel_size=self.data_parallel_size)
+        return ParallelConfig(
+            tensor_parallel_size=self.tensor_parallel_size,
+            pipeline_parallel_size=self.pipeline_parallel_size,
+            data_parallel_size=self.data_parallel_size,
+        )
 
     def replace(self, **changes) -> EngineArgs:
         return dataclasses.replace(self, **changes)
@@ -100,13 +104,20 @@ def build_engine(args: EngineArgs, devices: list[jax.Device] | None = None) -> E
     parallel.check_model(model_config)
     devices = list(jax.devices() if devices is None else devices)[: parallel.world_size]
     if len(devices) < parallel.world_size:
-        raise ValueError(f"data_parallel_size x pipeline_parallel_size x tensor_parallel_size = "
-                         f"{parallel.world_size} needs that many devices; {len(devices)} are available")
+        raise ValueError(
+            f"data_parallel_size x pipeline_parallel_size x tensor_parallel_size = "
+            f"{parallel.world_size} needs that many devices; {len(devices)} are available"
+        )
     mesh = make_mesh(parallel, devices)
     tokenizer = _load_tokenizer(path)
     engines = [
-        _build_replica(args, path, model_config, tokenizer,
-                       [stage_mesh(mesh, r, s) for s in range(parallel.pipeline_parallel_size)])
+        _build_replica(
+            args,
+            path,
+            model_config,
+            tokenizer,
+            [stage_mesh(mesh, r, s) for s in range(parallel.pipeline_parallel_size)],
+        )
         for r in range(parallel.data_parallel_size)
     ]
     return engines[0] if len(engines) == 1 else DataParallelEngine(engines)
@@ -116,8 +127,11 @@ def _build_replica(args: EngineArgs, path: Path, model_config: ModelConfig, toke
     dtype = resolve_dtype(args.dtype, model_config, meshes[0].devices.flat[0].platform)
     backend = resolve_attention_backend(args.attention_backend)
     cache_config = CacheConfig(
-        page_size=args.page_size, num_pages=args.num_pages, memory_fraction=args.kv_cache_memory_fraction,
-        enable_prefix_caching=args.enable_prefix_caching, kv_cache_dtype=args.kv_cache_dtype,
+        page_size=args.page_size,
+        num_pages=args.num_pages,
+        memory_fraction=args.kv_cache_memory_fraction,
+        enable_prefix_caching=args.enable_prefix_caching,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
     shardings = None
     if len(meshes) == 1:  # load each param straight onto its shards (pipeline stages are placed by the runner)
@@ -131,7 +145,8 @@ def _build_replica(args: EngineArgs, path: Path, model_config: ModelConfig, toke
         num_pages = cache_config.num_pages
     else:
         tp = meshes[0].devices.size
-        free = min(_free_device_bytes(d) for m in meshes for d in m.devices.flat)
+        local = [d for m in meshes for d in m.devices.flat if d.process_index == jax.process_index()]
+        free = min(_free_device_bytes(d) for d in local)  # multi-host: only local devices report memory
         # a device holds its stage's layers, and 1/tp of each page when kv heads are split
         kv_split = tp if model_config.num_kv_heads % tp == 0 else 1
         per_device_page = max(1, bytes_per_page // (len(meshes) * kv_split))
@@ -148,21 +163,41 @@ def _build_replica(args: EngineArgs, path: Path, model_config: ModelConfig, toke
         raise ValueError("num_pages: the KV cache is too small to hold a single sequence")
 
     max_num_batched_tokens = args.max_num_batched_tokens or max(
-        min(DEFAULT_MAX_NUM_BATCHED_TOKENS, max_model_len), args.max_num_seqs)
-    scheduler_config = SchedulerConfig(
-        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
+        min(DEFAULT_MAX_NUM_BATCHED_TOKENS, max_model_len), args.max_num_seqs
     )
-    buckets = make_buckets(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-                           max_model_len=max_model_len, page_size=cache_config.page_size)
+    scheduler_config = SchedulerConfig(
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens,
+        max_model_len=max_model_len,
+    )
+    buckets = make_buckets(
+        max_num_batched_tokens=max_num_batched_tokens,
+        max_num_seqs=args.max_num_seqs,
+        max_model_len=max_model_len,
+        page_size=cache_config.page_size,
+    )
     kv_cache = KVCacheManager(num_pages, cache_config.page_size, cache_config.enable_prefix_caching)
     runner = ModelRunner(
-        model_config, graphdef, state, num_pages=num_pages, page_size=cache_config.page_size, kv_dtype=dtype,
-        buckets=buckets, backend=backend, stage_meshes=meshes,
+        model_config,
+        graphdef,
+        state,
+        num_pages=num_pages,
+        page_size=cache_config.page_size,
+        kv_dtype=dtype,
+        buckets=buckets,
+        backend=backend,
+        stage_meshes=meshes,
     )
     eos = list(tokenizer.eos_token_ids) if tokenizer is not None else list(model_config.eos_token_ids)
     return Engine(
-        runner=runner, scheduler=Scheduler(scheduler_config, kv_cache), kv_cache=kv_cache, tokenizer=tokenizer,
-        eos_token_ids=eos, vocab_size=model_config.vocab_size, max_model_len=max_model_len, seed=args.seed,
+        runner=runner,
+        scheduler=Scheduler(scheduler_config, kv_cache),
+        kv_cache=kv_cache,
+        tokenizer=tokenizer,
+        eos_token_ids=eos,
+        vocab_size=model_config.vocab_size,
+        max_model_len=max_model_len,
+        seed=args.seed,
     )
 
 

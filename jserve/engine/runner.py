@@ -77,6 +77,7 @@ def _stage_state(state: nnx.State, layers: range, first: bool, last: bool, tied:
     only calls its own layers, plus the embedding (first stage, and the last one when embeddings are tied) and
     the final norm / LM head (last stage).
     """
+
     def keep(path: tuple) -> bool:
         head = str(path[0])
         if head == "layers":
@@ -145,19 +146,30 @@ class ModelRunner:
             placed = nnx.from_flat_state(flat)
             with_paths, treedef = jax.tree_util.tree_flatten_with_path(placed)
             stage.param_leaves = [leaf for _, leaf in with_paths]
-            stage.param_names = ["/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path
-                                          if not str(getattr(k, "name", "")) == "value")
-                                 for path, _ in with_paths]
+            stage.param_names = [
+                "/".join(
+                    str(getattr(k, "key", getattr(k, "idx", k)))
+                    for k in path
+                    if not str(getattr(k, "name", "")) == "value"
+                )
+                for path, _ in with_paths
+            ]
             stage.kv_sharding = NamedSharding(mesh, shard_rules.kv_cache_spec(cfg, mesh))
             shape = kv_cache_shape(cfg, num_pages, page_size)
-            zeros = jax.jit(lambda: jnp.zeros(shape, kv_dtype), out_shardings=stage.kv_sharding)
+            zeros = jax.jit(functools.partial(jnp.zeros, shape, kv_dtype), out_shardings=stage.kv_sharding)
             stage.kv_cache = [(zeros(), zeros()) for _ in layers]
             # NOTE: params travel as a flat tuple of arrays; re-flattening an nnx.State per call costs ms.
             stage.fn = jax.jit(
-                functools.partial(self._stage_step, graphdef, treedef,
-                                  backend.replace(mesh=mesh) if mesh.devices.size > 1 else backend,
-                                  layers, stage.first, stage.last,
-                                  stage.kv_sharding),
+                functools.partial(
+                    self._stage_step,
+                    graphdef,
+                    treedef,
+                    backend.replace(mesh=mesh) if mesh.devices.size > 1 else backend,
+                    layers,
+                    stage.first,
+                    stage.last,
+                    stage.kv_sharding,
+                ),
                 static_argnames=("flags", "num_prompt_logprobs"),
                 donate_argnums=(1,),
             )
@@ -178,8 +190,21 @@ class ModelRunner:
         return [kv for stage in self.stages for kv in stage.kv_cache]
 
     @staticmethod
-    def _stage_step(graphdef, treedef, backend, layers, first, last, kv_sharding, param_leaves, kv_cache, x,
-                    inputs: StepInput, flags: SamplerFlags, num_prompt_logprobs: int):
+    def _stage_step(
+        graphdef,
+        treedef,
+        backend,
+        layers,
+        first,
+        last,
+        kv_sharding,
+        param_leaves,
+        kv_cache,
+        x,
+        inputs: StepInput,
+        flags: SamplerFlags,
+        num_prompt_logprobs: int,
+    ):
         model = nnx.merge(graphdef, jax.tree.unflatten(treedef, param_leaves))
         if first:
             x = model.embed(inputs.tokens)
@@ -193,8 +218,9 @@ class ModelRunner:
         if num_prompt_logprobs:
             prompt = _prompt_logprobs(model.logits(hidden), inputs.prompt_targets, num_prompt_logprobs)
         # replicated results: every process of a multi-host mesh can read them
-        return kv_cache, jax.lax.with_sharding_constraint((sampled, prompt), jax.sharding.NamedSharding(
-            kv_sharding.mesh, jax.sharding.PartitionSpec()))
+        return kv_cache, jax.lax.with_sharding_constraint(
+            (sampled, prompt), jax.sharding.NamedSharding(kv_sharding.mesh, jax.sharding.PartitionSpec())
+        )
 
     def step(self, plans: list[StepPlan]) -> list[StepResult]:
         """Runs microbatches through the stages in pipeline order; one device->host copy at the end."""
@@ -211,8 +237,14 @@ class ModelRunner:
                 stage, plan = self.stages[s], plans[m]
                 inputs = jax.device_put(plan.inputs, self.replicated[s])
                 x = None if stage.first else jax.device_put(carried[m], self.replicated[s])
-                stage.kv_cache, out = stage.fn(stage.param_leaves, stage.kv_cache, x, inputs, flags=plan.flags,
-                                               num_prompt_logprobs=plan.num_prompt_logprobs)
+                stage.kv_cache, out = stage.fn(
+                    stage.param_leaves,
+                    stage.kv_cache,
+                    x,
+                    inputs,
+                    flags=plan.flags,
+                    num_prompt_logprobs=plan.num_prompt_logprobs,
+                )
                 if stage.last:
                     outputs[m] = out
                 else:
@@ -237,8 +269,12 @@ class ModelRunner:
 
     def params(self) -> dict[str, jax.Array]:
         """Flat param name -> the placed array (the owning stage's copy; stubs of other stages skipped)."""
-        return {name: leaf for stage in self.stages
-                for name, leaf in zip(stage.param_names, stage.param_leaves, strict=True) if leaf.ndim}
+        return {
+            name: leaf
+            for stage in self.stages
+            for name, leaf in zip(stage.param_names, stage.param_leaves, strict=True)
+            if leaf.ndim
+        }
 
     @property
     def compiled_shapes(self) -> int:

@@ -63,8 +63,13 @@ class CausalLM(nnx.Module):
         return self.final_norm(x), kv_cache
 
     def run_layers(
-        self, x: jax.Array, positions: jax.Array, kv_cache: KVCache, meta: ops.AttentionMetadata,
-        backend: ops.AttentionBackend, layers: range,
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        kv_cache: KVCache,
+        meta: ops.AttentionMetadata,
+        backend: ops.AttentionBackend,
+        layers: range,
     ) -> tuple[jax.Array, KVCache]:
         """Runs a contiguous range of layers (a pipeline stage); kv_cache holds exactly those layers' pages."""
         cfg = self.config
@@ -94,7 +99,10 @@ def init_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype, shard
     shape = kv_cache_shape(cfg, num_pages, page_size)
 
     def zeros():
-        return jnp.zeros(shape, dtype) if sharding is None else jax.jit(
-            lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
+        return (
+            jnp.zeros(shape, dtype)
+            if sharding is None
+            else jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
+        )
 
     return [(zeros(), zeros()) for _ in range(cfg.num_layers)]

@@ -24,7 +24,8 @@ def make_mesh(parallel: ParallelConfig, devices: list[jax.Device] | None = None)
             f"the number of devices ({len(devices)})"
         )
     grid = np.asarray(devices, dtype=object).reshape(
-        parallel.data_parallel_size, parallel.pipeline_parallel_size, parallel.tensor_parallel_size)
+        parallel.data_parallel_size, parallel.pipeline_parallel_size, parallel.tensor_parallel_size
+    )
     return Mesh(grid, AXES)
 
 

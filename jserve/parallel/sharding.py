@@ -27,8 +27,13 @@ LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
 
 
 def _axis_size(cfg: ModelConfig, logical: str) -> int | None:
-    return {"vocab": cfg.vocab_size, "q_heads": cfg.num_heads, "kv_heads": cfg.num_kv_heads,
-            "mlp": cfg.intermediate_size, "experts": cfg.num_experts}.get(logical)
+    return {
+        "vocab": cfg.vocab_size,
+        "q_heads": cfg.num_heads,
+        "kv_heads": cfg.num_kv_heads,
+        "mlp": cfg.intermediate_size,
+        "experts": cfg.num_experts,
+    }.get(logical)
 
 
 def logical_to_spec(axes: tuple[str | None, ...], cfg: ModelConfig, mesh: Mesh) -> PartitionSpec:

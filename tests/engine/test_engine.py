@@ -41,8 +41,7 @@ def prompts64():
 
 @pytest.fixture(scope="module")
 def one_at_a_time(llm, prompts64):
-    return [_tokens(llm.generate(prompt_token_ids=[p], sampling_params=GREEDY, use_tqdm=False))[0]
-            for p in prompts64]
+    return [_tokens(llm.generate(prompt_token_ids=[p], sampling_params=GREEDY, use_tqdm=False))[0] for p in prompts64]
 
 
 def test_batched_equals_one_at_a_time(llm, prompts64, one_at_a_time):
@@ -71,8 +70,9 @@ def test_chunked_prefill_gives_the_same_tokens(tiny_model_dir, prompts64, one_at
 def test_prefix_caching_same_outputs_fewer_prompt_tokens(tiny_model_dir, llm):
     prefix = _prompts(1, 64, 64, seed=7)[0]
     prompts = [prefix + s for s in _prompts(8, 3, 9, seed=8)]
-    no_cache = LLM(model=tiny_model_dir, num_pages=256, max_num_batched_tokens=128, enable_prefix_caching=False,
-                   **COMMON)
+    no_cache = LLM(
+        model=tiny_model_dir, num_pages=256, max_num_batched_tokens=128, enable_prefix_caching=False, **COMMON
+    )
     before = llm.stats()["prompt_tokens_computed"]
     cached_out = llm.generate(prompt_token_ids=prompts, sampling_params=GREEDY, use_tqdm=False)
     computed_cached = llm.stats()["prompt_tokens_computed"] - before
@@ -93,8 +93,11 @@ def test_seeded_sampling_is_batch_independent(llm):
     alone = _tokens(llm.generate(prompt_token_ids=[target], sampling_params=params, use_tqdm=False))[0]
     others = _prompts(15, 5, 60, seed=4)
     mixed = [SamplingParams(temperature=1.0, max_tokens=6, ignore_eos=True) for _ in others]
-    outs = llm.generate(prompt_token_ids=others[:7] + [target] + others[7:],
-                        sampling_params=mixed[:7] + [params] + mixed[7:], use_tqdm=False)
+    outs = llm.generate(
+        prompt_token_ids=others[:7] + [target] + others[7:],
+        sampling_params=mixed[:7] + [params] + mixed[7:],
+        use_tqdm=False,
+    )
     assert outs[7].outputs[0].token_ids == alone
     different = SamplingParams(temperature=0.9, top_p=0.9, max_tokens=8, seed=99, ignore_eos=True)
     assert _tokens(llm.generate(prompt_token_ids=[target], sampling_params=different, use_tqdm=False))[0] != alone
@@ -107,12 +110,14 @@ def test_stop_strings_are_excluded_and_found_across_tokens(llm):
     assert len(text) > 12, text
     stop = text[5:9]
     first = text.find(stop)
-    out = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, stop=[stop]),
-                       use_tqdm=False)[0].outputs[0]
+    out = llm.generate(
+        prompt, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, stop=[stop]), use_tqdm=False
+    )[0].outputs[0]
     assert out.text == text[:first]
     assert out.finish_reason == "stop" and out.stop_reason == stop
-    streamed = list(llm.generate_stream(prompt, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True,
-                                                               stop=[stop])))
+    streamed = list(
+        llm.generate_stream(prompt, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, stop=[stop]))
+    )
     assert "".join(d.outputs[0].text for d in streamed) == text[:first]
     assert streamed[-1].finished and streamed[-1].outputs[0].finish_reason == "stop"
     _assert_no_leak(llm)
@@ -121,11 +126,17 @@ def test_stop_strings_are_excluded_and_found_across_tokens(llm):
 def test_stop_token_ids_and_min_tokens(llm):
     prompt = [[11, 22, 33, 44, 55]]
     first = _tokens(llm.generate(prompt_token_ids=prompt, sampling_params=GREEDY, use_tqdm=False))[0][0]
-    stopped = llm.generate(prompt_token_ids=prompt, use_tqdm=False, sampling_params=SamplingParams(
-        temperature=0.0, max_tokens=8, stop_token_ids=[first]))[0].outputs[0]
+    stopped = llm.generate(
+        prompt_token_ids=prompt,
+        use_tqdm=False,
+        sampling_params=SamplingParams(temperature=0.0, max_tokens=8, stop_token_ids=[first]),
+    )[0].outputs[0]
     assert stopped.token_ids == [first] and stopped.finish_reason == "stop" and stopped.stop_reason == first
-    held = llm.generate(prompt_token_ids=prompt, use_tqdm=False, sampling_params=SamplingParams(
-        temperature=0.0, max_tokens=8, stop_token_ids=[first], min_tokens=3))[0].outputs[0]
+    held = llm.generate(
+        prompt_token_ids=prompt,
+        use_tqdm=False,
+        sampling_params=SamplingParams(temperature=0.0, max_tokens=8, stop_token_ids=[first], min_tokens=3),
+    )[0].outputs[0]
     assert len(held.token_ids) >= 3 and held.token_ids[0] != first
 
 
@@ -138,8 +149,11 @@ def test_n_samples_logprobs_and_streaming(llm):
         assert len(c.token_ids) == len(c.logprobs) == 6
         for token, entry in zip(c.token_ids, c.logprobs, strict=True):
             assert token in entry and len(entry) >= 3 and all(v <= 0 for v in entry.values())
-    greedy = llm.generate("Hello there", SamplingParams(temperature=0, max_tokens=6, logprobs=2, ignore_eos=True),
-                          use_tqdm=False)[0].outputs[0]
+    greedy = llm.generate(
+        "Hello there",
+        SamplingParams(temperature=0, max_tokens=6, logprobs=2, ignore_eos=True),
+        use_tqdm=False,
+    )[0].outputs[0]
     for token, entry in zip(greedy.token_ids, greedy.logprobs, strict=True):
         assert entry[token] == pytest.approx(max(entry.values()))
     deltas = list(llm.generate_stream("Hello there", SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)))
@@ -159,16 +173,27 @@ def test_abandoned_stream_frees_pages(llm):
 @given(st.data())
 def test_random_arrivals_and_aborts_leave_no_pages(llm, data):
     engine = llm.engine
-    plan = data.draw(st.lists(st.tuples(st.integers(0, 6), st.integers(1, 70), st.integers(1, 10),
-                                        st.one_of(st.none(), st.integers(0, 8))), min_size=1, max_size=12))
+    plan = data.draw(
+        st.lists(
+            st.tuples(
+                st.integers(0, 6),
+                st.integers(1, 70),
+                st.integers(1, 10),
+                st.one_of(st.none(), st.integers(0, 8)),
+            ),
+            min_size=1,
+            max_size=12,
+        )
+    )
     finished: dict[str, int] = {}
     added: list[str] = []
     for step in range(60):
         for i, (arrive, length, max_tokens, abort_at) in enumerate(plan):
             if arrive == step:
                 rid = f"h{i}"
-                engine.add_request(list(range(3, 3 + length)), SamplingParams(max_tokens=max_tokens, seed=i),
-                                   request_id=rid)
+                engine.add_request(
+                    list(range(3, 3 + length)), SamplingParams(max_tokens=max_tokens, seed=i), request_id=rid
+                )
                 added.append(rid)
             if abort_at is not None and arrive + abort_at == step:
                 engine.abort_request(f"h{i}")

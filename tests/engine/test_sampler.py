@@ -123,7 +123,10 @@ def test_temperature_zero_rows_are_greedy_in_mixed_batch(flags):
 V_HYP = 32
 B_MANY = 128
 logit_rows = st.lists(
-    st.floats(-8.0, 8.0, allow_nan=False, allow_subnormal=False, width=32), min_size=V_HYP, max_size=V_HYP, unique=True
+    st.floats(-8.0, 8.0, allow_nan=False, allow_subnormal=False, width=32),
+    min_size=V_HYP,
+    max_size=V_HYP,
+    unique=True,
 ).map(lambda v: np.asarray(v, np.float32))
 
 
@@ -220,9 +223,7 @@ def test_filters_never_produce_nan_or_empty_rows():
     logits = rng.normal(size=(4, V_HYP)).astype(np.float32)
     logits[1, :] = -np.inf  # fully masked by the model
     logits[2, 5:] = -np.inf
-    t = tensors(
-        4, top_k=[1, 3, 40, 0], top_p=[1e-6, 0.5, 1.0, 1e-6], min_p=[1.0, 0.0, 0.9, 1.0], temperature=0.01
-    )
+    t = tensors(4, top_k=[1, 3, 40, 0], top_p=[1e-6, 0.5, 1.0, 1e-6], min_p=[1.0, 0.0, 0.9, 1.0], temperature=0.01)
     x = np.asarray(FILTERED(jnp.asarray(logits), t, flags=FILTERS))
     assert not np.isnan(x).any()
     for r in (0, 2, 3):
@@ -312,9 +313,7 @@ def test_banned_ids_never_sampled(flags):
     logits[:, 3] = 9.0
     banned = np.tile(np.array([7, 3, -1, -1], np.int32), (b, 1))
     temperature = 0.0 if flags.all_greedy else 2.0
-    t = tensors(
-        b, banned=4, banned_token_ids=banned, temperature=temperature, top_k=v if flags.use_filters else 0
-    )
+    t = tensors(b, banned=4, banned_token_ids=banned, temperature=temperature, top_k=v if flags.use_filters else 0)
     tokens = run(logits, t, flags).token_ids
     assert not np.isin(tokens, [3, 7]).any()
     if flags.all_greedy:
@@ -433,9 +432,7 @@ def test_logprobs_are_raw_log_softmax(dtype):
     assert out.top_ids.dtype == np.int32 and out.top_logprobs.dtype == np.float32
     assert (np.diff(out.top_logprobs, axis=-1) <= 0).all()
     np.testing.assert_array_equal(out.top_ids, np.argsort(-raw, axis=-1, kind="stable")[:, :k])
-    np.testing.assert_allclose(
-        out.top_logprobs, np.take_along_axis(expected, out.top_ids, -1), rtol=1e-5, atol=1e-5
-    )
+    np.testing.assert_allclose(out.top_logprobs, np.take_along_axis(expected, out.top_ids, -1), rtol=1e-5, atol=1e-5)
     out = run(logits, t, EVERYTHING)
     assert out.top_ids.shape == (b, 0) and out.top_logprobs.shape == (b, 0)
 

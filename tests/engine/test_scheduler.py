@@ -90,9 +90,7 @@ def test_config_validation():
     with pytest.raises(ValueError, match="max_num_batched_tokens"):
         SchedulerConfig(max_model_len=8, max_num_seqs=8, max_num_batched_tokens=4)
     with pytest.raises(ValueError, match="max_num_batched_tokens must be >= max_model_len"):
-        SchedulerConfig(
-            max_model_len=100, max_num_batched_tokens=64, max_num_seqs=4, enable_chunked_prefill=False
-        )
+        SchedulerConfig(max_model_len=100, max_num_batched_tokens=64, max_num_seqs=4, enable_chunked_prefill=False)
     SchedulerConfig(max_model_len=100, max_num_batched_tokens=100, enable_chunked_prefill=False)
 
 
@@ -150,9 +148,7 @@ def test_chunked_prefill_shares_budget_with_decodes():
 
 
 def test_no_chunked_prefill_waits_for_whole_prompt():
-    sched, _ = make_scheduler(
-        max_num_batched_tokens=16, max_num_seqs=4, max_model_len=16, enable_chunked_prefill=False
-    )
+    sched, _ = make_scheduler(max_num_batched_tokens=16, max_num_seqs=4, max_model_len=16, enable_chunked_prefill=False)
     sched.add_request(make_request("a", 10, max_tokens=4))
     sched.add_request(make_request("b", 10, arrival=1, max_tokens=4))
     out, _ = step(sched)
@@ -542,9 +538,7 @@ def scenarios(draw):
 
 def check_step(sched: Scheduler, kv: KVCacheManager, out: SchedulerOutput) -> None:
     config = sched.config
-    assert (
-        out.num_batched_tokens == sum(len(c.token_ids) for c in out.chunks) <= config.max_num_batched_tokens
-    )
+    assert out.num_batched_tokens == sum(len(c.token_ids) for c in out.chunks) <= config.max_num_batched_tokens
     assert len(out.chunks) <= config.max_num_seqs and sched.num_running <= config.max_num_seqs
     assert len({c.request_id for c in out.chunks}) == len(out.chunks)
     for chunk in out.chunks:

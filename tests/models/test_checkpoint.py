@@ -58,9 +58,17 @@ def test_bf16_and_fp16_checkpoints_load(tmp_path):
 
 
 def test_resolve_dtype():
-    cfg = ModelConfig.from_hf_dict({"architectures": ["LlamaForCausalLM"], "vocab_size": 8, "hidden_size": 8,
-                                    "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
-                                    "dtype": "float32"})
+    cfg = ModelConfig.from_hf_dict(
+        {
+            "architectures": ["LlamaForCausalLM"],
+            "vocab_size": 8,
+            "hidden_size": 8,
+            "intermediate_size": 8,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "dtype": "float32",
+        }
+    )
     assert resolve_dtype("auto", cfg, platform="cpu") == jnp.float32
     assert resolve_dtype("auto", cfg, platform="gpu") == jnp.bfloat16
     with pytest.raises(ValueError, match="dtype"):
@@ -105,8 +113,18 @@ def test_orbax_round_trip_gives_identical_logits(llama_dir, tmp_path):
     from jserve import LLM, SamplingParams
 
     out_dir = tmp_path / "orbax"
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "convert_checkpoint.py"), str(llama_dir), str(out_dir),
-                    "--dtype", "float32"], check=True, cwd=ROOT)
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "convert_checkpoint.py"),
+            str(llama_dir),
+            str(out_dir),
+            "--dtype",
+            "float32",
+        ],
+        check=True,
+        cwd=ROOT,
+    )
     assert (out_dir / "jserve_checkpoint.json").is_file()
     assert _load(llama_dir).keys() == _load(out_dir).keys()
     for a, b in zip(_load(llama_dir).values(), _load(out_dir).values(), strict=True):

@@ -37,8 +37,15 @@ def test_family_matches_transformers(family, tmp_path):
     ckpt, hf_model = make_checkpoint(family, tmp_path / family)
     rng = np.random.default_rng(1)
     prompts = [rng.integers(3, VOCAB, size=PROMPT_LEN).tolist(), rng.integers(3, VOCAB, size=7).tolist()]
-    llm = LLM(model=ckpt, dtype="float32", max_model_len=128, num_pages=32, max_num_seqs=4,
-              max_num_batched_tokens=64, page_size=8)
+    llm = LLM(
+        model=ckpt,
+        dtype="float32",
+        max_model_len=128,
+        num_pages=32,
+        max_num_seqs=4,
+        max_num_batched_tokens=64,
+        page_size=8,
+    )
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, prompt_logprobs=1)
     outs = llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
     for prompt, out in zip(prompts, outs, strict=True):

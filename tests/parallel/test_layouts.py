@@ -12,15 +12,15 @@ from jserve.parallel.sharding import shard_shape
 from tests.checkpoints import make_checkpoint
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
-COMMON = dict(dtype="float32", max_model_len=96, page_size=8, num_pages=96, max_num_seqs=8,
-              max_num_batched_tokens=64)
+COMMON = dict(dtype="float32", max_model_len=96, page_size=8, num_pages=96, max_num_seqs=8, max_num_batched_tokens=64)
 
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
     # 4 layers so pp=4 is possible; 4 heads / 2 kv heads so tp=4 replicates kv heads
-    path, _ = make_checkpoint("llama-gqa", tmp_path_factory.mktemp("par") / "llama", num_hidden_layers=4,
-                              initializer_range=0.1)
+    path, _ = make_checkpoint(
+        "llama-gqa", tmp_path_factory.mktemp("par") / "llama", num_hidden_layers=4, initializer_range=0.1
+    )
     return path
 
 
@@ -53,15 +53,19 @@ def test_eight_devices_are_visible():
     assert len(jax.devices()) == 8
 
 
-@pytest.mark.parametrize("layout", [
-    dict(tensor_parallel_size=2),
-    dict(tensor_parallel_size=4),
-    dict(pipeline_parallel_size=2),
-    dict(pipeline_parallel_size=4),
-    dict(tensor_parallel_size=2, pipeline_parallel_size=2),
-    dict(data_parallel_size=2, tensor_parallel_size=2),
-    dict(data_parallel_size=4),
-], ids=lambda d: "-".join(f"{k.split('_')[0]}{v}" for k, v in d.items()))
+@pytest.mark.parametrize(
+    "layout",
+    [
+        dict(tensor_parallel_size=2),
+        dict(tensor_parallel_size=4),
+        dict(pipeline_parallel_size=2),
+        dict(pipeline_parallel_size=4),
+        dict(tensor_parallel_size=2, pipeline_parallel_size=2),
+        dict(data_parallel_size=2, tensor_parallel_size=2),
+        dict(data_parallel_size=4),
+    ],
+    ids=lambda d: "-".join(f"{k.split('_')[0]}{v}" for k, v in d.items()),
+)
 def test_layout_matches_single_device(llama_dir, prompts, single, layout):
     llm, tokens = _run(llama_dir, prompts, **layout)
     assert tokens == single
@@ -99,13 +103,16 @@ def test_mixtral_expert_parallel_matches_single_device(mixtral_dir, prompts, tp)
     assert shard_shape(params["layers/0/mlp/down_proj"]) == (4 // tp, 64, 64)
 
 
-@pytest.mark.parametrize(("layout", "message"), [
-    (dict(tensor_parallel_size=3), "tensor_parallel_size 3 must divide num_attention_heads 4"),
-    (dict(tensor_parallel_size=8), "tensor_parallel_size 8 must divide num_attention_heads 4"),
-    (dict(pipeline_parallel_size=8), "pipeline_parallel_size 8 must be <= num_hidden_layers 4"),
-    (dict(data_parallel_size=4, tensor_parallel_size=4), "needs that many devices"),
-    (dict(data_parallel_size=0), "data_parallel_size must be an integer >= 1"),
-])
+@pytest.mark.parametrize(
+    ("layout", "message"),
+    [
+        (dict(tensor_parallel_size=3), "tensor_parallel_size 3 must divide num_attention_heads 4"),
+        (dict(tensor_parallel_size=8), "tensor_parallel_size 8 must divide num_attention_heads 4"),
+        (dict(pipeline_parallel_size=8), "pipeline_parallel_size 8 must be <= num_hidden_layers 4"),
+        (dict(data_parallel_size=4, tensor_parallel_size=4), "needs that many devices"),
+        (dict(data_parallel_size=0), "data_parallel_size must be an integer >= 1"),
+    ],
+)
 def test_invalid_layouts_are_clear_errors(llama_dir, layout, message):
     with pytest.raises(ValueError, match=message):
         LLM(model=llama_dir, **COMMON, **layout)

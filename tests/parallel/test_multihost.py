@@ -18,8 +18,9 @@ from tests.checkpoints import make_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12, 13], list(range(20, 61))]
-LLM_KWARGS = dict(dtype="float32", max_model_len=96, page_size=8, num_pages=64, max_num_seqs=4,
-                  max_num_batched_tokens=64)
+LLM_KWARGS = dict(
+    dtype="float32", max_model_len=96, page_size=8, num_pages=64, max_num_seqs=4, max_num_batched_tokens=64
+)
 
 WORKER = textwrap.dedent("""
     import json, os, sys
@@ -57,8 +58,10 @@ def model_dir(tmp_path_factory):
 
 def test_two_processes_match_one(model_dir, tmp_path):
     single = LLM(model=model_dir, **LLM_KWARGS).generate(
-        prompt_token_ids=PROMPTS, sampling_params=SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
-        use_tqdm=False)
+        prompt_token_ids=PROMPTS,
+        sampling_params=SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
+        use_tqdm=False,
+    )
     expected = [o.outputs[0].token_ids for o in single]
 
     script = tmp_path / "worker.py"
@@ -66,10 +69,24 @@ def test_two_processes_match_one(model_dir, tmp_path):
     address = f"127.0.0.1:{_free_port()}"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["PYTHONPATH"] = str(ROOT)
-    procs = [subprocess.Popen([sys.executable, str(script), address, str(i), str(model_dir),
-                               json.dumps(LLM_KWARGS), json.dumps(PROMPTS)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-             for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(script),
+                address,
+                str(i),
+                str(model_dir),
+                json.dumps(LLM_KWARGS),
+                json.dumps(PROMPTS),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+        for i in range(2)
+    ]
     outputs = []
     try:
         for p in procs:

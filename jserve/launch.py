@@ -1,0 +1,268 @@
+"""``python -m jserve.launch``: flags -> EngineArgs -> engine -> warm-up -> gRPC (+ HTTP, metrics) -> drain.
+
+Lifecycle: the model is loaded and the common step shapes compiled before the port opens, so the first client
+never pays for compilation; the listening addresses are printed (stdout, one ``jserve: listening on`` line
+per endpoint, then ``jserve: ready``) only once serving. SIGTERM or SIGINT turns health NOT_SERVING, refuses
+new calls with UNAVAILABLE, lets in-flight calls finish for up to ``--drain-timeout`` seconds (a second signal
+cuts the wait short), cancels what is left (which aborts those requests), and exits 0.
+
+Exit codes: 0 after a drain; 2 for bad flags, including options whose capability has not landed yet
+(EngineArgs says which); 1 if loading fails otherwise.
+
+Multi-host (``--num-processes N --coordinator-address HOST:PORT --process-id I``): every process loads its
+part of the model; process 0 serves and broadcasts each step's inbox, the others step in lockstep
+(jserve.parallel.multihost) and exit 0 when process 0 stops.
+
+Test hook: the hidden flag ``--debug-fail-after-steps N`` makes every engine step after the first N (counted
+from the end of warm-up) raise, so tests can check that an engine failure gives INTERNAL and NOT_SERVING.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+BUNDLED_MODEL = Path(__file__).parent / "assets" / "tiny-llama"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m jserve.launch", description="Serve a model over gRPC "
+                                "(jserve.v1, JetStream) and optionally OpenAI-compatible HTTP.")
+    p.add_argument("--model", default=None, help="checkpoint directory (default: the bundled tiny model)")
+    p.add_argument("--served-model-name", default=None,
+                   help="name reported to clients (default: the model directory's name)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=9000, help="gRPC port (0 picks a free one)")
+    p.add_argument("--http-port", type=int, default=None, help="OpenAI-compatible HTTP port (off by default)")
+    p.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port (off by default)")
+    engine = p.add_argument_group("engine")
+    engine.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"])
+    engine.add_argument("--tensor-parallel-size", type=int, default=1)
+    engine.add_argument("--pipeline-parallel-size", type=int, default=1)
+    engine.add_argument("--data-parallel-size", type=int, default=1)
+    engine.add_argument("--max-model-len", type=int, default=None)
+    engine.add_argument("--max-num-seqs", type=int, default=64)
+    engine.add_argument("--max-num-batched-tokens", type=int, default=None)
+    engine.add_argument("--page-size", type=int, default=16)
+    engine.add_argument("--num-pages", type=int, default=None)
+    engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    engine.add_argument("--quantization", default=None, choices=["int8", "int4", "fp8"])
+    engine.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"])
+    engine.add_argument("--attention-backend", default="auto", choices=["auto", "pallas", "xla"])
+    engine.add_argument("--speculative-model", default=None, help="draft model directory, or 'ngram'")
+    engine.add_argument("--num-speculative-tokens", type=int, default=0)
+    engine.add_argument("--seed", type=int, default=0)
+    serving = p.add_argument_group("serving")
+    serving.add_argument("--max-queue-size", type=int, default=1024,
+                         help="requests in flight (running + waiting) before RESOURCE_EXHAUSTED")
+    serving.add_argument("--drain-timeout", type=float, default=30.0,
+                         help="seconds to let in-flight calls finish after SIGTERM/SIGINT")
+    serving.add_argument("--max-message-bytes", type=int, default=16 << 20, help="gRPC message size limit")
+    serving.add_argument("--tls-cert", default=None, help="PEM certificate chain (with --tls-key: serve TLS)")
+    serving.add_argument("--tls-key", default=None, help="PEM private key")
+    serving.add_argument("--api-key", default=os.environ.get("JSERVE_API_KEY"),
+                         help="require this key (gRPC 'authorization: Bearer KEY' metadata, HTTP "
+                              "Authorization header); default: $JSERVE_API_KEY")
+    serving.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                         help="compile the common step shapes before serving")
+    multi = p.add_argument_group("multi-host")
+    multi.add_argument("--coordinator-address", default=None, help="HOST:PORT of process 0")
+    multi.add_argument("--num-processes", type=int, default=1)
+    multi.add_argument("--process-id", type=int, default=0)
+    p.add_argument("--debug-fail-after-steps", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def _fail(message: str) -> int:
+    print(f"jserve: error: {message}", file=sys.stderr, flush=True)
+    return 2
+
+
+def _engine_args(ns: argparse.Namespace):
+    from jserve.engine.factory import EngineArgs
+
+    return EngineArgs(
+        model=str(ns.model or BUNDLED_MODEL), dtype=ns.dtype, tensor_parallel_size=ns.tensor_parallel_size,
+        pipeline_parallel_size=ns.pipeline_parallel_size, data_parallel_size=ns.data_parallel_size,
+        max_model_len=ns.max_model_len, max_num_seqs=ns.max_num_seqs,
+        max_num_batched_tokens=ns.max_num_batched_tokens, page_size=ns.page_size, num_pages=ns.num_pages,
+        enable_prefix_caching=ns.enable_prefix_caching, quantization=ns.quantization,
+        kv_cache_dtype=ns.kv_cache_dtype, attention_backend=ns.attention_backend,
+        speculative_model=ns.speculative_model, num_speculative_tokens=ns.num_speculative_tokens,
+        seed=ns.seed,
+    )
+
+
+def _check_serving_flags(ns: argparse.Namespace) -> None:
+    if ns.num_processes < 1 or not 0 <= ns.process_id < ns.num_processes:
+        raise ValueError("--process-id must be in [0, --num-processes)")
+    if ns.num_processes > 1 and not ns.coordinator_address:
+        raise ValueError("--num-processes > 1 needs --coordinator-address HOST:PORT (process 0's)")
+    if ns.max_queue_size < 1:
+        raise ValueError("--max-queue-size must be >= 1")
+    if ns.drain_timeout < 0:
+        raise ValueError("--drain-timeout must be >= 0")
+    if bool(ns.tls_cert) != bool(ns.tls_key):
+        raise ValueError("pass both --tls-cert and --tls-key, or neither")
+    for path in (ns.tls_cert, ns.tls_key):
+        if path and not Path(path).is_file():
+            raise ValueError(f"TLS file {path!r} does not exist")
+
+
+def _inject_step_failure(engine, after_steps: int) -> None:
+    """Test hook (see the module docstring): steps after the first ``after_steps`` raise."""
+    step, count = engine.step, itertools.count(1)
+
+    def failing_step():
+        if next(count) > after_steps:
+            raise RuntimeError(f"injected engine-step failure (--debug-fail-after-steps {after_steps})")
+        return step()
+
+    engine.step = failing_step
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        _check_serving_flags(ns)
+        args = _engine_args(ns)
+    except ValueError as e:
+        return _fail(str(e))
+
+    multihost = None
+    if ns.num_processes > 1:
+        from jserve.parallel import multihost
+
+        try:
+            multihost.initialize(ns.coordinator_address, ns.num_processes, ns.process_id)
+        except ValueError as e:
+            return _fail(str(e))
+    print(f"jserve: loading {args.model}", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    from jserve.engine.factory import build_engine
+
+    try:
+        engine = build_engine(args)
+    except ValueError as e:
+        return _fail(str(e))
+    print(f"jserve: loaded in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
+    if multihost is not None:
+        engine.inbox_sync = multihost.broadcast_items
+        if not multihost.is_leader():  # followers serve nothing: they replay process 0's steps until it stops
+            print(f"jserve: process {ns.process_id} follows process 0", file=sys.stderr, flush=True)
+            multihost.follow(engine)
+            print("jserve: stopped", file=sys.stderr, flush=True)
+            return 0
+    if ns.warmup:
+        from jserve.server.warmup import warm_up
+
+        warm_up(engine, page_size=args.page_size, max_num_seqs=args.max_num_seqs)
+    if ns.debug_fail_after_steps is not None:
+        _inject_step_failure(engine, ns.debug_fail_after_steps)
+    code = asyncio.run(serve(engine, ns, args))
+    if multihost is not None:
+        multihost.stop_followers(engine)  # after serve(): the engine thread has stopped stepping
+    return code
+
+
+async def serve(engine, ns: argparse.Namespace, args) -> int:
+    """Serves until a signal, then drains; returns the exit code."""
+    from jserve.engine.async_llm import AsyncLLM
+    from jserve.metrics import ServerMetrics
+    from jserve.server.core import ServingCore
+    from jserve.server.grpc_server import GrpcOptions, build_grpc_server
+    from jserve.server.http_server import HttpServer
+
+    card = _model_card(engine, args, ns.served_model_name or Path(args.model).name)
+    llm = AsyncLLM(engine, max_queue_size=ns.max_queue_size)
+    metrics = ServerMetrics(engine.stats)
+    core = ServingCore(llm, card, metrics)
+    try:
+        server, health, port = build_grpc_server(core, GrpcOptions(
+            host=ns.host, port=ns.port, max_message_bytes=ns.max_message_bytes, tls_cert=ns.tls_cert,
+            tls_key=ns.tls_key, api_key=ns.api_key))
+        http = None
+        if ns.http_port is not None:
+            http = HttpServer(core, ns.host, ns.http_port, api_key=ns.api_key, tls_cert=ns.tls_cert,
+                              tls_key=ns.tls_key)
+        metrics_port = metrics.serve(ns.host, ns.metrics_port) if ns.metrics_port is not None else None
+    except (OSError, RuntimeError, ValueError) as e:
+        llm.shutdown()
+        return _fail(f"cannot listen: {e}")
+    await server.start()
+    if http is not None:
+        http.start()
+    await health.set_serving(True)
+    scheme = "https" if ns.tls_cert else "http"
+    print(f"jserve: listening on {ns.host}:{port} (gRPC{', TLS' if ns.tls_cert else ''})", flush=True)
+    if http is not None:
+        print(f"jserve: listening on {scheme}://{ns.host}:{http.port}/v1 (OpenAI HTTP)", flush=True)
+    if metrics_port is not None:
+        print(f"jserve: listening on http://{ns.host}:{metrics_port}/metrics (Prometheus)", flush=True)
+    print(f"jserve: ready, serving {card.name}", flush=True)
+
+    stop, force = asyncio.Event(), asyncio.Event()
+
+    def on_signal(signum: int) -> None:
+        (force if stop.is_set() else stop).set()
+        print(f"jserve: got {signal.Signals(signum).name}", file=sys.stderr, flush=True)
+
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    watchdog = loop.create_task(_watch_engine(core, health))
+    await stop.wait()
+
+    print(f"jserve: draining {core.num_in_flight} in-flight calls (up to {ns.drain_timeout:g}s)",
+          file=sys.stderr, flush=True)
+    core.start_draining()
+    await health.shutting_down()
+    idle, forced = loop.create_task(core.wait_idle(ns.drain_timeout)), loop.create_task(force.wait())
+    await asyncio.wait({idle, forced}, return_when=asyncio.FIRST_COMPLETED)
+    forced.cancel()
+    if not (idle.done() and idle.result()):
+        idle.cancel()
+        print(f"jserve: drain cut short; cancelling {core.num_in_flight} calls", file=sys.stderr, flush=True)
+    watchdog.cancel()
+    if http is not None:
+        await http.stop()
+    await server.stop(grace=None)
+    llm.shutdown()
+    print("jserve: stopped", file=sys.stderr, flush=True)
+    return 0
+
+
+def _model_card(engine, args, name: str):
+    import jax
+
+    from jserve.checkpoint import resolve_dtype
+    from jserve.config import ModelConfig
+    from jserve.server.core import ModelCard
+
+    devices = jax.devices()
+    dtype = resolve_dtype(args.dtype, ModelConfig.from_pretrained(Path(args.model)))
+    return ModelCard(
+        name=name, vocab_size=engine.vocab_size, max_model_len=engine.max_model_len, page_size=args.page_size,
+        max_num_seqs=args.max_num_seqs, dtype=str(jax.numpy.dtype(dtype)),
+        tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
+        data_parallel_size=args.data_parallel_size, num_devices=len(devices), platform=devices[0].platform,
+    )
+
+
+async def _watch_engine(core, health) -> None:
+    """Turns health NOT_SERVING when the engine dies even if no call is there to notice."""
+    while not core.engine_dead:
+        await asyncio.sleep(0.2)
+    print(f"jserve: engine failed: {core.llm.errored!r}; health is NOT_SERVING", file=sys.stderr, flush=True)
+    await health.set_serving(False)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

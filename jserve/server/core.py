@@ -1,0 +1,208 @@
+"""ServingCore: what every front end (jserve.v1 gRPC, JetStream gRPC, OpenAI HTTP) shares.
+
+It admits or refuses calls (draining, dead engine), turns prompts into token ids with the error messages users
+see, runs the request on ``AsyncLLM``, counts in-flight calls so a drain knows when it is done, and records
+metrics. Front ends only translate their wire format and map the exceptions below to their status codes:
+
+=====================  ==================  ====
+exception              gRPC                HTTP
+=====================  ==================  ====
+ValueError             INVALID_ARGUMENT    400
+QueueFullError         RESOURCE_EXHAUSTED  429
+Unavailable            UNAVAILABLE         503
+EngineDeadError        INTERNAL            500
+TimeoutError           DEADLINE_EXCEEDED   504
+=====================  ==================  ====
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+
+from jserve.engine.async_llm import AsyncLLM, EngineDeadError, QueueFullError
+from jserve.metrics import ServerMetrics
+from jserve.outputs import RequestOutput
+from jserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["EngineDeadError", "ModelCard", "QueueFullError", "ServingCore", "Unavailable"]
+
+
+class Unavailable(RuntimeError):
+    """The server is draining and takes no new calls."""
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """Static facts about the served model, for GetModelInfo and /v1/models."""
+
+    name: str
+    vocab_size: int
+    max_model_len: int
+    page_size: int
+    max_num_seqs: int
+    dtype: str
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1
+    num_devices: int = 1
+    platform: str = "cpu"
+
+
+class ServingCore:
+    """Admission, tokenization, in-flight accounting and metrics around one AsyncLLM."""
+
+    def __init__(self, llm: AsyncLLM, card: ModelCard, metrics: ServerMetrics | None = None):
+        self.llm = llm
+        self.card = card
+        self.metrics = metrics or ServerMetrics()
+        self.draining = False
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._on_engine_dead: list[Callable[[], None]] = []
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def tokenizer(self):
+        return self.llm.tokenizer
+
+    @property
+    def engine_dead(self) -> bool:
+        return self.llm.errored is not None
+
+    @property
+    def serving(self) -> bool:
+        return not self.draining and not self.engine_dead
+
+    @property
+    def num_in_flight(self) -> int:
+        return self._in_flight
+
+    def stats(self) -> dict:
+        return self.llm.stats()
+
+    def on_engine_dead(self, callback: Callable[[], None]) -> None:
+        """Registers a callback run (once per call) when a request learns that the engine died."""
+        self._on_engine_dead.append(callback)
+
+    def notify_engine_dead(self) -> None:
+        for callback in self._on_engine_dead:
+            callback()
+
+    def start_draining(self) -> None:
+        self.draining = True
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Waits until no call is in flight; False if ``timeout`` passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    # ------------------------------------------------------------------ requests
+
+    def check_accepting(self) -> None:
+        """Raises for a call that must be refused before any work: draining or a dead engine."""
+        if self.draining:
+            self.metrics.record_outcome("unavailable")
+            raise Unavailable("server is shutting down; retry on another replica")
+        if self.engine_dead:
+            self.metrics.record_outcome("error")
+            self.notify_engine_dead()
+            raise EngineDeadError(f"engine is dead: {self.llm.errored!r}")
+
+    def encode_prompt(
+        self, prompt: str | None, token_ids: Sequence[int] | None, *, add_special_tokens: bool = True
+    ) -> tuple[str | None, list[int]]:
+        """(text, ids) from exactly one of a text prompt or token ids; ValueError names the field."""
+        if prompt and token_ids:
+            raise ValueError("prompt: pass exactly one of prompt or token_ids, not both")
+        if token_ids:
+            return None, [int(t) for t in token_ids]
+        if not prompt:
+            raise ValueError("prompt must not be empty (pass prompt or token_ids)")
+        if self.tokenizer is None:
+            raise ValueError("prompt: this model has no tokenizer; pass token_ids instead")
+        return prompt, self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+
+    def validate(self, token_ids: Sequence[int], params: SamplingParams) -> None:
+        """Everything the engine would reject, checked before the request is queued."""
+        params.validate()
+        self.llm.engine.validate(token_ids, params)
+
+    async def generate(
+        self,
+        token_ids: Sequence[int],
+        params: SamplingParams,
+        *,
+        request_id: str | None = None,
+        prompt: str | None = None,
+        arrival: float | None = None,
+        deadline_passed: Callable[[], bool] | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Yields the request's deltas. Use it under ``contextlib.aclosing`` so that leaving early aborts the
+        request at once instead of whenever the generator is collected."""
+        arrival = time.perf_counter() if arrival is None else arrival
+        self.check_accepting()
+        self.validate(token_ids, params)  # NOTE: front ends count "invalid" outcomes, wherever they arise
+        self._in_flight += 1
+        self._idle.clear()
+        outcome, first_token, num_out, reasons = "cancelled", None, 0, set()
+        try:
+            # NOTE: aclosing the inner generator too, or an early exit would leave the abort to the GC.
+            stream = self.llm.generate(token_ids, params, request_id=request_id, prompt=prompt)
+            async with contextlib.aclosing(stream):
+                async for out in stream:
+                    new = sum(len(c.token_ids) for c in out.outputs)
+                    if new and first_token is None:
+                        first_token = time.perf_counter()
+                    num_out += new
+                    reasons.update(c.finish_reason for c in out.outputs if c.finish_reason)
+                    if out.finished:
+                        outcome = _finish_outcome(reasons)
+                    yield out
+        except QueueFullError:
+            outcome = "queue_full"
+            raise
+        except EngineDeadError:
+            outcome = "error"
+            self.notify_engine_dead()
+            raise
+        except ValueError:
+            outcome = "invalid"
+            raise
+        except TimeoutError:
+            outcome = "deadline"
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            if deadline_passed is not None and deadline_passed():
+                outcome = "deadline"
+            raise
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+            if outcome != "invalid":
+                self.metrics.record_outcome(outcome)
+            if outcome not in ("queue_full", "invalid"):
+                self.metrics.prompt_tokens.inc(len(token_ids))
+                ttft = None if first_token is None else first_token - arrival
+                self.metrics.record_request(ttft=ttft, e2e=time.perf_counter() - arrival,
+                                            num_output_tokens=num_out)
+
+
+def _finish_outcome(reasons: set[str]) -> str:
+    """One label per request: "abort" if any sample was aborted, else "length" if any hit it, else "stop"."""
+    for reason in ("abort", "length"):
+        if reason in reasons:
+            return reason
+    return "stop"
