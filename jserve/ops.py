@@ -17,6 +17,7 @@ from jax.sharding import PartitionSpec as P
 import pallas_kernels
 from pallas_kernels import reference
 from pallas_kernels import xla as pallas_xla
+from pallas_kernels.xla_items import WorkPlan, ragged_paged_attention_items
 from pallas_kernels.dispatch import resolve_backend
 
 try:  # jax >= 0.7 exposes shard_map at the top level
@@ -42,6 +43,7 @@ class AttentionMetadata:
     block_tables: jax.Array
     cu_q_lens: jax.Array
     num_seqs: jax.Array
+    work: WorkPlan | None = None  # XLA backend, prefill/mixed steps: a work-item plan (pallas_kernels/xla_items.py)
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,10 @@ def paged_attention(
     sliding_window: int | None,
 ) -> jax.Array:
     """q [T, N, H] against the paged cache (new K/V already written) -> [T, N, H]."""
+    if backend.kernel == "xla" and meta.work is not None:
+        return ragged_paged_attention_items(
+            q, k_pages, v_pages, meta.work, sm_scale=sm_scale, sliding_window=sliding_window
+        )
     if backend.kernel == "xla":
         return pallas_xla.ragged_paged_attention(
             q,

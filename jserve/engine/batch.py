@@ -23,6 +23,7 @@ from jserve.engine.request import Request
 from jserve.engine.sampler import RowSpec, SamplerFlags, SamplingTensors, make_sampling_tensors
 from jserve.engine.scheduler import SchedulerOutput
 from jserve.ops import AttentionMetadata
+from pallas_kernels.xla_items import choose_q_block, plan_work
 
 _LOGPROB_BUCKETS = (0, 1, 5, 20)
 
@@ -64,6 +65,13 @@ class Buckets:
         return [(t, p) for t in self.token_buckets for p in self.page_buckets]
 
 
+@dataclass(frozen=True)
+class WorkItemsPolicy:
+    """Use work-item attention plans; ``sliding_window`` is the model's (one value for every layer)."""
+
+    sliding_window: int | None = None
+
+
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
 class StepInput:
@@ -99,8 +107,9 @@ class StepPlan:
     num_tokens: int
 
     @property
-    def shape_key(self) -> tuple[int, int]:
-        return (self.inputs.tokens.shape[0], self.inputs.meta.block_tables.shape[1])
+    def shape_key(self) -> tuple:
+        """Every input shape (the compiled program is keyed on them, with the static flags)."""
+        return tuple(leaf.shape for leaf in jax.tree.leaves(self.inputs))
 
 
 def build_step(
@@ -110,8 +119,14 @@ def build_step(
     page_size: int,
     seed_of: Callable[[Request], int],
     banned_ids_of: Callable[[Request], Sequence[int]],
+    work_items: WorkItemsPolicy | None = None,
 ) -> StepPlan:
-    """Packs one SchedulerOutput into padded numpy arrays (see the module docstring for the layout)."""
+    """Packs one SchedulerOutput into padded numpy arrays (see the module docstring for the layout).
+
+    With ``work_items`` (the XLA attention backend), steps holding prefill chunks also carry a work-item plan
+    (``pallas_kernels/xla_items.py``), 7-10x faster there than the page loop. Decode-only steps keep the page
+    loop: items gain little there and every plan shape is one more compiled program.
+    """
     chunks = out.chunks
     num_tokens = sum(len(c.token_ids) for c in chunks)
     t_pad = _round_up(num_tokens, buckets.token_buckets)
@@ -172,6 +187,20 @@ def build_step(
             num_prompt_logprobs = max(num_prompt_logprobs, request.sampling_params.prompt_logprobs or 0)
         cursor += n
     cu_q_lens[len(chunks)] = cursor
+    work = None
+    if work_items is not None and chunks and max(len(c.token_ids) for c in chunks) > 1:
+        q_lens = np.diff(cu_q_lens[: len(chunks) + 1])
+        work = plan_work(
+            kv_lens,
+            cu_q_lens,
+            len(chunks),
+            block_tables,
+            page_size=page_size,
+            num_tokens=t_pad,
+            q_block=choose_q_block(q_lens),
+            sliding_window=work_items.sliding_window,
+        )
+        block_tables = np.zeros((s_pad, 1), np.int32)  # the plan carries the pages; keep compiled shapes few
 
     sampling, flags = make_sampling_tensors(rows, pad_to=s_pad)
     flags = dataclasses.replace(flags, num_logprobs=_round_up(flags.num_logprobs, _LOGPROB_BUCKETS))
@@ -186,6 +215,7 @@ def build_step(
             block_tables=block_tables,
             cu_q_lens=cu_q_lens,
             num_seqs=np.array([len(chunks)], np.int32),
+            work=work,
         ),
         logits_indices=logits_indices,
         sampling=sampling,

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from jserve.engine.batch import Buckets, StepPlan, build_step
+from jserve.engine.batch import Buckets, StepPlan, WorkItemsPolicy, build_step
 from jserve.engine.kv_cache import KVCacheManager
 from jserve.engine.request import Request, RequestStatus
 from jserve.engine.runner import ModelRunner, StepResult
@@ -108,6 +108,7 @@ class Engine:
         self._ids_lock = threading.Lock()
         self._live_ids: set[str] = set()  # ids added and not yet fully reported, across threads
         self.num_steps = 0
+        self._work_items = _work_items_policy(runner)
         self.inbox_sync = None  # multi-host: set to jserve.parallel.multihost.broadcast_items
         self.stopped = False
 
@@ -248,6 +249,7 @@ class Engine:
                 self.runner.page_size,
                 lambda r: self._seeds[r.request_id],
                 self._banned_ids,
+                self._work_items,
             )
             for part in self._microbatches(sched)
         ]
@@ -451,6 +453,15 @@ class Engine:
             "num_steps": self.num_steps,
             "compiled_shapes": self.runner.compiled_shapes,
         }
+
+
+def _work_items_policy(runner: ModelRunner) -> WorkItemsPolicy | None:
+    """Work-item plans serve the XLA backend when every layer has the same sliding window (a plan's page
+    skipping is built for one window)."""
+    windows = set(runner.config.sliding_windows)
+    if runner.backend.kernel != "xla" or len(windows) != 1:
+        return None
+    return WorkItemsPolicy(sliding_window=windows.pop())
 
 
 def make_buckets(*, max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int, page_size: int) -> Buckets:
