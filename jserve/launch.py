@@ -33,11 +33,14 @@ BUNDLED_MODEL = Path(__file__).parent / "assets" / "tiny-llama"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m jserve.launch", description="Serve a model over gRPC "
-                                "(jserve.v1, JetStream) and optionally OpenAI-compatible HTTP.")
+    p = argparse.ArgumentParser(
+        prog="python -m jserve.launch",
+        description="Serve a model over gRPC (jserve.v1, JetStream) and optionally OpenAI-compatible HTTP.",
+    )
     p.add_argument("--model", default=None, help="checkpoint directory (default: the bundled tiny model)")
-    p.add_argument("--served-model-name", default=None,
-                   help="name reported to clients (default: the model directory's name)")
+    p.add_argument(
+        "--served-model-name", default=None, help="name reported to clients (default: the model directory's name)"
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=9000, help="gRPC port (0 picks a free one)")
     p.add_argument("--http-port", type=int, default=None, help="OpenAI-compatible HTTP port (off by default)")
@@ -60,18 +63,30 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--num-speculative-tokens", type=int, default=0)
     engine.add_argument("--seed", type=int, default=0)
     serving = p.add_argument_group("serving")
-    serving.add_argument("--max-queue-size", type=int, default=1024,
-                         help="requests in flight (running + waiting) before RESOURCE_EXHAUSTED")
-    serving.add_argument("--drain-timeout", type=float, default=30.0,
-                         help="seconds to let in-flight calls finish after SIGTERM/SIGINT")
+    serving.add_argument(
+        "--max-queue-size",
+        type=int,
+        default=1024,
+        help="requests in flight (running + waiting) before RESOURCE_EXHAUSTED",
+    )
+    serving.add_argument(
+        "--drain-timeout", type=float, default=30.0, help="seconds to let in-flight calls finish after SIGTERM/SIGINT"
+    )
     serving.add_argument("--max-message-bytes", type=int, default=16 << 20, help="gRPC message size limit")
     serving.add_argument("--tls-cert", default=None, help="PEM certificate chain (with --tls-key: serve TLS)")
     serving.add_argument("--tls-key", default=None, help="PEM private key")
-    serving.add_argument("--api-key", default=os.environ.get("JSERVE_API_KEY"),
-                         help="require this key (gRPC 'authorization: Bearer KEY' metadata, HTTP "
-                              "Authorization header); default: $JSERVE_API_KEY")
-    serving.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
-                         help="compile the common step shapes before serving")
+    serving.add_argument(
+        "--api-key",
+        default=os.environ.get("JSERVE_API_KEY"),
+        help="require this key (gRPC 'authorization: Bearer KEY' metadata, HTTP "
+        "Authorization header); default: $JSERVE_API_KEY",
+    )
+    serving.add_argument(
+        "--warmup",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="compile the common step shapes before serving",
+    )
     multi = p.add_argument_group("multi-host")
     multi.add_argument("--coordinator-address", default=None, help="HOST:PORT of process 0")
     multi.add_argument("--num-processes", type=int, default=1)
@@ -89,13 +104,22 @@ def _engine_args(ns: argparse.Namespace):
     from jserve.engine.factory import EngineArgs
 
     return EngineArgs(
-        model=str(ns.model or BUNDLED_MODEL), dtype=ns.dtype, tensor_parallel_size=ns.tensor_parallel_size,
-        pipeline_parallel_size=ns.pipeline_parallel_size, data_parallel_size=ns.data_parallel_size,
-        max_model_len=ns.max_model_len, max_num_seqs=ns.max_num_seqs,
-        max_num_batched_tokens=ns.max_num_batched_tokens, page_size=ns.page_size, num_pages=ns.num_pages,
-        enable_prefix_caching=ns.enable_prefix_caching, quantization=ns.quantization,
-        kv_cache_dtype=ns.kv_cache_dtype, attention_backend=ns.attention_backend,
-        speculative_model=ns.speculative_model, num_speculative_tokens=ns.num_speculative_tokens,
+        model=str(ns.model or BUNDLED_MODEL),
+        dtype=ns.dtype,
+        tensor_parallel_size=ns.tensor_parallel_size,
+        pipeline_parallel_size=ns.pipeline_parallel_size,
+        data_parallel_size=ns.data_parallel_size,
+        max_model_len=ns.max_model_len,
+        max_num_seqs=ns.max_num_seqs,
+        max_num_batched_tokens=ns.max_num_batched_tokens,
+        page_size=ns.page_size,
+        num_pages=ns.num_pages,
+        enable_prefix_caching=ns.enable_prefix_caching,
+        quantization=ns.quantization,
+        kv_cache_dtype=ns.kv_cache_dtype,
+        attention_backend=ns.attention_backend,
+        speculative_model=ns.speculative_model,
+        num_speculative_tokens=ns.num_speculative_tokens,
         seed=ns.seed,
     )
 
@@ -185,13 +209,20 @@ async def serve(engine, ns: argparse.Namespace, args) -> int:
     metrics = ServerMetrics(engine.stats)
     core = ServingCore(llm, card, metrics)
     try:
-        server, health, port = build_grpc_server(core, GrpcOptions(
-            host=ns.host, port=ns.port, max_message_bytes=ns.max_message_bytes, tls_cert=ns.tls_cert,
-            tls_key=ns.tls_key, api_key=ns.api_key))
+        server, health, port = build_grpc_server(
+            core,
+            GrpcOptions(
+                host=ns.host,
+                port=ns.port,
+                max_message_bytes=ns.max_message_bytes,
+                tls_cert=ns.tls_cert,
+                tls_key=ns.tls_key,
+                api_key=ns.api_key,
+            ),
+        )
         http = None
         if ns.http_port is not None:
-            http = HttpServer(core, ns.host, ns.http_port, api_key=ns.api_key, tls_cert=ns.tls_cert,
-                              tls_key=ns.tls_key)
+            http = HttpServer(core, ns.host, ns.http_port, api_key=ns.api_key, tls_cert=ns.tls_cert, tls_key=ns.tls_key)
         metrics_port = metrics.serve(ns.host, ns.metrics_port) if ns.metrics_port is not None else None
     except (OSError, RuntimeError, ValueError) as e:
         llm.shutdown()
@@ -220,8 +251,11 @@ async def serve(engine, ns: argparse.Namespace, args) -> int:
     watchdog = loop.create_task(_watch_engine(core, health))
     await stop.wait()
 
-    print(f"jserve: draining {core.num_in_flight} in-flight calls (up to {ns.drain_timeout:g}s)",
-          file=sys.stderr, flush=True)
+    print(
+        f"jserve: draining {core.num_in_flight} in-flight calls (up to {ns.drain_timeout:g}s)",
+        file=sys.stderr,
+        flush=True,
+    )
     core.start_draining()
     await health.shutting_down()
     idle, forced = loop.create_task(core.wait_idle(ns.drain_timeout)), loop.create_task(force.wait())
@@ -249,10 +283,17 @@ def _model_card(engine, args, name: str):
     devices = jax.devices()
     dtype = resolve_dtype(args.dtype, ModelConfig.from_pretrained(Path(args.model)))
     return ModelCard(
-        name=name, vocab_size=engine.vocab_size, max_model_len=engine.max_model_len, page_size=args.page_size,
-        max_num_seqs=args.max_num_seqs, dtype=str(jax.numpy.dtype(dtype)),
-        tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
-        data_parallel_size=args.data_parallel_size, num_devices=len(devices), platform=devices[0].platform,
+        name=name,
+        vocab_size=engine.vocab_size,
+        max_model_len=engine.max_model_len,
+        page_size=args.page_size,
+        max_num_seqs=args.max_num_seqs,
+        dtype=str(jax.numpy.dtype(dtype)),
+        tensor_parallel_size=args.tensor_parallel_size,
+        pipeline_parallel_size=args.pipeline_parallel_size,
+        data_parallel_size=args.data_parallel_size,
+        num_devices=len(devices),
+        platform=devices[0].platform,
     )
 
 

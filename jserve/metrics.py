@@ -13,14 +13,51 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-OUTCOMES = ("stop", "length", "abort", "cancelled", "deadline", "invalid", "queue_full", "unavailable",
-            "error")
+OUTCOMES = ("stop", "length", "abort", "cancelled", "deadline", "invalid", "queue_full", "unavailable", "error")
 """Request outcomes: finish reasons, then the ways a call can end before or without finishing."""
 
-_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
-                    40.0, 80.0, 160.0)
-_TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2,
-                 0.3, 0.5, 0.75, 1.0, 2.5)
+_LATENCY_BUCKETS = (
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+)
+_TPOT_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.02,
+    0.025,
+    0.04,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+)
 
 
 class _EngineCollector(Collector):
@@ -35,41 +72,56 @@ class _EngineCollector(Collector):
             "jserve_num_requests_running": ("Sequences in the running batch.", s["num_running"]),
             "jserve_num_requests_waiting": ("Sequences waiting to be scheduled.", s["num_waiting"]),
             "jserve_kv_cache_pages_total": ("KV cache pages in the pool.", s["pages_total"]),
-            "jserve_kv_cache_pages_used": ("KV cache pages held by requests.",
-                                           s["pages_total"] - s["pages_free"]),
-            "jserve_kv_cache_pages_cached": ("Unreferenced prefix-cache pages (evictable).",
-                                             s["pages_cached"]),
-            "jserve_prefix_cache_hit_rate": ("Prompt tokens served from the prefix cache / prompt tokens.",
-                                             s["prefix_cache_hit_rate"]),
+            "jserve_kv_cache_pages_used": ("KV cache pages held by requests.", s["pages_total"] - s["pages_free"]),
+            "jserve_kv_cache_pages_cached": ("Unreferenced prefix-cache pages (evictable).", s["pages_cached"]),
+            "jserve_prefix_cache_hit_rate": (
+                "Prompt tokens served from the prefix cache / prompt tokens.",
+                s["prefix_cache_hit_rate"],
+            ),
         }
         for name, (doc, value) in gauges.items():
             yield GaugeMetricFamily(name, doc, value=float(value))
-        yield CounterMetricFamily("jserve_num_preemptions", "Sequences preempted for lack of KV pages.",
-                                  value=float(s["num_preemptions"]))
-        yield CounterMetricFamily("jserve_prompt_tokens_computed",
-                                  "Prefill tokens run after prefix-cache hits.",
-                                  value=float(s["prompt_tokens_computed"]))
+        yield CounterMetricFamily(
+            "jserve_num_preemptions", "Sequences preempted for lack of KV pages.", value=float(s["num_preemptions"])
+        )
+        yield CounterMetricFamily(
+            "jserve_prompt_tokens_computed",
+            "Prefill tokens run after prefix-cache hits.",
+            value=float(s["prompt_tokens_computed"]),
+        )
 
 
 class ServerMetrics:
     """The server's metrics on their own registry (no process-global state, so tests can build several)."""
 
-    def __init__(self, engine_stats: Callable[[], dict] | None = None,
-                 registry: CollectorRegistry | None = None):
+    def __init__(self, engine_stats: Callable[[], dict] | None = None, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
         reg = self.registry
         self.requests = Counter("jserve_requests", "Requests by outcome.", ["outcome"], registry=reg)
         for outcome in OUTCOMES:
             self.requests.labels(outcome)  # export zeros so rates exist before the first event
-        self.prompt_tokens = Counter("jserve_prompt_tokens", "Prompt tokens of admitted requests.",
-                                     registry=self.registry)
+        self.prompt_tokens = Counter(
+            "jserve_prompt_tokens", "Prompt tokens of admitted requests.", registry=self.registry
+        )
         self.generation_tokens = Counter("jserve_generation_tokens", "Generated tokens.", registry=reg)
-        self.ttft = Histogram("jserve_time_to_first_token_seconds", "Time to first token.",
-                              buckets=_LATENCY_BUCKETS, registry=self.registry)
-        self.tpot = Histogram("jserve_time_per_output_token_seconds",
-                              "Time per output token after the first.", buckets=_TPOT_BUCKETS, registry=reg)
-        self.e2e = Histogram("jserve_e2e_request_latency_seconds", "End-to-end request latency.",
-                             buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.ttft = Histogram(
+            "jserve_time_to_first_token_seconds",
+            "Time to first token.",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.tpot = Histogram(
+            "jserve_time_per_output_token_seconds",
+            "Time per output token after the first.",
+            buckets=_TPOT_BUCKETS,
+            registry=reg,
+        )
+        self.e2e = Histogram(
+            "jserve_e2e_request_latency_seconds",
+            "End-to-end request latency.",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         if engine_stats is not None:
             self.registry.register(_EngineCollector(engine_stats))
 

@@ -17,8 +17,8 @@ from jax.sharding import PartitionSpec as P
 import pallas_kernels
 from pallas_kernels import reference
 from pallas_kernels import xla as pallas_xla
-from pallas_kernels.xla_items import WorkPlan, ragged_paged_attention_items
 from pallas_kernels.dispatch import resolve_backend
+from pallas_kernels.xla_items import WorkPlan, ragged_paged_attention_items
 
 try:  # jax >= 0.7 exposes shard_map at the top level
     from jax import shard_map

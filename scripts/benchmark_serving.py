@@ -54,8 +54,9 @@ class Result:
 # ------------------------------------------------------------------ datasets
 
 
-def random_prompts(n: int, input_len: int, output_len: int, range_ratio: float, vocab: int,
-                   rng: random.Random) -> list[Prompt]:
+def random_prompts(
+    n: int, input_len: int, output_len: int, range_ratio: float, vocab: int, rng: random.Random
+) -> list[Prompt]:
     """Lengths uniform in [len * range_ratio, len]; ids avoid the first few (special) tokens."""
     low = 3 if vocab > 3 else 0
     out = []
@@ -66,13 +67,23 @@ def random_prompts(n: int, input_len: int, output_len: int, range_ratio: float, 
     return out
 
 
-async def sharegpt_prompts(path: str, n: int, stub: pb_grpc.GenerationStub, max_model_len: int,
-                           fixed_output_len: int | None, rng: random.Random, metadata) -> list[Prompt]:
+async def sharegpt_prompts(
+    path: str,
+    n: int,
+    stub: pb_grpc.GenerationStub,
+    max_model_len: int,
+    fixed_output_len: int | None,
+    rng: random.Random,
+    metadata,
+) -> list[Prompt]:
     """First human turn -> prompt, the reply's length -> output length; vLLM's filters (4 <= lengths,
     prompt <= 1024, prompt + output <= 2048, and within max_model_len)."""
     data = json.loads(Path(path).read_text())
-    pairs = [(c["conversations"][0]["value"], c["conversations"][1]["value"]) for c in data
-             if len(c.get("conversations", [])) >= 2]
+    pairs = [
+        (c["conversations"][0]["value"], c["conversations"][1]["value"])
+        for c in data
+        if len(c.get("conversations", [])) >= 2
+    ]
     rng.shuffle(pairs)
     out: list[Prompt] = []
     for question, answer in pairs:
@@ -82,8 +93,7 @@ async def sharegpt_prompts(path: str, n: int, stub: pb_grpc.GenerationStub, max_
         if fixed_output_len:
             n_out = fixed_output_len
         else:
-            reply = await stub.Tokenize(pb.TokenizeRequest(text=answer, add_special_tokens=False),
-                                        metadata=metadata)
+            reply = await stub.Tokenize(pb.TokenizeRequest(text=answer, add_special_tokens=False), metadata=metadata)
             n_out = len(reply.token_ids)
         if len(ids) < 4 or n_out < 4 or len(ids) > 1024 or len(ids) + n_out > min(2048, max_model_len):
             continue
@@ -97,17 +107,24 @@ async def sharegpt_prompts(path: str, n: int, stub: pb_grpc.GenerationStub, max_
 
 
 async def run_jserve(stub, prompt: Prompt, args, metadata) -> Result:
-    request = pb.GenerateRequest(token_ids=prompt.token_ids, sampling=pb.SamplingParams(
-        max_tokens=prompt.output_len, temperature=args.temperature, ignore_eos=args.ignore_eos))
+    request = pb.GenerateRequest(
+        token_ids=prompt.token_ids,
+        sampling=pb.SamplingParams(
+            max_tokens=prompt.output_len, temperature=args.temperature, ignore_eos=args.ignore_eos
+        ),
+    )
     return await _timed(stub.Generate(request, metadata=metadata), prompt, lambda r: len(r.token_ids))
 
 
 async def run_jetstream(stub, prompt: Prompt, args, metadata) -> Result:
     request = jetstream_pb2.DecodeRequest(
-        max_tokens=prompt.output_len,
-        token_content=jetstream_pb2.DecodeRequest.TokenContent(token_ids=prompt.token_ids))
-    return await _timed(stub.Decode(request, metadata=metadata), prompt,
-                        lambda r: sum(len(s.token_ids) for s in r.stream_content.samples))
+        max_tokens=prompt.output_len, token_content=jetstream_pb2.DecodeRequest.TokenContent(token_ids=prompt.token_ids)
+    )
+    return await _timed(
+        stub.Decode(request, metadata=metadata),
+        prompt,
+        lambda r: sum(len(s.token_ids) for s in r.stream_content.samples),
+    )
 
 
 async def _timed(call, prompt: Prompt, count) -> Result:
@@ -158,19 +175,28 @@ async def benchmark(args) -> dict:
         if args.dataset_name == "sharegpt":
             if not args.dataset_path:
                 raise SystemExit("--dataset-path is required with --dataset-name sharegpt")
-            prompts = await sharegpt_prompts(args.dataset_path, args.num_prompts, stub, info.max_model_len,
-                                             args.sharegpt_output_len, rng, metadata)
+            prompts = await sharegpt_prompts(
+                args.dataset_path, args.num_prompts, stub, info.max_model_len, args.sharegpt_output_len, rng, metadata
+            )
         else:
-            prompts = random_prompts(args.num_prompts, args.random_input_len, args.random_output_len,
-                                     args.random_range_ratio, info.vocab_size, rng)
+            prompts = random_prompts(
+                args.num_prompts,
+                args.random_input_len,
+                args.random_output_len,
+                args.random_range_ratio,
+                info.vocab_size,
+                rng,
+            )
         if args.protocol == "jetstream":
             run, target_stub = run_jetstream, jetstream_pb2_grpc.OrchestratorStub(channel)
         else:
             run, target_stub = run_jserve, stub
-        print(f"model {info.model_name} on {info.parallel.platform}; {len(prompts)} prompts, "
-              f"request rate {args.request_rate}, max concurrency {args.max_concurrency}", file=sys.stderr)
-        probe = await run(target_stub, Prompt(prompts[0].token_ids, min(4, prompts[0].output_len)), args,
-                          metadata)
+        print(
+            f"model {info.model_name} on {info.parallel.platform}; {len(prompts)} prompts, "
+            f"request rate {args.request_rate}, max concurrency {args.max_concurrency}",
+            file=sys.stderr,
+        )
+        probe = await run(target_stub, Prompt(prompts[0].token_ids, min(4, prompts[0].output_len)), args, metadata)
         if not probe.ok:
             raise SystemExit(f"test request failed: {probe.error}")
 
@@ -182,8 +208,7 @@ async def benchmark(args) -> dict:
 
         start = time.perf_counter()
         tasks = []
-        async for i in arrivals(len(prompts), args.request_rate, args.burstiness,
-                                np.random.default_rng(args.seed)):
+        async for i in arrivals(len(prompts), args.request_rate, args.burstiness, np.random.default_rng(args.seed)):
             tasks.append(asyncio.create_task(limited(prompts[i])))
         results = await asyncio.gather(*tasks)
         duration = time.perf_counter() - start
@@ -203,9 +228,13 @@ def summarize(results: list[Result], duration: float, args) -> dict:
     out_tokens = sum(r.output_len for r in ok)
     in_tokens = sum(r.prompt_len for r in ok)
     stats = {
-        "completed": len(ok), "failed": len(results) - len(ok), "duration": duration,
-        "total_input_tokens": in_tokens, "total_output_tokens": out_tokens,
-        "request_throughput": len(ok) / duration, "output_throughput": out_tokens / duration,
+        "completed": len(ok),
+        "failed": len(results) - len(ok),
+        "duration": duration,
+        "total_input_tokens": in_tokens,
+        "total_output_tokens": out_tokens,
+        "request_throughput": len(ok) / duration,
+        "output_throughput": out_tokens / duration,
         "total_token_throughput": (in_tokens + out_tokens) / duration,
         "errors": sorted({r.error for r in results if r.error})[:5],
     }
@@ -228,8 +257,12 @@ def print_report(s: dict) -> None:
     line("Request throughput (req/s):", f"{s['request_throughput']:.2f}")
     line("Output token throughput (tok/s):", f"{s['output_throughput']:.2f}")
     line("Total Token throughput (tok/s):", f"{s['total_token_throughput']:.2f}")
-    for key, title in (("ttft", "Time to First Token"), ("tpot", "Time per Output Token (excl. 1st token)"),
-                       ("itl", "Inter-token Latency"), ("e2el", "End-to-end Latency")):
+    for key, title in (
+        ("ttft", "Time to First Token"),
+        ("tpot", "Time per Output Token (excl. 1st token)"),
+        ("itl", "Inter-token Latency"),
+        ("e2el", "End-to-end Latency"),
+    ):
         print("{s:{c}^50}".format(s=title, c="-"))
         upper = key.upper()
         line(f"Mean {upper} (ms):", f"{s[f'mean_{key}_ms']:.2f}")
@@ -258,8 +291,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of the gaps; 1 = Poisson")
     p.add_argument("--max-concurrency", type=int, default=None)
     p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
-                   help="generate exactly the requested output length (jserve protocol only)")
+    p.add_argument(
+        "--ignore-eos",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="generate exactly the requested output length (jserve protocol only)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-result", default=None, help="also write the numbers as JSON here")
     return p.parse_args(argv)

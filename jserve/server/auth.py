@@ -67,6 +67,8 @@ def _rejecting(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         (True, True): grpc.stream_stream_rpc_method_handler,
     }
     make = kinds[(handler.request_streaming, handler.response_streaming)]
-    return make(deny_stream if handler.response_streaming else deny,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
+    return make(
+        deny_stream if handler.response_streaming else deny,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )

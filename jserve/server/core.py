@@ -196,8 +196,7 @@ class ServingCore:
             if outcome not in ("queue_full", "invalid"):
                 self.metrics.prompt_tokens.inc(len(token_ids))
                 ttft = None if first_token is None else first_token - arrival
-                self.metrics.record_request(ttft=ttft, e2e=time.perf_counter() - arrival,
-                                            num_output_tokens=num_out)
+                self.metrics.record_request(ttft=ttft, e2e=time.perf_counter() - arrival, num_output_tokens=num_out)
 
 
 def _finish_outcome(reasons: set[str]) -> str:

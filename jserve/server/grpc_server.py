@@ -91,14 +91,19 @@ class GenerationServicer(jserve_pb2_grpc.GenerationServicer):
         async with _status_errors(context, self.core):
             self.core.check_accepting()
             add_special = request.add_special_tokens if request.HasField("add_special_tokens") else True
-            text, ids = self.core.encode_prompt(request.prompt, request.token_ids,
-                                                add_special_tokens=add_special)
+            text, ids = self.core.encode_prompt(request.prompt, request.token_ids, add_special_tokens=add_special)
             params = sampling_from_proto(request.sampling)
             request_id = request.request_id or f"grpc-{uuid.uuid4().hex}"
             builder = ResponseBuilder()
             async with asyncio.timeout(_deadline(context)):
-                stream = self.core.generate(ids, params, request_id=request_id, prompt=text, arrival=arrival,
-                                            deadline_passed=_deadline_checker(context))
+                stream = self.core.generate(
+                    ids,
+                    params,
+                    request_id=request_id,
+                    prompt=text,
+                    arrival=arrival,
+                    deadline_passed=_deadline_checker(context),
+                )
                 async with contextlib.aclosing(stream):
                     async for out in stream:
                         for response in builder.build(out):
@@ -112,8 +117,7 @@ class GenerationServicer(jserve_pb2_grpc.GenerationServicer):
             ids = self.core.tokenizer.encode(request.text, add_special_tokens=add_special)
             return jserve_pb2.TokenizeResponse(token_ids=ids)
 
-    async def Detokenize(self, request: jserve_pb2.DetokenizeRequest,
-                         context) -> jserve_pb2.DetokenizeResponse:
+    async def Detokenize(self, request: jserve_pb2.DetokenizeRequest, context) -> jserve_pb2.DetokenizeResponse:
         async with _status_errors(context, self.core):
             if self.core.tokenizer is None:
                 raise ValueError("token_ids: this model has no tokenizer")
@@ -128,15 +132,24 @@ class GenerationServicer(jserve_pb2_grpc.GenerationServicer):
     async def GetModelInfo(self, request, context) -> jserve_pb2.ModelInfo:
         card, stats = self.core.card, self.core.stats()
         return jserve_pb2.ModelInfo(
-            model_name=card.name, vocab_size=card.vocab_size, max_model_len=card.max_model_len,
+            model_name=card.name,
+            vocab_size=card.vocab_size,
+            max_model_len=card.max_model_len,
             parallel=jserve_pb2.ParallelLayout(
                 tensor_parallel_size=card.tensor_parallel_size,
                 pipeline_parallel_size=card.pipeline_parallel_size,
-                data_parallel_size=card.data_parallel_size, num_devices=card.num_devices,
-                platform=card.platform),
-            page_size=card.page_size, pages_total=stats["pages_total"], pages_free=stats["pages_free"],
-            pages_cached=stats["pages_cached"], num_running=stats["num_running"],
-            num_waiting=stats["num_waiting"], max_num_seqs=card.max_num_seqs, dtype=card.dtype,
+                data_parallel_size=card.data_parallel_size,
+                num_devices=card.num_devices,
+                platform=card.platform,
+            ),
+            page_size=card.page_size,
+            pages_total=stats["pages_total"],
+            pages_free=stats["pages_free"],
+            pages_cached=stats["pages_cached"],
+            num_running=stats["num_running"],
+            num_waiting=stats["num_waiting"],
+            max_num_seqs=card.max_num_seqs,
+            dtype=card.dtype,
         )
 
 
@@ -158,8 +171,9 @@ class OrchestratorServicer(jetstream_pb2_grpc.OrchestratorServicer):
             if kind is None:
                 raise ValueError("content: set text_content or token_content")
             if kind == "text_content":
-                text, ids = self.core.encode_prompt(request.text_content.text, None,
-                                                    add_special_tokens=not request.has_bos)
+                text, ids = self.core.encode_prompt(
+                    request.text_content.text, None, add_special_tokens=not request.has_bos
+                )
             else:
                 text, ids = self.core.encode_prompt(None, request.token_content.token_ids)
                 if not ids:
@@ -167,9 +181,14 @@ class OrchestratorServicer(jetstream_pb2_grpc.OrchestratorServicer):
             n = request.num_samples or 1
             params = SamplingParams(n=n, max_tokens=request.max_tokens, temperature=0.0 if n == 1 else 1.0)
             async with asyncio.timeout(_deadline(context)):
-                stream = self.core.generate(ids, params, request_id=f"jetstream-{uuid.uuid4().hex}",
-                                            prompt=text, arrival=arrival,
-                                            deadline_passed=_deadline_checker(context))
+                stream = self.core.generate(
+                    ids,
+                    params,
+                    request_id=f"jetstream-{uuid.uuid4().hex}",
+                    prompt=text,
+                    arrival=arrival,
+                    deadline_passed=_deadline_checker(context),
+                )
                 async with contextlib.aclosing(stream):
                     async for out in stream:
                         if not any(c.token_ids or c.text for c in out.outputs):
@@ -177,8 +196,11 @@ class OrchestratorServicer(jetstream_pb2_grpc.OrchestratorServicer):
                         samples = [jetstream_pb2.DecodeResponse.StreamContent.Sample() for _ in range(n)]
                         for c in out.outputs:
                             samples[c.index].text, samples[c.index].token_ids[:] = c.text, c.token_ids
-                        await context.write(jetstream_pb2.DecodeResponse(
-                            stream_content=jetstream_pb2.DecodeResponse.StreamContent(samples=samples)))
+                        await context.write(
+                            jetstream_pb2.DecodeResponse(
+                                stream_content=jetstream_pb2.DecodeResponse.StreamContent(samples=samples)
+                            )
+                        )
 
     async def HealthCheck(self, request, context) -> jetstream_pb2.HealthCheckResponse:
         return jetstream_pb2.HealthCheckResponse(is_live=self.core.serving)

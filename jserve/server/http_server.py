@@ -56,8 +56,9 @@ class _Job:
         self.text, self.ids, self.first_choice = text, ids, first_choice
 
 
-async def _merged(core: ServingCore, jobs: Sequence[_Job], params: SamplingParams,
-                  request_id: str) -> AsyncIterator[tuple[_Job, RequestOutput]]:
+async def _merged(
+    core: ServingCore, jobs: Sequence[_Job], params: SamplingParams, request_id: str
+) -> AsyncIterator[tuple[_Job, RequestOutput]]:
     """Runs every prompt concurrently and yields (job, delta) as they come; closing it aborts them all."""
     queue: asyncio.Queue = asyncio.Queue()
 
@@ -120,18 +121,36 @@ class OpenAIApp:
     # ------------------------------------------------------------------ endpoints
 
     async def health(self) -> JSONResponse:
-        return JSONResponse({"status": "ok" if self.core.serving else "not serving"},
-                            status_code=200 if self.core.serving else 503)
+        return JSONResponse(
+            {"status": "ok" if self.core.serving else "not serving"}, status_code=200 if self.core.serving else 503
+        )
 
     async def models(self) -> dict:
         card = self.core.card
-        return {"object": "list", "data": [{"id": card.name, "object": "model", "created": 0,
-                                            "owned_by": "jserve", "max_model_len": card.max_model_len}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": card.name,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "jserve",
+                    "max_model_len": card.max_model_len,
+                }
+            ],
+        }
 
     def _check_model(self, model: str | None) -> JSONResponse | None:
         if model and model != self.core.card.name:
-            return JSONResponse(error_body(f"model {model!r} does not exist; this server serves "
-                                           f"{self.core.card.name!r}", "not_found_error", 404, "model"), 404)
+            return JSONResponse(
+                error_body(
+                    f"model {model!r} does not exist; this server serves {self.core.card.name!r}",
+                    "not_found_error",
+                    404,
+                    "model",
+                ),
+                404,
+            )
         return None
 
     async def completions(self, body: CompletionRequest):
@@ -158,8 +177,9 @@ class OpenAIApp:
             if self.core.tokenizer is None:
                 raise ValueError("messages: this model has no tokenizer")
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-            ids = self.core.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                         chat_template=body.chat_template)
+            ids = self.core.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, chat_template=body.chat_template
+            )
             room = self.core.card.max_model_len - len(ids) - 1
             params = body.sampling_params(default_max_tokens=max(1, room))
             self.core.validate(ids, params)
@@ -172,8 +192,15 @@ class OpenAIApp:
     async def _respond(self, body, jobs: list[_Job], params: SamplingParams, *, chat: bool):
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
-        formatter = _Formatter(self.core, body.model or self.core.card.name, request_id, created, chat,
-                               prompt_tokens=sum(len(j.ids) for j in jobs), num_top=params.logprobs or 0)
+        formatter = _Formatter(
+            self.core,
+            body.model or self.core.card.name,
+            request_id,
+            created,
+            chat,
+            prompt_tokens=sum(len(j.ids) for j in jobs),
+            num_top=params.logprobs or 0,
+        )
         stream = _merged(self.core, jobs, params, request_id)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -181,8 +208,7 @@ class OpenAIApp:
             first = await _first_or_error(stream)
             if isinstance(first, BaseException):
                 return _error_response(first, self.core)
-            return StreamingResponse(formatter.sse(first, stream, include_usage),
-                                     media_type="text/event-stream")
+            return StreamingResponse(formatter.sse(first, stream, include_usage), media_type="text/event-stream")
         try:
             async with contextlib.aclosing(stream):
                 async for job, out in stream:
@@ -205,8 +231,17 @@ async def _first_or_error(stream: AsyncIterator) -> tuple | BaseException | None
 class _Formatter:
     """Accumulates deltas into OpenAI completion / chat.completion objects, or formats them as SSE chunks."""
 
-    def __init__(self, core: ServingCore, model: str, request_id: str, created: int, chat: bool, *,
-                 prompt_tokens: int, num_top: int):
+    def __init__(
+        self,
+        core: ServingCore,
+        model: str,
+        request_id: str,
+        created: int,
+        chat: bool,
+        *,
+        prompt_tokens: int,
+        num_top: int,
+    ):
         self.core, self.model, self.id, self.created, self.chat = core, model, request_id, created, chat
         self.num_top = num_top
         self.prompt_tokens = prompt_tokens
@@ -223,29 +258,41 @@ class _Formatter:
         An entry holds the top-k alternatives plus the sampled token; "top" lists only the k best."""
         if c.logprobs is None:
             return None
-        pairs = [(t, e, sorted(e.items(), key=lambda kv: -kv[1])[: self.num_top])
-                 for t, e in zip(c.token_ids, c.logprobs, strict=False)]
+        pairs = [
+            (t, e, sorted(e.items(), key=lambda kv: -kv[1])[: self.num_top])
+            for t, e in zip(c.token_ids, c.logprobs, strict=False)
+        ]
         if self.chat:
+
             def item(token_id: int, logprob: float) -> dict:
                 text = self._token(token_id)
                 return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
-            return {"content": [{**item(t, e.get(t, 0.0)), "top_logprobs": [item(i, lp) for i, lp in top]}
-                                for t, e, top in pairs]}
-        return {"tokens": [self._token(t) for t, _, _ in pairs],
-                "token_logprobs": [e.get(t, 0.0) for t, e, _ in pairs],
-                "top_logprobs": [{self._token(i): lp for i, lp in top} for _, _, top in pairs],
-                "text_offset": []}
+            return {
+                "content": [
+                    {**item(t, e.get(t, 0.0)), "top_logprobs": [item(i, lp) for i, lp in top]} for t, e, top in pairs
+                ]
+            }
+        return {
+            "tokens": [self._token(t) for t, _, _ in pairs],
+            "token_logprobs": [e.get(t, 0.0) for t, e, _ in pairs],
+            "top_logprobs": [{self._token(i): lp for i, lp in top} for _, _, top in pairs],
+            "text_offset": [],
+        }
 
     def _usage(self) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
 
     def add(self, job: _Job, out: RequestOutput) -> None:
         for c in out.outputs:
             index = job.first_choice + c.index
-            choice = self.choices.setdefault(index, {"text": "", "token_ids": [], "logprobs": None,
-                                                     "finish_reason": None})
+            choice = self.choices.setdefault(
+                index, {"text": "", "token_ids": [], "logprobs": None, "finish_reason": None}
+            )
             choice["text"] += c.text
             self.completion_tokens += len(c.token_ids)
             lp = self._logprobs(c)
@@ -262,17 +309,35 @@ class _Formatter:
         for index in sorted(self.choices):
             c = self.choices[index]
             if self.chat:
-                choices.append({"index": index, "message": {"role": "assistant", "content": c["text"]},
-                                "logprobs": c["logprobs"], "finish_reason": c["finish_reason"]})
+                choices.append(
+                    {
+                        "index": index,
+                        "message": {"role": "assistant", "content": c["text"]},
+                        "logprobs": c["logprobs"],
+                        "finish_reason": c["finish_reason"],
+                    }
+                )
             else:
-                choices.append({"index": index, "text": c["text"], "logprobs": c["logprobs"],
-                                "finish_reason": c["finish_reason"]})
-        return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
-                "created": self.created, "model": self.model, "choices": choices, "usage": self._usage()}
+                choices.append(
+                    {"index": index, "text": c["text"], "logprobs": c["logprobs"], "finish_reason": c["finish_reason"]}
+                )
+        return {
+            "id": self.id,
+            "object": "chat.completion" if self.chat else "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            "usage": self._usage(),
+        }
 
     def _chunk(self, choices: list[dict], usage: dict | None = None) -> str:
-        body = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
-                "created": self.created, "model": self.model, "choices": choices}
+        body = {
+            "id": self.id,
+            "object": "chat.completion.chunk" if self.chat else "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
         if usage is not None:
             body["usage"] = usage
         return f"data: {json.dumps(body)}\n\n"
@@ -297,8 +362,7 @@ class _Formatter:
             chunks.append(self._chunk([choice]))
         return chunks
 
-    async def sse(self, first: tuple | None, stream: AsyncIterator,
-                  include_usage: bool) -> AsyncIterator[str]:
+    async def sse(self, first: tuple | None, stream: AsyncIterator, include_usage: bool) -> AsyncIterator[str]:
         async with contextlib.aclosing(stream):
             try:
                 if first is not None:
@@ -326,12 +390,26 @@ class _QuietServer(uvicorn.Server):
 class HttpServer:
     """Runs the OpenAI app with uvicorn on an already-bound socket (so port 0 works and is known up front)."""
 
-    def __init__(self, core: ServingCore, host: str, port: int, *, api_key: str | None = None,
-                 tls_cert: str | None = None, tls_key: str | None = None):
+    def __init__(
+        self,
+        core: ServingCore,
+        host: str,
+        port: int,
+        *,
+        api_key: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+    ):
         self.socket = socket.create_server((host, port))
         self.port = self.socket.getsockname()[1]
-        config = uvicorn.Config(OpenAIApp(core, api_key).app, log_level="warning", lifespan="off",
-                                ssl_certfile=tls_cert, ssl_keyfile=tls_key, timeout_graceful_shutdown=1)
+        config = uvicorn.Config(
+            OpenAIApp(core, api_key).app,
+            log_level="warning",
+            lifespan="off",
+            ssl_certfile=tls_cert,
+            ssl_keyfile=tls_key,
+            timeout_graceful_shutdown=1,
+        )
         self._server = _QuietServer(config)
         self._task: asyncio.Task | None = None
 

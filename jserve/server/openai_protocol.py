@@ -47,13 +47,26 @@ class _SamplingFields(BaseModel):
     def _sampling(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         if self.logit_bias:
             raise ValueError("logit_bias is not supported")
-        kwargs: dict[str, Any] = {"n": self.n, "ignore_eos": self.ignore_eos, "logprobs": logprobs,
-                                  "skip_special_tokens": self.skip_special_tokens}
-        optional = {"temperature": self.temperature, "top_p": self.top_p, "seed": self.seed,
-                    "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
-                    "top_k": self.top_k, "min_p": self.min_p, "repetition_penalty": self.repetition_penalty,
-                    "min_tokens": self.min_tokens, "max_tokens": max_tokens, "stop": self.stop,
-                    "stop_token_ids": self.stop_token_ids}
+        kwargs: dict[str, Any] = {
+            "n": self.n,
+            "ignore_eos": self.ignore_eos,
+            "logprobs": logprobs,
+            "skip_special_tokens": self.skip_special_tokens,
+        }
+        optional = {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "seed": self.seed,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "top_k": self.top_k,
+            "min_p": self.min_p,
+            "repetition_penalty": self.repetition_penalty,
+            "min_tokens": self.min_tokens,
+            "max_tokens": max_tokens,
+            "stop": self.stop,
+            "stop_token_ids": self.stop_token_ids,
+        }
         kwargs.update({k: v for k, v in optional.items() if v is not None})
         return SamplingParams(**kwargs)
 

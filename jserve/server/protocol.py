@@ -13,8 +13,7 @@ from jserve.sampling_params import SamplingParams
 from jserve.server.gen import jserve_pb2 as pb
 
 _OPTIONAL_INTS = ("n", "max_tokens", "min_tokens", "top_k", "seed", "logprobs", "prompt_logprobs")
-_OPTIONAL_FLOATS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
-                    "frequency_penalty")
+_OPTIONAL_FLOATS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 
 
 def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
@@ -50,14 +49,16 @@ def _token_logprobs(token_id: int, entry: dict[int, float] | None) -> pb.TokenLo
         return pb.TokenLogprobs()
     top = sorted(entry.items(), key=lambda kv: -kv[1])
     return pb.TokenLogprobs(
-        token_id=token_id, logprob=entry.get(token_id, 0.0),
+        token_id=token_id,
+        logprob=entry.get(token_id, 0.0),
         top=[pb.TopLogprob(token_id=t, logprob=lp) for t, lp in top],
     )
 
 
 def _sample_response(request_id: str, c: CompletionOutput) -> pb.GenerateResponse:
-    resp = pb.GenerateResponse(request_id=request_id, index=c.index, token_ids=c.token_ids, text=c.text,
-                               finish_reason=c.finish_reason or "")
+    resp = pb.GenerateResponse(
+        request_id=request_id, index=c.index, token_ids=c.token_ids, text=c.text, finish_reason=c.finish_reason or ""
+    )
     if c.logprobs is not None:
         resp.logprobs.extend(_token_logprobs(t, e) for t, e in zip(c.token_ids, c.logprobs, strict=False))
     if isinstance(c.stop_reason, str):
@@ -75,22 +76,27 @@ class ResponseBuilder:
 
     def build(self, out: RequestOutput) -> list[pb.GenerateResponse]:
         """One response per sample that changed; a delta with nothing new yields one only when it finishes."""
-        responses = [_sample_response(out.request_id, c) for c in out.outputs
-                     if c.token_ids or c.text or c.finish_reason]
+        responses = [
+            _sample_response(out.request_id, c) for c in out.outputs if c.token_ids or c.text or c.finish_reason
+        ]
         self.completion_tokens += sum(len(c.token_ids) for c in out.outputs)
         if out.prompt_logprobs is not None:
             if not responses:
                 responses.append(pb.GenerateResponse(request_id=out.request_id))
             responses[0].prompt_logprobs.extend(
-                _token_logprobs(t, e)
-                for t, e in zip(out.prompt_token_ids, out.prompt_logprobs, strict=False))
+                _token_logprobs(t, e) for t, e in zip(out.prompt_token_ids, out.prompt_logprobs, strict=False)
+            )
         if out.finished:
             if not responses:
                 responses.append(pb.GenerateResponse(request_id=out.request_id))
             last = responses[-1]
             last.finished = True
             cached = out.metrics.num_cached_tokens if out.metrics is not None else 0
-            last.usage.CopyFrom(pb.Usage(prompt_tokens=len(out.prompt_token_ids),
-                                         completion_tokens=self.completion_tokens,
-                                         cached_prompt_tokens=cached))
+            last.usage.CopyFrom(
+                pb.Usage(
+                    prompt_tokens=len(out.prompt_token_ids),
+                    completion_tokens=self.completion_tokens,
+                    cached_prompt_tokens=cached,
+                )
+            )
         return responses

@@ -32,8 +32,15 @@ def generate(out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     with tempfile.TemporaryDirectory() as tmp:
-        args = ["protoc", f"-I{PROTO_ROOT}", f"-I{include}", f"--python_out={tmp}", f"--pyi_out={tmp}",
-                f"--grpc_python_out={tmp}", *PROTOS]
+        args = [
+            "protoc",
+            f"-I{PROTO_ROOT}",
+            f"-I{include}",
+            f"--python_out={tmp}",
+            f"--pyi_out={tmp}",
+            f"--grpc_python_out={tmp}",
+            *PROTOS,
+        ]
         if protoc.main(args) != 0:
             raise RuntimeError(f"protoc failed: {' '.join(args)}")
         modules = {Path(p).with_suffix("").as_posix().replace("/", "."): Path(p).stem for p in PROTOS}
@@ -56,8 +63,7 @@ def _rewrite_imports(text: str, modules: dict[str, str]) -> str:
         package = dotted.rsplit(".", 1)[0] if "." in dotted else ""
         pattern = rf"^from {re.escape(package)} import {stem}_pb2\b"
         text = re.sub(pattern, f"from {GEN_PACKAGE} import {stem}_pb2", text, flags=re.MULTILINE)
-        text = re.sub(rf"^import {stem}_pb2\b", f"from {GEN_PACKAGE} import {stem}_pb2", text,
-                      flags=re.MULTILINE)
+        text = re.sub(rf"^import {stem}_pb2\b", f"from {GEN_PACKAGE} import {stem}_pb2", text, flags=re.MULTILINE)
     return text
 
 

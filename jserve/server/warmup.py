@@ -43,8 +43,7 @@ def warm_up(engine: Engine, *, page_size: int, max_num_seqs: int, max_tokens: in
     vocab = max(engine.vocab_size - 1, 1)
     waves = plan(page_size=page_size, max_model_len=engine.max_model_len, max_num_seqs=max_num_seqs)
     for i, wave in enumerate(tqdm(waves, desc="jserve: warm-up", unit="wave", file=sys.stderr)):
-        params = SamplingParams(max_tokens=max_tokens, temperature=0.0 if wave.greedy else 1.0,
-                                ignore_eos=True, seed=i)
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0 if wave.greedy else 1.0, ignore_eos=True, seed=i)
         for j in range(wave.num_seqs):
             ids = [1 + (i * 7919 + j * 104729 + k * 31) % vocab for k in range(wave.prompt_len)]
             engine.add_request(ids, params, request_id=f"warmup-{i}-{j}")

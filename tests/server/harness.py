@@ -45,13 +45,25 @@ class ServerProcess:
 
     def start(self, timeout: float = 180.0) -> ServerProcess:
         cache = os.environ.get("JSERVE_TEST_JAX_CACHE", str(REPO_ROOT / ".jax_cache"))
-        env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": os.path.abspath(cache),
-               "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5", "JAX_DEFAULT_MATMUL_PRECISION": "highest",
-               "TOKENIZERS_PARALLELISM": "false", **self.env}
+        env = {
+            **os.environ,
+            "JAX_PLATFORMS": "cpu",
+            "JAX_COMPILATION_CACHE_DIR": os.path.abspath(cache),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",
+            "JAX_DEFAULT_MATMUL_PRECISION": "highest",
+            "TOKENIZERS_PARALLELISM": "false",
+            **self.env,
+        }
         env.pop("JSERVE_API_KEY", None)
-        self.proc = subprocess.Popen([sys.executable, "-m", "jserve.launch", *self.args], cwd=REPO_ROOT,
-                                     env=env, stdout=subprocess.PIPE, stderr=self._stderr, text=True,
-                                     bufsize=1)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "jserve.launch", *self.args],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            text=True,
+            bufsize=1,
+        )
         threading.Thread(target=self._read_stdout, daemon=True).start()
         if not self._ready.wait(timeout) or self.grpc_port is None:
             self.kill()
@@ -91,8 +103,9 @@ class ServerProcess:
         deadline = time.monotonic() + timeout
         while True:
             info = self.model_info()
-            if (info.pages_free == expected and info.num_running == 0 and info.num_waiting == 0) \
-                    or time.monotonic() > deadline:
+            if (
+                info.pages_free == expected and info.num_running == 0 and info.num_waiting == 0
+            ) or time.monotonic() > deadline:
                 return info
             time.sleep(0.05)
 

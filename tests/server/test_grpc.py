@@ -54,8 +54,11 @@ def _code(call) -> grpc.StatusCode:
 def test_streamed_tokens_match_llm_generate(stub):
     from jserve import LLM, SamplingParams
 
-    cases = [dict(temperature=0.0, max_tokens=12), dict(temperature=0.8, top_p=0.9, seed=7, max_tokens=12),
-             dict(n=2, temperature=1.0, seed=11, max_tokens=6)]
+    cases = [
+        dict(temperature=0.0, max_tokens=12),
+        dict(temperature=0.8, top_p=0.9, seed=7, max_tokens=12),
+        dict(n=2, temperature=1.0, seed=11, max_tokens=6),
+    ]
     llm = LLM()
     for kwargs in cases:
         expected = llm.generate(PROMPTS, SamplingParams(**kwargs), use_tqdm=False)
@@ -72,8 +75,11 @@ def test_streamed_tokens_match_llm_generate(stub):
 
 def test_logprobs_and_token_prompt(stub):
     ids = stub.Tokenize(pb.TokenizeRequest(text=PROMPTS[0])).token_ids
-    got = _collect(stub.Generate(pb.GenerateRequest(
-        token_ids=ids, sampling=pb.SamplingParams(temperature=0.0, max_tokens=4, logprobs=3))))
+    got = _collect(
+        stub.Generate(
+            pb.GenerateRequest(token_ids=ids, sampling=pb.SamplingParams(temperature=0.0, max_tokens=4, logprobs=3))
+        )
+    )
     assert len(got[0]["logprobs"]) == 4
     for token, lp in zip(got[0]["ids"], got[0]["logprobs"], strict=True):
         assert lp.token_id == token and len(lp.top) >= 3 and lp.logprob <= 0.0
@@ -87,8 +93,14 @@ def test_64_concurrent_streams_complete(server):
 
             async def one(i: int) -> dict:
                 params = pb.SamplingParams(max_tokens=8, ignore_eos=True, seed=i)
-                return _collect([r async for r in stub.Generate(pb.GenerateRequest(
-                    token_ids=[1, 5 + i % 50, 9, 13], sampling=params))])
+                return _collect(
+                    [
+                        r
+                        async for r in stub.Generate(
+                            pb.GenerateRequest(token_ids=[1, 5 + i % 50, 9, 13], sampling=params)
+                        )
+                    ]
+                )
 
             return await asyncio.gather(*(one(i) for i in range(64)))
 
@@ -126,8 +138,12 @@ def test_cancelled_streams_free_their_pages(server):
 def test_deadline_exceeded_aborts(server, stub):
     total = server.model_info().pages_total
     start = time.monotonic()
-    code, _ = _code(lambda: stub.Generate(pb.GenerateRequest(
-        prompt=PROMPTS[1], sampling=pb.SamplingParams(max_tokens=1900, ignore_eos=True)), timeout=1.0))
+    code, _ = _code(
+        lambda: stub.Generate(
+            pb.GenerateRequest(prompt=PROMPTS[1], sampling=pb.SamplingParams(max_tokens=1900, ignore_eos=True)),
+            timeout=1.0,
+        )
+    )
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert time.monotonic() - start < 5.0
     after = server.wait_pages_free(total, timeout=4.0)  # far less than generating 1500 tokens would take
@@ -166,8 +182,9 @@ BAD_PROMPTS = [
 ]
 
 
-@pytest.mark.parametrize(("request_fields", "field"),
-                         [({"sampling": pb.SamplingParams(**s)}, f) for s, f in BAD_SAMPLING] + BAD_PROMPTS)
+@pytest.mark.parametrize(
+    ("request_fields", "field"), [({"sampling": pb.SamplingParams(**s)}, f) for s, f in BAD_SAMPLING] + BAD_PROMPTS
+)
 def test_bad_input_is_invalid_argument_and_server_keeps_serving(stub, request_fields, field):
     fields = dict(request_fields)
     if "prompt" not in fields and "token_ids" not in fields and "sampling" in fields:
@@ -186,8 +203,11 @@ def test_bad_jetstream_and_detokenize_inputs(server, stub):
     with server.channel() as channel:
         orchestrator = jetstream_pb2_grpc.OrchestratorStub(channel)
         text = jetstream_pb2.DecodeRequest.TextContent(text="hello")
-        cases = [(dict(max_tokens=4), "content"), (dict(max_tokens=0, text_content=text), "max_tokens"),
-                 (dict(max_tokens=4, text_content=text, lora_adapter_id="x"), "lora_adapter_id")]
+        cases = [
+            (dict(max_tokens=4), "content"),
+            (dict(max_tokens=0, text_content=text), "max_tokens"),
+            (dict(max_tokens=4, text_content=text, lora_adapter_id="x"), "lora_adapter_id"),
+        ]
         for fields, field in cases:
             request = jetstream_pb2.DecodeRequest(**fields)
             code, details = _code(lambda request=request: orchestrator.Decode(request, timeout=30))
@@ -195,21 +215,32 @@ def test_bad_jetstream_and_detokenize_inputs(server, stub):
 
 
 def test_jetstream_decode_streams_text(server, stub):
-    expected = _collect(stub.Generate(pb.GenerateRequest(
-        prompt=PROMPTS[0], sampling=pb.SamplingParams(temperature=0.0, max_tokens=8))))[0]
+    expected = _collect(
+        stub.Generate(pb.GenerateRequest(prompt=PROMPTS[0], sampling=pb.SamplingParams(temperature=0.0, max_tokens=8)))
+    )[0]
     with server.channel() as channel:
         orchestrator = jetstream_pb2_grpc.OrchestratorStub(channel)
         assert orchestrator.HealthCheck(jetstream_pb2.HealthCheckRequest()).is_live
-        responses = list(orchestrator.Decode(jetstream_pb2.DecodeRequest(
-            max_tokens=8, text_content=jetstream_pb2.DecodeRequest.TextContent(text=PROMPTS[0]))))
+        responses = list(
+            orchestrator.Decode(
+                jetstream_pb2.DecodeRequest(
+                    max_tokens=8, text_content=jetstream_pb2.DecodeRequest.TextContent(text=PROMPTS[0])
+                )
+            )
+        )
         assert len(responses) >= 2  # streamed, not one blob
         assert all(r.WhichOneof("content") == "stream_content" for r in responses)
         ids = [t for r in responses for t in r.stream_content.samples[0].token_ids]
         text = "".join(r.stream_content.samples[0].text for r in responses)
         assert ids == expected["ids"] and text == expected["text"]
         prompt_ids = list(stub.Tokenize(pb.TokenizeRequest(text=PROMPTS[0])).token_ids)
-        by_tokens = list(orchestrator.Decode(jetstream_pb2.DecodeRequest(
-            max_tokens=8, token_content=jetstream_pb2.DecodeRequest.TokenContent(token_ids=prompt_ids))))
+        by_tokens = list(
+            orchestrator.Decode(
+                jetstream_pb2.DecodeRequest(
+                    max_tokens=8, token_content=jetstream_pb2.DecodeRequest.TokenContent(token_ids=prompt_ids)
+                )
+            )
+        )
         assert [t for r in by_tokens for t in r.stream_content.samples[0].token_ids] == expected["ids"]
 
 
@@ -245,21 +276,29 @@ def test_message_size_limit(stub):
 def test_openai_client_completes_and_streams(server):
     import openai
 
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.http_port}/v1", api_key="unused",
-                           max_retries=0)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.http_port}/v1", api_key="unused", max_retries=0)
     (model,) = client.models.list().data
     assert model.id == "tiny-llama"
     done = client.completions.create(model=model.id, prompt=PROMPTS[0], max_tokens=6, temperature=0)
     assert done.choices[0].finish_reason in ("length", "stop") and done.usage.completion_tokens >= 1
-    chunks = list(client.completions.create(model=model.id, prompt=PROMPTS[0], max_tokens=6, temperature=0,
-                                            stream=True))
+    chunks = list(
+        client.completions.create(model=model.id, prompt=PROMPTS[0], max_tokens=6, temperature=0, stream=True)
+    )
     assert "".join(c.choices[0].text for c in chunks) == done.choices[0].text
-    chat = client.chat.completions.create(model=model.id, messages=[{"role": "user", "content": "Hi!"}],
-                                          max_tokens=5, temperature=0)
+    chat = client.chat.completions.create(
+        model=model.id, messages=[{"role": "user", "content": "Hi!"}], max_tokens=5, temperature=0
+    )
     assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens >= 1
-    streamed = list(client.chat.completions.create(
-        model=model.id, messages=[{"role": "user", "content": "Hi!"}], max_tokens=5, temperature=0,
-        stream=True, stream_options={"include_usage": True}))
+    streamed = list(
+        client.chat.completions.create(
+            model=model.id,
+            messages=[{"role": "user", "content": "Hi!"}],
+            max_tokens=5,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
     assert text == chat.choices[0].message.content
     assert streamed[-1].usage.completion_tokens == chat.usage.completion_tokens
@@ -275,24 +314,34 @@ def test_metrics_endpoint(server, stub):
         list(stub.Generate(pb.GenerateRequest(prompt="metrics", sampling=pb.SamplingParams(top_k=-2))))
     url = f"http://127.0.0.1:{server.metrics_port}/metrics"
     body = urllib.request.urlopen(url, timeout=10).read().decode()
-    for name in ("jserve_requests_total", "jserve_time_to_first_token_seconds_bucket",
-                 "jserve_time_per_output_token_seconds_bucket", "jserve_e2e_request_latency_seconds_bucket",
-                 "jserve_num_requests_running", "jserve_num_requests_waiting", "jserve_kv_cache_pages_used",
-                 "jserve_prefix_cache_hit_rate", "jserve_num_preemptions_total"):
+    for name in (
+        "jserve_requests_total",
+        "jserve_time_to_first_token_seconds_bucket",
+        "jserve_time_per_output_token_seconds_bucket",
+        "jserve_e2e_request_latency_seconds_bucket",
+        "jserve_num_requests_running",
+        "jserve_num_requests_waiting",
+        "jserve_kv_cache_pages_used",
+        "jserve_prefix_cache_hit_rate",
+        "jserve_num_preemptions_total",
+    ):
         assert name in body, name
-    counts = {line.split('"')[1]: float(line.split()[-1]) for line in body.splitlines()
-              if line.startswith("jserve_requests_total{")}
+    counts = {
+        line.split('"')[1]: float(line.split()[-1])
+        for line in body.splitlines()
+        if line.startswith("jserve_requests_total{")
+    }
     assert counts["length"] >= 1 and counts["invalid"] >= 1
 
 
 def test_openai_stream_disconnect_aborts(server):
     import openai
 
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.http_port}/v1", api_key="unused",
-                           max_retries=0)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.http_port}/v1", api_key="unused", max_retries=0)
     total = server.model_info().pages_total
-    stream = client.completions.create(model="tiny-llama", prompt=PROMPTS[1], max_tokens=1500, stream=True,
-                                       extra_body={"ignore_eos": True})
+    stream = client.completions.create(
+        model="tiny-llama", prompt=PROMPTS[1], max_tokens=1500, stream=True, extra_body={"ignore_eos": True}
+    )
     chunks = iter(stream)
     next(chunks), next(chunks)
     stream.close()

@@ -20,8 +20,9 @@ SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.Health
 
 
 def _long_request(max_tokens: int = 1500) -> pb.GenerateRequest:
-    return pb.GenerateRequest(token_ids=[1, 20, 30, 40], sampling=pb.SamplingParams(max_tokens=max_tokens,
-                                                                                   ignore_eos=True))
+    return pb.GenerateRequest(
+        token_ids=[1, 20, 30, 40], sampling=pb.SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    )
 
 
 def _health(channel, service: str = "") -> int:
@@ -32,6 +33,7 @@ def _health(channel, service: str = "") -> int:
 def test_full_queue_is_resource_exhausted_at_once():
     server = ServerProcess("--max-queue-size", "2").start()
     try:
+
         async def run() -> tuple[grpc.StatusCode, float]:
             async with grpc.aio.insecure_channel(server.address) as channel:
                 stub = pb_grpc.GenerationStub(channel)
@@ -104,6 +106,7 @@ def test_sigterm_drains_in_flight_streams_and_exits_0():
 def test_engine_failure_is_internal_and_not_serving():
     server = ServerProcess("--debug-fail-after-steps", "3").start()
     try:
+
         async def run() -> list[grpc.StatusCode]:
             async with grpc.aio.insecure_channel(server.address) as channel:
                 stub = pb_grpc.GenerationStub(channel)
@@ -137,16 +140,24 @@ def test_engine_failure_is_internal_and_not_serving():
         assert server.stop() == 0
 
 
-@pytest.mark.parametrize(("flags", "message"), [
-    (["--quantization", "int8"], "not supported yet"),
-    (["--tensor-parallel-size", "4"], "tensor_parallel_size"),  # one CPU device here
-    (["--speculative-model", "ngram"], "not supported yet"),
-    (["--num-processes", "2"], "--coordinator-address"),
-    (["--model", "/nonexistent/model"], "not a directory"),
-])
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--quantization", "int8"], "not supported yet"),
+        (["--tensor-parallel-size", "4"], "tensor_parallel_size"),  # one CPU device here
+        (["--speculative-model", "ngram"], "not supported yet"),
+        (["--num-processes", "2"], "--coordinator-address"),
+        (["--model", "/nonexistent/model"], "not a directory"),
+    ],
+)
 def test_unsupported_flags_exit_2(flags, message):
-    result = subprocess.run([sys.executable, "-m", "jserve.launch", "--port", "0", *flags], cwd=REPO_ROOT,
-                            capture_output=True, text=True, timeout=120, env={"JAX_PLATFORMS": "cpu",
-                                                                              "PATH": "/usr/bin:/bin"})
+    result = subprocess.run(
+        [sys.executable, "-m", "jserve.launch", "--port", "0", *flags],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"},
+    )
     assert result.returncode == 2, result.stderr
     assert message in result.stderr

@@ -24,16 +24,24 @@ def test_float32_wire_values_read_back_as_written():
 
 
 def _out(completions, finished, prompt=(1, 2, 3)):
-    return RequestOutput("r", None, list(prompt), None, completions, finished,
-                         RequestMetrics(arrival_time=0.0, num_cached_tokens=0))
+    return RequestOutput(
+        "r", None, list(prompt), None, completions, finished, RequestMetrics(arrival_time=0.0, num_cached_tokens=0)
+    )
 
 
 def test_n_samples_split_and_usage_on_last_response():
     builder = ResponseBuilder()
     first = builder.build(_out([CompletionOutput(0, "a", [5]), CompletionOutput(1, "b", [6])], False))
     assert [(r.index, list(r.token_ids), r.finished) for r in first] == [(0, [5], False), (1, [6], False)]
-    last = builder.build(_out([CompletionOutput(0, "", [7], finish_reason="length"),
-                               CompletionOutput(1, "", [], finish_reason="stop", stop_reason=2)], True))
+    last = builder.build(
+        _out(
+            [
+                CompletionOutput(0, "", [7], finish_reason="length"),
+                CompletionOutput(1, "", [], finish_reason="stop", stop_reason=2),
+            ],
+            True,
+        )
+    )
     assert [r.finish_reason for r in last] == ["length", "stop"]
     assert last[1].stop_token_id == 2 and last[1].finished and not last[0].finished
     assert (last[1].usage.prompt_tokens, last[1].usage.completion_tokens) == (3, 3)

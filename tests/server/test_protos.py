@@ -22,13 +22,21 @@ def test_jetstream_wire_numbers():
 
     req = jetstream_pb2.DecodeRequest.DESCRIPTOR.fields_by_name
     assert {n: req[n].number for n in req} == {
-        "max_tokens": 4, "text_content": 5, "token_content": 6, "metadata": 7, "num_samples": 8,
-        "lora_adapter_id": 9, "has_bos": 10}
+        "max_tokens": 4,
+        "text_content": 5,
+        "token_content": 6,
+        "metadata": 7,
+        "num_samples": 8,
+        "lora_adapter_id": 9,
+        "has_bos": 10,
+    }
     resp = jetstream_pb2.DecodeResponse.DESCRIPTOR.fields_by_name
     assert {n: resp[n].number for n in resp} == {"initial_content": 2, "stream_content": 3}
     sample = jetstream_pb2.DecodeResponse.StreamContent.Sample.DESCRIPTOR.fields_by_name
     assert (sample["text"].number, sample["token_ids"].number) == (1, 2)
     assert jetstream_pb2.HealthCheckResponse.DESCRIPTOR.fields_by_name["is_live"].number == 1
     assert jetstream_pb2.DESCRIPTOR.package == "jetstream_proto"
-    assert [m.name for m in jetstream_pb2.DESCRIPTOR.services_by_name["Orchestrator"].methods] == ["Decode",
-                                                                                                   "HealthCheck"]
+    assert [m.name for m in jetstream_pb2.DESCRIPTOR.services_by_name["Orchestrator"].methods] == [
+        "Decode",
+        "HealthCheck",
+    ]

@@ -26,17 +26,33 @@ API_KEY = "test-key-123"
 def cert(tmp_path_factory):
     """A throw-away self-signed certificate for 127.0.0.1."""
     d = tmp_path_factory.mktemp("tls")
-    command = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-               "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
-               "-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem")]
+    command = [
+        "openssl",
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=localhost",
+        "-addext",
+        "subjectAltName=IP:127.0.0.1,DNS:localhost",
+        "-keyout",
+        str(d / "key.pem"),
+        "-out",
+        str(d / "cert.pem"),
+    ]
     subprocess.run(command, check=True, capture_output=True)
     return d / "cert.pem", d / "key.pem"
 
 
 @pytest.fixture(scope="module")
 def server(cert):
-    proc = ServerProcess("--tls-cert", str(cert[0]), "--tls-key", str(cert[1]), "--api-key", API_KEY,
-                         "--http-port", "0").start()
+    proc = ServerProcess(
+        "--tls-cert", str(cert[0]), "--tls-key", str(cert[1]), "--api-key", API_KEY, "--http-port", "0"
+    ).start()
     yield proc
     assert proc.stop() == 0
 
