@@ -116,3 +116,14 @@ def test_stats_keys(llm):
     ):
         assert key in stats
     assert stats["pages_total"] == 63
+
+
+def test_kv_pool_is_sized_from_device_memory():
+    # CPU devices report no memory stats: the budget is 1 GiB, of which this fraction goes to pages of
+    # 2 (k, v) x 4 layers x 2 kv heads x 16 tokens x 32 dims x 4 bytes = 32 KiB
+    small = LLM(kv_cache_memory_fraction=0.001, max_num_seqs=64)
+    pages = small.stats()["pages_total"]
+    assert 20 <= pages <= 40
+    assert small.engine.max_model_len == pages * 16  # the default max_model_len is capped by the pool
+    capped = LLM(max_model_len=128, max_num_seqs=4)  # plenty of memory: never more pages than can be used
+    assert capped.stats()["pages_total"] == 4 * 128 // 16
