@@ -16,54 +16,21 @@ import queue
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from jserve.engine.batch import Buckets, StepPlan, WorkItemsPolicy, build_step
+from jserve.engine.batch import Buckets, WorkItemsPolicy, build_step
 from jserve.engine.kv_cache import KVCacheManager
+from jserve.engine.output import RequestGroup, SampleState
 from jserve.engine.request import Request, RequestStatus
 from jserve.engine.runner import ModelRunner, StepResult
 from jserve.engine.scheduler import Scheduler, SchedulerOutput
-from jserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from jserve.outputs import RequestOutput
 from jserve.parallel.multihost import STOP
 from jserve.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from jserve.tokenizer import IncrementalDetokenizer, Tokenizer
-
-
-@dataclass
-class _Sample:
-    """Per-sequence streaming state: text emitted so far and what is held back for stop strings."""
-
-    index: int
-    detokenizer: IncrementalDetokenizer | None
-    text: str = ""  # all text decided so far (emitted + held back)
-    emitted_chars: int = 0
-    emitted_tokens: int = 0
-    logprobs: list[dict[int, float]] = field(default_factory=list)
-    emitted_logprobs: int = 0
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-    reported_finish: bool = False
-
-
-@dataclass
-class _Group:
-    """One user request (possibly n samples)."""
-
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    arrival_time: float
-    samples: dict[str, _Sample]
-    prompt_logprobs: list[dict[int, float] | None] | None = None
-    prompt_logprobs_sent: bool = False
-
-    @property
-    def finished(self) -> bool:
-        return all(s.finish_reason is not None for s in self.samples.values())
+    from jserve.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)
@@ -99,7 +66,7 @@ class Engine:
         self.max_model_len = max_model_len
         self.seed = seed
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._groups: dict[str, _Group] = {}
+        self._groups: dict[str, RequestGroup] = {}
         self._seq_to_group: dict[str, str] = {}
         self._sequences: dict[str, Request] = {}
         self._seeds: dict[str, int] = {}
@@ -202,13 +169,13 @@ class Engine:
             detok = None
             if self.tokenizer is not None:
                 detok = self.tokenizer.detokenizer(add.prompt_token_ids, add.params.skip_special_tokens)
-            samples[seq_id] = _Sample(index=i, detokenizer=detok)
+            samples[seq_id] = SampleState(index=i, detokenizer=detok)
             self._sequences[seq_id] = request
             self._seq_to_group[seq_id] = add.request_id
             base_seed = add.params.seed if add.params.seed is not None else self._next_seed()
             self._seeds[seq_id] = (base_seed + i) & 0x7FFFFFFF
             self.scheduler.add_request(request)
-        self._groups[add.request_id] = _Group(
+        self._groups[add.request_id] = RequestGroup(
             add.request_id,
             add.prompt,
             add.prompt_token_ids,
@@ -261,14 +228,15 @@ class Engine:
             for i, rid in enumerate(plan.sampled_ids):
                 rows[rid] = (result, i)
                 sampled[rid] = int(result.token_ids[i])
-            self._record_prompt_logprobs(plan, result)
+            for prompt_rows in plan.prompt_rows:
+                group = self._groups[self._seq_to_group[prompt_rows.request_id]]
+                group.record_prompt_logprobs(prompt_rows, result)
         updated = self.scheduler.update(sched, sampled)
         touched: dict[str, list[str]] = {}
-        now = time.time()
         for request in updated:
             seq_id = request.request_id
             result, row = rows[seq_id]
-            self._on_token(request, result, row, now)
+            self._on_token(request, result, row)
             touched.setdefault(self._seq_to_group[seq_id], []).append(seq_id)
         for chunk in sched.chunks:  # prompt logprobs may be ready before any token
             group_id = self._seq_to_group[chunk.request_id]
@@ -316,111 +284,14 @@ class Engine:
             return []
         return list(request.eos_token_ids) + list(params.stop_token_ids)
 
-    def _record_prompt_logprobs(self, plan: StepPlan, result: StepResult) -> None:
-        for rows in plan.prompt_rows:
-            group = self._groups[self._seq_to_group[rows.request_id]]
-            k = group.params.prompt_logprobs or 0
-            if group.prompt_logprobs is None or len(group.prompt_logprobs) != rows.first_position + 1:
-                continue  # already recorded (a sibling or a recompute after preemption computed it)
-            for j in range(rows.count):
-                position = rows.first_position + j + 1
-                if position >= len(group.prompt_token_ids):
-                    break
-                row = rows.start + j
-                entry = {
-                    int(t): float(lp)
-                    for t, lp in zip(result.prompt_top_ids[row, :k], result.prompt_top_logprobs[row, :k], strict=True)
-                }
-                entry[group.prompt_token_ids[position]] = float(result.prompt_target_logprobs[row])
-                group.prompt_logprobs.append(entry)
-
-    def _on_token(self, request: Request, result: StepResult, row: int, now: float) -> None:
+    def _on_token(self, request: Request, result: StepResult, row: int) -> None:
         group = self._groups[self._seq_to_group[request.request_id]]
-        sample = group.samples[request.request_id]
-        token = request.output_token_ids[-1]
-        if group.params.logprobs is not None:
-            k = group.params.logprobs
-            entry = {
-                int(t): float(lp) for t, lp in zip(result.top_ids[row, :k], result.top_logprobs[row, :k], strict=True)
-            }
-            entry[token] = float(result.logprobs[row])
-            sample.logprobs.append(entry)
-        if sample.detokenizer is not None:
-            sample.text += sample.detokenizer.add([token])
-            if request.is_finished:
-                sample.text += sample.detokenizer.flush()
-        if group.params.stop and self._check_stop_strings(group.params.stop, sample):
-            if not request.is_finished:
-                self.scheduler.finish_request(request.request_id, "stop", sample.stop_reason)
-        elif request.is_finished:
-            sample.finish_reason, sample.stop_reason = request.finish_reason, request.stop_reason
+        if group.on_token(request, result, row) and not request.is_finished:  # a stop string ended it
+            sample = group.samples[request.request_id]
+            self.scheduler.finish_request(request.request_id, "stop", sample.stop_reason)
 
-    @staticmethod
-    def _check_stop_strings(stops: list[str], sample: _Sample) -> bool:
-        """Finds a stop string in the not-yet-emitted text (plus overlap), truncates the text before it."""
-        longest = max(len(s) for s in stops)
-        search_from = max(0, sample.emitted_chars - longest + 1)
-        hits = [(sample.text.find(s, search_from), s) for s in stops]
-        hits = [(pos, s) for pos, s in hits if pos >= 0]
-        if not hits:
-            return False
-        pos, stop = min(hits)
-        sample.text = sample.text[:pos]
-        sample.finish_reason, sample.stop_reason = "stop", stop
-        return True
-
-    def _delta(self, group: _Group, seq_ids: list[str]) -> RequestOutput:
-        completions = []
-        holdback = max((len(s) for s in group.params.stop), default=1) - 1
-        for seq_id in seq_ids:
-            sample = group.samples[seq_id]
-            request = self._sequences[seq_id]
-            finished = sample.finish_reason is not None
-            end = len(sample.text) if finished else max(sample.emitted_chars, len(sample.text) - holdback)
-            tokens = request.output_token_ids[sample.emitted_tokens :]
-            logprobs = sample.logprobs[sample.emitted_logprobs :] if group.params.logprobs is not None else None
-            completions.append(
-                CompletionOutput(
-                    index=sample.index,
-                    text=sample.text[sample.emitted_chars : end],
-                    token_ids=list(tokens),
-                    logprobs=logprobs,
-                    finish_reason=sample.finish_reason,
-                    stop_reason=sample.stop_reason,
-                )
-            )
-            sample.emitted_chars, sample.emitted_tokens = end, len(request.output_token_ids)
-            sample.emitted_logprobs = len(sample.logprobs)
-            sample.reported_finish = finished
-        prompt_logprobs = None
-        if group.prompt_logprobs is not None and len(group.prompt_logprobs) == len(group.prompt_token_ids):
-            if not group.prompt_logprobs_sent:
-                prompt_logprobs = group.prompt_logprobs
-                group.prompt_logprobs_sent = True
-        return RequestOutput(
-            request_id=group.request_id,
-            prompt=group.prompt,
-            prompt_token_ids=group.prompt_token_ids,
-            prompt_logprobs=prompt_logprobs,
-            outputs=completions,
-            finished=group.finished,
-            metrics=self._metrics(group),
-        )
-
-    def _metrics(self, group: _Group) -> RequestMetrics:
-        requests = [self._sequences[s] for s in group.samples]
-        firsts = [r.first_token_time for r in requests if r.first_token_time is not None]
-        ends = [r.finished_time for r in requests if r.finished_time is not None]
-        scheduled = [r.first_scheduled_time for r in requests if r.first_scheduled_time is not None]
-        return RequestMetrics(
-            arrival_time=group.arrival_time,
-            first_scheduled_time=min(scheduled) if scheduled else None,
-            first_token_time=min(firsts) if firsts else None,
-            finished_time=max(ends) if group.finished and ends else (time.time() if group.finished else None),
-            num_prompt_tokens=len(group.prompt_token_ids),
-            num_output_tokens=sum(r.num_output_tokens for r in requests),
-            num_cached_tokens=max((r.num_cached_tokens for r in requests), default=0),
-        )
+    def _delta(self, group: RequestGroup, seq_ids: list[str]) -> RequestOutput:
+        return group.delta({s: self._sequences[s] for s in group.samples}, seq_ids)
 
     def _collect_finished(self) -> None:
         for group_id in [g for g, group in self._groups.items() if group.finished]:
