@@ -6,7 +6,6 @@ import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import jax
 from tqdm.auto import tqdm
 
 from jserve.engine.engine import Engine
@@ -175,10 +174,6 @@ class LLM:
     def stats(self) -> dict[str, float | int]:
         """Engine state: page counts, queue lengths, preemptions, prefix-cache hit rate (see API.md)."""
         return self.engine.stats()
-
-    @property
-    def devices(self) -> list[jax.Device]:
-        return jax.devices()
 
 
 def _token_id(t) -> int:

@@ -103,10 +103,6 @@ class ModelConfig:
     def is_moe(self) -> bool:
         return self.num_experts > 0
 
-    @property
-    def q_per_kv(self) -> int:
-        return self.num_heads // self.num_kv_heads
-
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> ModelConfig:
         config_path = os.path.join(path, "config.json")

@@ -6,7 +6,6 @@ This module imports no jax: the scheduler and the gRPC server validate requests 
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20
@@ -88,9 +87,6 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
-
-    def clone(self, **changes) -> SamplingParams:
-        return dataclasses.replace(self, **changes)
 
 
 def _check_int(name: str, value: object, *, minimum: int | None) -> None:

@@ -48,10 +48,6 @@ class AsyncLLM:
         self._thread = threading.Thread(target=self._run, name="jserve-engine", daemon=True)
         self._thread.start()
 
-    @classmethod
-    def from_llm(cls, llm, **kwargs) -> AsyncLLM:
-        return cls(llm.engine, **kwargs)
-
     @property
     def tokenizer(self):
         return self.engine.tokenizer

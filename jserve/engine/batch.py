@@ -61,9 +61,6 @@ class Buckets:
             max_num_seqs=max_num_seqs,
         )
 
-    def shapes(self) -> list[tuple[int, int]]:
-        return [(t, p) for t in self.token_buckets for p in self.page_buckets]
-
 
 @dataclass(frozen=True)
 class WorkItemsPolicy:

@@ -93,16 +93,3 @@ def kv_cache_shape(cfg: ModelConfig, num_pages: int, page_size: int) -> tuple[in
 def kv_cache_bytes_per_page(cfg: ModelConfig, page_size: int, dtype) -> int:
     """K and V bytes of one page summed over all layers (sizes the pool from free memory)."""
     return 2 * cfg.num_layers * cfg.num_kv_heads * page_size * cfg.head_dim * jnp.dtype(dtype).itemsize
-
-
-def init_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype, sharding=None) -> KVCache:
-    shape = kv_cache_shape(cfg, num_pages, page_size)
-
-    def zeros():
-        return (
-            jnp.zeros(shape, dtype)
-            if sharding is None
-            else jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
-        )
-
-    return [(zeros(), zeros()) for _ in range(cfg.num_layers)]

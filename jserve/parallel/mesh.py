@@ -29,11 +29,6 @@ def make_mesh(parallel: ParallelConfig, devices: list[jax.Device] | None = None)
     return Mesh(grid, AXES)
 
 
-def replica_mesh(mesh: Mesh, replica: int) -> Mesh:
-    """The (pp, tp) slice of one data-parallel replica."""
-    return Mesh(mesh.devices[replica], ("pp", "tp"))
-
-
 def stage_mesh(mesh: Mesh, replica: int, stage: int) -> Mesh:
     """The ("tp",) slice that runs one pipeline stage of one replica."""
     return Mesh(mesh.devices[replica, stage], ("tp",))
