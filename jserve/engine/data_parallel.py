@@ -1,7 +1,8 @@
 """Data parallelism: independent engine replicas, each with its own page pool, scheduler and devices.
 
 A request goes to the replica with the least load (fewest unfinished requests, then most free pages) and stays
-there; ``step()`` steps every replica that has work. Stats are sums over replicas. This is how one server batches
+there; ``step()`` dispatches every busy replica's step before waiting on any, so replicas on different devices
+compute at the same time. Stats are sums over replicas. This is how one server batches
 requests across devices without any cross-replica communication on the hot path.
 """
 
@@ -80,12 +81,16 @@ class DataParallelEngine:
         return any(e.has_unfinished() for e in self.replicas)
 
     def step(self) -> list[RequestOutput]:
+        """Dispatches every busy replica's step, then collects them: replicas compute concurrently."""
         outputs: list[RequestOutput] = []
+        started = []
         for engine in self.replicas:
             if engine.has_unfinished():
                 with self._lock:
-                    self._pending[id(engine)] = 0  # the step below drains this replica's inbox
-                outputs.extend(engine.step())
+                    self._pending[id(engine)] = 0  # begin_step drains this replica's inbox
+                started.append((engine, engine.begin_step()))
+        for engine, step in started:
+            outputs.extend(engine.finish_step(step))
         with self._lock:
             for out in outputs:
                 if out.finished:

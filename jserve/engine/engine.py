@@ -19,11 +19,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from jserve.engine.batch import Buckets, WorkItemsPolicy, build_step
+from jserve.engine.batch import Buckets, StepPlan, WorkItemsPolicy, build_step
 from jserve.engine.kv_cache import KVCacheManager
 from jserve.engine.output import RequestGroup, SampleState
 from jserve.engine.request import Request, RequestStatus
-from jserve.engine.runner import ModelRunner, StepResult
+from jserve.engine.runner import ModelRunner, PendingStep, StepResult
 from jserve.engine.scheduler import Scheduler, SchedulerOutput
 from jserve.outputs import RequestOutput
 from jserve.parallel.multihost import STOP
@@ -31,6 +31,16 @@ from jserve.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from jserve.tokenizer import Tokenizer
+
+
+@dataclass
+class _Step:
+    """A step between begin_step and finish_step."""
+
+    outputs: list[RequestOutput]
+    sched: SchedulerOutput
+    plans: list[StepPlan] | None = None
+    pending: PendingStep | None = None
 
 
 @dataclass(frozen=True)
@@ -202,12 +212,16 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """One iteration; returns the deltas of every request that changed."""
+        return self.finish_step(self.begin_step())
+
+    def begin_step(self) -> _Step:
+        """Inbox, schedule, build and dispatch; the device works while the caller does other things (e.g.
+        dispatches the other data-parallel replicas) before ``finish_step``."""
         outputs = self._drain_inbox()
         sched = self.scheduler.schedule()
         outputs.extend(self._finished_by_scheduler(sched.finished_ids))
         if not sched.chunks:
-            self._collect_finished()
-            return outputs
+            return _Step(outputs, sched)
         plans = [
             build_step(
                 part,
@@ -220,7 +234,15 @@ class Engine:
             )
             for part in self._microbatches(sched)
         ]
-        results = self.runner.step(plans)
+        return _Step(outputs, sched, plans, self.runner.dispatch(plans))
+
+    def finish_step(self, step: _Step) -> list[RequestOutput]:
+        """Waits for the dispatched step, updates the scheduler and returns the deltas."""
+        outputs, sched, plans = step.outputs, step.sched, step.plans
+        if step.pending is None:
+            self._collect_finished()
+            return outputs
+        results = self.runner.collect(step.pending)
         self.num_steps += 1
         rows: dict[str, tuple[StepResult, int]] = {}
         sampled: dict[str, int] = {}

@@ -94,6 +94,15 @@ def _stage_state(state: nnx.State, layers: range, first: bool, last: bool, tied:
 
 
 @dataclass
+class PendingStep:
+    """A dispatched step whose results are still on the device."""
+
+    outputs: list
+    new_keys: list | None  # shapes compiled by this step (for compile-time accounting)
+    start: float
+
+
+@dataclass
 class _Stage:
     layers: range
     mesh: Mesh
@@ -224,6 +233,11 @@ class ModelRunner:
 
     def step(self, plans: list[StepPlan]) -> list[StepResult]:
         """Runs microbatches through the stages in pipeline order; one device->host copy at the end."""
+        return self.collect(self.dispatch(plans))
+
+    def dispatch(self, plans: list[StepPlan]) -> PendingStep:
+        """Queues the step's programs and returns at once (JAX dispatch is asynchronous), so the caller can
+        dispatch other replicas' steps before waiting on this one in ``collect``."""
         start = time.perf_counter()
         keys = [(p.shape_key, p.flags, p.num_prompt_logprobs) for p in plans]
         first_time = any(k not in self._compiled for k in keys)
@@ -249,10 +263,13 @@ class ModelRunner:
                     outputs[m] = out
                 else:
                     carried[m] = out
-        outputs = jax.device_get(jax.tree.map(_local_copy, outputs))  # NOTE: the step's one device->host copy
-        if first_time:
-            self._compiled.update(keys)
-            self.compile_seconds += time.perf_counter() - start
+        return PendingStep(outputs, keys if first_time else None, start)
+
+    def collect(self, pending: PendingStep) -> list[StepResult]:
+        outputs = jax.device_get(jax.tree.map(_local_copy, pending.outputs))  # NOTE: the step's one copy to host
+        if pending.new_keys is not None:
+            self._compiled.update(pending.new_keys)
+            self.compile_seconds += time.perf_counter() - pending.start
         return [self._result(sampled, prompt) for sampled, prompt in outputs]
 
     @staticmethod
