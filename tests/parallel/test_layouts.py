@@ -130,3 +130,12 @@ def test_print_plan_lists_every_param(llama_dir):
     text = print_plan(state, cfg, mesh)
     assert "layers/3/mlp/gate_proj" in text and "P(None, 'tp')" in text
     assert len(text.splitlines()) == 2 + len(jax.tree.leaves(state))
+
+
+def test_pipeline_with_tied_embeddings_matches_single_device():
+    # the bundled model ties its LM head to the embedding: the first and the last stage both need it
+    kwargs = dict(max_model_len=64, num_pages=32, max_num_seqs=4)
+    prompts = ["Hello there", "The quick brown fox", "One two three four five six"]
+    single = LLM(**kwargs).generate(prompts, GREEDY, use_tqdm=False)
+    piped = LLM(pipeline_parallel_size=2, tensor_parallel_size=2, **kwargs).generate(prompts, GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in piped] == [o.outputs[0].token_ids for o in single]
