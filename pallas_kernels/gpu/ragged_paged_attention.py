@@ -36,6 +36,7 @@ from jax import lax
 from pallas_kernels import compat
 from pallas_kernels.compat import pl, plgpu
 from pallas_kernels.gpu import common, tuning
+from pallas_kernels.work_list import kv_work_list
 
 
 def _round_up(x: int, m: int) -> int:
@@ -120,45 +121,17 @@ def _kernel(
             scale = jnp.where(col_page == i, scales_ref[h, page_of(seq, blk, i)], scale)
         return scale
 
-    max_seqs = block_tables_ref.shape[0]
-
-    def seq_info(seq):
-        seq = jnp.minimum(seq, max_seqs - 1)
-        q_start = cu_q_lens_ref[seq]
-        q_end = cu_q_lens_ref[seq + 1]
-        context = kv_lens_ref[seq] - (q_end - q_start)  # position of the sequence's first new token
-        return q_start, q_end, context
-
-    def seq_range(seq):
-        """KV blocks [b0, b1) of ``seq`` that this program (query block, split) visits."""
-        q_start, q_end, context = seq_info(seq)
-        lo_tok = jnp.maximum(q_start, t0)
-        hi_tok = jnp.minimum(q_end, t_end) - 1
-        first_pos = context + lo_tok - q_start
-        last_pos = context + hi_tok - q_start
-        first_key = 0 if sliding_window is None else jnp.maximum(first_pos - sliding_window + 1, 0)
-        blk_lo = first_key // bk
-        n_blocks = jnp.where(hi_tok >= lo_tok, last_pos // bk - blk_lo + 1, 0)
-        per_split = (n_blocks + num_splits - 1) // num_splits
-        b0 = blk_lo + split * per_split
-        return b0, jnp.minimum(b0 + per_split, blk_lo + n_blocks)
-
-    def seq_overlaps(seq):
-        return (seq < num_seqs) & (cu_q_lens_ref[jnp.minimum(seq, num_seqs)] < t_end)
-
-    def first_item(seq):
-        """First work item (seq', block) with seq' >= seq; seq' = -1 when this program has no more work."""
-
-        def empty(s):
-            b0, b1 = seq_range(s)
-            return seq_overlaps(s) & (b1 <= b0)
-
-        seq = lax.while_loop(empty, lambda s: s + 1, seq)
-        return jnp.where(seq_overlaps(seq), seq, -1), seq_range(seq)[0]
-
-    def next_item(seq, blk):
-        """The work item after (seq, blk): the sequence's next block, else the next sequence's first one."""
-        return lax.cond(blk + 1 < seq_range(seq)[1], lambda: (seq, blk + 1), lambda: first_item(seq + 1))
+    seq_info, first_item, next_item = kv_work_list(
+        cu_q_lens_ref=cu_q_lens_ref,
+        kv_lens_ref=kv_lens_ref,
+        num_seqs=num_seqs,
+        t0=t0,
+        t_end=t_end,
+        block_kv=bk,
+        num_splits=num_splits,
+        split=split,
+        sliding_window=sliding_window,
+    )
 
     # The work of this program is a flat list of (sequence, KV block) items. The producer cursor runs
     # ``stages`` items ahead of the consumer, so the TMA ring stays full across sequence boundaries too.
