@@ -6,6 +6,10 @@ scheduler, the page pool and the device. Other threads talk to it through one th
 engine thread and hands deltas back to the asyncio loop with ``call_soon_threadsafe`` (the second hand-off);
 ``LLM`` calls ``step()`` in the caller's thread. A request with ``n > 1`` becomes n sequences ``{id}-{i}`` that
 share the prompt's pages through the prefix cache; their deltas are reported under the parent id.
+
+``step()`` is ``begin_step()`` (inbox, schedule, build, dispatch to the device) then ``finish_step()`` (wait, update
+the scheduler, build deltas); ``DataParallelEngine`` dispatches every replica before finishing any. In a multi-host
+job ``inbox_sync`` makes every process apply the leader's inbox, so all of them run the same steps.
 """
 
 from __future__ import annotations
