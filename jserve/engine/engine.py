@@ -90,6 +90,8 @@ class Engine:
         self._live_ids: set[str] = set()  # ids added and not yet fully reported, across threads
         self.num_steps = 0
         self._work_items = _work_items_policy(runner)
+        self._late: dict[str, set[str]] = {}  # group -> samples whose final delta is due at the next emit
+        self._lookahead: _Step | None = None  # the next step, dispatched while this one's deltas are built
         self.inbox_sync = None  # multi-host: set to jserve.parallel.multihost.broadcast_items
         self.stopped = False
 
@@ -200,23 +202,40 @@ class Engine:
         )
 
     def _abort(self, request_id: str) -> list[RequestOutput]:
+        """Aborts the samples still running; their final delta comes with the next emitted step.
+
+        NOTE: deltas are only ever built in ``_emit``, after the step's tokens are applied, so a request that
+        finished in the step being emitted and was aborted meanwhile still reports exactly one final delta.
+        """
         group = self._groups.get(request_id)
         if group is None:
             return []
         for seq_id, sample in group.samples.items():
-            if sample.finish_reason is None:
+            request = self._sequences[seq_id]
+            if sample.finish_reason is None and not request.is_finished:
                 self.scheduler.abort_request(seq_id)
                 sample.finish_reason = "abort"
-        return [self._delta(group, list(group.samples))]
+        self._late.setdefault(request_id, set()).update(group.samples)
+        return []
 
     # ------------------------------------------------------------------ the step
 
     def has_unfinished(self) -> bool:
-        return bool(self._groups) or not self._inbox.empty()
+        return bool(self._groups) or not self._inbox.empty() or self._lookahead is not None
 
     def step(self) -> list[RequestOutput]:
-        """One iteration; returns the deltas of every request that changed."""
-        return self.finish_step(self.begin_step())
+        """One iteration; returns the deltas of every request that changed.
+
+        While the host turns step N's tokens into deltas (detokenization, stop strings), step N+1 is already on
+        the device: it is scheduled and dispatched right after N's tokens reach the scheduler. A request that a
+        stop string ends during that overlap has computed one token too many, which the scheduler discards.
+        """
+        current = self._lookahead if self._lookahead is not None else self.begin_step()
+        self._lookahead = None
+        updated = self._complete(current)
+        if current.pending is not None and self.scheduler.has_unfinished:
+            self._lookahead = self.begin_step()
+        return self._emit(current, updated)
 
     def begin_step(self) -> _Step:
         """Inbox, schedule, build and dispatch; the device works while the caller does other things (e.g.
@@ -242,35 +261,48 @@ class Engine:
 
     def finish_step(self, step: _Step) -> list[RequestOutput]:
         """Waits for the dispatched step, updates the scheduler and returns the deltas."""
-        outputs, sched, plans = step.outputs, step.sched, step.plans
+        return self._emit(step, self._complete(step))
+
+    def _complete(self, step: _Step) -> list[tuple[Request, StepResult, int]]:
+        """Device part: wait for the results, record prompt logprobs, hand the tokens to the scheduler."""
         if step.pending is None:
-            self._collect_finished()
-            return outputs
+            return []
         results = self.runner.collect(step.pending)
         self.num_steps += 1
         rows: dict[str, tuple[StepResult, int]] = {}
         sampled: dict[str, int] = {}
-        for plan, result in zip(plans, results, strict=True):
+        for plan, result in zip(step.plans, results, strict=True):
             for i, rid in enumerate(plan.sampled_ids):
                 rows[rid] = (result, i)
                 sampled[rid] = int(result.token_ids[i])
             for prompt_rows in plan.prompt_rows:
-                group = self._groups[self._seq_to_group[prompt_rows.request_id]]
-                group.record_prompt_logprobs(prompt_rows, result)
-        updated = self.scheduler.update(sched, sampled)
+                group = self._group_of(prompt_rows.request_id)
+                if group is not None:
+                    group.record_prompt_logprobs(prompt_rows, result)
+        return [(request, *rows[request.request_id]) for request in self.scheduler.update(step.sched, sampled)]
+
+    def _emit(self, step: _Step, updated: list[tuple[Request, StepResult, int]]) -> list[RequestOutput]:
+        """Host part: detokenize, check stop strings, build the deltas."""
+        outputs = step.outputs
         touched: dict[str, list[str]] = {}
-        for request in updated:
-            seq_id = request.request_id
-            result, row = rows[seq_id]
+        for request, result, row in updated:
             self._on_token(request, result, row)
-            touched.setdefault(self._seq_to_group[seq_id], []).append(seq_id)
-        for chunk in sched.chunks:  # prompt logprobs may be ready before any token
-            group_id = self._seq_to_group[chunk.request_id]
-            if chunk.prompt_logprobs and group_id not in touched:
+            touched.setdefault(self._seq_to_group[request.request_id], []).append(request.request_id)
+        for chunk in step.sched.chunks:  # prompt logprobs may be ready before any token
+            group_id = self._seq_to_group.get(chunk.request_id)
+            if chunk.prompt_logprobs and group_id is not None and group_id not in touched:
                 touched[group_id] = []
+        for group_id, seq_ids in self._late.items():  # aborted or ended by the scheduler
+            if group_id in self._groups:
+                touched[group_id] = sorted(set(touched.get(group_id, [])) | seq_ids)
+        self._late.clear()
         outputs.extend(self._delta(self._groups[g], seqs) for g, seqs in touched.items())
         self._collect_finished()
         return outputs
+
+    def _group_of(self, seq_id: str) -> RequestGroup | None:
+        group_id = self._seq_to_group.get(seq_id)
+        return None if group_id is None else self._groups[group_id]
 
     def _microbatches(self, sched: SchedulerOutput) -> list[SchedulerOutput]:
         """One part per pipeline stage (disjoint sequences, balanced by tokens) so every stage has work."""
@@ -292,17 +324,17 @@ class Engine:
         ]
 
     def _finished_by_scheduler(self, seq_ids: list[str]) -> list[RequestOutput]:
-        """Requests the scheduler ended on its own (e.g. too long for the whole page pool)."""
-        outputs = []
+        """Requests the scheduler ended on its own (e.g. too long for the whole page pool); reported with the
+        next emitted step (see ``_abort``)."""
         for seq_id in seq_ids:
-            group = self._groups.get(self._seq_to_group.get(seq_id, ""))
+            group = self._group_of(seq_id)
             if group is None or group.samples[seq_id].finish_reason is not None:
-                continue  # the engine finished it itself (abort, stop string) and already reported it
+                continue  # the engine finished it itself (abort, stop string)
             request = self._sequences[seq_id]
-            sample = group.samples[seq_id]
-            sample.finish_reason, sample.stop_reason = request.finish_reason, request.stop_reason
-            outputs.append(self._delta(group, [seq_id]))
-        return outputs
+            group.samples[seq_id].finish_reason = request.finish_reason
+            group.samples[seq_id].stop_reason = request.stop_reason
+            self._late.setdefault(group.request_id, set()).add(seq_id)
+        return []
 
     def _banned_ids(self, request: Request) -> list[int]:
         params = request.sampling_params

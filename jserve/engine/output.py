@@ -100,7 +100,7 @@ class RequestGroup:
                 sample.text += sample.detokenizer.flush()
         if self.params.stop and find_stop_string(self.params.stop, sample):
             return True
-        if request.is_finished:
+        if request.is_finished and sample.finish_reason is None:
             sample.finish_reason, sample.stop_reason = request.finish_reason, request.stop_reason
         return False
 
