@@ -167,9 +167,11 @@ class Engine:
         return not self.stopped
 
     def broadcast_stop(self) -> None:
-        """Multi-host leader: one last step that tells the followers to stop."""
+        """Multi-host leader: step until the inbox carrying STOP has been broadcast (a step already dispatched
+        ahead completes first), so the followers leave their loop."""
         self._inbox.put(STOP)
-        self.step()
+        while not self.stopped:
+            self.step()
 
     def _admit(self, add: _Add) -> None:
         samples = {}
