@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from jserve.engine.batch import Buckets, StepPlan, WorkItemsPolicy, build_step
+from jserve.engine.batch import StepPlan, WorkItemsPolicy, build_step
 from jserve.engine.kv_cache import KVCacheManager
 from jserve.engine.output import RequestGroup, SampleState
 from jserve.engine.request import Request, RequestStatus
@@ -41,7 +41,6 @@ if TYPE_CHECKING:
 class _Step:
     """A step between begin_step and finish_step."""
 
-    outputs: list[RequestOutput]
     sched: SchedulerOutput
     plans: list[StepPlan] | None = None
     pending: PendingStep | None = None
@@ -142,7 +141,7 @@ class Engine:
         """Aborts a request (all its samples); its pages are freed at the next step. Any thread."""
         self._inbox.put(request_id)
 
-    def _drain_inbox(self) -> list[RequestOutput]:
+    def _drain_inbox(self) -> None:
         items = []
         while True:
             try:
@@ -151,15 +150,13 @@ class Engine:
                 break
         if self.inbox_sync is not None:  # multi-host: every process applies the leader's inbox
             items = self.inbox_sync(items)
-        outputs = []
         for item in items:
             if isinstance(item, _Add):
                 self._admit(item)
             elif item == STOP:
                 self.stopped = True
             else:
-                outputs.extend(self._abort(item))
-        return outputs
+                self._abort(item)
 
     def step_following(self) -> bool:
         """Multi-host follower: one lockstep step; False once the leader said stop."""
@@ -203,7 +200,7 @@ class Engine:
             prompt_logprobs=[None] if add.params.prompt_logprobs is not None else None,
         )
 
-    def _abort(self, request_id: str) -> list[RequestOutput]:
+    def _abort(self, request_id: str) -> None:
         """Aborts the samples still running; their final delta comes with the next emitted step.
 
         NOTE: deltas are only ever built in ``_emit``, after the step's tokens are applied, so a request that
@@ -211,14 +208,13 @@ class Engine:
         """
         group = self._groups.get(request_id)
         if group is None:
-            return []
+            return
         for seq_id, sample in group.samples.items():
             request = self._sequences[seq_id]
             if sample.finish_reason is None and not request.is_finished:
                 self.scheduler.abort_request(seq_id)
                 sample.finish_reason = "abort"
         self._late.setdefault(request_id, set()).update(group.samples)
-        return []
 
     # ------------------------------------------------------------------ the step
 
@@ -242,11 +238,11 @@ class Engine:
     def begin_step(self) -> _Step:
         """Inbox, schedule, build and dispatch; the device works while the caller does other things (e.g.
         dispatches the other data-parallel replicas) before ``finish_step``."""
-        outputs = self._drain_inbox()
+        self._drain_inbox()
         sched = self.scheduler.schedule()
-        outputs.extend(self._finished_by_scheduler(sched.finished_ids))
+        self._finished_by_scheduler(sched.finished_ids)
         if not sched.chunks:
-            return _Step(outputs, sched)
+            return _Step(sched)
         plans = [
             build_step(
                 part,
@@ -259,7 +255,7 @@ class Engine:
             )
             for part in self._microbatches(sched)
         ]
-        return _Step(outputs, sched, plans, self.runner.dispatch(plans))
+        return _Step(sched, plans, self.runner.dispatch(plans))
 
     def finish_step(self, step: _Step) -> list[RequestOutput]:
         """Waits for the dispatched step, updates the scheduler and returns the deltas."""
@@ -285,7 +281,6 @@ class Engine:
 
     def _emit(self, step: _Step, updated: list[tuple[Request, StepResult, int]]) -> list[RequestOutput]:
         """Host part: detokenize, check stop strings, build the deltas."""
-        outputs = step.outputs
         touched: dict[str, list[str]] = {}
         for request, result, row in updated:
             self._on_token(request, result, row)
@@ -298,7 +293,7 @@ class Engine:
             if group_id in self._groups:
                 touched[group_id] = sorted(set(touched.get(group_id, [])) | seq_ids)
         self._late.clear()
-        outputs.extend(self._delta(self._groups[g], seqs) for g, seqs in touched.items())
+        outputs = [self._delta(self._groups[g], seqs) for g, seqs in touched.items()]
         self._collect_finished()
         return outputs
 
@@ -325,7 +320,7 @@ class Engine:
             if g
         ]
 
-    def _finished_by_scheduler(self, seq_ids: list[str]) -> list[RequestOutput]:
+    def _finished_by_scheduler(self, seq_ids: list[str]) -> None:
         """Requests the scheduler ended on its own (e.g. too long for the whole page pool); reported with the
         next emitted step (see ``_abort``)."""
         for seq_id in seq_ids:
@@ -336,7 +331,6 @@ class Engine:
             group.samples[seq_id].finish_reason = request.finish_reason
             group.samples[seq_id].stop_reason = request.stop_reason
             self._late.setdefault(group.request_id, set()).add(seq_id)
-        return []
 
     def _banned_ids(self, request: Request) -> list[int]:
         params = request.sampling_params
@@ -395,12 +389,4 @@ def _work_items_policy(runner: ModelRunner) -> WorkItemsPolicy | None:
     return WorkItemsPolicy(sliding_window=windows.pop())
 
 
-def make_buckets(*, max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int, page_size: int) -> Buckets:
-    return Buckets.from_limits(
-        max_num_batched_tokens=max_num_batched_tokens,
-        max_num_seqs=max_num_seqs,
-        max_pages_per_seq=-(-max_model_len // page_size),
-    )
-
-
-__all__ = ["Engine", "RequestStatus", "make_buckets"]
+__all__ = ["Engine", "RequestStatus"]

@@ -15,8 +15,9 @@ import jax
 
 from jserve.checkpoint import abstract_model, load_params, resolve_dtype
 from jserve.config import CacheConfig, ModelConfig, ParallelConfig
+from jserve.engine.batch import Buckets
 from jserve.engine.data_parallel import DataParallelEngine
-from jserve.engine.engine import Engine, make_buckets
+from jserve.engine.engine import Engine
 from jserve.engine.kv_cache import KVCacheManager, default_num_pages
 from jserve.engine.runner import ModelRunner
 from jserve.engine.scheduler import Scheduler, SchedulerConfig
@@ -170,11 +171,10 @@ def _build_replica(args: EngineArgs, path: Path, model_config: ModelConfig, toke
         max_num_batched_tokens=max_num_batched_tokens,
         max_model_len=max_model_len,
     )
-    buckets = make_buckets(
+    buckets = Buckets.from_limits(
         max_num_batched_tokens=max_num_batched_tokens,
         max_num_seqs=args.max_num_seqs,
-        max_model_len=max_model_len,
-        page_size=cache_config.page_size,
+        max_pages_per_seq=cache_config.pages_for(max_model_len),
     )
     kv_cache = KVCacheManager(num_pages, cache_config.page_size, cache_config.enable_prefix_caching)
     runner = ModelRunner(
