@@ -17,6 +17,10 @@ Differences handled here:
     tile in a scratch SMEM buffer under the interpreter and uses a transposed view on hardware;
   - a register (value) left operand of ``wgmma`` is rejected: ``gpu_wgmma_reg_a`` stores it to SMEM first
     under the interpreter.
+* Both interpreters run jax ops inside ``io_callback``s while the kernel executes. If the caller dispatches
+  another computation meanwhile (JAX dispatch is asynchronous), the CPU client can deadlock (seen on 2 cores:
+  a test computing the jnp reference while the interpreted kernel still ran). ``wait_if_interpreted`` makes
+  an eager interpreted call finish before it returns.
 """
 
 from __future__ import annotations
@@ -40,6 +44,15 @@ JAX_VERSION = tuple(int(p) for p in jax.__version__.split(".")[:3] if p.isdigit(
 ANY = pl.ANY if hasattr(pl, "ANY") else pl.MemorySpace.ANY
 TPU_VMEM = pltpu.VMEM
 TPU_SMEM = pltpu.SMEM
+
+
+def wait_if_interpreted(out: Any, interpret: Any) -> Any:
+    """``out`` once computed, when it came from an eager call under an interpreter (see the module docstring);
+    unchanged inside a trace or when running compiled."""
+    leaves = jax.tree.leaves(out)
+    if interpret and not any(isinstance(x, jax.core.Tracer) for x in leaves):
+        jax.block_until_ready(out)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import jax
 
-from pallas_kernels import reference
+from pallas_kernels import compat, reference
 
 BACKENDS = ("auto", "xla", "gpu", "tpu")
 
@@ -87,7 +87,8 @@ def flash_attention(
     )
     if backend == "xla":
         return reference.flash_attention(q, k, v, **kwargs)
-    return _kernel_module(backend, "flash_attention")(q, k, v, interpret=interpret, **kwargs)
+    out = _kernel_module(backend, "flash_attention")(q, k, v, interpret=interpret, **kwargs)
+    return compat.wait_if_interpreted(out, interpret)
 
 
 def paged_attention(
@@ -119,7 +120,8 @@ def paged_attention(
     if backend == "xla":
         return reference.paged_attention(q, k_pages, v_pages, lengths, block_tables, **kwargs)
     fn = _kernel_module(backend, "paged_attention")
-    return fn(q, k_pages, v_pages, lengths, block_tables, interpret=interpret, **kwargs)
+    out = fn(q, k_pages, v_pages, lengths, block_tables, interpret=interpret, **kwargs)
+    return compat.wait_if_interpreted(out, interpret)
 
 
 def ragged_paged_attention(
@@ -161,4 +163,5 @@ def ragged_paged_attention(
     args = (q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs)
     if backend == "xla":
         return reference.ragged_paged_attention(*args, **kwargs)
-    return _kernel_module(backend, "ragged_paged_attention")(*args, interpret=interpret, **kwargs)
+    out = _kernel_module(backend, "ragged_paged_attention")(*args, interpret=interpret, **kwargs)
+    return compat.wait_if_interpreted(out, interpret)

@@ -7,6 +7,10 @@ EOS ignored). Each side runs once untimed first (compilation, allocator warm-up)
 left-padded static batches of --hf-batch-size. Prints output tokens/s for both and their ratio.
 
     python scripts/benchmark_throughput.py [--num-requests 64] [--output-len 64] [--hf-batch-size 16]
+
+Diagnostics (jserve side): ``--breakdown`` prints where the timed run's steps went (decode-only vs prefill/mixed
+steps: count, host dispatch, device wait); ``--ablate-attention`` makes every attention call return its query
+unchanged, so the run shows what the rest of the step costs (a bound: the tokens it produces are meaningless).
 """
 
 from __future__ import annotations
@@ -65,11 +69,64 @@ def run_jserve(model_dir: Path, prompts: list[list[int]], args) -> float:
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
     llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)  # warm-up: compiles the buckets
     llm.engine.reset_prefix_cache()  # the timed run must not reuse the warm-up's prompt pages
+    timings: list[tuple[bool, float, float]] = []
+    if args.breakdown:
+        if args.data_parallel_size > 1:
+            raise SystemExit("--breakdown times one replica's runner: use it with --data-parallel-size 1")
+        _time_steps(llm.engine.runner, timings)
     start = time.perf_counter()
     outs = llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
     elapsed = time.perf_counter() - start
     assert all(len(o.outputs[0].token_ids) == args.output_len for o in outs)
+    if args.breakdown:
+        _print_breakdown(timings, elapsed)
     return len(prompts) * args.output_len / elapsed
+
+
+def _time_steps(runner, timings: list[tuple[bool, float, float]]) -> None:
+    """Records (decode-only?, dispatch seconds, device wait seconds) for every step the runner runs."""
+    dispatch, collect = runner.dispatch, runner.collect
+
+    def timed_dispatch(plans):
+        start = time.perf_counter()
+        pending = dispatch(plans)
+        pending.timing = (all(p.num_tokens == len(p.sampled_ids) for p in plans), time.perf_counter() - start)
+        return pending
+
+    def timed_collect(pending):
+        start = time.perf_counter()
+        results = collect(pending)
+        timings.append((*pending.timing, time.perf_counter() - start))
+        return results
+
+    runner.dispatch, runner.collect = timed_dispatch, timed_collect
+
+
+def _print_breakdown(timings: list[tuple[bool, float, float]], elapsed: float) -> None:
+    print(f"timed run: {elapsed:.3f} s, {len(timings)} steps")
+    for decode, label in ((True, "decode-only"), (False, "prefill/mixed")):
+        rows = [t for t in timings if t[0] == decode]
+        if rows:
+            n = len(rows)
+            print(
+                f"  {label:13s} steps {n:3d}: dispatch {sum(r[1] for r in rows) / n * 1e3:6.2f} ms, "
+                f"device wait {sum(r[2] for r in rows) / n * 1e3:6.2f} ms per step, "
+                f"{sum(r[1] + r[2] for r in rows):.3f} s in all"
+            )
+    other = elapsed - sum(r[1] + r[2] for r in timings)
+    print(f"  host work between steps (schedule, build, detokenize): {other:.3f} s")
+
+
+def _ablate_attention() -> None:
+    """Diagnostic only: every attention call returns its query, so the timed run costs everything but attention."""
+    from jserve import ops
+
+    def identity(q, *args, **kwargs):
+        return q
+
+    ops.ragged_paged_attention_items = identity
+    ops.pallas_xla.ragged_paged_attention = identity
+    ops.pallas_kernels.ragged_paged_attention = identity
 
 
 def run_transformers(model_dir: Path, prompts: list[list[int]], args) -> float:
@@ -122,6 +179,12 @@ def main() -> None:
     parser.add_argument("--pipeline-parallel-size", type=int, default=1)
     parser.add_argument("--data-parallel-size", type=int, default=1)
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--breakdown", action="store_true", help="print where jserve's timed run spent its steps")
+    parser.add_argument(
+        "--ablate-attention",
+        action="store_true",
+        help="diagnostic: attention returns its query (wrong tokens; shows the cost of everything else)",
+    )
     parser.add_argument("--model", help="an existing HF checkpoint dir instead of the random model")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument(
@@ -136,6 +199,8 @@ def main() -> None:
 
     import jax
 
+    if args.ablate_attention:
+        _ablate_attention()
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(args.model) if args.model else make_model(Path(tmp) / "model", args)
         prompts = make_prompts(args)

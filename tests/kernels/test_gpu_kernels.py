@@ -39,6 +39,7 @@ def check_ragged(case, *, sliding_window=None, logit_soft_cap=None, **blocks):
         interpret=True,
         **blocks,
     )
+    out = compat.wait_if_interpreted(out, True)
     assert out.shape == case.q.shape and out.dtype == case.q.dtype
     ref = reference.ragged_paged_attention(
         *case.args, **case.scale_kwargs, sliding_window=sliding_window, logit_soft_cap=logit_soft_cap
@@ -149,6 +150,7 @@ def test_paged_decode(int8):
     )
     args = (case.q, case.k_pages, case.v_pages, case.kv_lens, case.block_tables)
     out = gpu_kernels.paged_attention(*args, **case.scale_kwargs, interpret=True)
+    out = compat.wait_if_interpreted(out, True)
     assert_close(out, reference.paged_attention(*args, **case.scale_kwargs), ATOL, "kernel vs reference")
     assert_close(out, numpy_ragged(case), ATOL, "kernel vs float64")
 
@@ -165,6 +167,7 @@ def flash_inputs(batch, q_len, kv_len, num_kv_heads, group, head_dim, dtype, see
 def check_flash(q, k, v, **kwargs):
     blocks = {name: kwargs.pop(name) for name in ("block_q", "block_kv", "stages") if name in kwargs}
     out = gpu_kernels.flash_attention(q, k, v, interpret=True, **blocks, **kwargs)
+    out = compat.wait_if_interpreted(out, True)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert_close(out, reference.flash_attention(q, k, v, **kwargs), ATOL, "kernel vs reference")
     assert_close(out, numpy_flash(q, k, v, **kwargs), ATOL, "kernel vs float64")

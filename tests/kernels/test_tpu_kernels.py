@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pallas_kernels import reference
+from pallas_kernels import compat, reference
 from pallas_kernels import tpu as tpu_kernels
 from tests.kernels.common import assert_close, make_ragged_case, numpy_flash, numpy_ragged, tolerance
 
@@ -30,6 +30,7 @@ def check_ragged(case, dtype, *, sliding_window=None, logit_soft_cap=None, **blo
         interpret=True,
         **blocks,
     )
+    out = compat.wait_if_interpreted(out, True)
     assert out.shape == case.q.shape and out.dtype == case.q.dtype
     ref = reference.ragged_paged_attention(
         *case.args, **case.scale_kwargs, sliding_window=sliding_window, logit_soft_cap=logit_soft_cap
@@ -157,6 +158,7 @@ def test_paged_decode(int8, num_splits):
     out = tpu_kernels.paged_attention(
         *args, **case.scale_kwargs, interpret=True, num_splits=num_splits, pages_per_block=1
     )
+    out = compat.wait_if_interpreted(out, True)
     assert_close(out, reference.paged_attention(*args, **case.scale_kwargs), 3e-2, "kernel vs reference")
     assert_close(out, numpy_ragged(case), 3e-2, "kernel vs float64")
 
@@ -165,6 +167,7 @@ def test_paged_decode(int8, num_splits):
 def check_flash(q, k, v, dtype, **kwargs):
     blocks = {name: kwargs.pop(name) for name in ("block_q", "block_kv") if name in kwargs}
     out = tpu_kernels.flash_attention(q, k, v, interpret=True, **blocks, **kwargs)
+    out = compat.wait_if_interpreted(out, True)
     assert out.shape == q.shape and out.dtype == q.dtype
     atol = tolerance(dtype)
     assert_close(out, reference.flash_attention(q, k, v, **kwargs), atol, "kernel vs reference")
