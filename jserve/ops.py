@@ -17,7 +17,7 @@ from jax.sharding import PartitionSpec as P
 import pallas_kernels
 from pallas_kernels import reference
 from pallas_kernels import xla as pallas_xla
-from pallas_kernels.dispatch import resolve_backend
+from pallas_kernels.dispatch import gpu_supports, pick_backend, resolve_backend
 from pallas_kernels.xla_items import WorkPlan, ragged_paged_attention_items
 
 try:  # jax >= 0.7 exposes shard_map at the top level
@@ -58,11 +58,15 @@ class AttentionBackend:
         return dataclasses.replace(self, **changes)
 
 
-def resolve_attention_backend(choice: str, platform: str | None = None) -> AttentionBackend:
-    """Maps the user-facing ``attention_backend`` to a kernel.
+def resolve_attention_backend(
+    choice: str, *, head_dim: int, page_size: int, dtype, platform: str | None = None
+) -> AttentionBackend:
+    """Maps the user-facing ``attention_backend`` to a kernel, once, for this model's shapes.
 
-    "auto": Pallas on TPU and on Hopper-or-newer GPUs, the XLA reference elsewhere. "pallas": force the kernels;
-    on CPU they run under their interpreters (the TPU kernel's interpreter, which is the faster one).
+    "auto": the TPU kernels on TPU; the Mosaic GPU kernels on Hopper-or-newer GPUs when they can take the
+    model (head_dim, page_size) and it is not float32 (see ``pallas_kernels.dispatch.pick_backend``); the XLA
+    path elsewhere. "pallas": force the kernels, with a clear error where they cannot run; on CPU they run
+    under their interpreters (the TPU kernel's interpreter, which is the faster one).
     """
     if choice not in ATTENTION_BACKENDS:
         raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {choice!r}")
@@ -70,10 +74,17 @@ def resolve_attention_backend(choice: str, platform: str | None = None) -> Atten
     if choice == "xla":
         return AttentionBackend("xla")
     if choice == "auto":
-        return AttentionBackend(resolve_backend("auto"))
+        return AttentionBackend(pick_backend("auto", head_dim, page_size, dtype))
     if platform == "tpu":
         return AttentionBackend("tpu")
     if platform == "gpu":
+        if resolve_backend("auto") != "gpu":
+            raise ValueError("attention_backend='pallas' on GPU needs Hopper or newer (Mosaic GPU); use 'auto'")
+        if not gpu_supports(head_dim, page_size):
+            raise ValueError(
+                f"attention_backend='pallas': the Mosaic GPU kernels need head_dim % 64 == 0 and a page_size "
+                f"dividing 64 (or 128/192/256); got head_dim={head_dim}, page_size={page_size}"
+            )
         return AttentionBackend("gpu")
     return AttentionBackend("tpu", interpret=True)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from pallas_kernels import compat, reference
 
@@ -31,7 +32,7 @@ def _is_hopper_or_newer(device: jax.Device) -> bool:
         return False
 
 
-def _gpu_supports(head_dim: int, page_size: int | None = None) -> bool:
+def gpu_supports(head_dim: int, page_size: int | None = None) -> bool:
     """Shapes the Mosaic GPU kernels take: wgmma tiles need head_dim % 64; a KV step is 64 keys of whole pages
     (page_size dividing 64) or one page of 64..256 keys."""
     if head_dim % 64:
@@ -39,11 +40,14 @@ def _gpu_supports(head_dim: int, page_size: int | None = None) -> bool:
     return page_size is None or 64 % page_size == 0 and page_size % 8 == 0 or page_size in (128, 192, 256)
 
 
-def _pick(backend: str, head_dim: int, page_size: int | None = None) -> str:
-    """Resolve the backend; "auto" falls back to the reference for shapes the chosen kernel cannot take."""
+def pick_backend(backend: str, head_dim: int, page_size: int | None = None, dtype=None) -> str:
+    """Resolve the backend. "auto" on a GPU falls back to the XLA reference where the Mosaic GPU kernels are the
+    wrong tool: shapes they cannot take, and float32 (their matmuls run in bf16, ~1e-2 off; the reference keeps
+    float32). Forcing "gpu" keeps the kernel, which then raises its own error for a shape it cannot take."""
     resolved = resolve_backend(backend)
-    if backend == "auto" and resolved == "gpu" and not _gpu_supports(head_dim, page_size):
-        return "xla"
+    if backend == "auto" and resolved == "gpu":
+        if not gpu_supports(head_dim, page_size) or (dtype is not None and jnp.dtype(dtype) == jnp.float32):
+            return "xla"
     return resolved
 
 
@@ -77,7 +81,7 @@ def flash_attention(
     Returns:
         [B, Tq, N, H] in q's dtype.
     """
-    backend = _pick(backend, q.shape[-1])
+    backend = pick_backend(backend, q.shape[-1], dtype=q.dtype)
     kwargs = dict(
         causal=causal,
         sliding_window=sliding_window,
@@ -115,7 +119,7 @@ def paged_attention(
     Returns:
         [B, N, H] in q's dtype.
     """
-    backend = _pick(backend, q.shape[-1], k_pages.shape[2])
+    backend = pick_backend(backend, q.shape[-1], k_pages.shape[2], q.dtype)
     kwargs = dict(sm_scale=sm_scale, k_scales=k_scales, v_scales=v_scales, logit_soft_cap=logit_soft_cap)
     if backend == "xla":
         return reference.paged_attention(q, k_pages, v_pages, lengths, block_tables, **kwargs)
@@ -152,7 +156,7 @@ def ragged_paged_attention(
     Returns:
         [T, N, H] in q's dtype.
     """
-    backend = _pick(backend, q.shape[-1], k_pages.shape[2])
+    backend = pick_backend(backend, q.shape[-1], k_pages.shape[2], q.dtype)
     kwargs = dict(
         sm_scale=sm_scale,
         sliding_window=sliding_window,

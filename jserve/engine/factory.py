@@ -126,7 +126,13 @@ def build_engine(args: EngineArgs, devices: list[jax.Device] | None = None) -> E
 
 def _build_replica(args: EngineArgs, path: Path, model_config: ModelConfig, tokenizer, meshes: list) -> Engine:
     dtype = resolve_dtype(args.dtype, model_config, meshes[0].devices.flat[0].platform)
-    backend = resolve_attention_backend(args.attention_backend)
+    backend = resolve_attention_backend(
+        args.attention_backend,
+        head_dim=model_config.head_dim,
+        page_size=args.page_size,
+        dtype=dtype,
+        platform=meshes[0].devices.flat[0].platform,
+    )
     cache_config = CacheConfig(
         page_size=args.page_size,
         num_pages=args.num_pages,

@@ -36,12 +36,14 @@ def test_backend_resolution(monkeypatch):
     assert dispatch.resolve_backend("xla") == "xla"
     assert dispatch.resolve_backend("auto") == "xla"  # CPU
     monkeypatch.setattr(dispatch, "resolve_backend", lambda backend: "gpu")
-    assert dispatch._pick("auto", head_dim=128, page_size=16) == "gpu"
-    assert dispatch._pick("auto", head_dim=80, page_size=16) == "xla"  # not a multiple of 64: reference
-    assert dispatch._pick("auto", head_dim=128, page_size=4) == "xla"
-    assert dispatch._pick("auto", head_dim=128, page_size=24) == "xla"  # a 64-key step is not whole pages
-    assert dispatch._pick("auto", head_dim=64, page_size=128) == "gpu"
-    assert dispatch._pick("gpu", head_dim=80) == "gpu"  # forced: the kernel raises its own error
+    assert dispatch.pick_backend("auto", head_dim=128, page_size=16) == "gpu"
+    assert dispatch.pick_backend("auto", head_dim=80, page_size=16) == "xla"  # not a multiple of 64: reference
+    assert dispatch.pick_backend("auto", head_dim=128, page_size=4) == "xla"
+    assert dispatch.pick_backend("auto", head_dim=128, page_size=24) == "xla"  # a 64-key step is not whole pages
+    assert dispatch.pick_backend("auto", head_dim=64, page_size=128) == "gpu"
+    assert dispatch.pick_backend("auto", head_dim=128, page_size=16, dtype=jnp.bfloat16) == "gpu"
+    assert dispatch.pick_backend("auto", head_dim=128, page_size=16, dtype=jnp.float32) == "xla"  # bf16 matmuls
+    assert dispatch.pick_backend("gpu", head_dim=80) == "gpu"  # forced: the kernel raises its own error
 
 
 def test_reference_matches_float64():

@@ -1,0 +1,50 @@
+"""The engine's attention backend is chosen once from the model's shapes: "auto" never picks a kernel that
+cannot take the model, and "pallas" says why it cannot run instead of failing inside a trace."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import pytest
+
+from jserve import ops
+from pallas_kernels import dispatch
+
+
+@pytest.fixture
+def on_hopper(monkeypatch):
+    """Pretend the device is a Hopper GPU (resolution only; nothing runs)."""
+    monkeypatch.setattr(dispatch, "resolve_backend", lambda backend: "gpu" if backend == "auto" else backend)
+    monkeypatch.setattr(ops, "resolve_backend", dispatch.resolve_backend)
+
+
+def resolve(choice, head_dim=128, page_size=16, dtype=jnp.bfloat16, platform="gpu"):
+    return ops.resolve_attention_backend(choice, head_dim=head_dim, page_size=page_size, dtype=dtype, platform=platform)
+
+
+def test_auto_on_hopper(on_hopper):
+    assert resolve("auto").kernel == "gpu"
+    assert resolve("auto", head_dim=80).kernel == "xla"  # wgmma tiles need head_dim % 64
+    assert resolve("auto", page_size=24).kernel == "xla"  # a 64-key step would split a page
+    assert resolve("auto", dtype=jnp.float32).kernel == "xla"  # the kernels' matmuls are bf16
+
+
+def test_pallas_on_gpu_explains_what_it_cannot_take(on_hopper):
+    assert resolve("pallas").kernel == "gpu"
+    with pytest.raises(ValueError, match="head_dim=80"):
+        resolve("pallas", head_dim=80)
+
+
+def test_pallas_on_pre_hopper_gpu(monkeypatch):
+    monkeypatch.setattr(ops, "resolve_backend", lambda backend: "xla")
+    with pytest.raises(ValueError, match="Hopper"):
+        resolve("pallas")
+
+
+def test_cpu_and_tpu():
+    assert resolve("auto", platform="cpu").kernel == "xla"
+    assert resolve("xla").kernel == "xla"
+    cpu = resolve("pallas", platform="cpu")
+    assert (cpu.kernel, cpu.interpret) == ("tpu", True)
+    assert resolve("pallas", platform="tpu").kernel == "tpu"
+    with pytest.raises(ValueError, match="attention_backend"):
+        resolve("cuda")
