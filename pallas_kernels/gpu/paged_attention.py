@@ -58,7 +58,7 @@ def paged_attention(
         page_size,
         head_dim,
         jnp.dtype(k_pages.dtype).itemsize,
-        decode_batch=batch,
+        num_tokens=batch,
         num_kv_heads=num_kv_heads,
         max_pages_per_seq=block_tables.shape[1],
     )

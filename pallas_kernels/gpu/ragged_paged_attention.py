@@ -17,8 +17,9 @@ Grid ``(T / bq query blocks, K kv heads, num_splits)``, one warpgroup per progra
   copies for the next sequence are already in flight while the current one finishes (decode blocks hold many
   short sequences) and TMA traffic overlaps the two ``wgmma`` products and the softmax.
 * ``num_splits > 1`` (Flash-Decoding): split s takes the s-th slice of every sequence's KV range and writes a
-  normalised float32 partial output plus its log-sum-exp; the wrapper merges the splits. Decode batches use it
-  so that a few long sequences still occupy every SM.
+  normalised float32 partial output plus its log-sum-exp; the wrapper merges the splits. The default
+  (``tuning.paged_blocks``) splits whenever the step's query blocks alone give fewer than ~2 programs per SM,
+  so a decode step of a few long sequences still occupies every SM; large prefill steps are not split.
 
 K/V tiles in a dtype ``wgmma`` cannot take (int8 pages, fp32 pages) are TMA'd into staging buffers and
 converted to bf16 in SMEM; int8 per-page scales are applied to score columns (K) and probability columns (V).
@@ -259,7 +260,15 @@ def ragged_paged_attention(
     scale = head_dim**-0.5 if sm_scale is None else float(sm_scale)
     mm_dtype = common.mma_dtype(q.dtype)
     convert = jnp.dtype(k_pages.dtype) != mm_dtype
-    defaults = tuning.paged_blocks(group, page_size, head_dim, jnp.dtype(k_pages.dtype).itemsize)
+    defaults = tuning.paged_blocks(
+        group,
+        page_size,
+        head_dim,
+        jnp.dtype(k_pages.dtype).itemsize,
+        num_tokens=num_tokens,
+        num_kv_heads=num_kv_heads,
+        max_pages_per_seq=max_pages,
+    )
     bq = block_q or defaults.q_tokens
     ppb = pages_per_block or max(1, defaults.kv // page_size)
     splits = num_splits or defaults.num_splits

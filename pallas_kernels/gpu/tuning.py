@@ -49,18 +49,20 @@ def paged_blocks(
     page_size: int,
     head_dim: int,
     page_bytes: int,
-    decode_batch: int | None = None,
+    num_tokens: int | None = None,
     num_kv_heads: int = 1,
     max_pages_per_seq: int = 1,
 ) -> GpuBlocks:
-    """Ragged (``decode_batch=None``) and decode steps; 64 keys per step whatever the page size."""
+    """Ragged and decode steps of ``num_tokens`` query tokens (decode: one per sequence; None: never split);
+    64 keys per step whatever the page size."""
     kv = max(64, page_size)
     q_tokens = q_tokens_for_group(group)
     rows = q_tokens * group
     splits = 1
-    if decode_batch is not None:
-        # Flash-Decoding: aim for >= 2 programs per SM (132 SMs on H100) when the batch alone cannot.
-        programs = num_kv_heads * -(-decode_batch // q_tokens)
+    if num_tokens is not None:
+        # Flash-Decoding: aim for >= 2 programs per SM (132 SMs on H100) when the query blocks alone cannot
+        # (decode of a few sequences, short chunks over long contexts); large steps keep splits = 1.
+        programs = num_kv_heads * -(-num_tokens // q_tokens)
         steps = -(-max_pages_per_seq * page_size // kv)
         splits = max(1, min(steps, 264 // max(programs, 1), 16))
     fixed = rows * head_dim * (2 + 4)  # q tile + an fp32 output tile (split-K partials)
