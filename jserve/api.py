@@ -89,7 +89,7 @@ class LLM:
             out.append((text, self.tokenizer.encode(text)))
         return out
 
-    def _add_all(self, prompts, sampling_params) -> list[str]:
+    def _add_all(self, prompts, sampling_params, *, stream: bool = True) -> list[str]:
         if sampling_params is None:
             sampling_params = SamplingParams()
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
@@ -100,7 +100,10 @@ class LLM:
                 raise ValueError("sampling_params must be SamplingParams or a list of them")
         for (_, ids), p in zip(prompts, params, strict=True):
             self.engine.validate(ids, p)
-        return [self.engine.add_request(ids, p, prompt=text) for (text, ids), p in zip(prompts, params, strict=True)]
+        return [
+            self.engine.add_request(ids, p, prompt=text, stream=stream)
+            for (text, ids), p in zip(prompts, params, strict=True)
+        ]
 
     def generate(
         self,
@@ -110,7 +113,8 @@ class LLM:
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """Generates for every prompt with continuous batching; returns outputs in prompt order."""
-        request_ids = self._add_all(self._prompts(prompts, prompt_token_ids), sampling_params)
+        # final outputs only: nobody reads per-step deltas here (see Engine.add_request)
+        request_ids = self._add_all(self._prompts(prompts, prompt_token_ids), sampling_params, stream=False)
         final: dict[str, RequestOutput] = {}
         with tqdm(total=len(request_ids), desc="Generating", disable=not use_tqdm, unit="req") as bar:
             try:

@@ -67,6 +67,7 @@ class RequestGroup:
     samples: dict[str, SampleState]
     prompt_logprobs: list[dict[int, float] | None] | None = None
     prompt_logprobs_sent: bool = False
+    stream: bool = True  # False: the engine reports the group once, when every sample has finished
 
     @property
     def finished(self) -> bool:

@@ -162,6 +162,34 @@ def test_n_samples_logprobs_and_streaming(llm):
     _assert_no_leak(llm)
 
 
+def test_final_only_requests_report_once_with_everything(llm):
+    """stream=False (what LLM.generate uses): no deltas until the request ends, then one output equal to the
+    merged stream of the same request, n > 1 samples and stop strings included; an abort still reports."""
+    engine = llm.engine
+    params = SamplingParams(n=2, temperature=1.0, seed=11, max_tokens=7, stop=["e"], ignore_eos=True)
+    streamed = list(llm.generate_stream("Hello there", params))
+    engine.add_request(streamed[0].prompt_token_ids, params, request_id="final", stream=False)
+    engine.add_request([5, 6, 7], SamplingParams(max_tokens=50, ignore_eos=True), request_id="cut", stream=False)
+    reports = []
+    while engine.has_unfinished():
+        outs = engine.step()
+        reports += outs
+        if engine.num_steps % 3 == 0:
+            engine.abort_request("cut")
+    assert [o.request_id for o in reports] == ["final", "cut"] or [o.request_id for o in reports] == ["cut", "final"]
+    assert all(o.finished for o in reports)
+    final = next(o for o in reports if o.request_id == "final")
+    for index in (0, 1):
+        pieces = [c for d in streamed for c in d.outputs if c.index == index]
+        (whole,) = [c for c in final.outputs if c.index == index]
+        assert whole.text == "".join(c.text for c in pieces)
+        assert whole.token_ids == sum((c.token_ids for c in pieces), [])
+        assert whole.finish_reason == pieces[-1].finish_reason
+    (cut,) = next(o for o in reports if o.request_id == "cut").outputs
+    assert cut.finish_reason == "abort"
+    _assert_no_leak(llm)
+
+
 def test_abandoned_stream_frees_pages(llm):
     stream = llm.generate_stream([5, 6, 7, 8, 9, 10], SamplingParams(max_tokens=50, ignore_eos=True))
     next(stream)
