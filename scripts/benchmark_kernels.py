@@ -108,9 +108,24 @@ def timeit(fn, *args, iters: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
-def try_time(fn, *args, iters: int) -> float | str:
+def timeit_decode_steps(step, params, k_cache, v_cache, tokens, *, iters: int, warmup: int = 2) -> float:
+    """Median seconds per call of a decode step that donates its KV caches: each call gets the caches the
+    previous one returned (a donated input is deleted), as the engine's steps do."""
+    times = []
+    for i in range(warmup + iters):
+        start = time.perf_counter()
+        _, new_k, new_v = jax.block_until_ready(step(params, k_cache, v_cache, tokens))
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+        if i == 0 and not all(c.is_deleted() for c in (*k_cache, *v_cache)):
+            print("warning: the decode step did not donate its KV caches; it copies them every call", file=sys.stderr)
+        k_cache, v_cache = new_k, new_v
+    return statistics.median(times)
+
+
+def try_time(fn, *args, iters: int, timer=timeit) -> float | str:
     try:
-        return timeit(fn, *args, iters=iters)
+        return timer(fn, *args, iters=iters)
     except Exception as err:  # noqa: BLE001 - a baseline that cannot run (OOM, no cuDNN) is reported, not fatal
         return f"failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
 
@@ -229,7 +244,13 @@ def _rms(x, w):
 
 
 def bench_model(shapes: Shapes, backend: str, interpret: bool, iters: int) -> dict:
-    """One decode step (batch B, one token each) of a Llama-shaped decoder over a paged cache."""
+    """One decode step (batch B, one token each) of a Llama-shaped decoder over a paged cache.
+
+    As in the engine (``jserve/models/llama.py``), layers are unrolled and each has its own weights and K/V
+    page buffers, which the jitted step donates: XLA then writes the new tokens' K/V in place, and the step
+    costs what a serving step costs. (A ``lax.scan`` over stacked [layers, ...] caches rewrites the whole cache
+    every step, donated or not, at least on XLA CPU; that copy would hide the difference between the backends.)
+    """
     s = shapes
     rng = np.random.default_rng(5)
     batch = s.decode_batch
@@ -237,21 +258,27 @@ def bench_model(shapes: Shapes, backend: str, interpret: bool, iters: int) -> di
     ks = jax.random.split(key, 8)
     d, n, kv, h, f = s.model_dim, s.model_heads, s.model_kv_heads, s.model_head_dim, s.mlp_dim
     init = lambda k, shape: (jax.random.normal(k, shape, jnp.float32) * shape[-2] ** -0.5).astype(jnp.bfloat16)
+    layer_keys = jax.random.split(ks[1], s.layers)
+
+    def layer_params(key):
+        kq, kkv, ko, kup, kdown = jax.random.split(key, 5)
+        return {
+            "wq": init(kq, (d, n * h)),
+            "wkv": init(kkv, (d, 2 * kv * h)),
+            "wo": init(ko, (n * h, d)),
+            "w_up": init(kup, (d, 2 * f)),
+            "w_down": init(kdown, (f, d)),
+            "norm": jnp.ones((2, d), jnp.float32),
+        }
+
     params = {
         "embed": init(ks[0], (s.vocab, d)),
-        "wq": init(ks[1], (s.layers, d, n * h)),
-        "wkv": init(ks[2], (s.layers, d, 2 * kv * h)),
-        "wo": init(ks[3], (s.layers, n * h, d)),
-        "w_up": init(ks[4], (s.layers, d, 2 * f)),
-        "w_down": init(ks[5], (s.layers, f, d)),
-        "norm": jnp.ones((s.layers, 2, d), jnp.float32),
+        "layers": [layer_params(key) for key in layer_keys],
         "head": init(ks[6], (d, s.vocab)),
     }
     lens = [s.context] * batch
     page = s.page_size
     k_pages, v_pages, tables = paged_cache(rng, s, kv, h, lens)
-    k_cache = jnp.broadcast_to(k_pages, (s.layers, *k_pages.shape))
-    v_cache = jnp.broadcast_to(v_pages, (s.layers, *v_pages.shape))
     lengths = jnp.asarray(lens, jnp.int32)
     positions = lengths - 1
     slots = tables[jnp.arange(batch), positions // page] * page + positions % page
@@ -261,32 +288,20 @@ def bench_model(shapes: Shapes, backend: str, interpret: bool, iters: int) -> di
 
     def step(params, k_cache, v_cache, tokens, attention):
         x = params["embed"][tokens]
-
-        def layer(x, weights):
-            wq, wkv, wo, w_up, w_down, norm, kc, vc = weights
-            y = _rms(x, norm[0])
-            q = (y @ wq).reshape(batch, n, h)
-            k, v = jnp.split((y @ wkv).reshape(batch, 2 * kv, h), 2, axis=1)
+        new_k, new_v = [], []
+        for w, kc, vc in zip(params["layers"], k_cache, v_cache, strict=True):
+            y = _rms(x, w["norm"][0])
+            q = (y @ w["wq"]).reshape(batch, n, h)
+            k, v = jnp.split((y @ w["wkv"]).reshape(batch, 2 * kv, h), 2, axis=1)
             kc, vc = reference.write_to_pages(kc, vc, k, v, slots)
             o = attention(q, kc, vc).reshape(batch, n * h)
-            x = x + o @ wo
-            up, gate = jnp.split(_rms(x, norm[1]) @ w_up, 2, axis=-1)
-            x = x + (jax.nn.silu(gate) * up) @ w_down
-            return x, (kc, vc)
-
-        weights = (
-            params["wq"],
-            params["wkv"],
-            params["wo"],
-            params["w_up"],
-            params["w_down"],
-            params["norm"],
-            k_cache,
-            v_cache,
-        )
-        x, (k_cache, v_cache) = jax.lax.scan(layer, x, weights)
+            x = x + o @ w["wo"]
+            up, gate = jnp.split(_rms(x, w["norm"][1]) @ w["w_up"], 2, axis=-1)
+            x = x + (jax.nn.silu(gate) * up) @ w["w_down"]
+            new_k.append(kc)
+            new_v.append(vc)
         logits = _rms(x, 1.0) @ params["head"]
-        return jnp.argmax(logits, axis=-1), k_cache, v_cache
+        return jnp.argmax(logits, axis=-1), new_k, new_v
 
     pallas_attn = functools.partial(
         pallas_kernels.paged_attention,
@@ -298,8 +313,12 @@ def bench_model(shapes: Shapes, backend: str, interpret: bool, iters: int) -> di
     xla_attn = lambda q, kc, vc: XLA_RAGGED(q, kc, vc, lengths, tables, cu, num)
     out = {}
     for name, attention in (("pallas", pallas_attn), ("xla", xla_attn)):
-        fn = jax.jit(functools.partial(step, attention=attention), donate_argnums=())
-        out[name] = try_time(fn, params, k_cache, v_cache, tokens, iters=iters)
+        fn = jax.jit(functools.partial(step, attention=attention), donate_argnums=(1, 2))
+        # fresh per-layer buffers for each backend: the step donates (consumes) the caches it is given
+        k_cache = [jnp.copy(k_pages) for _ in range(s.layers)]
+        v_cache = [jnp.copy(v_pages) for _ in range(s.layers)]
+        out[name] = try_time(fn, params, k_cache, v_cache, tokens, iters=iters, timer=timeit_decode_steps)
+        del k_cache, v_cache
     if not isinstance(out["xla"], str) and not isinstance(out["pallas"], str):
         out["speedup_vs_xla"] = out["xla"] / out["pallas"]
     return out

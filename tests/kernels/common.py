@@ -210,3 +210,33 @@ def numpy_flash(
                 visible &= kv_seg == seg[t]
             out[b, t] = _attend(q[b, t], k[b], v[b], visible, scale, logit_soft_cap)
     return out
+
+
+# ------------------------------------------------------------------------------------------ tile skipping
+def poison_leading_pages(case: RaggedCase, seq: int, num_pages: int) -> tuple[RaggedCase, RaggedCase]:
+    """NaN in K and V of sequence ``seq``'s first ``num_pages`` pages (every kv head), and the same case with
+    zeros there instead.
+
+    For tile-skipping tests: a kernel that fetches such a page and only masks it computes ``0 * NaN`` in P @ V
+    and returns NaN; a kernel that skips it matches the reference run on the zeroed case.
+    """
+    assert jnp.issubdtype(case.k_pages.dtype, jnp.floating), "NaN needs float pages"
+    pages = jnp.asarray(np.asarray(case.block_tables)[seq, :num_pages])
+
+    def fill(value):
+        return dataclasses.replace(
+            case,
+            k_pages=case.k_pages.at[:, pages].set(value),
+            v_pages=case.v_pages.at[:, pages].set(value),
+        )
+
+    return fill(jnp.nan), fill(0.0)
+
+
+def poison_leading_keys(k, v, num_keys: int):
+    """(k, v) with NaN at key positions [0, num_keys), and (k, v) with zeros there: see ``poison_leading_pages``."""
+
+    def fill(value):
+        return k.at[:, :num_keys].set(value), v.at[:, :num_keys].set(value)
+
+    return fill(jnp.nan), fill(0.0)

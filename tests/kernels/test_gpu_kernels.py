@@ -13,7 +13,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pallas_kernels import compat, reference
-from tests.kernels.common import assert_close, make_ragged_case, numpy_flash, numpy_ragged
+from tests.kernels.common import (
+    assert_close,
+    make_ragged_case,
+    numpy_flash,
+    numpy_ragged,
+    poison_leading_keys,
+    poison_leading_pages,
+)
 
 pytestmark = pytest.mark.skipif(not compat.gpu_available(), reason="this jaxlib has no Mosaic GPU")
 
@@ -30,7 +37,8 @@ HYPOTHESIS = settings(max_examples=3, **_SETTINGS)  # default run: a few example
 SLOW_HYPOTHESIS = settings(max_examples=40, **_SETTINGS)  # -m slow: a wider search
 
 
-def check_ragged(case, *, sliding_window=None, logit_soft_cap=None, **blocks):
+def check_ragged(case, *, sliding_window=None, logit_soft_cap=None, expected_case=None, **blocks):
+    """Kernel on ``case`` vs both references on ``expected_case`` (default: the same case)."""
     out = gpu_kernels.ragged_paged_attention(
         *case.args,
         **case.scale_kwargs,
@@ -41,6 +49,7 @@ def check_ragged(case, *, sliding_window=None, logit_soft_cap=None, **blocks):
     )
     out = compat.wait_if_interpreted(out, True)
     assert out.shape == case.q.shape and out.dtype == case.q.dtype
+    case = case if expected_case is None else expected_case
     ref = reference.ragged_paged_attention(
         *case.args, **case.scale_kwargs, sliding_window=sliding_window, logit_soft_cap=logit_soft_cap
     )
@@ -89,6 +98,21 @@ def test_ragged_int8():
     check_ragged(case, num_splits=2, sliding_window=40)
 
 
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_ragged_sliding_window_skips_pages_before_every_window(num_splits):
+    """KV blocks before every query's window are not fetched: NaN there would survive a mask (0 * NaN in P @ V).
+
+    Sequence 0's 3 new tokens sit at positions 253..255 with window 64; the first sees keys 190..253, so its KV
+    blocks 0 and 1 (4 pages of 16 keys each, keys 0..127) are invisible to every token. Sequence 1 shares the
+    query block. With 2 splits each split gets one of the two visible blocks.
+    """
+    case = make_ragged_case([(3, 256), (1, 20)], group=8, page_size=16, dtype=jnp.bfloat16, seed=8)
+    poisoned, zeroed = poison_leading_pages(case, seq=0, num_pages=8)
+    ref = reference.ragged_paged_attention(*poisoned.args, sliding_window=64)
+    assert not np.all(np.isfinite(np.asarray(ref, np.float32))), "the NaN pages must poison a kernel that masks them"
+    check_ragged(poisoned, sliding_window=64, expected_case=zeroed, pages_per_block=4, num_splits=num_splits)
+
+
 @st.composite
 def ragged_problems(draw):
     seqs = []
@@ -135,8 +159,8 @@ def test_ragged_randomized_wide(problem):
 
 
 # ------------------------------------------------------------------------------------------ paged (decode)
-@pytest.mark.parametrize("int8", [False, True])
-def test_paged_decode(int8):
+@pytest.mark.parametrize("int8, soft_cap", [(False, None), (True, None), (False, 2.0)])
+def test_paged_decode(int8, soft_cap):
     lens = [1, 16, 64, 65, 150]  # 1, a page, a full step, one past a step, several steps
     case = make_ragged_case(
         [(1, n) for n in lens],
@@ -149,10 +173,11 @@ def test_paged_decode(int8):
         seed=7,
     )
     args = (case.q, case.k_pages, case.v_pages, case.kv_lens, case.block_tables)
-    out = gpu_kernels.paged_attention(*args, **case.scale_kwargs, interpret=True)
+    out = gpu_kernels.paged_attention(*args, **case.scale_kwargs, logit_soft_cap=soft_cap, interpret=True)
     out = compat.wait_if_interpreted(out, True)
-    assert_close(out, reference.paged_attention(*args, **case.scale_kwargs), ATOL, "kernel vs reference")
-    assert_close(out, numpy_ragged(case), ATOL, "kernel vs float64")
+    ref = reference.paged_attention(*args, **case.scale_kwargs, logit_soft_cap=soft_cap)
+    assert_close(out, ref, ATOL, "kernel vs reference")
+    assert_close(out, numpy_ragged(case, logit_soft_cap=soft_cap), ATOL, "kernel vs float64")
 
 
 # ------------------------------------------------------------------------------------------ flash
@@ -164,11 +189,14 @@ def flash_inputs(batch, q_len, kv_len, num_kv_heads, group, head_dim, dtype, see
     return q, k, v
 
 
-def check_flash(q, k, v, **kwargs):
+def check_flash(q, k, v, *, expected_kv=None, **kwargs):
+    """Kernel on (q, k, v) vs both references on (q, *expected_kv) (default: the same k, v)."""
     blocks = {name: kwargs.pop(name) for name in ("block_q", "block_kv", "stages") if name in kwargs}
     out = gpu_kernels.flash_attention(q, k, v, interpret=True, **blocks, **kwargs)
     out = compat.wait_if_interpreted(out, True)
     assert out.shape == q.shape and out.dtype == q.dtype
+    if expected_kv is not None:
+        k, v = expected_kv
     assert_close(out, reference.flash_attention(q, k, v, **kwargs), ATOL, "kernel vs reference")
     assert_close(out, numpy_flash(q, k, v, **kwargs), ATOL, "kernel vs float64")
 
@@ -199,6 +227,20 @@ def test_flash_segments_soft_cap_two_kv_heads():
 def test_flash_chunk_against_longer_context():
     q, k, v = flash_inputs(1, 20, 150, 1, 8, 64, jnp.bfloat16, seed=2)
     check_flash(q, k, v, causal=True, sliding_window=100, block_kv=64, stages=3)
+
+
+def test_flash_sliding_window_skips_blocks_before_every_window():
+    """Key blocks that no query can see are never fetched, not just masked.
+
+    64 queries at the end of a 256-key context, window 64: the first (position 192) sees keys 129..192, so key
+    blocks 0 and 1 (64 keys each) are invisible to every query and hold NaN; a fetched block goes through
+    P @ V, where a masked NaN key still gives 0 * NaN = NaN.
+    """
+    q, k, v = flash_inputs(1, 64, 256, 1, 4, 64, jnp.bfloat16, seed=4)
+    (k_nan, v_nan), clean = poison_leading_keys(k, v, 128)
+    ref = reference.flash_attention(q, k_nan, v_nan, causal=True, sliding_window=64)
+    assert not np.all(np.isfinite(np.asarray(ref, np.float32))), "the NaN keys must poison a kernel that masks them"
+    check_flash(q, k_nan, v_nan, expected_kv=clean, causal=True, sliding_window=64, block_kv=64)
 
 
 @st.composite

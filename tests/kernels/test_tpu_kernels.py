@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import itertools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -10,7 +14,15 @@ from hypothesis import strategies as st
 
 from pallas_kernels import compat, reference
 from pallas_kernels import tpu as tpu_kernels
-from tests.kernels.common import assert_close, make_ragged_case, numpy_flash, numpy_ragged, tolerance
+from tests.kernels.common import (
+    assert_close,
+    make_ragged_case,
+    numpy_flash,
+    numpy_ragged,
+    poison_leading_keys,
+    poison_leading_pages,
+    tolerance,
+)
 
 _SETTINGS = dict(
     deadline=None,
@@ -21,7 +33,8 @@ HYPOTHESIS = settings(max_examples=4, **_SETTINGS)  # default run: a few example
 SLOW_HYPOTHESIS = settings(max_examples=40, **_SETTINGS)  # -m slow: a wider search
 
 
-def check_ragged(case, dtype, *, sliding_window=None, logit_soft_cap=None, **blocks):
+def check_ragged(case, dtype, *, sliding_window=None, logit_soft_cap=None, expected_case=None, **blocks):
+    """Kernel on ``case`` vs both references on ``expected_case`` (default: the same case)."""
     out = tpu_kernels.ragged_paged_attention(
         *case.args,
         **case.scale_kwargs,
@@ -32,6 +45,7 @@ def check_ragged(case, dtype, *, sliding_window=None, logit_soft_cap=None, **blo
     )
     out = compat.wait_if_interpreted(out, True)
     assert out.shape == case.q.shape and out.dtype == case.q.dtype
+    case = case if expected_case is None else expected_case
     ref = reference.ragged_paged_attention(
         *case.args, **case.scale_kwargs, sliding_window=sliding_window, logit_soft_cap=logit_soft_cap
     )
@@ -55,6 +69,9 @@ def check_ragged(case, dtype, *, sliding_window=None, logit_soft_cap=None, **blo
         ("gqa8_h128", [(2, 20), (1, 33)], dict(page_size=16, group=8, head_dim=128)),
         ("gqa8_h128_bf16", [(2, 20), (1, 33)], dict(page_size=16, group=8, head_dim=128, dtype=jnp.bfloat16)),
         ("two_kv_heads", [(4, 11), (1, 30)], dict(page_size=8, group=2, num_kv_heads=2)),
+        # the page sizes the engine uses on GPU (the hypothesis search draws 8 / 16 only)
+        ("mha_h128_page32", [(3, 20), (1, 65)], dict(page_size=32, group=1, head_dim=128)),
+        ("two_kv_heads_page64", [(4, 11), (1, 130)], dict(page_size=64, group=8, num_kv_heads=2)),
     ],
 )
 def test_ragged_cases(name, seqs, kwargs):
@@ -81,6 +98,29 @@ def test_ragged_int8():
 def test_ragged_default_blocks():
     case = make_ragged_case([(4, 12), (1, 20)], group=4, page_size=16, seed=6)
     check_ragged(case, jnp.float32)
+
+
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_ragged_sliding_window_skips_pages_before_every_window(num_splits):
+    """KV blocks before every query's window are not fetched: NaN there would survive a mask (0 * NaN in P @ V).
+
+    Sequence 0's 4 new tokens sit at positions 92..95 with window 16; the first sees keys 77..92, so its KV
+    blocks 0..3 (2 pages of 8 keys each, keys 0..63) are invisible to every token. Sequence 1 shares the query
+    block. With 2 splits each split gets one of the two visible blocks.
+    """
+    case = make_ragged_case([(4, 96), (1, 5)], group=4, page_size=8, seed=8)
+    poisoned, zeroed = poison_leading_pages(case, seq=0, num_pages=8)
+    ref = reference.ragged_paged_attention(*poisoned.args, sliding_window=16)
+    assert not np.all(np.isfinite(np.asarray(ref))), "the NaN pages must poison a kernel that only masks them"
+    check_ragged(
+        poisoned,
+        jnp.float32,
+        sliding_window=16,
+        expected_case=zeroed,
+        block_q=8,
+        pages_per_block=2,
+        num_splits=num_splits,
+    )
 
 
 @st.composite
@@ -140,14 +180,24 @@ def test_ragged_randomized_wide(problem):
 
 
 # ------------------------------------------------------------------------------------------ paged (decode)
-@pytest.mark.parametrize("int8, num_splits", [(False, 1), (False, 2), (True, 2)])
-def test_paged_decode(int8, num_splits):
+@pytest.mark.parametrize(
+    "page_size, int8, num_splits, pages_per_block, soft_cap",
+    [
+        (16, False, 1, 1, None),
+        (16, False, 2, 1, None),
+        (16, True, 2, 1, None),
+        (16, False, 2, 1, 2.0),  # the soft cap through the decode entry point
+        (32, False, 2, 2, None),
+        (64, True, 1, None, None),  # pages per block from the tuning table: the whole 4-page table
+    ],
+)
+def test_paged_decode(page_size, int8, num_splits, pages_per_block, soft_cap):
     # lengths: 1, exactly one page, a page boundary plus one, several pages
-    lens = [1, 16, 17, 45]
+    lens = [1, page_size, page_size + 1, 2 * page_size + 13]
     case = make_ragged_case(
         [(1, n) for n in lens],
         group=4,
-        page_size=16,
+        page_size=page_size,
         int8=int8,
         dtype=jnp.bfloat16,
         extra_seqs=0,
@@ -156,19 +206,28 @@ def test_paged_decode(int8, num_splits):
     )
     args = (case.q, case.k_pages, case.v_pages, case.kv_lens, case.block_tables)
     out = tpu_kernels.paged_attention(
-        *args, **case.scale_kwargs, interpret=True, num_splits=num_splits, pages_per_block=1
+        *args,
+        **case.scale_kwargs,
+        logit_soft_cap=soft_cap,
+        interpret=True,
+        num_splits=num_splits,
+        pages_per_block=pages_per_block,
     )
     out = compat.wait_if_interpreted(out, True)
-    assert_close(out, reference.paged_attention(*args, **case.scale_kwargs), 3e-2, "kernel vs reference")
-    assert_close(out, numpy_ragged(case), 3e-2, "kernel vs float64")
+    ref = reference.paged_attention(*args, **case.scale_kwargs, logit_soft_cap=soft_cap)
+    assert_close(out, ref, 3e-2, "kernel vs reference")
+    assert_close(out, numpy_ragged(case, logit_soft_cap=soft_cap), 3e-2, "kernel vs float64")
 
 
 # ------------------------------------------------------------------------------------------ flash
-def check_flash(q, k, v, dtype, **kwargs):
+def check_flash(q, k, v, dtype, *, expected_kv=None, **kwargs):
+    """Kernel on (q, k, v) vs both references on (q, *expected_kv) (default: the same k, v)."""
     blocks = {name: kwargs.pop(name) for name in ("block_q", "block_kv") if name in kwargs}
     out = tpu_kernels.flash_attention(q, k, v, interpret=True, **blocks, **kwargs)
     out = compat.wait_if_interpreted(out, True)
     assert out.shape == q.shape and out.dtype == q.dtype
+    if expected_kv is not None:
+        k, v = expected_kv
     atol = tolerance(dtype)
     assert_close(out, reference.flash_attention(q, k, v, **kwargs), atol, "kernel vs reference")
     assert_close(out, numpy_flash(q, k, v, **kwargs), atol, "kernel vs float64")
@@ -213,6 +272,50 @@ def test_flash_chunk_against_longer_context():
 def test_flash_default_blocks():
     q, k, v = flash_inputs(1, 40, 40, 2, 4, 64, jnp.bfloat16, seed=3)
     check_flash(q, k, v, jnp.bfloat16, causal=True)
+
+
+def _key_blocks_fetched(fn, *args) -> set[int]:
+    """Key-block indices that the K and V BlockSpec index maps of ``fn``'s pallas_call take over the whole grid:
+    the blocks the pipeline DMAs (it skips a copy only when the index repeats)."""
+
+    def find(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "pallas_call":
+                return eqn
+            for param in eqn.params.values():
+                inner = getattr(param, "jaxpr", None)
+                if inner is not None and hasattr(inner, "eqns") and (found := find(inner)) is not None:
+                    return found
+        return None
+
+    eqn = find(jax.make_jaxpr(fn)(*args).jaxpr)
+    assert eqn is not None, "no pallas_call in the traced kernel"
+    grid_mapping = eqn.params["grid_mapping"]
+    blocks = set()
+    for mapping in grid_mapping.block_mappings[1:3]:  # operands q, k, v, ...
+        index_map = mapping.index_map_jaxpr
+        for idx in itertools.product(*map(range, grid_mapping.grid)):
+            block = jax.core.eval_jaxpr(index_map.jaxpr, index_map.consts, *map(jnp.int32, idx))
+            blocks.add(int(block[2]))  # [B, K, Tk, H] blocks: (b, h, key block, 0)
+    return blocks
+
+
+def test_flash_sliding_window_skips_blocks_before_every_window():
+    """Key blocks that no query can see are neither fetched nor computed, not just masked.
+
+    64 queries at the end of a 256-key context, window 64: the first (position 192) sees keys 129..192, so key
+    blocks 0 and 1 (64 keys each) are invisible to every query and hold NaN. A computed block would turn the NaN
+    into NaN output (0 * NaN in P @ V); a fetched but uncomputed one would not, so the K/V index maps are
+    checked as well.
+    """
+    q, k, v = flash_inputs(1, 64, 256, 1, 4, 64, jnp.float32, seed=4)
+    (k_nan, v_nan), clean = poison_leading_keys(k, v, 128)
+    kwargs = dict(causal=True, sliding_window=64, block_q=16, block_kv=64)
+    ref = reference.flash_attention(q, k_nan, v_nan, causal=True, sliding_window=64)
+    assert not np.all(np.isfinite(np.asarray(ref))), "the NaN keys must poison a kernel that only masks them"
+    check_flash(q, k_nan, v_nan, jnp.float32, expected_kv=clean, **kwargs)
+    kernel = functools.partial(tpu_kernels.flash_attention, interpret=True, **kwargs)
+    assert _key_blocks_fetched(kernel, q, k, v) == {2, 3}
 
 
 @st.composite
