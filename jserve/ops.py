@@ -8,9 +8,11 @@ The backend is resolved once at startup (no import-time switches) and passed to 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -74,7 +76,12 @@ def resolve_attention_backend(
     if choice == "xla":
         return AttentionBackend("xla")
     if choice == "auto":
-        return AttentionBackend(pick_backend("auto", head_dim, page_size, dtype))
+        # the engine's devices decide, not whatever jax.devices() lists first
+        if platform == "tpu":
+            return AttentionBackend("tpu")
+        if platform == "gpu":
+            return AttentionBackend(pick_backend("auto", head_dim, page_size, dtype))
+        return AttentionBackend("xla")
     if platform == "tpu":
         return AttentionBackend("tpu")
     if platform == "gpu":
@@ -83,7 +90,14 @@ def resolve_attention_backend(
         if not gpu_supports(head_dim, page_size):
             raise ValueError(
                 f"attention_backend='pallas': the Mosaic GPU kernels need head_dim % 64 == 0 and a page_size "
-                f"dividing 64 (or 128/192/256); got head_dim={head_dim}, page_size={page_size}"
+                f"that is a multiple of 8 dividing 64 (or 128/192/256); got head_dim={head_dim}, "
+                f"page_size={page_size}"
+            )
+        if jnp.dtype(dtype) == jnp.float32:
+            warnings.warn(
+                "attention_backend='pallas' with a float32 model: the Mosaic GPU kernels multiply in bf16 "
+                "(~1e-2 off float32); 'auto' keeps float32 attention on the XLA path",
+                stacklevel=2,
             )
         return AttentionBackend("gpu")
     return AttentionBackend("tpu", interpret=True)

@@ -32,6 +32,10 @@ def test_pallas_on_gpu_explains_what_it_cannot_take(on_hopper):
     assert resolve("pallas").kernel == "gpu"
     with pytest.raises(ValueError, match="head_dim=80"):
         resolve("pallas", head_dim=80)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        resolve("pallas", page_size=4)
+    with pytest.warns(UserWarning, match="bf16"):
+        assert resolve("pallas", dtype=jnp.float32).kernel == "gpu"
 
 
 def test_pallas_on_pre_hopper_gpu(monkeypatch):
@@ -42,6 +46,7 @@ def test_pallas_on_pre_hopper_gpu(monkeypatch):
 
 def test_cpu_and_tpu():
     assert resolve("auto", platform="cpu").kernel == "xla"
+    assert resolve("auto", platform="tpu").kernel == "tpu"
     assert resolve("xla").kernel == "xla"
     cpu = resolve("pallas", platform="cpu")
     assert (cpu.kernel, cpu.interpret) == ("tpu", True)
