@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels import compat
+from pallas_kernels.checks import check_attention_args
 from pallas_kernels.compat import pl, plgpu
 from pallas_kernels.gpu import common, tuning
 
@@ -206,15 +207,11 @@ def flash_attention(
     """
     batch, q_len, num_heads, head_dim = q.shape
     kv_len, num_kv_heads = k.shape[1], k.shape[2]
-    if num_heads % num_kv_heads:
-        raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
-    if sliding_window is not None and sliding_window <= 0:
-        raise ValueError(f"sliding_window must be positive, got {sliding_window}")
-    if segment_ids is not None and kv_len > q_len:
-        raise ValueError("segment_ids with kv_len > q_len: the key segments are not defined")
+    group = check_attention_args(
+        num_heads, num_kv_heads, sliding_window, segment_ids=segment_ids, q_len=q_len, kv_len=kv_len
+    )
     if head_dim % 64:
         raise ValueError(f"the Mosaic GPU kernel needs head_dim % 64 == 0, got {head_dim}")
-    group = num_heads // num_kv_heads
     scale = head_dim**-0.5 if sm_scale is None else float(sm_scale)
     mm_dtype = common.mma_dtype(q.dtype)
     defaults = tuning.flash_blocks(q_len, kv_len, group, head_dim, jnp.dtype(q.dtype).itemsize)

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels import compat
+from pallas_kernels.checks import check_attention_args
 from pallas_kernels.compat import pl, plgpu
 from pallas_kernels.gpu import common, tuning
 from pallas_kernels.work_list import kv_work_list
@@ -246,17 +247,11 @@ def ragged_paged_attention(
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, _, page_size, _ = k_pages.shape
     max_seqs, max_pages = block_tables.shape
-    if num_heads % num_kv_heads:
-        raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
-    if (k_scales is None) != (v_scales is None):
-        raise ValueError("k_scales and v_scales go together")
-    if sliding_window is not None and sliding_window <= 0:
-        raise ValueError(f"sliding_window must be positive, got {sliding_window}")
+    group = check_attention_args(num_heads, num_kv_heads, sliding_window, k_scales=k_scales, v_scales=v_scales)
     if head_dim % 64 or page_size % 8:
         raise ValueError(
             f"the Mosaic GPU kernel needs head_dim % 64 == 0 and page_size % 8 == 0, got {head_dim}, {page_size}"
         )
-    group = num_heads // num_kv_heads
     scale = head_dim**-0.5 if sm_scale is None else float(sm_scale)
     mm_dtype = common.mma_dtype(q.dtype)
     convert = jnp.dtype(k_pages.dtype) != mm_dtype

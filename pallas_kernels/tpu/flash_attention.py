@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels import compat
+from pallas_kernels.checks import check_attention_args
 from pallas_kernels.compat import pl
 from pallas_kernels.tpu import tuning
 
@@ -146,13 +147,9 @@ def flash_attention(
     """
     batch, q_len, num_heads, head_dim = q.shape
     kv_len, num_kv_heads = k.shape[1], k.shape[2]
-    if num_heads % num_kv_heads:
-        raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
-    if sliding_window is not None and sliding_window <= 0:
-        raise ValueError(f"sliding_window must be positive, got {sliding_window}")
-    if segment_ids is not None and kv_len > q_len:
-        raise ValueError("segment_ids with kv_len > q_len: the key segments are not defined")
-    group = num_heads // num_kv_heads
+    group = check_attention_args(
+        num_heads, num_kv_heads, sliding_window, segment_ids=segment_ids, q_len=q_len, kv_len=kv_len
+    )
     scale = head_dim**-0.5 if sm_scale is None else float(sm_scale)
     defaults = tuning.flash_blocks(q_len, kv_len, group, head_dim)
     bq = block_q or defaults.q_tokens

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels import compat
+from pallas_kernels.checks import check_attention_args
 from pallas_kernels.compat import pl
 from pallas_kernels.tpu import tuning
 from pallas_kernels.work_list import kv_work_list
@@ -250,13 +251,7 @@ def ragged_paged_attention(
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, _, page_size, _ = k_pages.shape
     max_seqs, max_pages = block_tables.shape
-    if num_heads % num_kv_heads:
-        raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
-    if (k_scales is None) != (v_scales is None):
-        raise ValueError("k_scales and v_scales go together")
-    if sliding_window is not None and sliding_window <= 0:
-        raise ValueError(f"sliding_window must be positive, got {sliding_window}")
-    group = num_heads // num_kv_heads
+    group = check_attention_args(num_heads, num_kv_heads, sliding_window, k_scales=k_scales, v_scales=v_scales)
     scale = head_dim**-0.5 if sm_scale is None else float(sm_scale)
     defaults = tuning.ragged_blocks(num_tokens, group, page_size, max_pages)
     bq = block_q or defaults.q_tokens
