@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from jserve.engine.engine import Engine
 from jserve.engine.factory import EngineArgs, build_engine
+from jserve.limits import DEFAULT_MAX_LOGPROBS, check_prompt_chars
 from jserve.outputs import CompletionOutput, RequestOutput
 from jserve.sampling_params import SamplingParams
 
@@ -39,6 +40,8 @@ class LLM:
         attention_backend: str = "auto",
         speculative_model: str | None = None,
         num_speculative_tokens: int = 0,
+        max_n: int | None = None,
+        max_logprobs: int = DEFAULT_MAX_LOGPROBS,
         seed: int = 0,
     ):
         args = EngineArgs(
@@ -59,6 +62,8 @@ class LLM:
             attention_backend=attention_backend,
             speculative_model=speculative_model,
             num_speculative_tokens=num_speculative_tokens,
+            max_n=max_n,
+            max_logprobs=max_logprobs,
             seed=seed,
         )
         self.engine: Engine = build_engine(args)
@@ -86,6 +91,7 @@ class LLM:
         for text in prompts:
             if not isinstance(text, str) or not text:
                 raise ValueError("prompt must be a non-empty string")
+            check_prompt_chars("prompt", text, self.engine.max_model_len)
             out.append((text, self.tokenizer.encode(text)))
         return out
 

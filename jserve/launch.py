@@ -4,17 +4,23 @@ Lifecycle: the model is loaded and the common step shapes compiled before the po
 never pays for compilation; the listening addresses are printed (stdout, one ``jserve: listening on`` line
 per endpoint, then ``jserve: ready``) only once serving. SIGTERM or SIGINT turns health NOT_SERVING, refuses
 new calls with UNAVAILABLE, lets in-flight calls finish for up to ``--drain-timeout`` seconds (a second signal
-cuts the wait short), cancels what is left (which aborts those requests), and exits 0.
+cuts the wait short), cancels what is left (which aborts those requests), and exits. Whatever the engine
+thread is doing, the process is gone ``--drain-timeout`` + 5 s after the first signal.
 
-Exit codes: 0 after a drain; 2 for bad flags, including options whose capability has not landed yet
+Liveness: if one engine step (or admission) runs longer than ``--engine-stall-timeout``, health turns
+NOT_SERVING and new calls get UNAVAILABLE until it returns, so a load balancer drains the replica.
+
+Exit codes: 0 after a complete drain; 3 when the drain was cut short (timeout, a second signal, or an
+engine thread that would not stop); 2 for bad flags, including options whose capability has not landed yet
 (EngineArgs says which); 1 if loading fails otherwise.
 
 Multi-host (``--num-processes N --coordinator-address HOST:PORT --process-id I``): every process loads its
 part of the model; process 0 serves and broadcasts each step's inbox, the others step in lockstep
 (jserve.parallel.multihost) and exit 0 when process 0 stops.
 
-Test hook: the hidden flag ``--debug-fail-after-steps N`` makes every engine step after the first N (counted
-from the end of warm-up) raise, so tests can check that an engine failure gives INTERNAL and NOT_SERVING.
+Test hooks: the hidden flag ``--debug-fail-after-steps N`` makes every engine step after the first N (counted
+from the end of warm-up) raise, so tests can check that an engine failure gives INTERNAL and NOT_SERVING;
+``--debug-step-delay S`` makes every step sleep S seconds first (a stuck engine, for the liveness tests).
 """
 
 from __future__ import annotations
@@ -25,11 +31,16 @@ import itertools
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from jserve.limits import DEFAULT_MAX_LOGPROBS
+
 BUNDLED_MODEL = Path(__file__).parent / "assets" / "tiny-llama"
+EXIT_DRAIN_CUT_SHORT = 3
+EXIT_GRACE_SECONDS = 5.0  # after --drain-timeout, for closing the listeners
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--speculative-model", default=None, help="draft model directory, or 'ngram'")
     engine.add_argument("--num-speculative-tokens", type=int, default=0)
     engine.add_argument("--seed", type=int, default=0)
+    limits = p.add_argument_group("admission limits (requests over them get INVALID_ARGUMENT / HTTP 400)")
+    limits.add_argument("--max-n", type=int, default=None, help="samples per request, n (default: --max-num-seqs)")
+    limits.add_argument(
+        "--max-logprobs", type=int, default=DEFAULT_MAX_LOGPROBS, help="logprobs / prompt_logprobs per token"
+    )
     serving = p.add_argument_group("serving")
     serving.add_argument(
         "--max-queue-size",
@@ -72,7 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
     serving.add_argument(
         "--drain-timeout", type=float, default=30.0, help="seconds to let in-flight calls finish after SIGTERM/SIGINT"
     )
-    serving.add_argument("--max-message-bytes", type=int, default=16 << 20, help="gRPC message size limit")
+    serving.add_argument(
+        "--engine-stall-timeout",
+        type=float,
+        default=60.0,
+        help="seconds one engine step (or admission) may take before health turns NOT_SERVING",
+    )
+    serving.add_argument(
+        "--max-message-bytes", type=int, default=16 << 20, help="gRPC message and HTTP body size limit"
+    )
     serving.add_argument("--tls-cert", default=None, help="PEM certificate chain (with --tls-key: serve TLS)")
     serving.add_argument("--tls-key", default=None, help="PEM private key")
     serving.add_argument(
@@ -92,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     multi.add_argument("--num-processes", type=int, default=1)
     multi.add_argument("--process-id", type=int, default=0)
     p.add_argument("--debug-fail-after-steps", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--debug-step-delay", type=float, default=None, help=argparse.SUPPRESS)
     return p
 
 
@@ -120,6 +145,8 @@ def _engine_args(ns: argparse.Namespace):
         attention_backend=ns.attention_backend,
         speculative_model=ns.speculative_model,
         num_speculative_tokens=ns.num_speculative_tokens,
+        max_n=ns.max_n,
+        max_logprobs=ns.max_logprobs,
         seed=ns.seed,
     )
 
@@ -133,6 +160,8 @@ def _check_serving_flags(ns: argparse.Namespace) -> None:
         raise ValueError("--max-queue-size must be >= 1")
     if ns.drain_timeout < 0:
         raise ValueError("--drain-timeout must be >= 0")
+    if ns.engine_stall_timeout <= 0:
+        raise ValueError("--engine-stall-timeout must be > 0")
     if bool(ns.tls_cert) != bool(ns.tls_key):
         raise ValueError("pass both --tls-cert and --tls-key, or neither")
     for path in (ns.tls_cert, ns.tls_key):
@@ -150,6 +179,17 @@ def _inject_step_failure(engine, after_steps: int) -> None:
         return step()
 
     engine.step = failing_step
+
+
+def _inject_step_delay(engine, seconds: float) -> None:
+    """Test hook (see the module docstring): every step first sleeps ``seconds`` (a stuck engine)."""
+    step = engine.step
+
+    def slow_step():
+        time.sleep(seconds)
+        return step()
+
+    engine.step = slow_step
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -190,14 +230,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         warm_up(engine, page_size=args.page_size, max_num_seqs=args.max_num_seqs)
     if ns.debug_fail_after_steps is not None:
         _inject_step_failure(engine, ns.debug_fail_after_steps)
-    code = asyncio.run(serve(engine, ns, args))
+    if ns.debug_step_delay is not None:
+        _inject_step_delay(engine, ns.debug_step_delay)
+    code, engine_stopped = asyncio.run(serve(engine, ns, args))
+    if not engine_stopped:  # the engine thread is stuck inside a step: nothing would end it but the exit
+        print("jserve: engine thread did not stop; exiting without waiting for it", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(code or EXIT_DRAIN_CUT_SHORT)
     if multihost is not None:
         multihost.stop_followers(engine)  # after serve(): the engine thread has stopped stepping
     return code
 
 
-async def serve(engine, ns: argparse.Namespace, args) -> int:
-    """Serves until a signal, then drains; returns the exit code."""
+def _exit_deadline(seconds: float) -> threading.Timer:
+    """After the first signal: whatever the engine or the loop are doing, the process ends by then."""
+
+    def hard_exit() -> None:
+        print(f"jserve: still running {seconds:g}s after the signal; exiting", file=sys.stderr, flush=True)
+        os._exit(EXIT_DRAIN_CUT_SHORT)
+
+    timer = threading.Timer(seconds, hard_exit)
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
+async def serve(engine, ns: argparse.Namespace, args) -> tuple[int, bool]:
+    """Serves until a signal, then drains; returns the exit code and whether the engine thread stopped."""
     from jserve.engine.async_llm import AsyncLLM
     from jserve.metrics import ServerMetrics
     from jserve.server.core import ServingCore
@@ -207,7 +266,7 @@ async def serve(engine, ns: argparse.Namespace, args) -> int:
     card = _model_card(engine, args, ns.served_model_name or Path(args.model).name)
     llm = AsyncLLM(engine, max_queue_size=ns.max_queue_size)
     metrics = ServerMetrics(engine.stats)
-    core = ServingCore(llm, card, metrics)
+    core = ServingCore(llm, card, metrics, stall_timeout=ns.engine_stall_timeout)
     try:
         server, health, port = build_grpc_server(
             core,
@@ -222,11 +281,19 @@ async def serve(engine, ns: argparse.Namespace, args) -> int:
         )
         http = None
         if ns.http_port is not None:
-            http = HttpServer(core, ns.host, ns.http_port, api_key=ns.api_key, tls_cert=ns.tls_cert, tls_key=ns.tls_key)
+            http = HttpServer(
+                core,
+                ns.host,
+                ns.http_port,
+                api_key=ns.api_key,
+                tls_cert=ns.tls_cert,
+                tls_key=ns.tls_key,
+                max_body_bytes=ns.max_message_bytes,
+            )
         metrics_port = metrics.serve(ns.host, ns.metrics_port) if ns.metrics_port is not None else None
     except (OSError, RuntimeError, ValueError) as e:
         llm.shutdown()
-        return _fail(f"cannot listen: {e}")
+        return _fail(f"cannot listen: {e}"), True
     await server.start()
     if http is not None:
         http.start()
@@ -242,6 +309,8 @@ async def serve(engine, ns: argparse.Namespace, args) -> int:
     stop, force = asyncio.Event(), asyncio.Event()
 
     def on_signal(signum: int) -> None:
+        if not stop.is_set():
+            _exit_deadline(ns.drain_timeout + EXIT_GRACE_SECONDS)
         (force if stop.is_set() else stop).set()
         print(f"jserve: got {signal.Signals(signum).name}", file=sys.stderr, flush=True)
 
@@ -261,16 +330,18 @@ async def serve(engine, ns: argparse.Namespace, args) -> int:
     idle, forced = loop.create_task(core.wait_idle(ns.drain_timeout)), loop.create_task(force.wait())
     await asyncio.wait({idle, forced}, return_when=asyncio.FIRST_COMPLETED)
     forced.cancel()
+    code = 0
     if not (idle.done() and idle.result()):
         idle.cancel()
+        code = EXIT_DRAIN_CUT_SHORT
         print(f"jserve: drain cut short; cancelling {core.num_in_flight} calls", file=sys.stderr, flush=True)
     watchdog.cancel()
     if http is not None:
         await http.stop()
     await server.stop(grace=None)
-    llm.shutdown()
+    llm.shutdown(timeout=1.0)
     print("jserve: stopped", file=sys.stderr, flush=True)
-    return 0
+    return code, not llm.thread_alive
 
 
 def _model_card(engine, args, name: str):
@@ -298,8 +369,16 @@ def _model_card(engine, args, name: str):
 
 
 async def _watch_engine(core, health) -> None:
-    """Turns health NOT_SERVING when the engine dies even if no call is there to notice."""
+    """Keeps health in step with the engine even when no call is there to notice: NOT_SERVING for good when
+    the engine dies, NOT_SERVING while one step has run past the stall timeout (SERVING again after it)."""
+    stalled = False
     while not core.engine_dead:
+        if core.engine_stalled != stalled:
+            stalled = not stalled
+            state = "NOT_SERVING" if stalled else "SERVING"
+            print(f"jserve: engine step {'stalled' if stalled else 'recovered'}; health is {state}", file=sys.stderr)
+            if not core.draining:
+                await health.set_serving(not stalled)
         await asyncio.sleep(0.2)
     print(f"jserve: engine failed: {core.llm.errored!r}; health is NOT_SERVING", file=sys.stderr, flush=True)
     await health.set_serving(False)

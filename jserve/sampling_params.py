@@ -6,10 +6,8 @@ This module imports no jax: the scheduler and the gRPC server validate requests 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-
-MAX_LOGPROBS = 20
-"""Upper bound on ``logprobs`` / ``prompt_logprobs``; the sampler computes this many alternatives at most."""
 
 
 @dataclass(kw_only=True)
@@ -73,9 +71,7 @@ class SamplingParams:
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None:
-                _check_int(name, value, minimum=0)
-                if value > MAX_LOGPROBS:
-                    raise ValueError(f"{name} must be <= {MAX_LOGPROBS}, got {value}")
+                _check_int(name, value, minimum=0)  # the upper bound is the engine's max_logprobs
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
@@ -99,5 +95,5 @@ def _check_int(name: str, value: object, *, minimum: int | None) -> None:
 def _check_float(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be a number, got {value!r}")
-    if value != value:  # NaN
-        raise ValueError(f"{name} must not be NaN")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")

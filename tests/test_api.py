@@ -35,7 +35,6 @@ def test_bundled_model_generates_text(llm):
         (dict(repetition_penalty=0.0), "repetition_penalty"),
         (dict(presence_penalty=3.0), "presence_penalty"),
         (dict(logprobs=-1), "logprobs"),
-        (dict(logprobs=100), "logprobs"),
         (dict(min_tokens=5, max_tokens=2), "min_tokens"),
         (dict(stop=[""]), "stop"),
         (dict(seed=-3), "seed"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
@@ -45,6 +46,7 @@ class AsyncLLM:
         self._wake = threading.Event()
         self._stop = False
         self._ids = itertools.count()
+        self._step_started: float | None = None  # monotonic time the running step began; None between steps
         self._thread = threading.Thread(target=self._run, name="jserve-engine", daemon=True)
         self._thread.start()
 
@@ -56,6 +58,17 @@ class AsyncLLM:
     def num_in_flight(self) -> int:
         return len(self._streams)
 
+    @property
+    def step_seconds(self) -> float:
+        """How long the engine thread has been inside its current step (admission included); 0 when idle.
+        A value far above a normal step means the engine is stuck (the server's health watches it)."""
+        started = self._step_started
+        return 0.0 if started is None else time.monotonic() - started
+
+    @property
+    def thread_alive(self) -> bool:
+        return self._thread.is_alive()
+
     # ------------------------------------------------------------------ engine thread
 
     def _run(self) -> None:
@@ -64,12 +77,15 @@ class AsyncLLM:
                 self._wake.wait(timeout=0.1)
                 self._wake.clear()
                 continue
+            self._step_started = time.monotonic()
             try:
                 deltas = self.engine.step()
             except BaseException as exc:  # noqa: BLE001 - every failure must reach the waiting clients
                 self.errored = exc
                 self._fail_all(exc)
                 return
+            finally:
+                self._step_started = None
             for delta in deltas:
                 self._deliver(delta.request_id, delta)
 

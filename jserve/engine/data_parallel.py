@@ -41,6 +41,10 @@ class DataParallelEngine:
         return self.replicas[0].max_model_len
 
     @property
+    def limits(self):
+        return self.replicas[0].limits
+
+    @property
     def runner(self):
         return self.replicas[0].runner
 

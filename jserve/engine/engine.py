@@ -29,6 +29,7 @@ from jserve.engine.output import RequestGroup, SampleState
 from jserve.engine.request import Request, RequestStatus
 from jserve.engine.runner import ModelRunner, PendingStep, StepResult
 from jserve.engine.scheduler import Scheduler, SchedulerOutput
+from jserve.limits import RequestLimits, RequestTooLargeError, check_token_count, pages_needed
 from jserve.outputs import RequestOutput
 from jserve.parallel.multihost import STOP
 from jserve.sampling_params import SamplingParams
@@ -69,6 +70,7 @@ class Engine:
         eos_token_ids: Sequence[int],
         vocab_size: int,
         max_model_len: int,
+        limits: RequestLimits | None = None,
         seed: int = 0,
     ):
         self.runner = runner
@@ -78,6 +80,7 @@ class Engine:
         self.eos_token_ids = list(eos_token_ids)
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
+        self.limits = limits if limits is not None else RequestLimits(max_n=scheduler.config.max_num_seqs)
         self.seed = seed
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._groups: dict[str, RequestGroup] = {}
@@ -98,20 +101,32 @@ class Engine:
     # ------------------------------------------------------------------ inbox (thread-safe)
 
     def validate(self, prompt_token_ids: Sequence[int], params: SamplingParams) -> None:
-        """Raises ValueError for a request the engine can never serve."""
+        """Raises ValueError for a request the engine can never serve, or one over the admission limits
+        (``RequestTooLargeError`` when its samples could never hold their pages at once). Every check costs
+        time bounded by the limits, whatever sizes the request carries."""
         if not prompt_token_ids:
             raise ValueError("prompt must not be empty")
-        if len(prompt_token_ids) >= self.max_model_len:
-            raise ValueError(
-                f"prompt is too long: {len(prompt_token_ids)} tokens, max_model_len is {self.max_model_len} "
-                "(the prompt must leave room for at least one generated token)"
-            )
+        check_token_count("prompt", prompt_token_ids, self.max_model_len)
+        self.limits.check_sampling(params)
         bad = [t for t in prompt_token_ids if not 0 <= int(t) < self.vocab_size]
         if bad:
             raise ValueError(f"prompt_token_ids: ids outside the vocabulary [0, {self.vocab_size}): {bad[:8]}")
         bad_stop = [t for t in params.stop_token_ids if t >= self.vocab_size]
         if bad_stop:
             raise ValueError(f"stop_token_ids: ids outside the vocabulary [0, {self.vocab_size}): {bad_stop[:8]}")
+        needed = pages_needed(
+            len(prompt_token_ids),
+            params,
+            max_model_len=self.max_model_len,
+            page_size=self.kv_cache.page_size,
+            shared=self.kv_cache.enable_prefix_caching and params.prompt_logprobs is None,
+        )
+        if needed > self.kv_cache.pages_total:
+            raise RequestTooLargeError(
+                f"n: {params.n} samples of up to {min(len(prompt_token_ids) + params.max_tokens, self.max_model_len)}"
+                f" tokens need {needed} KV pages at once; the pool has {self.kv_cache.pages_total}"
+                " (lower n or max_tokens)"
+            )
 
     def add_request(
         self,

@@ -21,6 +21,7 @@ from jserve.engine.engine import Engine
 from jserve.engine.kv_cache import KVCacheManager, default_num_pages
 from jserve.engine.runner import ModelRunner
 from jserve.engine.scheduler import Scheduler, SchedulerConfig
+from jserve.limits import DEFAULT_MAX_LOGPROBS, RequestLimits
 from jserve.models.llama import kv_cache_bytes_per_page
 from jserve.ops import resolve_attention_backend
 from jserve.parallel.mesh import make_mesh, stage_mesh
@@ -49,6 +50,8 @@ class EngineArgs:
     attention_backend: str = "auto"
     speculative_model: str | None = None
     num_speculative_tokens: int = 0
+    max_n: int | None = None  # samples per request (n); default max_num_seqs
+    max_logprobs: int = DEFAULT_MAX_LOGPROBS
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -73,6 +76,11 @@ class EngineArgs:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if isinstance(self.max_num_seqs, bool) or not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be an integer >= 1, got {self.max_num_seqs!r}")
+        if self.max_n is not None and (
+            isinstance(self.max_n, bool) or not isinstance(self.max_n, int) or not 1 <= self.max_n <= self.max_num_seqs
+        ):
+            raise ValueError(f"max_n must be an integer in [1, max_num_seqs={self.max_num_seqs}], got {self.max_n!r}")
+        _ = self.limits  # validates max_logprobs
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
 
@@ -83,6 +91,10 @@ class EngineArgs:
             pipeline_parallel_size=self.pipeline_parallel_size,
             data_parallel_size=self.data_parallel_size,
         )
+
+    @property
+    def limits(self) -> RequestLimits:
+        return RequestLimits(max_n=self.max_n or self.max_num_seqs, max_logprobs=self.max_logprobs)
 
     def replace(self, **changes) -> EngineArgs:
         return dataclasses.replace(self, **changes)
@@ -203,6 +215,7 @@ def _build_replica(args: EngineArgs, path: Path, model_config: ModelConfig, toke
         eos_token_ids=eos,
         vocab_size=model_config.vocab_size,
         max_model_len=max_model_len,
+        limits=args.limits,
         seed=args.seed,
     )
 

@@ -8,6 +8,7 @@ metrics. Front ends only translate their wire format and map the exceptions belo
 exception              gRPC                HTTP
 =====================  ==================  ====
 ValueError             INVALID_ARGUMENT    400
+RequestTooLargeError   RESOURCE_EXHAUSTED  400  (a ValueError: no retry can help)
 QueueFullError         RESOURCE_EXHAUSTED  429
 Unavailable            UNAVAILABLE         503
 EngineDeadError        INTERNAL            500
@@ -25,13 +26,16 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from jserve.engine.async_llm import AsyncLLM, EngineDeadError, QueueFullError
+from jserve.limits import RequestLimits, RequestTooLargeError, check_prompt_chars, check_token_count
 from jserve.metrics import ServerMetrics
 from jserve.outputs import RequestOutput
 from jserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EngineDeadError", "ModelCard", "QueueFullError", "ServingCore", "Unavailable"]
+DEFAULT_STALL_TIMEOUT = 60.0  # seconds in one engine step before health turns NOT_SERVING
+
+__all__ = ["EngineDeadError", "ModelCard", "QueueFullError", "RequestTooLargeError", "ServingCore", "Unavailable"]
 
 
 class Unavailable(RuntimeError):
@@ -58,9 +62,17 @@ class ModelCard:
 class ServingCore:
     """Admission, tokenization, in-flight accounting and metrics around one AsyncLLM."""
 
-    def __init__(self, llm: AsyncLLM, card: ModelCard, metrics: ServerMetrics | None = None):
+    def __init__(
+        self,
+        llm: AsyncLLM,
+        card: ModelCard,
+        metrics: ServerMetrics | None = None,
+        *,
+        stall_timeout: float = DEFAULT_STALL_TIMEOUT,
+    ):
         self.llm = llm
         self.card = card
+        self.stall_timeout = stall_timeout
         self.metrics = metrics or ServerMetrics()
         self.draining = False
         self._in_flight = 0
@@ -75,12 +87,21 @@ class ServingCore:
         return self.llm.tokenizer
 
     @property
+    def limits(self) -> RequestLimits:
+        return self.llm.engine.limits
+
+    @property
     def engine_dead(self) -> bool:
         return self.llm.errored is not None
 
     @property
+    def engine_stalled(self) -> bool:
+        """One engine step (or admission) has run longer than ``stall_timeout``: the replica should be drained."""
+        return self.llm.step_seconds > self.stall_timeout
+
+    @property
     def serving(self) -> bool:
-        return not self.draining and not self.engine_dead
+        return not self.draining and not self.engine_dead and not self.engine_stalled
 
     @property
     def num_in_flight(self) -> int:
@@ -119,6 +140,12 @@ class ServingCore:
             self.metrics.record_outcome("error")
             self.notify_engine_dead()
             raise EngineDeadError(f"engine is dead: {self.llm.errored!r}")
+        if self.engine_stalled:
+            self.metrics.record_outcome("unavailable")
+            raise Unavailable(
+                f"engine has been in one step for {self.llm.step_seconds:.0f}s (stall timeout "
+                f"{self.stall_timeout:g}s); retry on another replica"
+            )
 
     def encode_prompt(
         self, prompt: str | None, token_ids: Sequence[int] | None, *, add_special_tokens: bool = True
@@ -127,11 +154,13 @@ class ServingCore:
         if prompt and token_ids:
             raise ValueError("prompt: pass exactly one of prompt or token_ids, not both")
         if token_ids:
+            check_token_count("token_ids", token_ids, self.card.max_model_len)  # before iterating over them
             return None, [int(t) for t in token_ids]
         if not prompt:
             raise ValueError("prompt must not be empty (pass prompt or token_ids)")
         if self.tokenizer is None:
             raise ValueError("prompt: this model has no tokenizer; pass token_ids instead")
+        check_prompt_chars("prompt", prompt, self.card.max_model_len)
         return prompt, self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
 
     def validate(self, token_ids: Sequence[int], params: SamplingParams) -> None:

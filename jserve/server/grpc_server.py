@@ -24,7 +24,7 @@ from grpc_reflection.v1alpha import reflection
 
 from jserve.sampling_params import SamplingParams
 from jserve.server.auth import ApiKeyInterceptor
-from jserve.server.core import EngineDeadError, QueueFullError, ServingCore, Unavailable
+from jserve.server.core import EngineDeadError, QueueFullError, RequestTooLargeError, ServingCore, Unavailable
 from jserve.server.gen import jetstream_pb2, jetstream_pb2_grpc, jserve_pb2, jserve_pb2_grpc
 from jserve.server.protocol import ResponseBuilder, sampling_from_proto
 
@@ -51,6 +51,9 @@ async def _status_errors(context: grpc.aio.ServicerContext, core: ServingCore) -
     """Maps ServingCore's exceptions to status codes (see jserve.server.core)."""
     try:
         yield
+    except RequestTooLargeError as e:
+        core.metrics.record_outcome("invalid")
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
     except ValueError as e:
         core.metrics.record_outcome("invalid")
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))

@@ -14,16 +14,19 @@ import json
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from jserve.limits import check_prompt_chars
 from jserve.outputs import CompletionOutput, RequestOutput
 from jserve.sampling_params import SamplingParams
 from jserve.server.auth import key_from_headers, key_matches
+from jserve.server.body_limit import BodySizeLimit
 from jserve.server.core import EngineDeadError, QueueFullError, ServingCore, Unavailable
 from jserve.server.openai_protocol import (
     ChatCompletionRequest,
@@ -98,18 +101,34 @@ class OpenAIApp:
         self.api_key = api_key
         self.app = FastAPI(title="jserve", docs_url=None, redoc_url=None)
         self.app.add_exception_handler(RequestValidationError, self._validation_error)
-        self.app.middleware("http")(self._auth)
         self.app.get("/health")(self.health)
         self.app.get("/v1/models")(self.models)
         self.app.post("/v1/completions")(self.completions)
         self.app.post("/v1/chat/completions")(self.chat_completions)
+        self.app.openapi = self._openapi
 
-    async def _auth(self, request: Request, call_next):
-        if self.api_key and request.url.path != "/health":
-            if not key_matches(self.api_key, key_from_headers(list(request.headers.items()))):
+    def _openapi(self) -> dict:
+        """FastAPI's schema, with ``model`` narrowed to the one name this server serves (any other is a 404),
+        so that generated clients and API fuzzers see the real contract."""
+        if self.app.openapi_schema is None:
+            schema = get_openapi(title=self.app.title, version=self.app.version, routes=self.app.routes)
+            model = {"anyOf": [{"type": "string", "enum": [self.core.card.name]}, {"type": "null"}], "title": "Model"}
+            for name in ("CompletionRequest", "ChatCompletionRequest"):
+                schema["components"]["schemas"][name]["properties"]["model"] = model
+            self.app.openapi_schema = schema
+        return self.app.openapi_schema
+
+    async def __call__(self, scope, receive, send) -> None:
+        """The ASGI app: the API-key check, then FastAPI. A plain ASGI wrapper rather than FastAPI middleware:
+        Starlette's ``BaseHTTPMiddleware`` wraps ``receive`` and would hide a client's disconnect from the
+        endpoints (which abort the request when it comes)."""
+        if self.api_key and scope["type"] == "http" and scope["path"] != "/health":
+            headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope.get("headers", ())]
+            if not key_matches(self.api_key, key_from_headers(headers)):
                 body = error_body("missing or invalid API key", "authentication_error", 401)
-                return JSONResponse(body, 401)
-        return await call_next(request)
+                await JSONResponse(body, 401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
     async def _validation_error(self, request: Request, exc: RequestValidationError) -> JSONResponse:
         self.core.metrics.record_outcome("invalid")
@@ -153,30 +172,34 @@ class OpenAIApp:
             )
         return None
 
-    async def completions(self, body: CompletionRequest):
+    async def completions(self, body: CompletionRequest, request: Request):
         if (missing := self._check_model(body.model)) is not None:
             return missing
         try:
             self.core.check_accepting()
             params = body.sampling_params()
+            prompts = body.prompts()
+            self.core.limits.check_num_prompts(len(prompts))
             jobs = []
-            for i, prompt in enumerate(body.prompts()):
+            for i, prompt in enumerate(prompts):
                 as_text = isinstance(prompt, str)
                 text, ids = self.core.encode_prompt(prompt if as_text else None, None if as_text else prompt)
                 self.core.validate(ids, params)
                 jobs.append(_Job(text, ids, i * params.n))
         except (ValueError, Unavailable, EngineDeadError) as e:
             return _error_response(e, self.core)
-        return await self._respond(body, jobs, params, chat=False)
+        return await self._respond(request, body, jobs, params, chat=False)
 
-    async def chat_completions(self, body: ChatCompletionRequest):
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request):
         if (missing := self._check_model(body.model)) is not None:
             return missing
         try:
             self.core.check_accepting()
             if self.core.tokenizer is None:
                 raise ValueError("messages: this model has no tokenizer")
+            self.core.limits.check_num_messages(len(body.messages))
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+            check_prompt_chars("messages", "".join(m["content"] for m in messages), self.core.card.max_model_len)
             ids = self.core.tokenizer.apply_chat_template(
                 messages, add_generation_prompt=True, tokenize=True, chat_template=body.chat_template
             )
@@ -185,11 +208,13 @@ class OpenAIApp:
             self.core.validate(ids, params)
         except (ValueError, Unavailable, EngineDeadError) as e:
             return _error_response(e, self.core)
-        return await self._respond(body, [_Job(None, ids, 0)], params, chat=True)
+        return await self._respond(request, body, [_Job(None, ids, 0)], params, chat=True)
 
     # ------------------------------------------------------------------ responses
 
-    async def _respond(self, body, jobs: list[_Job], params: SamplingParams, *, chat: bool):
+    async def _respond(self, request: Request, body, jobs: list[_Job], params: SamplingParams, *, chat: bool):
+        """Runs the jobs; a client that disconnects before the response is complete aborts them (queued ones
+        too): the work races a watcher of the connection, and losing the race closes the request stream."""
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
         formatter = _Formatter(
@@ -205,17 +230,49 @@ class OpenAIApp:
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             # Fail before the 200 goes out when the request is refused at once (e.g. queue full).
-            first = await _first_or_error(stream)
+            first = await _unless_disconnected(request, _first_or_error(stream))
+            if first is _DISCONNECTED:
+                await stream.aclose()
+                return Response(status_code=499)  # nobody reads it
             if isinstance(first, BaseException):
                 return _error_response(first, self.core)
+            # from here StreamingResponse watches the connection itself and cancels the body on disconnect
             return StreamingResponse(formatter.sse(first, stream, include_usage), media_type="text/event-stream")
-        try:
-            async with contextlib.aclosing(stream):
-                async for job, out in stream:
-                    formatter.add(job, out)
-        except (ValueError, QueueFullError, Unavailable, EngineDeadError) as e:
-            return _error_response(e, self.core)
-        return formatter.final()
+
+        async def collect() -> JSONResponse | dict:
+            try:
+                async with contextlib.aclosing(stream):
+                    async for job, out in stream:
+                        formatter.add(job, out)
+            except (ValueError, QueueFullError, Unavailable, EngineDeadError) as e:
+                return _error_response(e, self.core)
+            return formatter.final()
+
+        result = await _unless_disconnected(request, collect())
+        return Response(status_code=499) if result is _DISCONNECTED else result
+
+
+_DISCONNECTED = object()
+
+
+async def _unless_disconnected(request: Request, work: Awaitable):
+    """``work``'s result, or ``_DISCONNECTED`` (with ``work`` cancelled) if the client hangs up first.
+
+    The body has been read by now, so the next ASGI message is ``http.disconnect``."""
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task, watcher = asyncio.ensure_future(work), asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    return task.result() if not task.cancelled() else _DISCONNECTED
 
 
 async def _first_or_error(stream: AsyncIterator) -> tuple | BaseException | None:
@@ -399,11 +456,12 @@ class HttpServer:
         api_key: str | None = None,
         tls_cert: str | None = None,
         tls_key: str | None = None,
+        max_body_bytes: int = 16 << 20,
     ):
         self.socket = socket.create_server((host, port))
         self.port = self.socket.getsockname()[1]
         config = uvicorn.Config(
-            OpenAIApp(core, api_key).app,
+            BodySizeLimit(OpenAIApp(core, api_key), max_body_bytes),
             log_level="warning",
             lifespan="off",
             ssl_certfile=tls_cert,
