@@ -13,6 +13,7 @@ from pathlib import Path
 
 import jax
 
+from jserve import compilation_cache
 from jserve.checkpoint import abstract_model, load_params, resolve_dtype
 from jserve.config import CacheConfig, ModelConfig, ParallelConfig
 from jserve.engine.batch import Buckets
@@ -52,6 +53,7 @@ class EngineArgs:
     num_speculative_tokens: int = 0
     max_n: int | None = None  # samples per request (n); default max_num_seqs
     max_logprobs: int = DEFAULT_MAX_LOGPROBS
+    compilation_cache_dir: str | None = compilation_cache.AUTO  # "auto": a per-user directory; None: off
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -112,6 +114,7 @@ def build_engine(args: EngineArgs, devices: list[jax.Device] | None = None) -> E
     path = Path(args.model)
     if not path.is_dir():
         raise ValueError(f"model: {os.fspath(path)!r} is not a directory")
+    compilation_cache.enable(args.compilation_cache_dir)
     model_config = ModelConfig.from_pretrained(path)
     parallel = args.parallel
     parallel.check_model(model_config)
