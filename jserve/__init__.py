@@ -4,10 +4,19 @@
 scheduler) and the server's validation stay importable without jax.
 """
 
+from jserve.bundled import BUNDLED_DRAFT_MODEL, BUNDLED_MODEL
 from jserve.outputs import CompletionOutput, RequestOutput
 from jserve.sampling_params import SamplingParams
 
-__all__ = ["LLM", "AsyncLLM", "CompletionOutput", "RequestOutput", "SamplingParams"]
+__all__ = [
+    "BUNDLED_DRAFT_MODEL",
+    "BUNDLED_MODEL",
+    "LLM",
+    "AsyncLLM",
+    "CompletionOutput",
+    "RequestOutput",
+    "SamplingParams",
+]
 
 
 def __getattr__(name: str):

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from jserve.bundled import BUNDLED_DRAFT_MODEL, BUNDLED_MODEL  # noqa: F401 - re-exported
 from jserve.engine.engine import Engine
 from jserve.engine.factory import EngineArgs, build_engine
 from jserve.limits import DEFAULT_MAX_LOGPROBS, check_prompt_chars
 from jserve.outputs import CompletionOutput, RequestOutput
 from jserve.sampling_params import SamplingParams
-
-BUNDLED_MODEL = Path(__file__).parent / "assets" / "tiny-llama"
 
 
 class LLM:
@@ -42,6 +40,7 @@ class LLM:
         num_speculative_tokens: int = 0,
         max_n: int | None = None,
         max_logprobs: int = DEFAULT_MAX_LOGPROBS,
+        compilation_cache_dir: str | os.PathLike | None = "auto",
         seed: int = 0,
     ):
         args = EngineArgs(
@@ -64,6 +63,7 @@ class LLM:
             num_speculative_tokens=num_speculative_tokens,
             max_n=max_n,
             max_logprobs=max_logprobs,
+            compilation_cache_dir=None if compilation_cache_dir is None else str(compilation_cache_dir),
             seed=seed,
         )
         self.engine: Engine = build_engine(args)

@@ -36,9 +36,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from jserve.bundled import BUNDLED_MODEL
 from jserve.limits import DEFAULT_MAX_LOGPROBS
 
-BUNDLED_MODEL = Path(__file__).parent / "assets" / "tiny-llama"
 EXIT_DRAIN_CUT_SHORT = 3
 EXIT_GRACE_SECONDS = 5.0  # after --drain-timeout, for closing the listeners
 
@@ -73,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--speculative-model", default=None, help="draft model directory, or 'ngram'")
     engine.add_argument("--num-speculative-tokens", type=int, default=0)
     engine.add_argument("--seed", type=int, default=0)
+    engine.add_argument(
+        "--compilation-cache-dir",
+        default="auto",
+        help="jax persistent compilation cache ('auto': $JSERVE_COMPILATION_CACHE_DIR or ~/.cache/jserve/xla; "
+        "'none': off)",
+    )
     limits = p.add_argument_group("admission limits (requests over them get INVALID_ARGUMENT / HTTP 400)")
     limits.add_argument("--max-n", type=int, default=None, help="samples per request, n (default: --max-num-seqs)")
     limits.add_argument(
@@ -147,6 +153,7 @@ def _engine_args(ns: argparse.Namespace):
         num_speculative_tokens=ns.num_speculative_tokens,
         max_n=ns.max_n,
         max_logprobs=ns.max_logprobs,
+        compilation_cache_dir=ns.compilation_cache_dir,
         seed=ns.seed,
     )
 

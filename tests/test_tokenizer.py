@@ -14,10 +14,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from jserve.bundled import BUNDLED_DRAFT_MODEL, BUNDLED_MODEL
 from jserve.tokenizer import Tokenizer
 from tests.tokenizer_utils import CORPUS_PATH, DEFAULT_CHAT_TEMPLATE, write_hf_tokenizer_files
 
-BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "jserve" / "assets" / "tiny-llama"
 BACKENDS = ["sentencepiece", "tokenizer.json"]
 # plus a GPT-2-style byte-level BPE tokenizer.json (as Llama 3 and Qwen use) for the detokenizer tests
 ALL_BACKENDS = [*BACKENDS, "byte-level"]
@@ -380,11 +380,12 @@ def test_bundled_tiny_model_tokenizer() -> None:
     transformers = pytest.importorskip("transformers")
     tok = Tokenizer.from_pretrained(BUNDLED_MODEL)
     hf = transformers.AutoTokenizer.from_pretrained(BUNDLED_MODEL, local_files_only=True)
-    assert (tok.vocab_size, tok.bos_token_id, tok.eos_token_ids) == (1024, 1, [2])
+    assert (tok.vocab_size, tok.bos_token_id, tok.eos_token_ids) == (4096, 1, [2])
     for text in SAMPLES:
         assert tok.encode(text) == hf.encode(text), text
     expected = hf.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
     assert tok.apply_chat_template(MESSAGES) == expected
     config = json.loads((BUNDLED_MODEL / "config.json").read_text())
-    assert config["vocab_size"] == 1024 and config["tie_word_embeddings"] is True
-    assert sum(f.stat().st_size for f in BUNDLED_MODEL.iterdir()) < 5 * 1024 * 1024
+    assert config["vocab_size"] == 4096 and config["tie_word_embeddings"] is True
+    assert sum(f.stat().st_size for f in BUNDLED_MODEL.iterdir()) < 10 * 1024 * 1024
+    assert sum(f.stat().st_size for f in BUNDLED_DRAFT_MODEL.iterdir()) < 3 * 1024 * 1024

@@ -1,6 +1,6 @@
 """Helpers that build small Llama-style tokenizers from the bundled corpus, for tests and scripts.
 
-Nothing here touches the network: the sentencepiece model is trained on `jserve/assets/corpus.txt` in well
+Nothing here touches the network: the sentencepiece model is trained on `tests/data/corpus.txt` in well
 under a second, and the optional `tokenizer.json` is converted locally by `transformers`.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-CORPUS_PATH: Path = Path(__file__).resolve().parent.parent / "jserve" / "assets" / "corpus.txt"
+CORPUS_PATH: Path = Path(__file__).resolve().parent / "data" / "corpus.txt"
 
 # ChatML-like, with the BOS token first and EOS closing every turn, as Llama-style checkpoints do.
 DEFAULT_CHAT_TEMPLATE: str = (

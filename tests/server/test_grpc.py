@@ -251,7 +251,7 @@ def test_tokenize_detokenize_model_info(stub):
     assert list(bare) == ids[1:]
     assert stub.Detokenize(pb.DetokenizeRequest(token_ids=ids)).text == "Hello world"
     info = stub.GetModelInfo(pb.GetModelInfoRequest())
-    assert (info.model_name, info.vocab_size, info.page_size) == ("tiny-llama", 1024, 16)
+    assert (info.model_name, info.vocab_size, info.page_size) == ("tiny-pycoder", 4096, 16)
     assert info.max_model_len > 0 and info.pages_total > 0 and info.parallel.tensor_parallel_size == 1
 
 
@@ -278,7 +278,7 @@ def test_openai_client_completes_and_streams(server):
 
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.http_port}/v1", api_key="unused", max_retries=0)
     (model,) = client.models.list().data
-    assert model.id == "tiny-llama"
+    assert model.id == "tiny-pycoder"
     done = client.completions.create(model=model.id, prompt=PROMPTS[0], max_tokens=6, temperature=0)
     assert done.choices[0].finish_reason in ("length", "stop") and done.usage.completion_tokens >= 1
     chunks = list(
@@ -340,7 +340,7 @@ def test_openai_stream_disconnect_aborts(server):
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.http_port}/v1", api_key="unused", max_retries=0)
     total = server.model_info().pages_total
     stream = client.completions.create(
-        model="tiny-llama", prompt=PROMPTS[1], max_tokens=1500, stream=True, extra_body={"ignore_eos": True}
+        model="tiny-pycoder", prompt=PROMPTS[1], max_tokens=1500, stream=True, extra_body={"ignore_eos": True}
     )
     chunks = iter(stream)
     next(chunks), next(chunks)

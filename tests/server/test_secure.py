@@ -103,4 +103,4 @@ def test_https_api_key(server, cert):
     assert info.value.code == 401
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {API_KEY}"})
     body = json.loads(urllib.request.urlopen(request, context=context, timeout=10).read())
-    assert body["data"][0]["id"] == "tiny-llama"
+    assert body["data"][0]["id"] == "tiny-pycoder"
