@@ -4,7 +4,7 @@
     python scripts/eval_perplexity.py MODEL --quantization int8 --kv-cache-dtype int8
 
 The held-out files are those ``jserve.stdlib_corpus`` sets aside (never trained on). Each file is tokenized with
-the model's tokenizer as ``[BOS] + ids + [EOS]`` and cut into windows of ``--window`` tokens (default 512, the
+the model's tokenizer as ``[BOS] + ids + [EOS]`` and cut into windows of ``--window`` tokens (default 256, the
 length the bundled model was trained on); jserve scores every window with ``prompt_logprobs``, batched
 through the engine.
 ``--reference`` scores the same windows with transformers. A bigram model estimated on the training split
@@ -37,7 +37,7 @@ def main() -> None:
     parser.add_argument("model", help="checkpoint directory")
     parser.add_argument("--corpus", type=Path, default=None, help="directory of *.py files (default: the stdlib)")
     parser.add_argument("--max-files", type=int, default=None, help="only the first N held-out files")
-    parser.add_argument("--window", type=int, default=512, help="tokens per window (the bundled model's training)")
+    parser.add_argument("--window", type=int, default=256, help="tokens per window (the training length)")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--quantization", default=None)
     parser.add_argument("--kv-cache-dtype", default="auto")
