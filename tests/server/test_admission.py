@@ -9,6 +9,7 @@ stuck engine turns health NOT_SERVING and SIGTERM still ends the process in time
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import time
@@ -243,16 +244,13 @@ def _fill_engine(server) -> tuple[grpc.Channel, list]:
     return channel, calls
 
 
-@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
-def test_http_client_that_disconnects_while_queued_aborts_the_queued_request(server, stream):
+@contextlib.contextmanager
+def _engine_full(server):
+    """While inside, the engine runs MAX_NUM_SEQS long requests; afterwards they are cancelled and every page
+    must come back."""
     channel, calls = _fill_engine(server)
     try:
-        with socket.create_connection(("127.0.0.1", server.http_port), timeout=10) as sock:
-            body = _long_body(stream)
-            sock.sendall(f"{HTTP_HEADERS}Content-Length: {len(body)}\r\n\r\n".encode() + body)
-            assert _wait_until(lambda: server.model_info().num_waiting == 1)
-        assert _wait_until(lambda: server.model_info().num_waiting == 0, timeout=3)
-        assert server.model_info().num_running == MAX_NUM_SEQS  # still running the others
+        yield
     finally:
         for call in calls:
             call.cancel()
@@ -261,9 +259,19 @@ def test_http_client_that_disconnects_while_queued_aborts_the_queued_request(ser
     assert server.wait_pages_free(total).pages_free == total
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_http_client_that_disconnects_while_queued_aborts_the_queued_request(server, stream):
+    with _engine_full(server):
+        with socket.create_connection(("127.0.0.1", server.http_port), timeout=10) as sock:
+            body = _long_body(stream)
+            sock.sendall(f"{HTTP_HEADERS}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            assert _wait_until(lambda: server.model_info().num_waiting == 1)
+        assert _wait_until(lambda: server.model_info().num_waiting == 0, timeout=3)
+        assert server.model_info().num_running == MAX_NUM_SEQS  # still running the others
+
+
 def test_grpc_client_that_cancels_while_queued_aborts_the_queued_request(server):
-    channel, calls = _fill_engine(server)
-    try:
+    with _engine_full(server):
 
         async def queued_then_cancelled() -> None:
             async with grpc.aio.insecure_channel(server.address) as aio_channel:
@@ -275,12 +283,6 @@ def test_grpc_client_that_cancels_while_queued_aborts_the_queued_request(server)
 
         asyncio.run(queued_then_cancelled())
         assert _wait_until(lambda: server.model_info().num_waiting == 0, timeout=3)
-    finally:
-        for call in calls:
-            call.cancel()
-        channel.close()
-    total = server.model_info().pages_total
-    assert server.wait_pages_free(total).pages_free == total
 
 
 # ---------------------------------------------------------------------- liveness
