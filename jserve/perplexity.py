@@ -21,7 +21,8 @@ def file_windows(token_ids: Sequence[int], window: int) -> list[list[int]]:
     if window < 2:
         raise ValueError(f"window: must be at least 2, got {window}")
     ids = list(token_ids)
-    return [ids[i : i + window] for i in range(0, len(ids), window) if len(ids[i : i + window]) >= 2]
+    windows = [ids[i : i + window] for i in range(0, len(ids), window)]
+    return [w for w in windows if len(w) >= 2]
 
 
 @dataclass(frozen=True)

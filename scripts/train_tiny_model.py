@@ -168,8 +168,9 @@ def lr_at(step: int, run: RunShape, total: int) -> float:
     return run.peak_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def training_windows(streams: list[np.ndarray], seq_len: int, seed: int) -> np.ndarray:
-    """The training split as one token stream cut into ``seq_len + 1`` windows, in a seeded random order."""
+def training_windows(streams: list[np.ndarray], seq_len: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The training split as one token stream, and the starts of its ``seq_len + 1`` windows in a seeded
+    random order."""
     stream = np.concatenate(streams)
     count = (len(stream) - 1) // seq_len
     starts = np.arange(count) * seq_len
@@ -267,12 +268,10 @@ def save_checkpoint(model, out_dir: Path, sp_model: bytes, log_entry: dict) -> N
     with tempfile.TemporaryDirectory() as tmp:
         sp_path = Path(tmp) / "tokenizer.model"
         sp_path.write_bytes(sp_model)
-        write_hf_tokenizer_files(out_dir, sp_path, chat_template=DEFAULT_CHAT_TEMPLATE)
-    # the tokenizer adds no dummy-prefix space (code starts at column 0); tell transformers' tokenizer so
-    config_path = out_dir / "tokenizer_config.json"
-    config = json.loads(config_path.read_text())
-    config["add_prefix_space"] = False
-    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        # the tokenizer adds no dummy-prefix space (code starts at column 0); tell transformers' tokenizer so
+        write_hf_tokenizer_files(
+            out_dir, sp_path, chat_template=DEFAULT_CHAT_TEMPLATE, extra_config={"add_prefix_space": False}
+        )
     (out_dir / "training_log.json").write_text(json.dumps(log_entry, indent=2) + "\n")
     for path in out_dir.iterdir():
         path.chmod(0o644)

@@ -73,6 +73,7 @@ def write_hf_tokenizer_files(
     *,
     fast: bool = False,
     chat_template: str | None = DEFAULT_CHAT_TEMPLATE,
+    extra_config: dict | None = None,
 ) -> None:
     """Write the tokenizer files a Llama-style HF checkpoint carries into `model_dir`.
 
@@ -108,6 +109,7 @@ def write_hf_tokenizer_files(
     }
     if chat_template is not None:
         config["chat_template"] = chat_template
+    config.update(extra_config or {})
     (model_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     if fast:
         _write_tokenizer_json(model_dir)

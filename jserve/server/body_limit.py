@@ -11,6 +11,8 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from jserve.server.openai_protocol import error_body
+
 Scope = dict[str, Any]
 Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -55,9 +57,7 @@ class BodySizeLimit:
 
     async def _refuse(self, send: Send, size: int) -> None:
         message = f"request body: {size} bytes or more; at most {self.max_bytes} are accepted (--max-message-bytes)"
-        body = json.dumps(
-            {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": 413}}
-        ).encode()
+        body = json.dumps(error_body(message, "invalid_request_error", 413)).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": 413, "headers": headers})
         await send({"type": "http.response.body", "body": body})
