@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Iterator, Sequence
 
@@ -9,8 +10,9 @@ from tqdm.auto import tqdm
 
 from jserve.bundled import BUNDLED_DRAFT_MODEL, BUNDLED_MODEL  # noqa: F401 - re-exported
 from jserve.engine.engine import Engine
-from jserve.engine.factory import EngineArgs, build_engine
-from jserve.limits import DEFAULT_MAX_LOGPROBS, check_prompt_chars
+from jserve.engine.factory import build_engine
+from jserve.engine_args import EngineArgs, llm_signature
+from jserve.limits import check_prompt_chars
 from jserve.outputs import CompletionOutput, RequestOutput
 from jserve.sampling_params import SamplingParams
 
@@ -18,54 +20,11 @@ from jserve.sampling_params import SamplingParams
 class LLM:
     """An offline engine over one model. Arguments follow vLLM's ``LLM`` (see API.md)."""
 
-    def __init__(
-        self,
-        model: str | os.PathLike | None = None,
-        *,
-        dtype: str = "auto",
-        tensor_parallel_size: int = 1,
-        pipeline_parallel_size: int = 1,
-        data_parallel_size: int = 1,
-        max_model_len: int | None = None,
-        max_num_seqs: int = 64,
-        max_num_batched_tokens: int | None = None,
-        page_size: int = 16,
-        num_pages: int | None = None,
-        kv_cache_memory_fraction: float = 0.5,
-        enable_prefix_caching: bool = True,
-        quantization: str | None = None,
-        kv_cache_dtype: str = "auto",
-        attention_backend: str = "auto",
-        speculative_model: str | None = None,
-        num_speculative_tokens: int = 0,
-        max_n: int | None = None,
-        max_logprobs: int = DEFAULT_MAX_LOGPROBS,
-        compilation_cache_dir: str | os.PathLike | None = "auto",
-        seed: int = 0,
-    ):
-        args = EngineArgs(
-            model=str(model) if model is not None else str(BUNDLED_MODEL),
-            dtype=dtype,
-            tensor_parallel_size=tensor_parallel_size,
-            pipeline_parallel_size=pipeline_parallel_size,
-            data_parallel_size=data_parallel_size,
-            max_model_len=max_model_len,
-            max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens,
-            page_size=page_size,
-            num_pages=num_pages,
-            kv_cache_memory_fraction=kv_cache_memory_fraction,
-            enable_prefix_caching=enable_prefix_caching,
-            quantization=quantization,
-            kv_cache_dtype=kv_cache_dtype,
-            attention_backend=attention_backend,
-            speculative_model=speculative_model,
-            num_speculative_tokens=num_speculative_tokens,
-            max_n=max_n,
-            max_logprobs=max_logprobs,
-            compilation_cache_dir=None if compilation_cache_dir is None else str(compilation_cache_dir),
-            seed=seed,
-        )
+    def __init__(self, model: str | os.PathLike | None = None, **engine_args):
+        """Keyword arguments are the fields of ``EngineArgs`` (jserve/engine_args.py; the same settings as
+        ``python -m jserve.launch``'s flags); ``model`` defaults to the bundled tiny model. Returns once every
+        step program is compiled, so no request within the limits compiles anything."""
+        args = EngineArgs.from_kwargs(**({"model": model} if model is not None else {}), **engine_args)
         self.engine: Engine = build_engine(args)
         self.tokenizer = self.engine.tokenizer
         self.args = args
@@ -218,3 +177,6 @@ def _merge(acc: RequestOutput | None, delta: RequestOutput) -> RequestOutput:
     acc.finished = delta.finished
     acc.metrics = delta.metrics
     return acc
+
+
+LLM.__init__.__signature__ = llm_signature(inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY))

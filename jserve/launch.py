@@ -1,7 +1,7 @@
-"""``python -m jserve.launch``: flags -> EngineArgs -> engine -> warm-up -> gRPC (+ HTTP, metrics) -> drain.
+"""``python -m jserve.launch``: flags -> EngineArgs -> engine (all programs compiled) -> gRPC (+ HTTP) -> drain.
 
-Lifecycle: the model is loaded and the common step shapes compiled before the port opens, so the first client
-never pays for compilation; the listening addresses are printed (stdout, one ``jserve: listening on`` line
+Lifecycle: the model is loaded and every step program compiled (behind a progress bar) before the port opens,
+so no client ever pays for compilation; the listening addresses are printed (stdout, one ``jserve: listening on`` line
 per endpoint, then ``jserve: ready``) only once serving. SIGTERM or SIGINT turns health NOT_SERVING, refuses
 new calls with UNAVAILABLE, lets in-flight calls finish for up to ``--drain-timeout`` seconds (a second signal
 cuts the wait short), cancels what is left (which aborts those requests), and exits. Whatever the engine
@@ -19,7 +19,7 @@ part of the model; process 0 serves and broadcasts each step's inbox, the others
 (jserve.parallel.multihost) and exit 0 when process 0 stops.
 
 Test hooks: the hidden flag ``--debug-fail-after-steps N`` makes every engine step after the first N (counted
-from the end of warm-up) raise, so tests can check that an engine failure gives INTERNAL and NOT_SERVING;
+from the end of loading) raise, so tests can check that an engine failure gives INTERNAL and NOT_SERVING;
 ``--debug-step-delay S`` makes every step sleep S seconds first (a stuck engine, for the liveness tests).
 """
 
@@ -36,8 +36,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from jserve.bundled import BUNDLED_MODEL
-from jserve.limits import DEFAULT_MAX_LOGPROBS
+from jserve.engine_args import add_engine_flags, engine_args_from_flags
 
 EXIT_DRAIN_CUT_SHORT = 3
 EXIT_GRACE_SECONDS = 5.0  # after --drain-timeout, for closing the listeners
@@ -48,7 +47,6 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m jserve.launch",
         description="Serve a model over gRPC (jserve.v1, JetStream) and optionally OpenAI-compatible HTTP.",
     )
-    p.add_argument("--model", default=None, help="checkpoint directory (default: the bundled tiny model)")
     p.add_argument(
         "--served-model-name", default=None, help="name reported to clients (default: the model directory's name)"
     )
@@ -56,34 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=9000, help="gRPC port (0 picks a free one)")
     p.add_argument("--http-port", type=int, default=None, help="OpenAI-compatible HTTP port (off by default)")
     p.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port (off by default)")
-    engine = p.add_argument_group("engine")
-    engine.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"])
-    engine.add_argument("--tensor-parallel-size", type=int, default=1)
-    engine.add_argument("--pipeline-parallel-size", type=int, default=1)
-    engine.add_argument("--data-parallel-size", type=int, default=1)
-    engine.add_argument("--max-model-len", type=int, default=None)
-    engine.add_argument("--max-num-seqs", type=int, default=64)
-    engine.add_argument("--max-num-batched-tokens", type=int, default=None)
-    engine.add_argument("--page-size", type=int, default=16)
-    engine.add_argument("--num-pages", type=int, default=None)
-    engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
-    engine.add_argument("--quantization", default=None, choices=["int8", "int4", "fp8"])
-    engine.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"])
-    engine.add_argument("--attention-backend", default="auto", choices=["auto", "pallas", "xla"])
-    engine.add_argument("--speculative-model", default=None, help="draft model directory, or 'ngram'")
-    engine.add_argument("--num-speculative-tokens", type=int, default=0)
-    engine.add_argument("--seed", type=int, default=0)
-    engine.add_argument(
-        "--compilation-cache-dir",
-        default="auto",
-        help="jax persistent compilation cache ('auto': $JSERVE_COMPILATION_CACHE_DIR or ~/.cache/jserve/xla; "
-        "'none': off)",
-    )
-    limits = p.add_argument_group("admission limits (requests over them get INVALID_ARGUMENT / HTTP 400)")
-    limits.add_argument("--max-n", type=int, default=None, help="samples per request, n (default: --max-num-seqs)")
-    limits.add_argument(
-        "--max-logprobs", type=int, default=DEFAULT_MAX_LOGPROBS, help="logprobs / prompt_logprobs per token"
-    )
+    add_engine_flags(p)  # one flag per EngineArgs field (jserve/engine_args.py)
     serving = p.add_argument_group("serving")
     serving.add_argument(
         "--max-queue-size",
@@ -111,12 +82,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="require this key (gRPC 'authorization: Bearer KEY' metadata, HTTP "
         "Authorization header); default: $JSERVE_API_KEY",
     )
-    serving.add_argument(
-        "--warmup",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="compile the common step shapes before serving",
-    )
     multi = p.add_argument_group("multi-host")
     multi.add_argument("--coordinator-address", default=None, help="HOST:PORT of process 0")
     multi.add_argument("--num-processes", type=int, default=1)
@@ -129,33 +94,6 @@ def build_parser() -> argparse.ArgumentParser:
 def _fail(message: str) -> int:
     print(f"jserve: error: {message}", file=sys.stderr, flush=True)
     return 2
-
-
-def _engine_args(ns: argparse.Namespace):
-    from jserve.engine.factory import EngineArgs
-
-    return EngineArgs(
-        model=str(ns.model or BUNDLED_MODEL),
-        dtype=ns.dtype,
-        tensor_parallel_size=ns.tensor_parallel_size,
-        pipeline_parallel_size=ns.pipeline_parallel_size,
-        data_parallel_size=ns.data_parallel_size,
-        max_model_len=ns.max_model_len,
-        max_num_seqs=ns.max_num_seqs,
-        max_num_batched_tokens=ns.max_num_batched_tokens,
-        page_size=ns.page_size,
-        num_pages=ns.num_pages,
-        enable_prefix_caching=ns.enable_prefix_caching,
-        quantization=ns.quantization,
-        kv_cache_dtype=ns.kv_cache_dtype,
-        attention_backend=ns.attention_backend,
-        speculative_model=ns.speculative_model,
-        num_speculative_tokens=ns.num_speculative_tokens,
-        max_n=ns.max_n,
-        max_logprobs=ns.max_logprobs,
-        compilation_cache_dir=ns.compilation_cache_dir,
-        seed=ns.seed,
-    )
 
 
 def _check_serving_flags(ns: argparse.Namespace) -> None:
@@ -203,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     try:
         _check_serving_flags(ns)
-        args = _engine_args(ns)
+        args = engine_args_from_flags(ns)
     except ValueError as e:
         return _fail(str(e))
 
@@ -223,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         engine = build_engine(args)
     except ValueError as e:
         return _fail(str(e))
-    print(f"jserve: loaded in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
+    print(f"jserve: loaded and compiled in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
     if multihost is not None:
         engine.inbox_sync = multihost.broadcast_items
         if not multihost.is_leader():  # followers serve nothing: they replay process 0's steps until it stops
@@ -231,10 +169,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             multihost.follow(engine)
             print("jserve: stopped", file=sys.stderr, flush=True)
             return 0
-    if ns.warmup:
-        from jserve.server.warmup import warm_up
-
-        warm_up(engine, page_size=args.page_size, max_num_seqs=args.max_num_seqs)
     if ns.debug_fail_after_steps is not None:
         _inject_step_failure(engine, ns.debug_fail_after_steps)
     if ns.debug_step_delay is not None:

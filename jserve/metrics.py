@@ -89,6 +89,14 @@ class _EngineCollector(Collector):
             "Prefill tokens run after prefix-cache hits.",
             value=float(s["prompt_tokens_computed"]),
         )
+        yield GaugeMetricFamily(
+            "jserve_compiled_programs", "Step programs compiled before ready.", value=float(s["num_programs"])
+        )
+        yield CounterMetricFamily(
+            "jserve_programs_lowered_while_serving",
+            "XLA programs lowered after the engine was ready (should stay 0: serving never compiles).",
+            value=float(s["programs_lowered_while_serving"]),
+        )
 
 
 class ServerMetrics:

@@ -130,8 +130,12 @@ def _bucket(n: int, buckets: Sequence[int] | None, minimum: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def _plan_group(seqs, cu, q_lens, kv, tables, q_block, pages_per_item, page_size, window, item_buckets, block_buckets):
-    """Items of sequences ``seqs`` cut into blocks of q_block tokens -> (ItemSet, first block of each)."""
+def _plan_group(
+    seqs, cu, q_lens, kv, tables, q_block, pages_per_item, page_size, window, item_buckets, block_buckets, fixed
+):
+    """Items of sequences ``seqs`` cut into blocks of q_block tokens -> (ItemSet, first block of each).
+
+    ``fixed`` = (W, NB): pad to exactly these sizes (ValueError if the step needs more) instead of buckets."""
     qb, r = q_block, pages_per_item
     ql = q_lens[seqs]
     nblk = -(-ql // qb)
@@ -153,8 +157,13 @@ def _plan_group(seqs, cu, q_lens, kv, tables, q_block, pages_per_item, page_size
     item_blk = np.repeat(np.arange(nb), nruns)
     pidx0 = (np.arange(w) - (item_end - nruns)[item_blk]) * r + first_page[item_blk]
 
-    W = _bucket(w, item_buckets, 8)
-    NB = _bucket(nb, block_buckets, 1) if w else 0
+    if fixed is not None:
+        W, NB = fixed
+        if w > W or nb > NB:
+            raise ValueError(f"work plan needs {w} items / {nb} blocks; the fixed plan holds {W} / {NB}")
+    else:
+        W = _bucket(w, item_buckets, 8)
+        NB = _bucket(nb, block_buckets, 1) if w else 0
     pidx = pidx0[:, None] + np.arange(r)
     used = pidx <= last_page[item_blk][:, None]
     item_pages = np.zeros((W, r), np.int32)
@@ -187,6 +196,7 @@ def plan_work(
     item_buckets: Sequence[int] | None = None,
     block_buckets: Sequence[int] | None = None,
     pages_per_item: int | tuple[int, int] | None = None,
+    fixed_sizes: tuple[tuple[int, int], tuple[int, int]] | None = None,
 ) -> WorkPlan:
     """Split one ragged step into (query block, page run) items; numpy only, vectorised (no per-token loops).
 
@@ -198,6 +208,8 @@ def plan_work(
     first row are skipped.
     Item and block counts of each group are padded to the next of ``item_buckets`` / ``block_buckets``
     (default: powers of two, items >= 8); one compiled kernel per distinct (W, NB) pair of both groups.
+    ``fixed_sizes`` = ((W, NB) of the one-row group, (W, NB) of the q_block group) pads to exactly those
+    sizes instead (see ``fixed_plan_sizes``), so every step of a token bucket has one shape.
     """
     n = int(np.asarray(num_seqs).reshape(-1)[0])
     cu = np.asarray(cu_q_lens, np.int64)[: n + 1]
@@ -210,12 +222,13 @@ def plan_work(
         pages_per_item = (pages_per_item, pages_per_item)
     one_row = q_lens <= 1 if q_block > 1 else np.ones(n, bool)
     groups, starts = [], []
-    for seqs, qb, r in (
-        (np.flatnonzero(one_row), 1, pages_per_item[0]),
-        (np.flatnonzero(~one_row), int(q_block), pages_per_item[1]),
+    fixed = fixed_sizes or (None, None)
+    for seqs, qb, r, fix in (
+        (np.flatnonzero(one_row), 1, pages_per_item[0], fixed[0]),
+        (np.flatnonzero(~one_row), int(q_block), pages_per_item[1], fixed[1]),
     ):
         group, start = _plan_group(
-            seqs, cu, q_lens, kv, tables, qb, int(r), page_size, sliding_window, item_buckets, block_buckets
+            seqs, cu, q_lens, kv, tables, qb, int(r), page_size, sliding_window, item_buckets, block_buckets, fix
         )
         groups.append((seqs, group, qb))
         starts.append(start)
@@ -229,6 +242,27 @@ def plan_work(
         offset += group.block_rows.size
     token_slot[int(cu[-1]) if n else 0 :] = offset
     return WorkPlan(groups[0][1], groups[1][1], token_slot, page_size=int(page_size), sliding_window=sliding_window)
+
+
+def fixed_plan_sizes(
+    num_tokens: int, max_num_seqs: int, max_pages_per_seq: int, page_size: int, q_block: int = 16
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(W, NB) per group that hold every step of ``num_tokens`` rows (``plan_work(fixed_sizes=...)``).
+
+    One-row blocks: at most one per sequence row; q_block blocks: ceil(q / q_block) per multi-token sequence,
+    at most num_tokens // q_block + (number of such sequences) in all. Each block has at most
+    ceil(Pmax / pages_per_item) items. W is rounded up to a power of two so the kernel's item chunks divide it.
+    The kernel loops only over chunks holding real items, so the padding costs host memory, not device time.
+    """
+    r_one = max(1, DECODE_ITEM_KEYS // page_size)
+    r_blk = max(1, CHUNK_ITEM_KEYS // page_size)
+    nb_one = min(max_num_seqs, num_tokens)
+    nb_blk = num_tokens // q_block + min(max_num_seqs, num_tokens // 2)
+
+    def items(nb: int, r: int) -> int:
+        return 1 << max(3, (nb * -(-max_pages_per_seq // r) - 1).bit_length())
+
+    return (items(nb_one, r_one), nb_one), (items(nb_blk, r_blk), max(nb_blk, 1))
 
 
 def choose_q_block(q_lens) -> int:
@@ -316,10 +350,8 @@ def _attend_group(qf, k_pages, v_pages, g: ItemSet, *, sliding_window, k_scales,
         jnp.zeros(shape, jnp.float32),
         jnp.zeros((*shape, head_dim), jnp.float32),
     )
-    if C == W:
-        _, denom, acc = chunk(0, init)
-    else:  # only the chunks holding real items run
-        _, denom, acc = jax.lax.fori_loop(0, (g.num_items[0] + C - 1) // C, chunk, init)
+    # only the chunks holding real items run (none for an empty group)
+    _, denom, acc = jax.lax.fori_loop(0, (g.num_items[0] + C - 1) // C, chunk, init)
     out = acc / jnp.where(denom == 0.0, 1.0, denom)[..., None]
     return out.transpose(1, 3, 0, 2, 4).reshape(NB * Q, num_heads, head_dim)
 

@@ -9,7 +9,7 @@ from jserve import LLM, SamplingParams
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLM(max_model_len=128, max_num_seqs=8, num_pages=64, max_num_batched_tokens=64)
+    return LLM(max_model_len=128, max_num_seqs=8, num_pages=64, max_num_batched_tokens=64, precompile=False)
 
 
 def test_bundled_model_generates_text(llm):
@@ -120,9 +120,10 @@ def test_stats_keys(llm):
 def test_kv_pool_is_sized_from_device_memory():
     # CPU devices report no memory stats: the budget is 1 GiB, of which this fraction goes to pages of
     # 2 (k, v) x 4 layers x 2 kv heads x 16 tokens x 32 dims x 4 bytes = 32 KiB
-    small = LLM(kv_cache_memory_fraction=0.001, max_num_seqs=64)
+    small = LLM(kv_cache_memory_fraction=0.001, max_num_seqs=64, max_num_batched_tokens=64, precompile=False)
     pages = small.stats()["pages_total"]
     assert 20 <= pages <= 40
     assert small.engine.max_model_len == pages * 16  # the default max_model_len is capped by the pool
-    capped = LLM(max_model_len=128, max_num_seqs=4)  # plenty of memory: never more pages than can be used
+    # plenty of memory: never more pages than can be used
+    capped = LLM(max_model_len=128, max_num_seqs=4, max_num_batched_tokens=64, precompile=False)
     assert capped.stats()["pages_total"] == 4 * 128 // 16

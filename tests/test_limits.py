@@ -24,6 +24,7 @@ def llm(tiny_model_dir):
         max_num_seqs=MAX_NUM_SEQS,
         num_pages=NUM_PAGES,
         max_num_batched_tokens=64,
+        precompile=False,
     )
 
 

@@ -21,7 +21,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLM(dtype="float32", max_model_len=256, max_num_seqs=8, max_num_batched_tokens=256)
+    return LLM(dtype="float32", max_model_len=256, max_num_seqs=8, max_num_batched_tokens=256, precompile=False)
 
 
 def test_held_out_rule_is_applied_as_written():
@@ -118,6 +118,6 @@ def test_train_script_output_loads_with_jserve_and_transformers(tmp_path):
             "def f(x):\n    return x\n"
         )
         assert model.config.vocab_size == 512
-    small = LLM(out / "target", max_model_len=64, max_num_seqs=2, max_num_batched_tokens=64)
+    small = LLM(out / "target", max_model_len=64, max_num_seqs=2, max_num_batched_tokens=64, precompile=False)
     (output,) = small.generate(["def f"], SamplingParams(max_tokens=4, temperature=0.0), use_tqdm=False)
     assert len(output.outputs[0].token_ids) == 4

@@ -1,13 +1,19 @@
-"""SchedulerOutput -> padded numpy StepInput, bucketed so only a few shapes are ever compiled.
+"""SchedulerOutput -> padded numpy StepInput whose shapes depend on the token bucket alone.
 
-Layout of one step (T tokens, S = max_num_seqs sequence rows, Pmax pages per row):
+Layout of one step (T tokens, B = max_num_seqs sequence rows, Pmax = pages per sequence at max_model_len):
 ```
-tokens    [T]  t0 t1 t2 t3 | t4 | t5 t6 | pad pad ...     sequence i owns tokens cu_q_lens[i]:cu_q_lens[i+1]
-positions [T]  p  p+1 ...                                  padding rows: position 0, slot 0 (null page)
-block_tables [S, Pmax], kv_lens [S], cu_q_lens [S+1]       padding sequences: 0 pages, 0 tokens
-logits_indices [S]   last token row of each sampled sequence (others point at row 0 and are ignored)
+tokens    [T]  t0 t1 t2 t3 | t4 | t5 t6 | pad pad ...     row i owns tokens cu_q_lens[i]:cu_q_lens[i+1]
+positions [T]  p  p+1 ...                                  padding tokens: position 0, slot 0 (null page)
+block_tables [B, Pmax], kv_lens [B], cu_q_lens [B+1]       padding rows: 0 pages, 0 tokens
+logits_indices [B]   last token of each sampled row (others point at token 0 and are ignored)
+prompt_targets [T]   next prompt token of each prompt-logprob token, -1 elsewhere
+token_src [T]        async scheduling: row of the previous step's sampled ids that fills a pending token, or -1
+sampling             [B] settings, [B, max_model_len] penalty history, [B, Nb] banned ids (Nb fixed)
 ```
-T and Pmax are rounded up to powers of two (capped); S is fixed, so a step's shape is (T bucket, P bucket).
+Only T varies (a power-of-two bucket), so an engine has one program per bucket. Three builders fill the
+parts: ``build_layout`` (tokens, positions, the attention layout), ``build_sampling`` (sampled rows) and
+``build_prompt_logprobs`` (prompt-logprob rows); ``build_step`` joins them. Nothing here knows the attention
+backend: the runner turns the layout into its backend's metadata when it dispatches the step.
 """
 
 from __future__ import annotations
@@ -19,54 +25,11 @@ from dataclasses import dataclass
 import jax
 import numpy as np
 
-from jserve.engine.request import Request
-from jserve.engine.sampler import RowSpec, SamplerFlags, SamplingTensors, make_sampling_tensors
-from jserve.engine.scheduler import SchedulerOutput
-from jserve.ops import AttentionMetadata
-from pallas_kernels.xla_items import choose_q_block, plan_work
-
-_LOGPROB_BUCKETS = (0, 1, 5, 20)
-
-
-def _powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
-    sizes, n = [], lo
-    while n < hi:
-        sizes.append(n)
-        n *= 2
-    return (*sizes, hi)
-
-
-def _round_up(n: int, buckets: Sequence[int]) -> int:
-    for b in buckets:
-        if n <= b:
-            return b
-    raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
-
-
-@dataclass(frozen=True)
-class Buckets:
-    """The static shapes a step can take."""
-
-    token_buckets: tuple[int, ...]
-    page_buckets: tuple[int, ...]
-    max_num_seqs: int
-
-    @classmethod
-    def from_limits(
-        cls, *, max_num_batched_tokens: int, max_num_seqs: int, max_pages_per_seq: int, min_tokens: int = 8
-    ) -> Buckets:
-        return cls(
-            token_buckets=_powers_of_two(min(min_tokens, max_num_batched_tokens), max_num_batched_tokens),
-            page_buckets=_powers_of_two(1, max(1, max_pages_per_seq)),
-            max_num_seqs=max_num_seqs,
-        )
-
-
-@dataclass(frozen=True)
-class WorkItemsPolicy:
-    """Use work-item attention plans; ``sliding_window`` is the model's (one value for every layer)."""
-
-    sliding_window: int | None = None
+from jserve.attention import AttentionLayout
+from jserve.engine.request import PENDING_TOKEN, Request
+from jserve.engine.sampler import RowSpec, SamplingTensors, make_sampling_tensors
+from jserve.engine.scheduler import ScheduledChunk, SchedulerOutput
+from jserve.engine.shapes import StepShapes, round_up
 
 
 @jax.tree_util.register_dataclass
@@ -76,10 +39,18 @@ class StepInput:
 
     tokens: jax.Array  # [T] i32
     positions: jax.Array  # [T] i32
-    meta: AttentionMetadata
-    logits_indices: jax.Array  # [S] i32
+    # the step's AttentionLayout as built; at dispatch the runner replaces it with its backend's plan of it
+    attention: object
+    logits_indices: jax.Array  # [B] i32
     sampling: SamplingTensors
-    prompt_targets: jax.Array  # [T] i32 next prompt token per row (-1: none); [0] when no prompt logprobs
+    prompt_targets: jax.Array  # [T] i32 next prompt token per row (-1: none)
+    # Async scheduling: a pending token (sampled by the previous step, not on the host yet) is read on the device
+    # from that step's sampled ids. token_src [T] / history_src [B]: row of prev_tokens to read, -1 = none;
+    # history_col [B]: the pending token's column in sampling.token_history.
+    token_src: jax.Array
+    history_src: jax.Array
+    history_col: jax.Array
+    prev_tokens: jax.Array  # [B] i32: the previous step's sampled ids (the runner passes its device array)
 
 
 @dataclass(frozen=True)
@@ -97,58 +68,42 @@ class StepPlan:
     """A built step: device inputs plus the host bookkeeping needed to read its outputs."""
 
     inputs: StepInput
-    flags: SamplerFlags
-    num_prompt_logprobs: int  # static: 0 = no prompt logprobs this step
     sampled_ids: list[str]  # request id of sample row i (rows past the list are padding)
     prompt_rows: list[PromptLogprobRows]
     num_tokens: int
+    uses_penalties: bool  # else the runner swaps in its resident all-padding history
+    wants_top_logprobs: bool  # some sampled row asked for logprobs: copy the top-k arrays to the host
+    reads_previous: bool = False  # some token or history entry comes from the previous step's outputs
 
     @property
-    def shape_key(self) -> tuple:
-        """Every input shape (the compiled program is keyed on them, with the static flags)."""
-        return tuple(leaf.shape for leaf in jax.tree.leaves(self.inputs))
+    def bucket(self) -> int:
+        return int(self.inputs.tokens.shape[0])
 
 
-def build_step(
-    out: SchedulerOutput,
-    requests: dict[str, Request],
-    buckets: Buckets,
-    page_size: int,
-    seed_of: Callable[[Request], int],
-    banned_ids_of: Callable[[Request], Sequence[int]],
-    work_items: WorkItemsPolicy | None = None,
-) -> StepPlan:
-    """Packs one SchedulerOutput into padded numpy arrays (see the module docstring for the layout).
-
-    With ``work_items`` (the XLA attention backend), steps holding prefill chunks also carry a work-item plan
-    (``pallas_kernels/xla_items.py``), 7-10x faster there than the page loop. Decode-only steps keep the page
-    loop: items gain little there and every plan shape is one more compiled program.
-    """
-    chunks = out.chunks
-    num_tokens = sum(len(c.token_ids) for c in chunks)
-    t_pad = _round_up(num_tokens, buckets.token_buckets)
-    max_pages = max((len(c.block_table) for c in chunks), default=1)
-    p_pad = _round_up(max_pages, buckets.page_buckets)
-    s_pad = buckets.max_num_seqs
-
-    tokens = np.zeros(t_pad, np.int32)
-    positions = np.zeros(t_pad, np.int32)
-    slots = np.zeros(t_pad, np.int32)
-    block_tables = np.zeros((s_pad, p_pad), np.int32)
-    kv_lens = np.zeros(s_pad, np.int32)
-    cu_q_lens = np.full(s_pad + 1, num_tokens, np.int32)
-    logits_indices = np.zeros(s_pad, np.int32)
-    prompt_targets: np.ndarray | None = None
-    rows: list[RowSpec] = []
-    sampled_ids: list[str] = []
-    prompt_rows: list[PromptLogprobRows] = []
-    num_prompt_logprobs = 0
-
+def build_layout(
+    chunks: Sequence[ScheduledChunk],
+    shapes: StepShapes,
+    num_tokens_padded: int,
+    previous_rows: dict[str, int] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, AttentionLayout]:
+    """Tokens, where pending tokens come from (``previous_rows``: request id -> its sampled row in the
+    previous step), positions and the backend-neutral attention layout of the scheduled chunks."""
+    t, b, page_size = num_tokens_padded, shapes.max_num_seqs, shapes.page_size
+    tokens = np.zeros(t, np.int32)
+    token_src = np.full(t, -1, np.int32)
+    positions = np.zeros(t, np.int32)
+    slots = np.zeros(t, np.int32)
+    block_tables = np.zeros((b, shapes.max_pages_per_seq), np.int32)
+    kv_lens = np.zeros(b, np.int32)
+    cu_q_lens = np.zeros(b + 1, np.int32)
     cursor = 0
     for i, chunk in enumerate(chunks):
         n = len(chunk.token_ids)
         span = slice(cursor, cursor + n)
         tokens[span] = chunk.token_ids
+        if chunk.token_ids[-1] == PENDING_TOKEN:  # only a decode chunk's last token can be pending
+            token_src[cursor + n - 1] = previous_rows[chunk.request_id]
+            tokens[cursor + n - 1] = 0
         pos = np.arange(chunk.start_pos, chunk.start_pos + n, dtype=np.int32)
         positions[span] = pos
         table = np.asarray(chunk.block_table, np.int32)
@@ -156,66 +111,142 @@ def build_step(
         block_tables[i, : len(table)] = table
         kv_lens[i] = chunk.start_pos + n
         cu_q_lens[i] = cursor
+        cursor += n
+    cu_q_lens[len(chunks) :] = cursor
+    layout = AttentionLayout(
+        slot_mapping=slots,
+        kv_lens=kv_lens,
+        block_tables=block_tables,
+        cu_q_lens=cu_q_lens,
+        num_seqs=np.array([len(chunks)], np.int32),
+    )
+    return tokens, token_src, positions, layout
+
+
+def build_sampling(
+    chunks: Sequence[ScheduledChunk],
+    requests: dict[str, Request],
+    shapes: StepShapes,
+    seed_of: Callable[[Request], int],
+    banned_ids_of: Callable[[Request], Sequence[int]],
+    previous_rows: dict[str, int] | None = None,
+) -> tuple[SamplingTensors, np.ndarray, list[str], np.ndarray, np.ndarray]:
+    """Sampling settings of the chunks that sample, their logits rows, their request ids (row order), and for
+    each row where its pending token goes in the penalty history (source row in the previous step, column)."""
+    logits_indices = np.zeros(shapes.max_num_seqs, np.int32)
+    history_src = np.full(shapes.max_num_seqs, -1, np.int32)
+    history_col = np.zeros(shapes.max_num_seqs, np.int32)
+    rows: list[RowSpec] = []
+    sampled_ids: list[str] = []
+    cursor = 0
+    for chunk in chunks:
+        cursor += len(chunk.token_ids)
+        if not chunk.sample:
+            continue
         request = requests[chunk.request_id]
-        if chunk.sample:
-            logits_indices[len(sampled_ids)] = cursor + n - 1
-            sampled_ids.append(chunk.request_id)
-            rows.append(
-                RowSpec(
-                    params=request.sampling_params,
-                    seed=seed_of(request),
-                    step=request.num_output_tokens,
-                    prompt_token_ids=request.prompt_token_ids,
-                    output_token_ids=request.output_token_ids,
-                    banned_token_ids=banned_ids_of(request),
-                )
+        row = len(sampled_ids)
+        logits_indices[row] = cursor - 1
+        if request.num_pending_tokens:
+            history_src[row] = previous_rows[chunk.request_id]
+            history_col[row] = request.num_prompt_tokens + request.num_output_tokens
+        sampled_ids.append(chunk.request_id)
+        rows.append(
+            RowSpec(
+                params=request.sampling_params,
+                seed=seed_of(request),
+                step=request.num_sampled,
+                prompt_token_ids=request.prompt_token_ids,
+                output_token_ids=request.output_token_ids,
+                banned_token_ids=banned_ids_of(request),
             )
+        )
+    sampling = make_sampling_tensors(
+        rows, pad_to=shapes.max_num_seqs, history_len=shapes.history_len, banned_len=shapes.banned_len
+    )
+    return sampling, logits_indices, sampled_ids, history_src, history_col
+
+
+def build_prompt_logprobs(
+    chunks: Sequence[ScheduledChunk], requests: dict[str, Request], num_tokens_padded: int
+) -> tuple[np.ndarray, list[PromptLogprobRows]]:
+    """Per token row, the next prompt token whose logprob is wanted (-1: none), and which rows are whose."""
+    targets = np.full(num_tokens_padded, -1, np.int32)
+    prompt_rows: list[PromptLogprobRows] = []
+    cursor = 0
+    for chunk in chunks:
+        n = len(chunk.token_ids)
         if chunk.prompt_logprobs:
-            if prompt_targets is None:
-                prompt_targets = np.full(t_pad, -1, np.int32)
-            prompt = request.prompt_token_ids
+            prompt = np.asarray(requests[chunk.request_id].prompt_token_ids)
             in_prompt = max(0, min(n, len(prompt) - chunk.start_pos))
-            targets = pos[:in_prompt] + 1
-            valid = targets < len(prompt)
-            prompt_targets[cursor : cursor + in_prompt] = np.where(
-                valid, np.asarray(prompt)[np.minimum(targets, len(prompt) - 1)], -1
+            nxt = np.arange(chunk.start_pos, chunk.start_pos + in_prompt) + 1
+            targets[cursor : cursor + in_prompt] = np.where(
+                nxt < len(prompt), prompt[np.minimum(nxt, len(prompt) - 1)], -1
             )
             prompt_rows.append(PromptLogprobRows(chunk.request_id, cursor, in_prompt, chunk.start_pos))
-            num_prompt_logprobs = max(num_prompt_logprobs, request.sampling_params.prompt_logprobs or 0)
         cursor += n
-    cu_q_lens[len(chunks)] = cursor
-    work = None
-    if work_items is not None and chunks and max(len(c.token_ids) for c in chunks) > 1:
-        q_lens = np.diff(cu_q_lens[: len(chunks) + 1])
-        work = plan_work(
-            kv_lens,
-            cu_q_lens,
-            len(chunks),
-            block_tables,
-            page_size=page_size,
-            num_tokens=t_pad,
-            q_block=choose_q_block(q_lens),
-            sliding_window=work_items.sliding_window,
-        )
-        block_tables = np.zeros((s_pad, 1), np.int32)  # the plan carries the pages; keep compiled shapes few
+    return targets, prompt_rows
 
-    sampling, flags = make_sampling_tensors(rows, pad_to=s_pad)
-    flags = dataclasses.replace(flags, num_logprobs=_round_up(flags.num_logprobs, _LOGPROB_BUCKETS))
-    if prompt_targets is not None:
-        num_prompt_logprobs = _round_up(max(num_prompt_logprobs, 1), _LOGPROB_BUCKETS)
+
+def build_step(
+    out: SchedulerOutput,
+    requests: dict[str, Request],
+    shapes: StepShapes,
+    seed_of: Callable[[Request], int],
+    banned_ids_of: Callable[[Request], Sequence[int]],
+    previous_rows: dict[str, int] | None = None,
+) -> StepPlan:
+    """Packs one SchedulerOutput into padded numpy arrays (see the module docstring for the layout).
+    ``previous_rows``: async scheduling's request id -> sampled row of the step still on the device."""
+    chunks = out.chunks
+    num_tokens = sum(len(c.token_ids) for c in chunks)
+    t_pad = round_up(num_tokens, shapes.token_buckets)
+    tokens, token_src, positions, layout = build_layout(chunks, shapes, t_pad, previous_rows)
+    sampling, logits_indices, sampled_ids, history_src, history_col = build_sampling(
+        chunks, requests, shapes, seed_of, banned_ids_of, previous_rows
+    )
+    prompt_targets, prompt_rows = build_prompt_logprobs(chunks, requests, t_pad)
+    n = len(sampled_ids)
     inputs = StepInput(
         tokens=tokens,
         positions=positions,
-        meta=AttentionMetadata(
-            slot_mapping=slots,
-            kv_lens=kv_lens,
-            block_tables=block_tables,
-            cu_q_lens=cu_q_lens,
-            num_seqs=np.array([len(chunks)], np.int32),
-            work=work,
-        ),
+        attention=layout,
         logits_indices=logits_indices,
         sampling=sampling,
-        prompt_targets=prompt_targets if prompt_targets is not None else np.zeros(0, np.int32),
+        prompt_targets=prompt_targets,
+        token_src=token_src,
+        history_src=history_src,
+        history_col=history_col,
+        prev_tokens=_no_previous(shapes.max_num_seqs),
     )
-    return StepPlan(inputs, flags, num_prompt_logprobs, sampled_ids, prompt_rows, num_tokens)
+    return StepPlan(
+        inputs,
+        sampled_ids,
+        prompt_rows,
+        num_tokens,
+        uses_penalties=bool(
+            (
+                (sampling.repetition_penalty[:n] != 1.0)
+                | (sampling.presence_penalty[:n] != 0.0)
+                | (sampling.frequency_penalty[:n] != 0.0)
+            ).any()
+        ),
+        wants_top_logprobs=bool((sampling.num_logprobs[:n] > 0).any()),
+        reads_previous=bool((token_src >= 0).any() or (history_src >= 0).any()),
+    )
+
+
+_NO_PREVIOUS: dict[int, np.ndarray] = {}
+
+
+def _no_previous(rows: int) -> np.ndarray:
+    """prev_tokens of a step that reads nothing from the previous one (one shared zero array per width)."""
+    if rows not in _NO_PREVIOUS:
+        _NO_PREVIOUS[rows] = np.zeros(rows, np.int32)
+    return _NO_PREVIOUS[rows]
+
+
+def padding_step(shapes: StepShapes, num_tokens_padded: int) -> StepPlan:
+    """A step of bucket ``num_tokens_padded`` with no sequence in it (what programs are compiled from)."""
+    empty = SchedulerOutput(chunks=[], num_batched_tokens=0)
+    one_bucket = dataclasses.replace(shapes, token_buckets=(num_tokens_padded,))
+    return build_step(empty, {}, one_bucket, seed_of=lambda r: 0, banned_ids_of=lambda r: ())

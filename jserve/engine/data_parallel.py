@@ -108,7 +108,12 @@ class DataParallelEngine:
         hits = sum(e.kv_cache.num_hit_tokens for e in self.replicas)
         total["prefix_cache_hit_rate"] = hits / queried if queried else 0.0
         total["num_replicas"] = len(self.replicas)
+        total["programs_lowered_while_serving"] = per_replica[0]["programs_lowered_while_serving"]  # per process
         return total
+
+    def mark_ready(self) -> None:
+        for engine in self.replicas:
+            engine.mark_ready()
 
     def reset_prefix_cache(self) -> bool:
         return all(e.kv_cache.reset_prefix_cache() for e in self.replicas)

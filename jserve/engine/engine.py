@@ -23,7 +23,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from jserve.engine.batch import StepPlan, WorkItemsPolicy, build_step
+from jserve import compile_watch
+from jserve.engine.batch import StepPlan, build_step
 from jserve.engine.kv_cache import KVCacheManager
 from jserve.engine.output import RequestGroup, SampleState
 from jserve.engine.request import Request, RequestStatus
@@ -45,6 +46,9 @@ class _Step:
     sched: SchedulerOutput
     plans: list[StepPlan] | None = None
     pending: PendingStep | None = None
+
+
+_NOTHING = SchedulerOutput(chunks=[], num_batched_tokens=0)
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,7 @@ class Engine:
         max_model_len: int,
         limits: RequestLimits | None = None,
         seed: int = 0,
+        async_scheduling: bool = True,
     ):
         self.runner = runner
         self.scheduler = scheduler
@@ -92,11 +97,19 @@ class Engine:
         self._ids_lock = threading.Lock()
         self._live_ids: set[str] = set()  # ids added and not yet fully reported, across threads
         self.num_steps = 0
-        self._work_items = _work_items_policy(runner)
         self._late: dict[str, set[str]] = {}  # group -> samples whose final delta is due at the next emit
-        self._lookahead: _Step | None = None  # the next step, dispatched while this one's deltas are built
+        # async scheduling: the step dispatched last, whose tokens the host has not seen (one pipeline stage only:
+        # a microbatched step has no single row order for the next step to read from)
+        self.async_scheduling = async_scheduling and runner.num_stages == 1
+        self._in_flight: _Step | None = None
         self.inbox_sync = None  # multi-host: set to jserve.parallel.multihost.broadcast_items
         self.stopped = False
+        compile_watch.install()
+        self._lowered_at_ready = compile_watch.programs_lowered()
+
+    def mark_ready(self) -> None:
+        """Every program is compiled: lowerings from now on count as ``programs_lowered_while_serving``."""
+        self._lowered_at_ready = compile_watch.programs_lowered()
 
     # ------------------------------------------------------------------ inbox (thread-safe)
 
@@ -241,47 +254,53 @@ class Engine:
     # ------------------------------------------------------------------ the step
 
     def has_unfinished(self) -> bool:
-        return bool(self._groups) or not self._inbox.empty() or self._lookahead is not None
+        return bool(self._groups) or not self._inbox.empty() or self._in_flight is not None
 
     def step(self) -> list[RequestOutput]:
-        """One iteration; returns the deltas of every request that changed.
-
-        While the host turns step N's tokens into deltas (detokenization, stop strings), step N+1 is already on
-        the device: it is scheduled and dispatched right after N's tokens reach the scheduler. A request that a
-        stop string ends during that overlap has computed one token too many, which the scheduler discards.
-        """
-        current = self._lookahead if self._lookahead is not None else self.begin_step()
-        self._lookahead = None
-        updated = self._complete(current)
-        if current.pending is not None and self.scheduler.has_unfinished:
-            self._lookahead = self.begin_step()
-        return self._emit(current, updated)
+        """One iteration; returns the deltas of every request that changed (see ``begin_step``)."""
+        return self.finish_step(self.begin_step())
 
     def begin_step(self) -> _Step:
         """Inbox, schedule, build and dispatch; the device works while the caller does other things (e.g.
-        dispatches the other data-parallel replicas) before ``finish_step``."""
+        dispatches the other data-parallel replicas) before ``finish_step``.
+
+        With async scheduling the step still on the device (``_in_flight``) has not reported its tokens yet:
+        this step is scheduled with them pending, and reads them from that step's outputs on the device.
+        """
         self._drain_inbox()
         sched = self.scheduler.schedule()
         self._finished_by_scheduler(sched.finished_ids)
         if not sched.chunks:
             return _Step(sched)
+        previous = self._in_flight
+        previous_rows = None
+        if previous is not None:
+            previous_rows = {rid: i for i, rid in enumerate(previous.plans[0].sampled_ids)}
         plans = [
             build_step(
                 part,
                 self._sequences,
-                self.runner.buckets,
-                self.runner.page_size,
+                self.runner.shapes,
                 lambda r: self._seeds[r.request_id],
                 self._banned_ids,
-                self._work_items,
+                previous_rows,
             )
             for part in self._microbatches(sched)
         ]
-        return _Step(sched, plans, self.runner.dispatch(plans))
+        step = _Step(sched, plans, self.runner.dispatch(plans, previous.pending if previous else None))
+        if self.async_scheduling:
+            self.scheduler.advance(sched)  # the next schedule sees this step's tokens as pending
+        return step
 
     def finish_step(self, step: _Step) -> list[RequestOutput]:
-        """Waits for the dispatched step, updates the scheduler and returns the deltas."""
-        return self._emit(step, self._complete(step))
+        """Reports the oldest step on the device: waits for its tokens, updates the scheduler, builds the
+        deltas. Synchronous: that is ``step`` itself. Async: the previous step, while ``step`` computes."""
+        if not self.async_scheduling:
+            return self._emit(step, self._complete(step))
+        done, self._in_flight = self._in_flight, step if step.pending is not None else None
+        if done is None:
+            return self._emit(_Step(_NOTHING), [])
+        return self._emit(done, self._complete(done))
 
     def _complete(self, step: _Step) -> list[tuple[Request, StepResult, int]]:
         """Device part: wait for the results, record prompt logprobs, hand the tokens to the scheduler."""
@@ -299,7 +318,11 @@ class Engine:
                 group = self._group_of(prompt_rows.request_id)
                 if group is not None:
                     group.record_prompt_logprobs(prompt_rows, result)
-        return [(request, *rows[request.request_id]) for request in self.scheduler.update(step.sched, sampled)]
+        if self.async_scheduling:
+            updated = self.scheduler.resolve(step.sched, sampled)
+        else:
+            updated = self.scheduler.update(step.sched, sampled)
+        return [(request, *rows[request.request_id]) for request in updated]
 
     def _emit(self, step: _Step, updated: list[tuple[Request, StepResult, int]]) -> list[RequestOutput]:
         """Host part: detokenize, check stop strings, build the deltas."""
@@ -363,7 +386,7 @@ class Engine:
 
     def _banned_ids(self, request: Request) -> list[int]:
         params = request.sampling_params
-        if request.num_output_tokens >= params.min_tokens:
+        if request.num_sampled >= params.min_tokens:
             return []
         return list(request.eos_token_ids) + list(params.stop_token_ids)
 
@@ -405,17 +428,9 @@ class Engine:
             "prefix_cache_hit_rate": cache.prefix_cache_hit_rate,
             "prompt_tokens_computed": self.scheduler.prompt_tokens_computed,
             "num_steps": self.num_steps,
-            "compiled_shapes": self.runner.compiled_shapes,
+            "num_programs": self.runner.num_programs,
+            "programs_lowered_while_serving": compile_watch.programs_lowered() - self._lowered_at_ready,
         }
-
-
-def _work_items_policy(runner: ModelRunner) -> WorkItemsPolicy | None:
-    """Work-item plans serve the XLA backend when every layer has the same sliding window (a plan's page
-    skipping is built for one window)."""
-    windows = set(runner.config.sliding_windows)
-    if runner.backend.kernel != "xla" or len(windows) != 1:
-        return None
-    return WorkItemsPolicy(sliding_window=windows.pop())
 
 
 __all__ = ["Engine", "RequestStatus"]

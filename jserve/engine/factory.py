@@ -1,4 +1,4 @@
-"""EngineArgs (the user-facing knobs shared by LLM and launch) -> a ready Engine.
+"""EngineArgs (jserve/engine_args.py: the settings LLM and launch share) -> a ready Engine.
 
 This is where defaults are decided: dtype, attention backend, KV pool size from free device memory,
 max_model_len capped by that pool, and the chunked-prefill token budget.
@@ -6,100 +6,30 @@ max_model_len capped by that pool, and the chunked-prefill token budget.
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from dataclasses import dataclass
+import sys
 from pathlib import Path
 
 import jax
+from tqdm.auto import tqdm
 
 from jserve import compilation_cache
+from jserve.attention import select_backend
 from jserve.checkpoint import abstract_model, load_params, resolve_dtype
-from jserve.config import CacheConfig, ModelConfig, ParallelConfig
-from jserve.engine.batch import Buckets
+from jserve.config import CacheConfig, ModelConfig
 from jserve.engine.data_parallel import DataParallelEngine
 from jserve.engine.engine import Engine
 from jserve.engine.kv_cache import KVCacheManager, default_num_pages
 from jserve.engine.runner import ModelRunner
 from jserve.engine.scheduler import Scheduler, SchedulerConfig
-from jserve.limits import DEFAULT_MAX_LOGPROBS, RequestLimits
+from jserve.engine.shapes import StepShapes
+from jserve.engine_args import EngineArgs
 from jserve.models.llama import kv_cache_bytes_per_page
-from jserve.ops import resolve_attention_backend
 from jserve.parallel.mesh import make_mesh, stage_mesh
 from jserve.parallel.sharding import param_shardings
 
 CPU_KV_BUDGET_BYTES = 1 << 30  # CPU devices report no memory stats: give the KV cache 1 GiB
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
-
-
-@dataclass(frozen=True, kw_only=True)
-class EngineArgs:
-    model: str
-    dtype: str = "auto"
-    tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
-    data_parallel_size: int = 1
-    max_model_len: int | None = None
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int | None = None
-    page_size: int = 16
-    num_pages: int | None = None
-    kv_cache_memory_fraction: float = 0.5
-    enable_prefix_caching: bool = True
-    quantization: str | None = None
-    kv_cache_dtype: str = "auto"
-    attention_backend: str = "auto"
-    speculative_model: str | None = None
-    num_speculative_tokens: int = 0
-    max_n: int | None = None  # samples per request (n); default max_num_seqs
-    max_logprobs: int = DEFAULT_MAX_LOGPROBS
-    compilation_cache_dir: str | None = compilation_cache.AUTO  # "auto": a per-user directory; None: off
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.quantization is not None:
-            if self.quantization not in ("int8", "int4", "fp8"):
-                raise ValueError(f"quantization must be None, 'int8', 'int4' or 'fp8', got {self.quantization!r}")
-            raise ValueError(f"quantization={self.quantization!r} is not supported yet")
-        if self.kv_cache_dtype not in ("auto", "int8"):
-            raise ValueError(f"kv_cache_dtype must be 'auto' or 'int8', got {self.kv_cache_dtype!r}")
-        if self.kv_cache_dtype == "int8":
-            raise ValueError("kv_cache_dtype='int8' is not supported yet")
-        if self.speculative_model is not None:
-            raise ValueError("speculative_model is not supported yet")
-        if self.num_speculative_tokens:
-            raise ValueError("num_speculative_tokens is not supported yet")
-        ParallelConfig(
-            tensor_parallel_size=self.tensor_parallel_size,
-            pipeline_parallel_size=self.pipeline_parallel_size,
-            data_parallel_size=self.data_parallel_size,
-        )  # validates the sizes
-        if self.max_model_len is not None and self.max_model_len < 2:
-            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
-        if isinstance(self.max_num_seqs, bool) or not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be an integer >= 1, got {self.max_num_seqs!r}")
-        if self.max_n is not None and (
-            isinstance(self.max_n, bool) or not isinstance(self.max_n, int) or not 1 <= self.max_n <= self.max_num_seqs
-        ):
-            raise ValueError(f"max_n must be an integer in [1, max_num_seqs={self.max_num_seqs}], got {self.max_n!r}")
-        _ = self.limits  # validates max_logprobs
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
-
-    @property
-    def parallel(self) -> ParallelConfig:
-        return ParallelConfig(
-            tensor_parallel_size=self.tensor_parallel_size,
-            pipeline_parallel_size=self.pipeline_parallel_size,
-            data_parallel_size=self.data_parallel_size,
-        )
-
-    @property
-    def limits(self) -> RequestLimits:
-        return RequestLimits(max_n=self.max_n or self.max_num_seqs, max_logprobs=self.max_logprobs)
-
-    def replace(self, **changes) -> EngineArgs:
-        return dataclasses.replace(self, **changes)
 
 
 def _free_device_bytes(device: jax.Device) -> int:
@@ -136,18 +66,29 @@ def build_engine(args: EngineArgs, devices: list[jax.Device] | None = None) -> E
         )
         for r in range(parallel.data_parallel_size)
     ]
-    return engines[0] if len(engines) == 1 else DataParallelEngine(engines)
+    if args.precompile:
+        compile_programs([e.runner for e in engines], progress=args.progress)
+    else:
+        for replica in engines:
+            replica.runner.compile_on_first_use = True
+    engine = engines[0] if len(engines) == 1 else DataParallelEngine(engines)
+    engine.mark_ready()
+    return engine
+
+
+def compile_programs(runners: list[ModelRunner], *, progress: bool = True) -> None:
+    """Compiles every step program of every replica, behind a progress bar, then runs each once: after this
+    no request within the engine's limits can compile anything."""
+    total = sum(len(r.shapes.token_buckets) * r.num_stages for r in runners)
+    with tqdm(total=total, desc="jserve: compiling", unit="program", disable=not progress, file=sys.stderr) as bar:
+        for runner in runners:
+            runner.compile_programs(bar.update)
+    for runner in runners:
+        runner.warm_up()
 
 
 def _build_replica(args: EngineArgs, path: Path, model_config: ModelConfig, tokenizer, meshes: list) -> Engine:
     dtype = resolve_dtype(args.dtype, model_config, meshes[0].devices.flat[0].platform)
-    backend = resolve_attention_backend(
-        args.attention_backend,
-        head_dim=model_config.head_dim,
-        page_size=args.page_size,
-        dtype=dtype,
-        platform=meshes[0].devices.flat[0].platform,
-    )
     cache_config = CacheConfig(
         page_size=args.page_size,
         num_pages=args.num_pages,
@@ -192,10 +133,22 @@ def _build_replica(args: EngineArgs, path: Path, model_config: ModelConfig, toke
         max_num_batched_tokens=max_num_batched_tokens,
         max_model_len=max_model_len,
     )
-    buckets = Buckets.from_limits(
+    eos = list(tokenizer.eos_token_ids) if tokenizer is not None else list(model_config.eos_token_ids)
+    limits = args.limits
+    shapes = StepShapes.from_limits(
         max_num_batched_tokens=max_num_batched_tokens,
         max_num_seqs=args.max_num_seqs,
-        max_pages_per_seq=cache_config.pages_for(max_model_len),
+        max_model_len=max_model_len,
+        page_size=cache_config.page_size,
+        banned_len=limits.max_stop_token_ids + len(eos),
+    )
+    backend = select_backend(
+        args.attention_backend,
+        shapes,
+        head_dim=model_config.head_dim,
+        sliding_windows=model_config.sliding_windows,
+        dtype=dtype,
+        platform=meshes[0].devices.flat[0].platform,
     )
     kv_cache = KVCacheManager(num_pages, cache_config.page_size, cache_config.enable_prefix_caching)
     runner = ModelRunner(
@@ -205,11 +158,11 @@ def _build_replica(args: EngineArgs, path: Path, model_config: ModelConfig, toke
         num_pages=num_pages,
         page_size=cache_config.page_size,
         kv_dtype=dtype,
-        buckets=buckets,
+        shapes=shapes,
         backend=backend,
+        max_logprobs=limits.max_logprobs,
         stage_meshes=meshes,
     )
-    eos = list(tokenizer.eos_token_ids) if tokenizer is not None else list(model_config.eos_token_ids)
     return Engine(
         runner=runner,
         scheduler=Scheduler(scheduler_config, kv_cache),
@@ -218,8 +171,9 @@ def _build_replica(args: EngineArgs, path: Path, model_config: ModelConfig, toke
         eos_token_ids=eos,
         vocab_size=model_config.vocab_size,
         max_model_len=max_model_len,
-        limits=args.limits,
+        limits=limits,
         seed=args.seed,
+        async_scheduling=args.async_scheduling,
     )
 
 

@@ -142,11 +142,13 @@ class KVCacheManager:
         return pages, len(pages) * self.page_size
 
     def cache_computed_pages(self, request: Request) -> None:
-        """Registers the pages now full of computed tokens; call whenever num_computed_tokens grows."""
+        """Registers the pages now full of computed, known tokens (a pending token's page waits until the
+        token arrives: hashes cover known tokens only); call whenever either count grows."""
         table = self._tables.get(request.request_id)
         if not self.enable_prefix_caching or table is None:
             return
-        num_full = min(request.num_computed_tokens // self.page_size, len(table))
+        known = request.num_tokens - request.num_pending_tokens
+        num_full = min(min(request.num_computed_tokens, known) // self.page_size, len(table))
         start = self._num_registered.get(request.request_id, 0)
         if num_full <= start:
             return

@@ -13,8 +13,9 @@ import enum
 import time
 from collections.abc import Iterable
 
-from jserve.outputs import RequestMetrics
 from jserve.sampling_params import SamplingParams
+
+PENDING_TOKEN = -1  # all_token_ids entry of a token sampled on the device that the host has not seen yet
 
 
 class RequestStatus(enum.Enum):
@@ -79,6 +80,7 @@ class Request:
         self.eos_token_ids: list[int] = [] if sampling_params.ignore_eos else [int(t) for t in eos_token_ids]
         # NOTE: append sampled tokens with append_output_token() so all_token_ids stays a cheap view.
         self.output_token_ids: list[int] = []
+        self.num_pending_tokens = 0  # sampled on the device, not yet on the host (async scheduling)
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0
         self.status = RequestStatus.WAITING
@@ -95,15 +97,41 @@ class Request:
         self._all_token_ids: list[int] = list(self.prompt_token_ids)
 
     def append_output_token(self, token_id: int) -> None:
+        if self.num_pending_tokens:
+            raise ValueError("append_output_token with pending tokens: resolve them first")
         self.output_token_ids.append(int(token_id))
         self._all_token_ids.append(int(token_id))
 
+    def add_pending_token(self) -> None:
+        """Async scheduling: a token was sampled on the device and is not on the host yet. It holds a position
+        (``PENDING_TOKEN`` in ``all_token_ids``) so the next step can be scheduled; the device fills it in."""
+        self.num_pending_tokens += 1
+        self._all_token_ids.append(PENDING_TOKEN)
+
+    def resolve_pending_token(self, token_id: int) -> None:
+        """The oldest pending token arrived from the device."""
+        if not self.num_pending_tokens:
+            raise ValueError("no pending token to resolve")
+        self._all_token_ids[len(self.prompt_token_ids) + len(self.output_token_ids)] = int(token_id)
+        self.output_token_ids.append(int(token_id))
+        self.num_pending_tokens -= 1
+
+    def drop_pending_tokens(self) -> None:
+        """The request stopped: tokens sampled after the stop are discarded."""
+        if self.num_pending_tokens:
+            del self._all_token_ids[-self.num_pending_tokens :]
+            self.num_pending_tokens = 0
+            self.num_computed_tokens = min(self.num_computed_tokens, len(self._all_token_ids))
+
     @property
     def all_token_ids(self) -> list[int]:
-        """Prompt followed by outputs. Treat as read-only: it is the request's own list, not a copy."""
-        if len(self._all_token_ids) != len(self.prompt_token_ids) + len(self.output_token_ids):
+        """Prompt, outputs, then pending tokens. Treat as read-only: it is the request's own list, not a copy."""
+        real = len(self.prompt_token_ids) + len(self.output_token_ids)
+        if len(self._all_token_ids) != real + self.num_pending_tokens:
             # Someone appended to output_token_ids directly; rebuild rather than serve stale tokens.
-            self._all_token_ids = self.prompt_token_ids + self.output_token_ids
+            self._all_token_ids = (
+                self.prompt_token_ids + self.output_token_ids + [PENDING_TOKEN] * self.num_pending_tokens
+            )
         return self._all_token_ids
 
     @property
@@ -112,11 +140,18 @@ class Request:
 
     @property
     def num_output_tokens(self) -> int:
+        """Output tokens on the host."""
         return len(self.output_token_ids)
 
     @property
+    def num_sampled(self) -> int:
+        """Output tokens sampled so far, pending ones included: the index of the next token to sample."""
+        return len(self.output_token_ids) + self.num_pending_tokens
+
+    @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        """Tokens with a position (prompt, outputs, pending)."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending_tokens
 
     @property
     def is_finished(self) -> bool:
@@ -130,17 +165,6 @@ class Request:
         self.finish_reason = status.finish_reason
         self.stop_reason = stop_reason
         self.finished_time = time.time()
-
-    def metrics(self) -> RequestMetrics:
-        return RequestMetrics(
-            arrival_time=self.arrival_time,
-            first_scheduled_time=self.first_scheduled_time,
-            first_token_time=self.first_token_time,
-            finished_time=self.finished_time,
-            num_prompt_tokens=self.num_prompt_tokens,
-            num_output_tokens=self.num_output_tokens,
-            num_cached_tokens=self.num_cached_tokens,
-        )
 
     def __repr__(self) -> str:
         return (

@@ -1,9 +1,14 @@
-"""ModelRunner: params + physical KV pages + one compiled program per (stage, bucket shape).
+"""ModelRunner: params + physical KV pages + one compiled program per (pipeline stage, token bucket).
 
-With one pipeline stage (the common case) a step is one jit: forward -> logits of the sampled rows -> sampler,
-KV pages donated, then one device-to-host copy. With ``pp`` stages, each stage owns a contiguous range of layers
-and those layers' pages on its own tensor-parallel slice of devices; the engine splits a step into microbatches
-(disjoint sets of sequences) and ``step()`` dispatches them in pipeline order:
+With one pipeline stage (the common case) a step is one program: forward -> logits of the sampled rows ->
+sampler (and, under a runtime ``lax.cond``, prompt logprobs), KV pages donated, then one device-to-host copy.
+Every program is compiled ahead of time by ``compile_programs`` (before the engine is ready, in parallel
+threads, through jax's persistent compilation cache); ``dispatch`` only ever calls those executables, so a
+serving engine cannot compile: a step shape outside the set is a bug and raises.
+
+With ``pp`` stages, each stage owns a contiguous range of layers and those layers' pages on its own
+tensor-parallel slice of devices; the engine splits a step into microbatches (disjoint sets of sequences) and
+``dispatch`` runs them in pipeline order:
 
 ```
 time ->      t0     t1     t2     t3     t4
@@ -17,8 +22,11 @@ M = pp when it has enough sequences. Hidden states move between stages with ``ja
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import time
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import jax
@@ -27,33 +35,90 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from jserve import ops
+from jserve.attention import AttentionBackend
 from jserve.config import ModelConfig
-from jserve.engine.batch import Buckets, StepInput, StepPlan
-from jserve.engine.sampler import SamplerFlags, sample
+from jserve.engine.batch import StepInput, StepPlan, padding_step
+from jserve.engine.sampler import SamplingTensors, sample, top_logprobs
+from jserve.engine.shapes import StepShapes
 from jserve.models.llama import KVCache, kv_cache_shape
 from jserve.parallel import sharding as shard_rules
 
 
 @dataclass
 class StepResult:
-    """Host copies of one step's outputs (rows follow StepPlan.sampled_ids / prompt_rows)."""
+    """Host copies of one step's outputs (rows follow StepPlan.sampled_ids / prompt_rows). Arrays the step's
+    requests did not ask for are not copied (None)."""
 
-    token_ids: np.ndarray  # [S]
-    logprobs: np.ndarray  # [S]
-    top_ids: np.ndarray  # [S, k]
-    top_logprobs: np.ndarray  # [S, k]
+    token_ids: np.ndarray  # [B]
+    logprobs: np.ndarray  # [B]
+    top_ids: np.ndarray | None  # [B, max_logprobs]
+    top_logprobs: np.ndarray | None  # [B, max_logprobs]
     prompt_target_logprobs: np.ndarray | None  # [T]
-    prompt_top_ids: np.ndarray | None  # [T, k]
-    prompt_top_logprobs: np.ndarray | None  # [T, k]
+    prompt_top_ids: np.ndarray | None  # [T, max_logprobs]
+    prompt_top_logprobs: np.ndarray | None  # [T, max_logprobs]
 
 
-def _prompt_logprobs(logits: jax.Array, targets: jax.Array, k: int):
-    """log_softmax over every row, the target token's logprob, and the top-k."""
-    logprobs = jax.nn.log_softmax(logits, axis=-1)
-    target_lp = jnp.take_along_axis(logprobs, jnp.maximum(targets, 0)[:, None], axis=-1)[:, 0]
-    top_lp, top_ids = jax.lax.top_k(logprobs, k)
-    return target_lp, top_ids.astype(jnp.int32), top_lp
+def _prompt_logprobs(logits_of: Callable, hidden: jax.Array, targets: jax.Array, k: int):
+    """Target-token logprob and top-k of every token row; computed only when some row has a target."""
+
+    def compute(hidden, targets):
+        logprobs = jax.nn.log_softmax(logits_of(hidden), axis=-1)
+        target_lp = jnp.take_along_axis(logprobs, jnp.maximum(targets, 0)[:, None], axis=-1)[:, 0]
+        top_ids, top_lp = top_logprobs(logprobs, jnp.asarray(True), k)
+        return target_lp, top_ids, top_lp
+
+    def skip(hidden, targets):
+        t = targets.shape[0]
+        return jnp.zeros(t, jnp.float32), jnp.zeros((t, k), jnp.int32), jnp.zeros((t, k), jnp.float32)
+
+    return jax.lax.cond(jnp.any(targets >= 0), compute, skip, hidden, targets)
+
+
+def _fill_pending(tokens: jax.Array, src: jax.Array, previous: jax.Array) -> jax.Array:
+    """Async scheduling: pending tokens (src >= 0) are the previous step's sampled ids, read on the device."""
+    return jnp.where(src >= 0, previous[jnp.maximum(src, 0)], tokens)
+
+
+def _fill_pending_history(t: SamplingTensors, src: jax.Array, col: jax.Array, previous: jax.Array) -> SamplingTensors:
+    """The pending token's entry in each row's penalty history (an output token)."""
+    if t.token_history.shape[1] == 0:
+        return t
+    rows = jnp.arange(src.shape[0])
+    has = src >= 0
+    col = jnp.where(has, col, 0)
+    token = jnp.where(has, previous[jnp.maximum(src, 0)], t.token_history[rows, col])
+    is_output = has | t.history_is_output[rows, col]
+    return dataclasses.replace(
+        t,
+        token_history=t.token_history.at[rows, col].set(token),
+        history_is_output=t.history_is_output.at[rows, col].set(is_output),
+    )
+
+
+def _every_branch(plan: StepPlan, backend: AttentionBackend) -> StepPlan:
+    """An all-padding step whose runtime switches are all on (row 0's settings, token 0's prompt target,
+    the backend's alternative path)."""
+    t = plan.inputs.sampling
+    on = {
+        "temperature": 1.0,
+        "top_k": 2,
+        "top_p": 0.5,
+        "min_p": 0.1,
+        "repetition_penalty": 1.1,
+        "num_logprobs": 1,
+    }
+    sampling = dataclasses.replace(
+        t, **{name: np.where(np.arange(len(t.temperature)) == 0, value, getattr(t, name)) for name, value in on.items()}
+    )
+    targets = plan.inputs.prompt_targets.copy()
+    targets[0] = 0
+    inputs = dataclasses.replace(
+        plan.inputs,
+        sampling=sampling,
+        prompt_targets=targets,
+        attention=backend.alternative(backend.plan(plan.inputs.attention)),
+    )
+    return dataclasses.replace(plan, inputs=inputs, uses_penalties=True)
 
 
 def _local_copy(array: jax.Array) -> jax.Array:
@@ -97,9 +162,8 @@ def _stage_state(state: nnx.State, layers: range, first: bool, last: bool, tied:
 class PendingStep:
     """A dispatched step whose results are still on the device."""
 
+    plans: list[StepPlan]
     outputs: list
-    new_keys: list | None  # shapes compiled by this step (for compile-time accounting)
-    start: float
 
 
 @dataclass
@@ -112,7 +176,8 @@ class _Stage:
     param_names: list[str] = field(default_factory=list)
     kv_cache: KVCache = field(default_factory=list)
     kv_sharding: NamedSharding | None = None
-    fn: object = None
+    fn: object = None  # the jitted stage step (lowered and compiled per bucket by compile_programs)
+    programs: dict[int, object] = field(default_factory=dict)  # token bucket -> compiled executable
 
 
 class ModelRunner:
@@ -127,70 +192,143 @@ class ModelRunner:
         num_pages: int,
         page_size: int,
         kv_dtype,
-        buckets: Buckets,
-        backend: ops.AttentionBackend,
+        shapes: StepShapes,
+        backend: AttentionBackend,
+        max_logprobs: int,
         stage_meshes: list[Mesh] | None = None,
     ):
         self.config = cfg
         self.num_pages = num_pages
         self.page_size = page_size
-        self.buckets = buckets
+        self.shapes = shapes
         self.backend = backend
-        self.compile_seconds = 0.0
-        self._compiled: set[tuple] = set()
+        self.max_logprobs = max_logprobs
+        self.dtype = kv_dtype
         meshes = stage_meshes or [Mesh(np.asarray(jax.devices()[:1]), ("tp",))]
-        ranges = split_layers(cfg.num_layers, len(meshes))
-        self.stages: list[_Stage] = []
-        for s, (mesh, layers) in enumerate(zip(meshes, ranges, strict=True)):
-            stage = _Stage(layers, mesh, first=s == 0, last=s == len(meshes) - 1)
-            st_state = jax.tree.map(lambda x: x, state)  # a copy: placement below must not touch the caller's
-            if len(meshes) > 1:
-                st_state = _stage_state(st_state, layers, stage.first, stage.last, cfg.tie_word_embeddings)
-            shardings = shard_rules.param_shardings(st_state, cfg, mesh)
-            flat = nnx.to_flat_state(st_state)
-            for path, var in flat:
-                name = "/".join(str(p) for p in path)
-                target = shardings[name] if var.get_value().ndim else shard_rules.replicated(mesh)
-                var.set_value(jax.device_put(var.get_value(), target))
-            placed = nnx.from_flat_state(flat)
-            with_paths, treedef = jax.tree_util.tree_flatten_with_path(placed)
-            stage.param_leaves = [leaf for _, leaf in with_paths]
-            stage.param_names = [
-                "/".join(
-                    str(getattr(k, "key", getattr(k, "idx", k)))
-                    for k in path
-                    if not str(getattr(k, "name", "")) == "value"
-                )
-                for path, _ in with_paths
-            ]
-            stage.kv_sharding = NamedSharding(mesh, shard_rules.kv_cache_spec(cfg, mesh))
-            shape = kv_cache_shape(cfg, num_pages, page_size)
-            zeros = jax.jit(functools.partial(jnp.zeros, shape, kv_dtype), out_shardings=stage.kv_sharding)
-            stage.kv_cache = [(zeros(), zeros()) for _ in layers]
-            # NOTE: params travel as a flat tuple of arrays; re-flattening an nnx.State per call costs ms.
-            stage.fn = jax.jit(
-                functools.partial(
-                    self._stage_step,
-                    graphdef,
-                    treedef,
-                    backend.replace(mesh=mesh) if mesh.devices.size > 1 else backend,
-                    layers,
-                    stage.first,
-                    stage.last,
-                    stage.kv_sharding,
-                ),
-                # (param_leaves, kv_cache, x, inputs, flags, num_prompt_logprobs): the step's inputs are pinned
-                # replicated, so numpy inputs passed straight in compile exactly like device_put ones
-                in_shardings=(None, None, None, shard_rules.replicated(mesh)),
-                static_argnums=(4, 5),
-                donate_argnums=(1,),
-            )
-            self.stages.append(stage)
+        self.stages = [
+            _Stage(layers, mesh, first=s == 0, last=s == len(meshes) - 1)
+            for s, (mesh, layers) in enumerate(zip(meshes, split_layers(cfg.num_layers, len(meshes)), strict=True))
+        ]
+        for stage in self.stages:
+            self._place_params(stage, state)
+            self._allocate_kv_cache(stage, kv_dtype)
+            self._jit_step(stage, graphdef)
         self.replicated = [shard_rules.replicated(st.mesh) for st in self.stages]
-        # NOTE: in one process the step's numpy inputs go straight into the jitted call, whose C++ path places
-        # them by its pinned in_shardings (~0.3 ms a step); jax.device_put of the same ~20 small arrays costs
+        self.compile_on_first_use = False  # EngineArgs.precompile=False: programs compile when first needed
+        # Resident all-padding penalty history, swapped in for steps without penalties (saves a [B, H] copy).
+        self._empty_history = [
+            jax.device_put(
+                (
+                    np.full((shapes.max_num_seqs, shapes.history_len), -1, np.int32),
+                    np.zeros((shapes.max_num_seqs, shapes.history_len), bool),
+                ),
+                rep,
+            )
+            for rep in self.replicated
+        ]
+        # NOTE: in one process the step's numpy inputs go straight into the compiled call, which places them
+        # by its pinned in_shardings (~0.3 ms a step); jax.device_put of the same ~20 small arrays costs
         # ~1.5 ms of host time. A multi-host mesh needs global arrays, so there they are put explicitly.
         self._multiprocess = jax.process_count() > 1
+
+    # ------------------------------------------------------------------ construction steps
+
+    def _place_params(self, stage: _Stage, state: nnx.State) -> None:
+        """Puts this stage's params on its mesh (other stages' params as scalar stubs) as a flat leaf list."""
+        st_state = jax.tree.map(lambda x: x, state)  # a copy: placement below must not touch the caller's
+        if len(self.stages) > 1:
+            st_state = _stage_state(st_state, stage.layers, stage.first, stage.last, self.config.tie_word_embeddings)
+        shardings = shard_rules.param_shardings(st_state, self.config, stage.mesh)
+        flat = nnx.to_flat_state(st_state)
+        for path, var in flat:
+            name = "/".join(str(p) for p in path)
+            target = shardings[name] if var.get_value().ndim else shard_rules.replicated(stage.mesh)
+            var.set_value(jax.device_put(var.get_value(), target))
+        with_paths, self._treedef = jax.tree_util.tree_flatten_with_path(nnx.from_flat_state(flat))
+        stage.param_leaves = [leaf for _, leaf in with_paths]
+        stage.param_names = [
+            "/".join(
+                str(getattr(k, "key", getattr(k, "idx", k))) for k in path if not str(getattr(k, "name", "")) == "value"
+            )
+            for path, _ in with_paths
+        ]
+
+    def _allocate_kv_cache(self, stage: _Stage, kv_dtype) -> None:
+        stage.kv_sharding = NamedSharding(stage.mesh, shard_rules.kv_cache_spec(self.config, stage.mesh))
+        shape = kv_cache_shape(self.config, self.num_pages, self.page_size)
+        zeros = jax.jit(functools.partial(jnp.zeros, shape, kv_dtype), out_shardings=stage.kv_sharding)
+        stage.kv_cache = [(zeros(), zeros()) for _ in stage.layers]
+
+    def _jit_step(self, stage: _Stage, graphdef: nnx.GraphDef) -> None:
+        backend = self.backend.with_mesh(stage.mesh if stage.mesh.devices.size > 1 else None)
+        # NOTE: params travel as a flat tuple of arrays; re-flattening an nnx.State per call costs ms.
+        stage.fn = jax.jit(
+            functools.partial(
+                self._stage_step,
+                graphdef,
+                self._treedef,
+                backend,
+                stage.layers,
+                stage.first,
+                stage.last,
+                stage.kv_sharding,
+                self.max_logprobs,
+            ),
+            # (param_leaves, kv_cache, x, inputs): the step's inputs are pinned replicated, so numpy inputs
+            # passed straight in run exactly like device_put ones
+            in_shardings=(None, None, None, shard_rules.replicated(stage.mesh)),
+            donate_argnums=(1,),
+        )
+
+    # ------------------------------------------------------------------ programs
+
+    def compile_programs(self, progress: Callable[[int], None] | None = None) -> int:
+        """Lowers and compiles every (stage, token bucket) program; returns how many. ``progress(n)`` is
+        called as each finishes. XLA compiles in worker threads (it releases the GIL), tracing stays serial."""
+        tasks = []
+        for bucket in self.shapes.token_buckets:
+            x = None
+            for stage in self.stages:
+                args = self._example_args(stage, bucket, x)
+                if not stage.last:
+                    x = jax.eval_shape(stage.fn, *args)[1]
+                tasks.append((stage, bucket, args))
+        workers = min(len(tasks), os.cpu_count() or 1)
+
+        def build(task):
+            stage, bucket, args = task
+            stage.programs[bucket] = stage.fn.lower(*args).compile()
+            if progress is not None:
+                progress(1)
+
+        if workers <= 1:
+            for task in tasks:
+                build(task)
+        else:
+            with ThreadPoolExecutor(workers) as pool:
+                list(pool.map(build, tasks))
+        return len(tasks)
+
+    def _example_args(self, stage: _Stage, bucket: int, x) -> tuple:
+        inputs = self._planned(padding_step(self.shapes, bucket)).inputs
+        if x is not None:
+            x = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shard_rules.replicated(stage.mesh))
+        return (stage.param_leaves, stage.kv_cache, x, inputs)
+
+    @property
+    def num_programs(self) -> int:
+        return sum(len(stage.programs) for stage in self.stages)
+
+    def warm_up(self) -> None:
+        """Runs each program on all-padding steps (they write only the null page), once with every optional
+        stage switched off and once with every one switched on (sampling, filters, penalties, logprobs, prompt
+        logprobs, the backend's alternative path), so first-use costs of each branch are paid before serving."""
+        for bucket in self.shapes.token_buckets:
+            plain = padding_step(self.shapes, bucket)
+            self.collect(self.dispatch([plain]))
+            self.collect(self.dispatch([_every_branch(plain, self.backend)], planned=True))
+
+    # ------------------------------------------------------------------ the step
 
     @property
     def num_stages(self) -> int:
@@ -214,40 +352,59 @@ class ModelRunner:
         first,
         last,
         kv_sharding,
+        max_logprobs,
         param_leaves,
         kv_cache,
         x,
         inputs: StepInput,
-        flags: SamplerFlags,
-        num_prompt_logprobs: int,
     ):
         model = nnx.merge(graphdef, jax.tree.unflatten(treedef, param_leaves))
         if first:
-            x = model.embed(inputs.tokens)
-        x, kv_cache = model.run_layers(x, inputs.positions, kv_cache, inputs.meta, backend, layers)
+            x = model.embed(_fill_pending(inputs.tokens, inputs.token_src, inputs.prev_tokens))
+        x, kv_cache = model.run_layers(x, inputs.positions, kv_cache, inputs.attention, backend, layers)
         kv_cache = [tuple(jax.lax.with_sharding_constraint(a, kv_sharding) for a in kv) for kv in kv_cache]
         if not last:
             return kv_cache, x
         hidden = model.final_norm(x)
-        sampled = sample(model.logits(hidden[inputs.logits_indices]), inputs.sampling, flags)
-        prompt = None
-        if num_prompt_logprobs:
-            prompt = _prompt_logprobs(model.logits(hidden), inputs.prompt_targets, num_prompt_logprobs)
+        sampling = _fill_pending_history(inputs.sampling, inputs.history_src, inputs.history_col, inputs.prev_tokens)
+        sampled = sample(model.logits(hidden[inputs.logits_indices]), sampling, max_logprobs)
+        prompt = _prompt_logprobs(model.logits, hidden, inputs.prompt_targets, max_logprobs)
         # replicated results: every process of a multi-host mesh can read them
         return kv_cache, jax.lax.with_sharding_constraint(
             (sampled, prompt), jax.sharding.NamedSharding(kv_sharding.mesh, jax.sharding.PartitionSpec())
         )
 
-    def step(self, plans: list[StepPlan]) -> list[StepResult]:
-        """Runs microbatches through the stages in pipeline order; one device->host copy at the end."""
-        return self.collect(self.dispatch(plans))
+    def _program(self, stage: _Stage, bucket: int, args: tuple):
+        program = stage.programs.get(bucket)
+        if program is None:
+            if not self.compile_on_first_use:
+                raise RuntimeError(f"no compiled program for token bucket {bucket} (compile_programs not run?)")
+            program = stage.programs[bucket] = stage.fn.lower(*args).compile()
+        return program
 
-    def dispatch(self, plans: list[StepPlan]) -> PendingStep:
-        """Queues the step's programs and returns at once (JAX dispatch is asynchronous), so the caller can
-        dispatch other replicas' steps before waiting on this one in ``collect``."""
-        start = time.perf_counter()
-        keys = [(p.shape_key, p.flags, p.num_prompt_logprobs) for p in plans]
-        first_time = any(k not in self._compiled for k in keys)
+    def _planned(self, plan: StepPlan) -> StepPlan:
+        """The plan with its attention layout replaced by the backend's metadata (host-side planning)."""
+        return dataclasses.replace(
+            plan, inputs=dataclasses.replace(plan.inputs, attention=self.backend.plan(plan.inputs.attention))
+        )
+
+    def dispatch(
+        self, plans: list[StepPlan], previous: PendingStep | None = None, *, planned: bool = False
+    ) -> PendingStep:
+        """Plans attention, queues the step's programs and returns at once (JAX dispatch is asynchronous), so
+        the caller can dispatch other replicas' steps before waiting on this one in ``collect``. ``previous``:
+        the step still on the device whose sampled ids fill this step's pending tokens (async scheduling, one
+        microbatch)."""
+        if not planned:
+            plans = [self._planned(p) for p in plans]
+        if any(p.reads_previous for p in plans):
+            if previous is None or len(previous.outputs) != 1 or len(plans) != 1:
+                raise ValueError("a step reading pending tokens needs exactly one previous microbatch")
+            plans = [
+                dataclasses.replace(
+                    plans[0], inputs=dataclasses.replace(plans[0].inputs, prev_tokens=previous.outputs[0][0].token_ids)
+                )
+            ]
         carried: list = [None] * len(plans)
         outputs: list = [None] * len(plans)
         for tick in range(len(plans) + self.num_stages - 1):
@@ -256,40 +413,47 @@ class ModelRunner:
                 if not 0 <= m < len(plans):
                     continue
                 stage, plan = self.stages[s], plans[m]
-                inputs = jax.device_put(plan.inputs, self.replicated[s]) if self._multiprocess else plan.inputs
+                inputs = plan.inputs
+                if stage.last and not plan.uses_penalties:
+                    history, is_output = self._empty_history[s]
+                    sampling = dataclasses.replace(inputs.sampling, token_history=history, history_is_output=is_output)
+                    inputs = dataclasses.replace(inputs, sampling=sampling)
+                if self._multiprocess:
+                    inputs = jax.device_put(inputs, self.replicated[s])
                 x = None if stage.first else jax.device_put(carried[m], self.replicated[s])
-                stage.kv_cache, out = stage.fn(
-                    stage.param_leaves,
-                    stage.kv_cache,
-                    x,
-                    inputs,
-                    plan.flags,
-                    plan.num_prompt_logprobs,
-                )
+                args = (stage.param_leaves, stage.kv_cache, x, inputs)
+                stage.kv_cache, out = self._program(stage, plan.bucket, args)(*args)
                 if stage.last:
                     outputs[m] = out
                 else:
                     carried[m] = out
-        return PendingStep(outputs, keys if first_time else None, start)
+        return PendingStep(plans, outputs)
 
     def collect(self, pending: PendingStep) -> list[StepResult]:
-        outputs = jax.device_get(jax.tree.map(_local_copy, pending.outputs))  # NOTE: the step's one copy to host
-        if pending.new_keys is not None:
-            self._compiled.update(pending.new_keys)
-            self.compile_seconds += time.perf_counter() - pending.start
-        return [self._result(sampled, prompt) for sampled, prompt in outputs]
-
-    @staticmethod
-    def _result(sampled, prompt) -> StepResult:
-        return StepResult(
-            token_ids=sampled.token_ids,
-            logprobs=sampled.logprobs,
-            top_ids=sampled.top_ids,
-            top_logprobs=sampled.top_logprobs,
-            prompt_target_logprobs=None if prompt is None else prompt[0],
-            prompt_top_ids=None if prompt is None else prompt[1],
-            prompt_top_logprobs=None if prompt is None else prompt[2],
-        )
+        """Copies what the step's requests need to the host, in one transfer (the step's one sync)."""
+        wanted = []
+        for plan, (sampled, prompt) in zip(pending.plans, pending.outputs, strict=True):
+            wanted.append(
+                (
+                    sampled.token_ids,
+                    sampled.logprobs,
+                    (sampled.top_ids, sampled.top_logprobs) if plan.wants_top_logprobs else None,
+                    prompt if plan.prompt_rows else None,
+                )
+            )
+        host = jax.device_get(jax.tree.map(_local_copy, wanted))
+        return [
+            StepResult(
+                token_ids=ids,
+                logprobs=lps,
+                top_ids=None if top is None else top[0],
+                top_logprobs=None if top is None else top[1],
+                prompt_target_logprobs=None if prompt is None else prompt[0],
+                prompt_top_ids=None if prompt is None else prompt[1],
+                prompt_top_logprobs=None if prompt is None else prompt[2],
+            )
+            for ids, lps, top, prompt in host
+        ]
 
     def params(self) -> dict[str, jax.Array]:
         """Flat param name -> the placed array (the owning stage's copy; stubs of other stages skipped)."""
@@ -299,7 +463,3 @@ class ModelRunner:
             for name, leaf in zip(stage.param_names, stage.param_leaves, strict=True)
             if leaf.ndim
         }
-
-    @property
-    def compiled_shapes(self) -> int:
-        return len(self._compiled)

@@ -1,9 +1,10 @@
 """The sampler: from the model's last-position logits to one token per row, inside the engine's jitted step.
 
-Pure ``jax.numpy``; no Python control flow on traced values, so ``sample`` fuses into the step's jit with the
-model forward. Which stages run is decided on the host, per step, by the hashable :class:`SamplerFlags`
-(a static jit argument): a batch of greedy rows never pays for a sort or a PRNG, a batch without penalties
-never builds the ``[B, V]`` count tables.
+Pure ``jax.numpy``. ONE compiled program covers every mix of sampling options: which stages run is decided on
+the device from the batch's own arrays, with ``lax.cond`` (XLA runs only the branch taken), so a batch of greedy
+rows never pays for a sort or a PRNG, a batch without penalties never builds the ``[B, V]`` count tables, and
+no option a request carries can pick a new program (the engine's zero-compilation rule). The only static
+argument is ``max_logprobs``, the width of the top-logprob outputs (an engine setting).
 
 Pipeline for each row (all in float32)::
 
@@ -37,13 +38,14 @@ from jserve.sampling_params import SamplingParams
 
 __all__ = [
     "RowSpec",
-    "SamplerFlags",
     "SamplerOutput",
     "SamplingTensors",
+    "Switches",
     "filtered_logits",
     "make_sampling_tensors",
     "process_logits",
     "sample",
+    "switches",
 ]
 
 _NEG_INF = float("-inf")
@@ -64,19 +66,32 @@ class SamplingTensors:
     frequency_penalty: jax.Array  # [B] f32; 0 = off. logit -= frequency * count_in_output
     seeds: jax.Array  # [B] u32: per-request seed
     steps: jax.Array  # [B] i32: tokens this sample has generated so far; key = fold_in(key(seed), step)
-    token_history: jax.Array  # [B, Hmax] i32: prompt+output ids for penalties, -1 = padding. Hmax may be 0.
-    history_is_output: jax.Array  # [B, Hmax] bool: which history entries are output tokens
+    num_logprobs: jax.Array  # [B] i32: top logprobs the row wants (0 = none; the width is max_logprobs)
+    token_history: jax.Array  # [B, H] i32: prompt+output ids for penalties, -1 = padding (H fixed per engine)
+    history_is_output: jax.Array  # [B, H] bool: which history entries are output tokens
     banned_token_ids: jax.Array  # [B, Nb] i32: ids forced to -inf (min_tokens: EOS/stop ids), -1 = padding
 
 
 @dataclasses.dataclass(frozen=True)
-class SamplerFlags:
-    """Static (hashable) switches the host computes per step from the batch; a static jit argument."""
+class Switches:
+    """Which optional stages a batch needs; derived from its arrays (on the device, or on the host in tests)."""
 
-    all_greedy: bool = False  # skip all randomness/filters: argmax (banned ids and penalties still apply)
-    use_penalties: bool = False  # any row has a non-neutral penalty
-    use_filters: bool = False  # any sampled row has top_k>0, top_p<1 or min_p>0 (needs a sort)
-    num_logprobs: int = 0  # static k: also return the top-k raw logprobs per row (0 = none)
+    any_sampled: jax.Array  # some row has temperature > 0 (else: argmax only, no PRNG)
+    use_penalties: jax.Array  # some row has a non-neutral penalty
+    use_filters: jax.Array  # some sampled row has top_k > 0, top_p < 1 or min_p > 0 (needs a sort)
+    any_logprobs: jax.Array  # some row wants top logprobs
+
+
+def switches(t: SamplingTensors) -> Switches:
+    sampled = t.temperature > 0
+    return Switches(
+        any_sampled=jnp.any(sampled),
+        use_penalties=jnp.any(
+            (t.repetition_penalty != 1.0) | (t.presence_penalty != 0.0) | (t.frequency_penalty != 0.0)
+        ),
+        use_filters=jnp.any(sampled & ((t.top_k > 0) | (t.top_p < 1.0) | (t.min_p > 0.0))),
+        any_logprobs=jnp.any(t.num_logprobs > 0),
+    )
 
 
 @jax.tree_util.register_dataclass
@@ -84,7 +99,7 @@ class SamplerFlags:
 class SamplerOutput:
     token_ids: jax.Array  # [B] i32
     logprobs: jax.Array  # [B] f32: chosen token's log-prob under log_softmax of the RAW logits
-    top_ids: jax.Array  # [B, k] i32, sorted by descending logprob ([B, 0] when k = 0)
+    top_ids: jax.Array  # [B, k] i32, sorted by descending logprob (k = max_logprobs; zeros when nobody asked)
     top_logprobs: jax.Array  # [B, k] f32 (raw-logit log_softmax)
 
 
@@ -128,16 +143,13 @@ def _apply_penalties(logits: jax.Array, t: SamplingTensors) -> jax.Array:
     return logits
 
 
-def process_logits(logits: jax.Array, tensors: SamplingTensors, flags: SamplerFlags) -> jax.Array:
-    """Float32 logits after banned ids (-> -inf) and, when ``flags.use_penalties``, the penalties.
+def process_logits(logits: jax.Array, tensors: SamplingTensors) -> jax.Array:
+    """Float32 logits after banned ids (-> -inf) and the penalties (skipped on the device when no row has one).
 
     This is what greedy rows take the argmax of, and what temperature then scales for sampled rows.
     """
-    x = logits.astype(jnp.float32)
-    x = _apply_banned(x, tensors.banned_token_ids)
-    if flags.use_penalties:
-        x = _apply_penalties(x, tensors)
-    return x
+    x = _apply_banned(logits.astype(jnp.float32), tensors.banned_token_ids)
+    return jax.lax.cond(switches(tensors).use_penalties, _apply_penalties, lambda x, t: x, x, tensors)
 
 
 def _scale(processed: jax.Array, temperature: jax.Array) -> jax.Array:
@@ -183,13 +195,15 @@ def _apply_filters(x: jax.Array, t: SamplingTensors) -> jax.Array:
     return jnp.where(x >= threshold, x, _NEG_INF)
 
 
-def filtered_logits(logits: jax.Array, tensors: SamplingTensors, flags: SamplerFlags) -> jax.Array:
-    """The logits sampled rows draw from: processed, divided by temperature (greedy rows: by 1), filtered when
-    ``flags.use_filters`` (removed tokens are -inf)."""
-    x = _scale(process_logits(logits, tensors, flags), tensors.temperature)
-    if flags.use_filters:
-        x = _apply_filters(x, tensors)
-    return x
+def _maybe_filter(x: jax.Array, tensors: SamplingTensors, use_filters: jax.Array) -> jax.Array:
+    return jax.lax.cond(use_filters, _apply_filters, lambda x, t: x, x, tensors)
+
+
+def filtered_logits(logits: jax.Array, tensors: SamplingTensors) -> jax.Array:
+    """The logits sampled rows draw from: processed, divided by temperature (greedy rows: by 1), then filtered
+    (removed tokens are -inf)."""
+    x = _scale(process_logits(logits, tensors), tensors.temperature)
+    return _maybe_filter(x, tensors, switches(tensors).use_filters)
 
 
 def _row_keys(seeds: jax.Array, steps: jax.Array) -> jax.Array:
@@ -198,32 +212,40 @@ def _row_keys(seeds: jax.Array, steps: jax.Array) -> jax.Array:
     )
 
 
-def sample(logits: jax.Array, tensors: SamplingTensors, flags: SamplerFlags) -> SamplerOutput:
-    """One token per row from ``logits`` [B, V] (any float dtype). ``flags`` must be static under jit."""
+def _draw(processed: jax.Array, tensors: SamplingTensors, use_filters: jax.Array) -> jax.Array:
+    x = _maybe_filter(_scale(processed, tensors.temperature), tensors, use_filters)
+    keys = _row_keys(tensors.seeds, tensors.steps)
+    return jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, x).astype(jnp.int32)
+
+
+def top_logprobs(logprobs: jax.Array, wanted: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """(ids [R, k], logprobs [R, k]) of the k best entries per row, computed only when ``wanted`` (else zeros)."""
+    rows, vocab = logprobs.shape
+    k_eff = min(k, vocab)
+
+    def compute(lp):
+        values, ids = jax.lax.top_k(lp, k_eff)
+        pad = ((0, 0), (0, k - k_eff))
+        return jnp.pad(ids.astype(jnp.int32), pad), jnp.pad(values, pad)
+
+    def skip(lp):
+        return jnp.zeros((rows, k), jnp.int32), jnp.zeros((rows, k), jnp.float32)
+
+    return jax.lax.cond(wanted, compute, skip, logprobs)
+
+
+def sample(logits: jax.Array, tensors: SamplingTensors, max_logprobs: int = 0) -> SamplerOutput:
+    """One token per row from ``logits`` [B, V] (any float dtype); ``max_logprobs`` must be static under jit."""
+    on = switches(tensors)
     raw = logits.astype(jnp.float32)
-    processed = process_logits(raw, tensors, flags)
+    processed = process_logits(raw, tensors)
     greedy_ids = jnp.argmax(processed, axis=-1).astype(jnp.int32)
-
-    if flags.all_greedy:
-        token_ids = greedy_ids
-    else:
-        x = _scale(processed, tensors.temperature)
-        if flags.use_filters:
-            x = _apply_filters(x, tensors)
-        keys = _row_keys(tensors.seeds, tensors.steps)
-        sampled = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, x).astype(jnp.int32)
-        token_ids = jnp.where(tensors.temperature.astype(jnp.float32) > 0, sampled, greedy_ids)
-
+    sampled = jax.lax.cond(on.any_sampled, _draw, lambda p, t, f: greedy_ids, processed, tensors, on.use_filters)
+    token_ids = jnp.where(tensors.temperature.astype(jnp.float32) > 0, sampled, greedy_ids)
     logprobs_all = jax.nn.log_softmax(raw, axis=-1)
     chosen = jnp.take_along_axis(logprobs_all, token_ids[:, None], axis=-1)[:, 0]
-    k = int(flags.num_logprobs)
-    if k > 0:
-        top_logprobs, top_ids = jax.lax.top_k(logprobs_all, min(k, raw.shape[1]))
-        top_ids = top_ids.astype(jnp.int32)
-    else:
-        top_logprobs = jnp.zeros((raw.shape[0], 0), jnp.float32)
-        top_ids = jnp.zeros((raw.shape[0], 0), jnp.int32)
-    return SamplerOutput(token_ids=token_ids, logprobs=chosen, top_ids=top_ids, top_logprobs=top_logprobs)
+    top_ids, top_lp = top_logprobs(logprobs_all, on.any_logprobs, int(max_logprobs))
+    return SamplerOutput(token_ids=token_ids, logprobs=chosen, top_ids=top_ids, top_logprobs=top_lp)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -249,24 +271,19 @@ def _fold_seed(seed: int) -> int:
     return (seed ^ (seed >> 32)) & 0xFFFF_FFFF if seed >> 32 else seed
 
 
-def _has_penalty(p: SamplingParams) -> bool:
-    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
-
-
 def make_sampling_tensors(
     rows: Sequence[RowSpec],
     *,
     history_len: int | None = None,
     banned_len: int | None = None,
     pad_to: int | None = None,
-) -> tuple[SamplingTensors, SamplerFlags]:
-    """Host-side (numpy) batch of sampling settings plus the static flags for this step.
+) -> SamplingTensors:
+    """Host-side (numpy) batch of sampling settings.
 
     ``pad_to`` (>= len(rows)) appends neutral greedy rows. ``history_len`` / ``banned_len`` fix the widths
-    of ``token_history`` / ``banned_token_ids`` (to bucket jit shapes); they default to the longest row and
-    raise ``ValueError`` when too small. ``token_history`` is only built when some row uses penalties (else
-    its width is 0), and only the penalised rows' histories are filled. The arrays are numpy; the caller
-    device_puts them.
+    of ``token_history`` / ``banned_token_ids`` (the engine fixes both, so shapes never vary); they default to
+    the longest row and raise ``ValueError`` when too small. Only penalised rows' histories are filled (the
+    others stay -1), and with no penalised row the history has width ``history_len or 0``, all -1.
     """
     n = len(rows)
     b = n if pad_to is None else int(pad_to)
@@ -280,45 +297,51 @@ def make_sampling_tensors(
             out[:n] = values
         return out
 
-    temperature = column([p.temperature for p in params], np.float32, 0.0)
-    top_k = column([p.top_k for p in params], np.int32, 0)
-    top_p = column([p.top_p for p in params], np.float32, 1.0)
-    min_p = column([p.min_p for p in params], np.float32, 0.0)
     repetition = column([p.repetition_penalty for p in params], np.float32, 1.0)
     presence = column([p.presence_penalty for p in params], np.float32, 0.0)
     frequency = column([p.frequency_penalty for p in params], np.float32, 0.0)
-    seeds = column([_fold_seed(r.seed) for r in rows], np.uint32, 0)
-    steps = column([r.step for r in rows], np.int32, 0)
+    token_history, history_is_output = _penalty_history(
+        rows, (repetition[:n] != 1.0) | (presence[:n] != 0.0) | (frequency[:n] != 0.0), b, history_len
+    )
+    return SamplingTensors(
+        temperature=column([p.temperature for p in params], np.float32, 0.0),
+        top_k=column([p.top_k for p in params], np.int32, 0),
+        top_p=column([p.top_p for p in params], np.float32, 1.0),
+        min_p=column([p.min_p for p in params], np.float32, 0.0),
+        repetition_penalty=repetition,
+        presence_penalty=presence,
+        frequency_penalty=frequency,
+        seeds=column([_fold_seed(r.seed) for r in rows], np.uint32, 0),
+        steps=column([r.step for r in rows], np.int32, 0),
+        num_logprobs=column([p.logprobs or 0 for p in params], np.int32, 0),
+        token_history=token_history,
+        history_is_output=history_is_output,
+        banned_token_ids=_banned(rows, b, banned_len),
+    )
 
-    sampled = temperature[:n] > 0
-    all_greedy = not bool(sampled.any())
-    use_filters = bool((sampled & ((top_k[:n] > 0) | (top_p[:n] < 1.0) | (min_p[:n] > 0.0))).any())
-    penalised = (repetition[:n] != 1.0) | (presence[:n] != 0.0) | (frequency[:n] != 0.0)
-    use_penalties = bool(penalised.any())
-    num_logprobs = max((p.logprobs or 0 for p in params), default=0)
 
-    # Penalty history: prompt then output, -1 padded; only for rows that have a penalty.
-    if use_penalties:
-        pen_rows = np.flatnonzero(penalised)
-        prompt_lens = {int(i): len(rows[i].prompt_token_ids) for i in pen_rows}
-        output_lens = {int(i): len(rows[i].output_token_ids) for i in pen_rows}
-        needed = max(prompt_lens[i] + output_lens[i] for i in prompt_lens)
-        width = needed if history_len is None else int(history_len)
-        if width < needed:
-            raise ValueError(f"history_len must be >= the longest penalised history, got {width} < {needed}")
-        token_history = np.full((b, width), -1, dtype=np.int32)
-        history_is_output = np.zeros((b, width), dtype=bool)
-        for i in prompt_lens:
-            lp, lo = prompt_lens[i], output_lens[i]
-            if lp:
-                token_history[i, :lp] = rows[i].prompt_token_ids
-            if lo:
-                token_history[i, lp : lp + lo] = rows[i].output_token_ids
-                history_is_output[i, lp : lp + lo] = True
-    else:
-        token_history = np.full((b, 0), -1, dtype=np.int32)
-        history_is_output = np.zeros((b, 0), dtype=bool)
+def _penalty_history(
+    rows: Sequence[RowSpec], penalised: np.ndarray, b: int, history_len: int | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Prompt then output ids per penalised row, -1 padded, and which entries are output tokens."""
+    pen_rows = [int(i) for i in np.flatnonzero(penalised)]
+    needed = max((len(rows[i].prompt_token_ids) + len(rows[i].output_token_ids) for i in pen_rows), default=0)
+    width = needed if history_len is None else int(history_len)
+    if width < needed:
+        raise ValueError(f"history_len must be >= the longest penalised history, got {width} < {needed}")
+    token_history = np.full((b, width), -1, dtype=np.int32)
+    history_is_output = np.zeros((b, width), dtype=bool)
+    for i in pen_rows:
+        lp, lo = len(rows[i].prompt_token_ids), len(rows[i].output_token_ids)
+        if lp:
+            token_history[i, :lp] = rows[i].prompt_token_ids
+        if lo:
+            token_history[i, lp : lp + lo] = rows[i].output_token_ids
+            history_is_output[i, lp : lp + lo] = True
+    return token_history, history_is_output
 
+
+def _banned(rows: Sequence[RowSpec], b: int, banned_len: int | None) -> np.ndarray:
     banned_lens = [len(r.banned_token_ids) for r in rows]
     needed = max(banned_lens, default=0)
     width = needed if banned_len is None else int(banned_len)
@@ -328,25 +351,4 @@ def make_sampling_tensors(
     for i, count in enumerate(banned_lens):
         if count:
             banned[i, :count] = rows[i].banned_token_ids
-
-    tensors = SamplingTensors(
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        min_p=min_p,
-        repetition_penalty=repetition,
-        presence_penalty=presence,
-        frequency_penalty=frequency,
-        seeds=seeds,
-        steps=steps,
-        token_history=token_history,
-        history_is_output=history_is_output,
-        banned_token_ids=banned,
-    )
-    flags = SamplerFlags(
-        all_greedy=all_greedy,
-        use_penalties=use_penalties,
-        use_filters=use_filters,
-        num_logprobs=int(num_logprobs),
-    )
-    return tensors, flags
+    return banned

@@ -9,9 +9,14 @@ Each ``schedule()`` builds one mixed step under two limits, ``max_num_seqs`` run
     2. if nobody was preempted, waiting requests in order (priority, then arrival; preempted ones first within
        a priority), each with a prefix-cache lookup, until a limit or the pool runs out.
 
-``update()`` applies the runner's sampled tokens and the token-level stops. There is no notion of "prefill" or
-"decode" beyond this: a chunk is ``num_tokens - num_computed_tokens`` tokens or fewer, so chunked prefill,
-recompute after preemption and decoding are one code path.
+``update()`` applies a finished step: ``advance()`` (its tokens are computed; each sampling chunk gets a pending
+token) then ``resolve()`` (the sampled tokens replace the pending ones; token-level stops). With async
+scheduling the engine calls ``advance()`` right after dispatching a step and ``resolve()`` once its tokens reach
+the host, one step later: the step in between is scheduled with the pending token in place, and the device
+fills it in. A request whose token turns out to stop it has then computed one token too many, which is
+discarded. There is no notion of "prefill" or "decode" beyond this: a chunk is ``num_tokens -
+num_computed_tokens`` tokens or fewer, so chunked prefill, recompute after preemption and decoding are one
+code path.
 
 Prefix sharing: when waiting requests share a prefix that is not cached yet (a batch with one system prompt,
 or the n samples of one prompt), the first one admitted becomes the *leader* of its first page; the others
@@ -158,6 +163,7 @@ class Scheduler:
 
     def _finish(self, request: Request, status: RequestStatus, stop_reason: int | str | None = None) -> None:
         """Marks finished and frees pages; the caller has already taken it out of running / waiting."""
+        request.drop_pending_tokens()  # sampled after the stop: discarded
         request.set_finished(status, stop_reason)
         self.kv_cache.free(request)
         del self._requests[request.request_id]
@@ -182,6 +188,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
+            if self._awaits_last_token(request):
+                i += 1
+                continue
             num_new = self._chunk_len(request.num_tokens - request.num_computed_tokens, budget)
             if num_new > 0 and self._make_room(request, num_new, preempted):
                 chunks.append(self._make_chunk(request, num_new))
@@ -238,6 +247,9 @@ class Scheduler:
         deferred: list[Request] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
+            if request.num_pending_tokens:  # preempted while its last token is on the way: next step
+                deferred.append(self.waiting.pop(0))
+                continue
             if kv.pages_needed(request.num_tokens) > kv.pages_total:
                 # NOTE: it could never compute its tokens even with the whole pool: finish, never block.
                 self.waiting.pop(0)
@@ -284,10 +296,16 @@ class Scheduler:
             shared += 1
         return leader.num_computed_tokens < shared * kv.page_size
 
+    def _awaits_last_token(self, request: Request) -> bool:
+        """Its final token (max_tokens or max_model_len) is pending: nothing left to schedule (async only)."""
+        return request.num_pending_tokens > 0 and (
+            request.num_sampled >= request.sampling_params.max_tokens or request.num_tokens >= self.config.max_model_len
+        )
+
     def _make_chunk(self, request: Request, num_new: int) -> ScheduledChunk:
         start = request.num_computed_tokens
         end = start + num_new
-        is_decode = request.num_output_tokens > 0 and start == request.num_tokens - 1
+        is_decode = request.num_sampled > 0 and start == request.num_tokens - 1
         if not is_decode:
             self.prompt_tokens_computed += num_new
         return ScheduledChunk(
@@ -298,41 +316,63 @@ class Scheduler:
             sample=end == request.num_tokens,
             prompt_logprobs=(
                 request.sampling_params.prompt_logprobs is not None
-                and request.num_output_tokens == 0
+                and request.num_sampled == 0
                 and start < request.num_prompt_tokens
             ),
         )
 
-    # ---- after the step --------------------------------------------------------------------------
+    # ---- after the step --------------------------------------------------------------------------------
     def update(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
-        """Applies a finished step. Returns the requests that got a new token, in chunk order."""
+        """Applies a finished step (synchronous scheduling): ``advance`` then ``resolve``."""
+        self.advance(output)
+        return self.resolve(output, sampled)
+
+    def advance(self, output: SchedulerOutput) -> None:
+        """The step's tokens are computed (or will be, once the dispatched step runs: any later step that reads
+        them runs after it on the device); every sampling chunk gets a pending token. Pages full of computed
+        tokens enter the prefix cache now, so requests waiting for a leader's prefix hit it in the very next
+        step; a page holding a pending token waits for ``resolve`` (hashes cover known tokens only)."""
+        for chunk in output.chunks:
+            request = self._requests.get(chunk.request_id)
+            if request is None or request.status != RequestStatus.RUNNING:
+                continue  # finished (aborted) between schedule() and now
+            request.num_computed_tokens += len(chunk.token_ids)
+            if chunk.sample:
+                request.add_pending_token()
+            self.kv_cache.cache_computed_pages(request)
+
+    def resolve(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """The step's sampled tokens arrived: they replace the pending tokens, then token-level stops apply.
+        Returns the requests that got a new token, in chunk order."""
         new_token_requests: list[Request] = []
         finished: list[tuple[Request, RequestStatus, int | None]] = []
         now = time.time()
         for chunk in output.chunks:
             request = self._requests.get(chunk.request_id)
-            if request is None or request.status != RequestStatus.RUNNING:
-                continue  # finished (aborted) between schedule() and update()
-            request.num_computed_tokens += len(chunk.token_ids)
-            self.kv_cache.cache_computed_pages(request)
+            if request is None or (chunk.sample and not request.num_pending_tokens):
+                continue  # finished (aborted, stopped) since the step was scheduled
+            if chunk.sample:
+                request.resolve_pending_token(sampled[chunk.request_id])
+            if request.status == RequestStatus.RUNNING:
+                self.kv_cache.cache_computed_pages(request)
             if not chunk.sample:
                 continue
-            request.append_output_token(sampled[chunk.request_id])
             if request.first_token_time is None:
                 request.first_token_time = now
             new_token_requests.append(request)
             status, stop_reason = self._check_stop(request)
             if status is not None:
                 finished.append((request, status, stop_reason))
-        if finished:
-            done = {request.request_id for request, _, _ in finished}
-            self.running = [r for r in self.running if r.request_id not in done]
-            for request, status, stop_reason in finished:
-                self._finish(request, status, stop_reason)
+        for request, status, stop_reason in finished:
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+            else:  # preempted while its last token was on the way
+                self.waiting.remove(request)
+            self._finish(request, status, stop_reason)
         return new_token_requests
 
     def _check_stop(self, request: Request) -> tuple[RequestStatus | None, int | None]:
-        """Token-level stops after a token was appended. Stop strings are the engine's (finish_request)."""
+        """Token-level stops after a token was resolved. Stop strings are the engine's (finish_request)."""
         params = request.sampling_params
         token = request.output_token_ids[-1]
         # NOTE: eos and stop tokens only count once min_tokens outputs exist; the sampler should mask them
@@ -342,6 +382,7 @@ class Scheduler:
                 return RequestStatus.FINISHED_STOPPED, None
             if token in params.stop_token_ids:
                 return RequestStatus.FINISHED_STOPPED, token
-        if request.num_output_tokens >= params.max_tokens or request.num_tokens >= self.config.max_model_len:
+        num_known = request.num_tokens - request.num_pending_tokens
+        if request.num_output_tokens >= params.max_tokens or num_known >= self.config.max_model_len:
             return RequestStatus.FINISHED_LENGTH, None
         return None, None

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jserve import ops
+from jserve.attention import AttentionBackend
 from jserve.config import ModelConfig
 from jserve.models.layers import apply_rope, param
 
@@ -39,8 +39,8 @@ class Attention(nnx.Module):
         positions: jax.Array,  # [T]
         inv_freq: jax.Array,  # [H/2]
         kv: tuple[jax.Array, jax.Array],  # this layer's pages, each [K, P, L, H]
-        meta: ops.AttentionMetadata,
-        backend: ops.AttentionBackend,
+        meta,  # the backend's metadata for this step (AttentionBackend.plan)
+        backend: AttentionBackend,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         q = jnp.einsum("td,dnh->tnh", x, self.q_proj[...])
         k = jnp.einsum("td,dkh->tkh", x, self.k_proj[...])
@@ -49,10 +49,8 @@ class Attention(nnx.Module):
             q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
-        k_pages, v_pages = ops.write_kv(kv[0], kv[1], k, v, meta)
-        out = ops.paged_attention(
-            backend, q, k_pages, v_pages, meta, sm_scale=self.sm_scale, sliding_window=self.sliding_window
-        )
+        k_pages, v_pages = backend.write_kv(kv[0], kv[1], k, v, meta)
+        out = backend.attend(q, k_pages, v_pages, meta, sm_scale=self.sm_scale, sliding_window=self.sliding_window)
         out = jnp.einsum("tnh,nhd->td", out, self.o_proj[...])
         if self.o_bias:
             out = out + self.o_bias_param[...]

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jserve import ops
+from jserve.attention import AttentionBackend
 from jserve.config import ModelConfig
 from jserve.models.attention import Attention
 from jserve.models.layers import MLP, Embedding, RMSNorm, param, rope_inverse_frequencies
@@ -54,8 +54,8 @@ class CausalLM(nnx.Module):
         tokens: jax.Array,  # [T]
         positions: jax.Array,  # [T]
         kv_cache: KVCache,
-        meta: ops.AttentionMetadata,
-        backend: ops.AttentionBackend,
+        meta,
+        backend: AttentionBackend,
     ) -> tuple[jax.Array, KVCache]:
         """Returns final hidden states [T, D] and the updated per-layer pages."""
         x = self.embed(tokens)
@@ -67,8 +67,8 @@ class CausalLM(nnx.Module):
         x: jax.Array,
         positions: jax.Array,
         kv_cache: KVCache,
-        meta: ops.AttentionMetadata,
-        backend: ops.AttentionBackend,
+        meta,
+        backend: AttentionBackend,
         layers: range,
     ) -> tuple[jax.Array, KVCache]:
         """Runs a contiguous range of layers (a pipeline stage); kv_cache holds exactly those layers' pages."""

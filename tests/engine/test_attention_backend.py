@@ -6,7 +6,11 @@ from __future__ import annotations
 import jax.numpy as jnp
 import pytest
 
-from jserve import ops
+from jserve.attention import select as attention_select
+from jserve.attention import select_backend
+from jserve.attention.xla_page_loop import XlaPageLoopBackend
+from jserve.attention.xla_work_items import XlaWorkItemsBackend
+from jserve.engine.shapes import StepShapes
 from pallas_kernels import dispatch
 
 
@@ -14,11 +18,18 @@ from pallas_kernels import dispatch
 def on_hopper(monkeypatch):
     """Pretend the device is a Hopper GPU (resolution only; nothing runs)."""
     monkeypatch.setattr(dispatch, "resolve_backend", lambda backend: "gpu" if backend == "auto" else backend)
-    monkeypatch.setattr(ops, "resolve_backend", dispatch.resolve_backend)
+    monkeypatch.setattr(attention_select, "resolve_backend", dispatch.resolve_backend)
+
+
+class Resolved:
+    def __init__(self, name: str):
+        self.kernel, self.interpret = {"tpu-interpret": ("tpu", True)}.get(name, (name, False))
 
 
 def resolve(choice, head_dim=128, page_size=16, dtype=jnp.bfloat16, platform="gpu"):
-    return ops.resolve_attention_backend(choice, head_dim=head_dim, page_size=page_size, dtype=dtype, platform=platform)
+    return Resolved(
+        attention_select.resolve_kernel(choice, head_dim=head_dim, page_size=page_size, dtype=dtype, platform=platform)
+    )
 
 
 def test_auto_on_hopper(on_hopper):
@@ -39,7 +50,7 @@ def test_pallas_on_gpu_explains_what_it_cannot_take(on_hopper):
 
 
 def test_pallas_on_pre_hopper_gpu(monkeypatch):
-    monkeypatch.setattr(ops, "resolve_backend", lambda backend: "xla")
+    monkeypatch.setattr(attention_select, "resolve_backend", lambda backend: "xla")
     with pytest.raises(ValueError, match="Hopper"):
         resolve("pallas")
 
@@ -53,3 +64,21 @@ def test_cpu_and_tpu():
     assert resolve("pallas", platform="tpu").kernel == "tpu"
     with pytest.raises(ValueError, match="attention_backend"):
         resolve("cuda")
+
+
+def test_backend_objects():
+    """One object per path; the XLA path takes work items unless layers have different sliding windows."""
+    shapes = StepShapes.from_limits(
+        max_num_batched_tokens=64, max_num_seqs=4, max_model_len=128, page_size=16, banned_len=2
+    )
+
+    def pick(choice, windows=(None, None), platform="cpu"):
+        return select_backend(
+            choice, shapes, head_dim=64, sliding_windows=windows, dtype=jnp.float32, platform=platform
+        )
+
+    assert isinstance(pick("auto"), XlaWorkItemsBackend)
+    assert pick("auto", windows=(32, 32)).sliding_window == 32
+    assert isinstance(pick("auto", windows=(32, None)), XlaPageLoopBackend)
+    assert pick("pallas").name == "pallas-tpu-interpret"
+    assert pick("auto", platform="tpu").name == "pallas-tpu"

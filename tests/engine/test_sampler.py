@@ -1,7 +1,8 @@
 """Tests for jserve.engine.sampler: filters, penalties, seeds, distributions and logprobs against numpy.
 
 Everything is seeded (numpy RNGs, PRNG seeds, derandomized hypothesis) so nothing can flake. Each jitted
-function is compiled once per (flags, shapes) combination and reused, so shapes are kept to a small set.
+function is compiled once per shape and reused (sampling options are runtime arrays), so shapes are kept to a
+small set.
 """
 
 from __future__ import annotations
@@ -17,27 +18,22 @@ from hypothesis import strategies as st
 
 from jserve.engine.sampler import (
     RowSpec,
-    SamplerFlags,
     SamplerOutput,
     SamplingTensors,
     filtered_logits,
     make_sampling_tensors,
     process_logits,
     sample,
+    switches,
 )
 from jserve.sampling_params import SamplingParams
+from tests.lowerings import count_lowerings
 
-SAMPLE = jax.jit(sample, static_argnames="flags")
-PROCESS = jax.jit(process_logits, static_argnames="flags")
-FILTERED = jax.jit(filtered_logits, static_argnames="flags")
+SAMPLE = jax.jit(sample, static_argnames="max_logprobs")
+PROCESS = jax.jit(process_logits)
+FILTERED = jax.jit(filtered_logits)
 
 HYP = settings(max_examples=25, deadline=None, derandomize=True, database=None)
-
-GREEDY = SamplerFlags(all_greedy=True)
-PLAIN = SamplerFlags()
-FILTERS = SamplerFlags(use_filters=True)
-PENALTIES = SamplerFlags(use_penalties=True)
-EVERYTHING = SamplerFlags(use_penalties=True, use_filters=True)
 
 
 def tensors(b: int, *, hist: int = 0, banned: int = 0, **overrides) -> SamplingTensors:
@@ -52,6 +48,7 @@ def tensors(b: int, *, hist: int = 0, banned: int = 0, **overrides) -> SamplingT
         frequency_penalty=np.zeros(b, np.float32),
         seeds=np.arange(b, dtype=np.uint32),
         steps=np.zeros(b, np.int32),
+        num_logprobs=np.zeros(b, np.int32),
         token_history=np.full((b, hist), -1, np.int32),
         history_is_output=np.zeros((b, hist), bool),
         banned_token_ids=np.full((b, banned), -1, np.int32),
@@ -62,8 +59,8 @@ def tensors(b: int, *, hist: int = 0, banned: int = 0, **overrides) -> SamplingT
     return SamplingTensors(**fields)
 
 
-def run(logits, t: SamplingTensors, flags: SamplerFlags) -> SamplerOutput:
-    return jax.device_get(SAMPLE(jnp.asarray(logits), t, flags=flags))
+def run(logits, t: SamplingTensors, max_logprobs: int = 0) -> SamplerOutput:
+    return jax.device_get(SAMPLE(jnp.asarray(logits), t, max_logprobs=max_logprobs))
 
 
 def np_softmax(x: np.ndarray) -> np.ndarray:
@@ -95,22 +92,22 @@ def np_top_p_set(scaled: np.ndarray, p: float) -> set[int]:
 def test_greedy_equals_argmax(dtype):
     logits = jnp.asarray(np.random.default_rng(0).normal(size=(8, 64)) * 3, dtype)
     expected = np.argmax(np.asarray(logits.astype(jnp.float32)), axis=-1)
-    out = run(logits, tensors(8, temperature=0.0), GREEDY)
+    out = run(logits, tensors(8, temperature=0.0))
     np.testing.assert_array_equal(out.token_ids, expected)
     assert out.token_ids.dtype == np.int32
-    # Same rows through the sampling path (flags not all_greedy) stay greedy.
-    out = run(logits, tensors(8, temperature=0.0, top_k=3, top_p=0.5), FILTERS)
+    # Greedy rows with filters set stay greedy.
+    out = run(logits, tensors(8, temperature=0.0, top_k=3, top_p=0.5))
     np.testing.assert_array_equal(out.token_ids, expected)
 
 
-@pytest.mark.parametrize("flags", [PLAIN, FILTERS])
-def test_temperature_zero_rows_are_greedy_in_mixed_batch(flags):
+@pytest.mark.parametrize("top_k", [0, 5])
+def test_temperature_zero_rows_are_greedy_in_mixed_batch(top_k):
     rng = np.random.default_rng(1)
     b = 64
     logits = rng.normal(size=(b, 64)).astype(np.float32)  # flat-ish: sampled rows rarely hit the argmax
     temperature = np.where(np.arange(b) % 2 == 0, 0.0, 1.5).astype(np.float32)
-    t = tensors(b, temperature=temperature, top_k=np.where(np.arange(b) % 4 == 1, 5, 0), top_p=0.9)
-    tokens = run(logits, t, flags).token_ids
+    t = tensors(b, temperature=temperature, top_k=np.where(np.arange(b) % 4 == 1, top_k, 0), top_p=0.9 if top_k else 1)
+    tokens = run(logits, t).token_ids
     argmax = logits.argmax(-1)
     np.testing.assert_array_equal(tokens[::2], argmax[::2])
     assert (tokens[1::2] != argmax[1::2]).sum() > 5  # the sampled rows really sample
@@ -135,7 +132,7 @@ logit_rows = st.lists(
 def test_top_k_never_leaves_top_k(row, k, temp):
     logits = np.broadcast_to(row, (B_MANY, V_HYP))
     t = tensors(B_MANY, temperature=temp, top_k=k, seeds=np.arange(B_MANY) * 7919)
-    tokens = run(logits, t, FILTERS).token_ids
+    tokens = run(logits, t).token_ids
     kth = np.sort(row)[::-1][k - 1]
     allowed = set(np.flatnonzero(row >= kth).tolist())
     assert set(tokens.tolist()) <= allowed
@@ -153,10 +150,10 @@ def test_top_p_keeps_smallest_set_reaching_p(row, p, temp):
     t = tensors(B_MANY, temperature=temp, top_p=p, seeds=np.arange(B_MANY) + 1000)
     logits = np.broadcast_to(row, (B_MANY, V_HYP))
     # The filter mask equals the numpy set exactly ...
-    kept = np.isfinite(np.asarray(FILTERED(jnp.asarray(logits), t, flags=FILTERS))[0])
+    kept = np.isfinite(np.asarray(FILTERED(jnp.asarray(logits), t))[0])
     assert set(np.flatnonzero(kept).tolist()) == allowed
     # ... and every sample lies in it.
-    assert set(run(logits, t, FILTERS).token_ids.tolist()) <= allowed
+    assert set(run(logits, t).token_ids.tolist()) <= allowed
 
 
 def test_top_p_small_set_all_members_appear():
@@ -166,7 +163,7 @@ def test_top_p_small_set_all_members_appear():
     assert allowed == {0, 1, 2}  # masses ~0.36, 0.30, 0.24 -> exclusive 0.66 < 0.8 keeps token 2
     b = 600
     t = tensors(b, top_p=p, seeds=np.arange(b) * 31 + 5, steps=np.arange(b) % 3)
-    tokens = run(np.broadcast_to(row, (b, 8)), t, FILTERS).token_ids
+    tokens = run(np.broadcast_to(row, (b, 8)), t).token_ids
     assert set(tokens.tolist()) == allowed
 
 
@@ -188,7 +185,7 @@ def test_combined_filter_mask_matches_numpy(row, k, p, min_p):
     expected = {int(i) for i in top[keep]}
 
     t = tensors(1, top_k=k, top_p=p, min_p=min_p)
-    kept = np.isfinite(np.asarray(FILTERED(jnp.asarray(row[None]), t, flags=FILTERS))[0])
+    kept = np.isfinite(np.asarray(FILTERED(jnp.asarray(row[None]), t))[0])
     assert set(np.flatnonzero(kept).tolist()) == expected
 
 
@@ -198,10 +195,10 @@ def test_top_p_applies_to_renormalised_top_k():
     # Full distribution: exclusive masses 0, 0.3, 0.5 -> top-p 0.45 would keep {0, 1}; after top-3 the
     # masses are 0.5, 0.33, 0.17, so top-p 0.45 keeps {0} only.
     t = tensors(1, top_k=3, top_p=0.45)
-    kept = np.isfinite(np.asarray(FILTERED(jnp.asarray(logits), t, flags=FILTERS))[0])
+    kept = np.isfinite(np.asarray(FILTERED(jnp.asarray(logits), t))[0])
     assert np.flatnonzero(kept).tolist() == [0]
     t = tensors(1, top_k=0, top_p=0.45)
-    kept = np.isfinite(np.asarray(FILTERED(jnp.asarray(logits), t, flags=FILTERS))[0])
+    kept = np.isfinite(np.asarray(FILTERED(jnp.asarray(logits), t))[0])
     assert np.flatnonzero(kept).tolist() == [0, 1]
 
 
@@ -211,7 +208,7 @@ def test_min_p_never_samples_below_threshold():
     row = rng.normal(size=V_HYP).astype(np.float32) * 2
     for min_p, temp in [(0.1, 1.0), (0.3, 2.0), (0.05, 0.7)]:
         t = tensors(b, min_p=min_p, temperature=temp, seeds=np.arange(b) + int(min_p * 1000))
-        tokens = run(np.broadcast_to(row, (b, V_HYP)), t, FILTERS).token_ids
+        tokens = run(np.broadcast_to(row, (b, V_HYP)), t).token_ids
         probs = np_softmax(row.astype(np.float64) / temp)
         allowed = set(np.flatnonzero(probs >= min_p * probs.max()).tolist())
         assert set(tokens.tolist()) <= allowed
@@ -224,12 +221,12 @@ def test_filters_never_produce_nan_or_empty_rows():
     logits[1, :] = -np.inf  # fully masked by the model
     logits[2, 5:] = -np.inf
     t = tensors(4, top_k=[1, 3, 40, 0], top_p=[1e-6, 0.5, 1.0, 1e-6], min_p=[1.0, 0.0, 0.9, 1.0], temperature=0.01)
-    x = np.asarray(FILTERED(jnp.asarray(logits), t, flags=FILTERS))
+    x = np.asarray(FILTERED(jnp.asarray(logits), t))
     assert not np.isnan(x).any()
     for r in (0, 2, 3):
         assert np.isfinite(x[r]).sum() >= 1
         assert np.isfinite(x[r, logits[r].argmax()])
-    out = run(logits, t, FILTERS)
+    out = run(logits, t)
     assert out.token_ids[0] == logits[0].argmax() and out.token_ids[3] == logits[3].argmax()
     assert 0 <= out.token_ids[1] < V_HYP and out.token_ids[2] < 5
 
@@ -285,38 +282,41 @@ def test_penalties_match_numpy():
         history_is_output=is_output,
         banned_token_ids=banned,
     )
-    got = np.asarray(PROCESS(jnp.asarray(logits), t, flags=PENALTIES))
+    got = np.asarray(PROCESS(jnp.asarray(logits), t))
     expected = np_process(logits, rep, pres, freq, history, is_output, banned)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
     # Padding (-1) never touches token V-1; the last row is fully neutral.
     assert got[0, v - 1] == pytest.approx(logits[0, v - 1])
     np.testing.assert_array_equal(got[5], logits[5])
-    # Without the flag, penalties are skipped but bans still apply.
-    got = np.asarray(PROCESS(jnp.asarray(logits), t, flags=PLAIN))
+    # With neutral penalties (the device skips the stage), bans still apply.
     zero = np.zeros(b, np.float32)
+    neutral = dataclasses.replace(
+        t, repetition_penalty=np.ones(b, np.float32), presence_penalty=zero, frequency_penalty=zero
+    )
+    got = np.asarray(PROCESS(jnp.asarray(logits), neutral))
     np.testing.assert_allclose(got, np_process(logits, np.ones(b), zero, zero, history, is_output, banned))
 
 
 def test_repetition_penalty_direction():
     logits = np.array([[2.0, -2.0, 1.0, -1.0]], np.float32)
     t = tensors(1, hist=2, repetition_penalty=2.0, token_history=[[0, 1]], history_is_output=[[False, False]])
-    got = np.asarray(PROCESS(jnp.asarray(logits), t, flags=PENALTIES))
+    got = np.asarray(PROCESS(jnp.asarray(logits), t))
     np.testing.assert_allclose(got, [[1.0, -4.0, 1.0, -1.0]])  # prompt tokens penalised too
 
 
-@pytest.mark.parametrize("flags", [GREEDY, PLAIN, FILTERS])
-def test_banned_ids_never_sampled(flags):
+@pytest.mark.parametrize("mode", ["greedy", "plain", "filters"])
+def test_banned_ids_never_sampled(mode):
     rng = np.random.default_rng(5)
     b, v = 256, 16
     logits = rng.normal(size=(b, v)).astype(np.float32)
     logits[:, 7] = 10.0  # the banned id dominates
     logits[:, 3] = 9.0
     banned = np.tile(np.array([7, 3, -1, -1], np.int32), (b, 1))
-    temperature = 0.0 if flags.all_greedy else 2.0
-    t = tensors(b, banned=4, banned_token_ids=banned, temperature=temperature, top_k=v if flags.use_filters else 0)
-    tokens = run(logits, t, flags).token_ids
+    temperature = 0.0 if mode == "greedy" else 2.0
+    t = tensors(b, banned=4, banned_token_ids=banned, temperature=temperature, top_k=v if mode == "filters" else 0)
+    tokens = run(logits, t).token_ids
     assert not np.isin(tokens, [3, 7]).any()
-    if flags.all_greedy:
+    if mode == "greedy":
         masked = logits.copy()
         masked[:, [3, 7]] = -np.inf
         np.testing.assert_array_equal(tokens, masked.argmax(-1))
@@ -350,26 +350,26 @@ def test_seed_determinism_independent_of_batch():
         return lg, t
 
     lg, t = batch(np.arange(n), n)
-    reference = run(lg, t, PLAIN).token_ids
+    reference = run(lg, t).token_ids
     assert len(set(reference.tolist())) > n // 3
     perm = rng.permutation(n)
-    for idx, pad_to, flags in [(perm, 32, PLAIN), (perm[:5], 8, FILTERS), (perm[::-1], 48, FILTERS)]:
+    for idx, pad_to in [(perm, 32), (perm[:5], 8), (perm[::-1], 48)]:
         lg, t = batch(idx, pad_to)
-        np.testing.assert_array_equal(run(lg, t, flags).token_ids[: len(idx)], reference[idx])
+        np.testing.assert_array_equal(run(lg, t).token_ids[: len(idx)], reference[idx])
     for i in (0, 7):  # a row alone
         lg, t = batch(np.array([i]), 1)
-        assert run(lg, t, PLAIN).token_ids[0] == reference[i]
+        assert run(lg, t).token_ids[0] == reference[i]
 
 
 def test_steps_and_seeds_give_different_streams():
     b, v = 256, 64
     logits = np.zeros((b, v), np.float32)
-    same_seed = run(logits, tensors(b, seeds=42, steps=np.arange(b)), PLAIN).token_ids
+    same_seed = run(logits, tensors(b, seeds=42, steps=np.arange(b))).token_ids
     assert len(set(same_seed.tolist())) > 40  # ~63 expected for independent uniform draws
-    same_step = run(logits, tensors(b, seeds=np.arange(b) + 1, steps=3), PLAIN).token_ids
+    same_step = run(logits, tensors(b, seeds=np.arange(b) + 1, steps=3)).token_ids
     assert len(set(same_step.tolist())) > 40
     assert (same_seed != same_step).sum() > b // 2
-    again = run(logits, tensors(b, seeds=42, steps=np.arange(b)), PLAIN).token_ids
+    again = run(logits, tensors(b, seeds=42, steps=np.arange(b))).token_ids
     np.testing.assert_array_equal(same_seed, again)
 
 
@@ -391,13 +391,13 @@ def test_empirical_distribution_matches_softmax():
     n = 8000
     b = n * len(temps)
     t = tensors(b, temperature=np.repeat(temps, n), seeds=12345, steps=np.arange(b))
-    tokens = run(np.broadcast_to(row, (b, 8)), t, PLAIN).token_ids
+    tokens = run(np.broadcast_to(row, (b, 8)), t).token_ids
     for j, temp in enumerate(temps):
         counts = np.bincount(tokens[j * n : (j + 1) * n], minlength=8)
         assert chi2(counts, np_softmax(row / temp)) < CHI2_CRIT[7], (temp, counts)
     # With top-k 4 the draws follow the renormalised top-4 distribution.
     t = tensors(n, top_k=4, temperature=1.3, seeds=np.arange(n) + 99)
-    tokens = run(np.broadcast_to(row, (n, 8)), t, FILTERS).token_ids
+    tokens = run(np.broadcast_to(row, (n, 8)), t).token_ids
     top4 = np.argsort(-row)[:4]
     counts = np.bincount(tokens, minlength=8)
     assert counts.sum() == counts[top4].sum()
@@ -424,8 +424,9 @@ def test_logprobs_are_raw_log_softmax(dtype):
         frequency_penalty=0.5,
         token_history=np.tile([1, 2, 3, -1], (b, 1)),
         history_is_output=np.tile([False, True, True, False], (b, 1)),
+        num_logprobs=np.where(np.arange(b) == 3, k, 1),
     )
-    out = run(logits, t, dataclasses.replace(EVERYTHING, num_logprobs=k))
+    out = run(logits, t, k)
     expected = np_log_softmax(raw)
     np.testing.assert_allclose(out.logprobs, expected[np.arange(b), out.token_ids], rtol=1e-5, atol=1e-5)
     assert out.top_ids.shape == (b, k) and out.top_logprobs.shape == (b, k)
@@ -433,8 +434,8 @@ def test_logprobs_are_raw_log_softmax(dtype):
     assert (np.diff(out.top_logprobs, axis=-1) <= 0).all()
     np.testing.assert_array_equal(out.top_ids, np.argsort(-raw, axis=-1, kind="stable")[:, :k])
     np.testing.assert_allclose(out.top_logprobs, np.take_along_axis(expected, out.top_ids, -1), rtol=1e-5, atol=1e-5)
-    out = run(logits, t, EVERYTHING)
-    assert out.top_ids.shape == (b, 0) and out.top_logprobs.shape == (b, 0)
+    out = run(logits, dataclasses.replace(t, num_logprobs=np.zeros(b, np.int32)), k)
+    assert out.top_ids.shape == (b, k) and not out.top_ids.any() and not out.top_logprobs.any()  # not computed
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -446,14 +447,19 @@ def row(step=0, seed=0, prompt=(1, 2), output=(), banned=(), **params) -> RowSpe
     return RowSpec(SamplingParams(**params), seed, step, list(prompt), list(output), list(banned))
 
 
-def test_make_sampling_tensors_fields_padding_and_flags():
+def on(t: SamplingTensors) -> dict[str, bool]:
+    return {name: bool(value) for name, value in dataclasses.asdict(switches(t)).items()}
+
+
+def test_make_sampling_tensors_fields_padding_and_switches():
     rows = [
         row(temperature=0.7, top_k=5, top_p=0.9, min_p=0.1, seed=2**32 + 5, step=3, logprobs=2),
         row(temperature=0.0, top_k=3, prompt=(4, 5, 6), output=(7,), banned=(0, 9)),
         row(temperature=1.0, frequency_penalty=0.5, prompt=(1, 1), output=(2, 3, 3), logprobs=4),
     ]
-    t, flags = make_sampling_tensors(rows, pad_to=5)
-    assert flags == SamplerFlags(all_greedy=False, use_penalties=True, use_filters=True, num_logprobs=4)
+    t = make_sampling_tensors(rows, pad_to=5)
+    assert on(t) == dict(any_sampled=True, use_penalties=True, use_filters=True, any_logprobs=True)
+    np.testing.assert_array_equal(t.num_logprobs, [2, 0, 4, 0, 0])
     np.testing.assert_allclose(t.temperature, [0.7, 0.0, 1.0, 0.0, 0.0])
     np.testing.assert_array_equal(t.top_k, [5, 3, 0, 0, 0])
     np.testing.assert_allclose(t.top_p, [0.9, 1, 1, 1, 1])
@@ -471,29 +477,55 @@ def test_make_sampling_tensors_fields_padding_and_flags():
     assert t.temperature.dtype == np.float32 and t.top_k.dtype == np.int32 and t.steps.dtype == np.int32
 
     # Bucketed widths; too-small widths raise.
-    t, _ = make_sampling_tensors(rows, history_len=16, banned_len=4)
+    t = make_sampling_tensors(rows, history_len=16, banned_len=4)
     assert t.token_history.shape == (3, 16) and t.banned_token_ids.shape == (3, 4)
     for kwargs in (dict(history_len=4), dict(banned_len=1), dict(pad_to=2)):
         with pytest.raises(ValueError):
             make_sampling_tensors(rows, **kwargs)
 
     # It feeds the sampler directly; padded rows are greedy.
-    t, flags = make_sampling_tensors(rows, pad_to=8, history_len=8, banned_len=2)
+    t = make_sampling_tensors(rows, pad_to=8, history_len=8, banned_len=2)
     logits = np.random.default_rng(8).normal(size=(8, V_HYP)).astype(np.float32)
-    out = run(logits, t, flags)
+    out = run(logits, t, 4)
     np.testing.assert_array_equal(out.token_ids[3:], logits[3:].argmax(-1))
     assert out.token_ids[1] not in (0, 9)
     assert out.top_ids.shape == (8, 4)
 
 
-def test_make_sampling_tensors_flag_cases():
-    _, flags = make_sampling_tensors([row(temperature=0.0), row(temperature=0.0, top_p=0.5)], pad_to=4)
-    assert flags == SamplerFlags(all_greedy=True)  # filters on greedy rows do not count
-    _, flags = make_sampling_tensors([row(temperature=0.0, repetition_penalty=1.2)])
-    assert flags == SamplerFlags(all_greedy=True, use_penalties=True)
-    t, flags = make_sampling_tensors([row(temperature=1.0, presence_penalty=0.0, logprobs=0)])
-    assert flags == SamplerFlags() and t.token_history.shape == (1, 0) and t.banned_token_ids.shape == (1, 0)
-    t, flags = make_sampling_tensors([], pad_to=2)
-    assert flags == SamplerFlags(all_greedy=True) and t.temperature.shape == (2,)
-    _, flags = make_sampling_tensors([row(temperature=0.5, min_p=0.2)])
-    assert flags.use_filters and not flags.use_penalties
+def test_switch_cases():
+    t = make_sampling_tensors([row(temperature=0.0), row(temperature=0.0, top_p=0.5)], pad_to=4)
+    assert on(t) == dict(any_sampled=False, use_penalties=False, use_filters=False, any_logprobs=False)
+    t = make_sampling_tensors([row(temperature=0.0, repetition_penalty=1.2)])
+    assert on(t) == dict(any_sampled=False, use_penalties=True, use_filters=False, any_logprobs=False)
+    t = make_sampling_tensors([row(temperature=1.0, presence_penalty=0.0, logprobs=0)])
+    assert on(t) == dict(any_sampled=True, use_penalties=False, use_filters=False, any_logprobs=False)
+    assert t.token_history.shape == (1, 0) and t.banned_token_ids.shape == (1, 0)
+    t = make_sampling_tensors([], pad_to=2)
+    assert not any(on(t).values()) and t.temperature.shape == (2,)
+    t = make_sampling_tensors([row(temperature=0.5, min_p=0.2)], history_len=6)
+    assert on(t)["use_filters"] and not on(t)["use_penalties"] and t.token_history.shape == (1, 6)
+
+
+def test_one_program_for_every_option_mix():
+    """Greedy, sampled, filtered, penalised, banned and logprob rows, alone and mixed: one compiled program."""
+    rng = np.random.default_rng(9)
+    b, v, k = 8, V_HYP, 3
+    logits = jnp.asarray(rng.normal(size=(b, v)).astype(np.float32))
+    variants = [
+        [row(temperature=0.0)] * b,
+        [row(temperature=0.9, top_k=4)] * b,
+        [row(temperature=0.0, repetition_penalty=1.3, output=(1, 2))] * b,
+        [row(temperature=1.0, min_p=0.1, logprobs=3, banned=(5,))] * b,
+        [row(temperature=0.0), row(temperature=1.0, top_p=0.5, presence_penalty=0.4, logprobs=1)] * (b // 2),
+    ]
+    lowered = []
+    for rows in variants:
+        t = make_sampling_tensors(rows, history_len=8, banned_len=2)
+        with count_lowerings() as programs:
+            out = run(logits, t, k)
+        lowered.append(len(programs))
+        assert out.top_ids.shape == (b, k)
+        greedy = t.temperature == 0
+        expected = np.asarray(PROCESS(logits, t)).argmax(-1)
+        np.testing.assert_array_equal(out.token_ids[greedy], expected[greedy])
+    assert lowered[1:] == [0] * (len(variants) - 1)

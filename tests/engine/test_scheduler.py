@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from jserve.engine.kv_cache import KVCacheManager
-from jserve.engine.request import Request, RequestStatus
+from jserve.engine.request import PENDING_TOKEN, Request, RequestStatus
 from jserve.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from jserve.sampling_params import SamplingParams
 
@@ -71,7 +71,24 @@ def test_request_counters_and_status():
     assert request.all_token_ids == [1, 2, 3, 9, 8] and request.num_tokens == 5
     request.set_finished(RequestStatus.FINISHED_LENGTH)
     assert request.is_finished and request.finish_reason == "length" and request.finished_time is not None
-    assert request.metrics().num_output_tokens == 2
+    assert request.num_output_tokens == 2
+
+
+def test_pending_tokens():
+    """Async scheduling: a pending token holds a position until the device's token replaces it."""
+    request = make_request("a", [1, 2, 3], max_tokens=4)
+    request.append_output_token(9)
+    request.add_pending_token()
+    assert request.all_token_ids == [1, 2, 3, 9, PENDING_TOKEN] and request.num_tokens == 5
+    assert (request.num_output_tokens, request.num_sampled) == (1, 2) and request.output_token_ids == [9]
+    with pytest.raises(ValueError):
+        request.append_output_token(5)
+    request.resolve_pending_token(7)
+    assert request.all_token_ids == [1, 2, 3, 9, 7] and request.output_token_ids == [9, 7]
+    request.add_pending_token()
+    request.num_computed_tokens = 6
+    request.drop_pending_tokens()
+    assert request.all_token_ids == [1, 2, 3, 9, 7] and request.num_computed_tokens == 5
     assert RequestStatus.from_finish_reason("abort") is RequestStatus.FINISHED_ABORTED
     assert not RequestStatus.PREEMPTED.is_finished and RequestStatus.PREEMPTED.finish_reason is None
     assert make_request("b", [1], ignore_eos=True).eos_token_ids == []
@@ -658,3 +675,27 @@ def check_outcome(
     else:
         assert request.finish_reason == "stop" and out[-1] in stops and len(out) >= params.min_tokens
         assert request.stop_reason == (None if out[-1] in request.eos_token_ids else out[-1])
+
+
+def test_async_advance_then_resolve():
+    """Async scheduling: step N+1 is scheduled with step N's token pending; an EOS found late costs the one
+    token N+1 computed, which is discarded, and the pages come back."""
+    sched, kv = make_scheduler(page_size=4)
+    sched.add_request(make_request("a", [1, 2, 3, 4, 5], max_tokens=10))
+    sched.add_request(make_request("b", [6, 7], max_tokens=2))
+    first = sched.schedule()
+    sched.advance(first)  # dispatched; tokens not on the host yet
+    second = sched.schedule()
+    by_id = {c.request_id: c for c in second.chunks}
+    assert by_id["a"].token_ids == [PENDING_TOKEN] and by_id["a"].start_pos == 5
+    assert by_id["b"].token_ids == [PENDING_TOKEN]
+    sched.advance(second)
+    third = sched.schedule()
+    assert [c.request_id for c in third.chunks] == ["a"]  # b's max_tokens=2 is reached by its pending tokens
+    sched.advance(third)
+    updated = sched.resolve(first, {"a": EOS, "b": TOKEN})
+    a = next(r for r in updated if r.request_id == "a")
+    assert a.is_finished and a.finish_reason == "stop" and a.output_token_ids == [EOS] and a.num_tokens == 6
+    assert [r.request_id for r in sched.resolve(second, {"a": TOKEN, "b": TOKEN})] == ["b"]  # a's: discarded
+    assert sched.resolve(third, {"a": TOKEN}) == []
+    assert not sched.has_unfinished and kv.num_free_pages == kv.pages_total

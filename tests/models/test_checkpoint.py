@@ -132,7 +132,7 @@ def test_orbax_round_trip_gives_identical_logits(llama_dir, tmp_path):
 
     prompt = [[5, 9, 33, 101, 7, 250, 3]]
     params = SamplingParams(temperature=0.0, max_tokens=4, prompt_logprobs=5, logprobs=5, ignore_eos=True)
-    kwargs = dict(dtype="float32", max_model_len=64, num_pages=16, max_num_seqs=2, page_size=8)
+    kwargs = dict(dtype="float32", max_model_len=64, num_pages=16, max_num_seqs=2, page_size=8, precompile=False)
     hf = LLM(model=llama_dir, **kwargs).generate(prompt_token_ids=prompt, sampling_params=params, use_tqdm=False)
     ob = LLM(model=out_dir, **kwargs).generate(prompt_token_ids=prompt, sampling_params=params, use_tqdm=False)
     assert hf[0].prompt_logprobs == ob[0].prompt_logprobs

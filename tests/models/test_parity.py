@@ -45,6 +45,7 @@ def test_family_matches_transformers(family, tmp_path):
         max_num_seqs=4,
         max_num_batched_tokens=64,
         page_size=8,
+        precompile=False,
     )
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, prompt_logprobs=1)
     outs = llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)

@@ -12,7 +12,15 @@ from jserve.parallel.sharding import shard_shape
 from tests.checkpoints import make_checkpoint
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
-COMMON = dict(dtype="float32", max_model_len=96, page_size=8, num_pages=96, max_num_seqs=8, max_num_batched_tokens=64)
+COMMON = dict(
+    dtype="float32",
+    max_model_len=96,
+    page_size=8,
+    num_pages=96,
+    max_num_seqs=8,
+    max_num_batched_tokens=64,
+    precompile=False,
+)
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +142,7 @@ def test_print_plan_lists_every_param(llama_dir):
 
 def test_pipeline_with_tied_embeddings_matches_single_device():
     # the bundled model ties its LM head to the embedding: the first and the last stage both need it
-    kwargs = dict(max_model_len=64, num_pages=32, max_num_seqs=4)
+    kwargs = dict(max_model_len=64, num_pages=32, max_num_seqs=4, precompile=False)
     prompts = ["Hello there", "The quick brown fox", "One two three four five six"]
     single = LLM(**kwargs).generate(prompts, GREEDY, use_tqdm=False)
     piped = LLM(pipeline_parallel_size=2, tensor_parallel_size=2, **kwargs).generate(prompts, GREEDY, use_tqdm=False)

@@ -19,7 +19,13 @@ from tests.checkpoints import make_checkpoint
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12, 13], list(range(20, 61))]
 LLM_KWARGS = dict(
-    dtype="float32", max_model_len=96, page_size=8, num_pages=64, max_num_seqs=4, max_num_batched_tokens=64
+    dtype="float32",
+    max_model_len=96,
+    page_size=8,
+    num_pages=64,
+    max_num_seqs=4,
+    max_num_batched_tokens=64,
+    precompile=False,
 )
 
 WORKER = textwrap.dedent("""

@@ -9,7 +9,15 @@ import pytest
 from jserve import LLM, SamplingParams
 
 PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12, 13], list(range(20, 45))]
-KWARGS = dict(dtype="float32", max_model_len=64, page_size=8, num_pages=32, max_num_seqs=4, max_num_batched_tokens=32)
+KWARGS = dict(
+    dtype="float32",
+    max_model_len=64,
+    page_size=8,
+    num_pages=32,
+    max_num_seqs=4,
+    max_num_batched_tokens=16,
+    precompile=False,
+)
 GREEDY = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
 
 
@@ -27,5 +35,5 @@ def xla_tokens(tiny_model_dir):
 @pytest.mark.parametrize("tp", [1, 2, 4])
 def test_pallas_backend_matches_xla(tiny_model_dir, xla_tokens, tp):
     llm = LLM(model=tiny_model_dir, attention_backend="pallas", tensor_parallel_size=tp, **KWARGS)
-    assert llm.engine.runner.backend.kernel == "tpu" and llm.engine.runner.backend.interpret
+    assert llm.engine.runner.backend.name == "pallas-tpu-interpret"
     assert _tokens(llm) == xla_tokens

@@ -28,8 +28,10 @@ _LISTEN = re.compile(r"jserve: listening on (?:https?://)?([\d.]+):(\d+)(/v1|/me
 class ServerProcess:
     """Starts the server, waits for ``jserve: ready``, and knows its gRPC / HTTP / metrics ports."""
 
-    def __init__(self, *args: str, warmup: bool = False, env: dict[str, str] | None = None):
-        self.args = ["--port", "0", *([] if warmup else ["--no-warmup"]), *args]
+    def __init__(self, *args: str, precompile: bool = False, env: dict[str, str] | None = None):
+        """``precompile=False`` (most tests): programs compile on first use, as tests only need the ones they
+        run; the tests of what a ready server guarantees pass True."""
+        self.args = ["--port", "0", *([] if precompile else ["--no-precompile"]), *args]
         self.env = env or {}
         self.grpc_port: int | None = None
         self.http_port: int | None = None

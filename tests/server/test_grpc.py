@@ -20,7 +20,7 @@ PROMPTS = ["The quick brown fox", "Once upon a time, in a land far away,"]
 
 @pytest.fixture(scope="module")
 def server():
-    proc = ServerProcess("--http-port", "0", "--metrics-port", "0").start()
+    proc = ServerProcess("--http-port", "0", "--metrics-port", "0", precompile=True).start()
     yield proc
     assert proc.stop() == 0
 
@@ -59,7 +59,7 @@ def test_streamed_tokens_match_llm_generate(stub):
         dict(temperature=0.8, top_p=0.9, seed=7, max_tokens=12),
         dict(n=2, temperature=1.0, seed=11, max_tokens=6),
     ]
-    llm = LLM()
+    llm = LLM(precompile=False)  # the same programs as the server's, compiled as needed
     for kwargs in cases:
         expected = llm.generate(PROMPTS, SamplingParams(**kwargs), use_tqdm=False)
         for prompt, exp in zip(PROMPTS, expected, strict=True):
@@ -347,3 +347,46 @@ def test_openai_stream_disconnect_aborts(server):
     stream.close()
     after = server.wait_pages_free(total, timeout=4.0)  # far less than generating 1500 tokens would take
     assert (after.pages_free, after.num_running) == (total, 0)
+
+
+def test_serving_after_ready_lowers_no_program(server, stub):
+    """Once health says SERVING, a mixed workload (every sampling option, logprobs, prompt logprobs, n > 1,
+    stop strings, long and short prompts, concurrent streams, cancels) lowers no XLA program: the server counts
+    jax's lowering events since ready and exports them."""
+    import random
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    assert "jserve: compiling" in server.log()  # the progress bar, before ready
+    rng = random.Random(5)
+    options = [
+        dict(temperature=0.0),
+        dict(temperature=0.9, top_p=0.8, seed=1),
+        dict(temperature=0.7, top_k=10, min_p=0.05),
+        dict(temperature=0.0, repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.2),
+        dict(temperature=1.0, logprobs=5, prompt_logprobs=3),
+        dict(temperature=0.8, n=3, seed=4, logprobs=20),
+        dict(temperature=0.0, stop=["\n", "("], min_tokens=2),
+        dict(temperature=0.5, prompt_logprobs=0, stop_token_ids=[7, 8]),
+    ]
+
+    def one(i: int) -> None:
+        words = " ".join(
+            rng.choice(["def", "x", "=", "(", "return", "import", "os"]) for _ in range(rng.randint(1, 600))
+        )
+        sampling = pb.SamplingParams(max_tokens=rng.randint(1, 12), **options[i % len(options)])
+        call = stub.Generate(pb.GenerateRequest(prompt=words, sampling=sampling))
+        if i % 7 == 3:
+            next(iter(call), None)
+            call.cancel()
+        else:
+            list(call)
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(one, range(48)))
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    body = urllib.request.urlopen(url, timeout=10).read().decode()
+    lowered = [line for line in body.splitlines() if line.startswith("jserve_programs_lowered_while_serving_total")]
+    assert lowered == ["jserve_programs_lowered_while_serving_total 0.0"]
+    programs = [line for line in body.splitlines() if line.startswith("jserve_compiled_programs ")]
+    assert programs == ["jserve_compiled_programs 9.0"]

@@ -1,0 +1,82 @@
+"""What every attention backend shares: the backend-neutral layout of a step and the backend interface.
+
+The engine's batch builder produces an :class:`AttentionLayout` (numpy, on the host). The backend chosen at
+startup turns it into its own metadata with ``plan(layout)`` (host side, once per step, for all layers), and the
+model calls ``backend.attend(q, k_pages, v_pages, metadata)`` in every layer (device side). Metadata shapes
+depend only on the step's token bucket, so the backend never adds a compiled program.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+from jax.sharding import Mesh
+
+from jserve.engine.shapes import StepShapes
+from pallas_kernels import reference
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class AttentionLayout:
+    """Where each new token's K/V goes and what each sequence attends to, for one engine step.
+
+    slot_mapping [T]: flat cache slot (page * page_size + offset) of each new token; padding -> null page 0.
+    kv_lens [B]: tokens in cache per sequence row, this step's included. block_tables [B, Pmax]: page ids.
+    cu_q_lens [B + 1]: row i owns tokens cu_q_lens[i]:cu_q_lens[i+1]. num_seqs [1]: real rows.
+    """
+
+    slot_mapping: jax.Array
+    kv_lens: jax.Array
+    block_tables: jax.Array
+    cu_q_lens: jax.Array
+    num_seqs: jax.Array
+
+
+class AttentionBackend:
+    """One attention path. Subclasses set ``name`` and implement ``attend``; ``plan`` defaults to the layout."""
+
+    name = "base"
+
+    def __init__(self, shapes: StepShapes, *, mesh: Mesh | None = None):
+        """``shapes``: the engine's step shapes (rows, block-table width, page size) that plans are padded to."""
+        self.shapes = shapes
+        self.mesh = mesh
+
+    def with_mesh(self, mesh: Mesh | None) -> AttentionBackend:
+        """The same backend for one pipeline stage's devices (Pallas kernels run per device under shard_map)."""
+        clone = object.__new__(type(self))
+        clone.__dict__.update(self.__dict__, mesh=mesh)
+        return clone
+
+    def plan(self, layout: AttentionLayout):
+        """Host side: this backend's metadata for one step (numpy pytree; shapes fixed per token bucket)."""
+        return layout
+
+    def alternative(self, metadata):
+        """The same metadata taking the backend's other runtime path, if it has one (warm-up runs both)."""
+        return metadata
+
+    def layout_of(self, metadata) -> AttentionLayout:
+        return metadata
+
+    def write_kv(self, k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array, metadata):
+        """Scatters this step's K/V [T, K, H] into the layer's pages [K, P, L, H]."""
+        return reference.write_to_pages(k_pages, v_pages, k, v, self.layout_of(metadata).slot_mapping)
+
+    def attend(
+        self,
+        q: jax.Array,
+        k_pages: jax.Array,
+        v_pages: jax.Array,
+        metadata,
+        *,
+        sm_scale: float,
+        sliding_window: int | None,
+    ) -> jax.Array:
+        """q [T, N, H] against the paged cache (this step's K/V already written) -> [T, N, H]."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"

@@ -1,0 +1,53 @@
+"""StepShapes: the static shapes of an engine's steps (one compiled program per token bucket). No jax import."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+def _powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
+    sizes, n = [], lo
+    while n < hi:
+        sizes.append(n)
+        n *= 2
+    return (*sizes, hi)
+
+
+def round_up(n: int, buckets: Sequence[int]) -> int:
+    for b in buckets:
+        if n <= b:
+            return b
+    raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
+
+
+@dataclass(frozen=True)
+class StepShapes:
+    """The static shapes of every step of one engine; only the token bucket varies."""
+
+    token_buckets: tuple[int, ...]
+    max_num_seqs: int  # B
+    max_pages_per_seq: int  # Pmax
+    page_size: int
+    history_len: int  # penalty history width: max_model_len
+    banned_len: int  # banned ids per row: max_stop_token_ids + the EOS ids
+
+    @classmethod
+    def from_limits(
+        cls,
+        *,
+        max_num_batched_tokens: int,
+        max_num_seqs: int,
+        max_model_len: int,
+        page_size: int,
+        banned_len: int,
+        min_tokens: int = 8,
+    ) -> StepShapes:
+        return cls(
+            token_buckets=_powers_of_two(min(min_tokens, max_num_batched_tokens), max_num_batched_tokens),
+            max_num_seqs=max_num_seqs,
+            max_pages_per_seq=-(-max_model_len // page_size),
+            page_size=page_size,
+            history_len=max_model_len,
+            banned_len=banned_len,
+        )

@@ -1,0 +1,166 @@
+"""EngineArgs: every engine setting, defined once.
+
+``LLM(**kwargs)`` takes exactly these fields as keyword arguments, ``python -m jserve.launch`` derives one flag
+per field (``--max-num-seqs`` for ``max_num_seqs``; help text and default from here), and the factory builds the
+engine from them. A field's ``metadata`` carries its help text, its choices and its flag group. No jax import,
+so ``launch --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import typing
+from dataclasses import dataclass, field
+
+from jserve.bundled import BUNDLED_MODEL
+from jserve.config import ParallelConfig
+from jserve.limits import DEFAULT_MAX_LOGPROBS, RequestLimits
+
+ENGINE_GROUP = "engine"
+LIMITS_GROUP = "admission limits (requests over them get INVALID_ARGUMENT / HTTP 400)"
+
+
+def setting(default, help: str, *, choices: tuple | None = None, group: str = ENGINE_GROUP, none: str | None = None):
+    """A field with its flag's help text. ``none``: the flag value that means None (e.g. 'none')."""
+    return field(default=default, metadata={"help": help, "choices": choices, "group": group, "none": none})
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineArgs:
+    model: str = setting(str(BUNDLED_MODEL), "checkpoint directory (default: the bundled tiny model)")
+    dtype: str = setting(
+        "auto", "weights and activations ('auto': the checkpoint's)", choices=("auto", "bfloat16", "float32", "float16")
+    )
+    tensor_parallel_size: int = setting(1, "devices per model replica that split each layer's heads")
+    pipeline_parallel_size: int = setting(1, "pipeline stages (contiguous layer ranges on their own devices)")
+    data_parallel_size: int = setting(1, "independent replicas, each with its own KV pool")
+    max_model_len: int | None = setting(None, "tokens per sequence (default: the model's, capped by the KV pool)")
+    max_num_seqs: int = setting(64, "sequences in the running batch")
+    max_num_batched_tokens: int | None = setting(
+        None, "tokens per step, the largest token bucket (default: min(2048, max_model_len))"
+    )
+    page_size: int = setting(16, "tokens per KV page")
+    num_pages: int | None = setting(None, "KV pages (default: kv_cache_memory_fraction of free device memory)")
+    kv_cache_memory_fraction: float = setting(0.5, "share of free device memory for the KV pool")
+    enable_prefix_caching: bool = setting(True, "reuse the KV pages of cached prompt prefixes")
+    quantization: str | None = setting(None, "weight quantization", choices=("int8", "int4", "fp8"))
+    kv_cache_dtype: str = setting("auto", "KV cache dtype ('auto': the model's)", choices=("auto", "int8"))
+    attention_backend: str = setting(
+        "auto", "attention kernels ('auto': Pallas where they fit, else XLA)", choices=("auto", "pallas", "xla")
+    )
+    speculative_model: str | None = setting(None, "draft model directory, or 'ngram'")
+    num_speculative_tokens: int = setting(0, "tokens proposed per speculative step")
+    max_n: int | None = setting(None, "samples per request, n (default: max_num_seqs)", group=LIMITS_GROUP)
+    max_logprobs: int = setting(
+        DEFAULT_MAX_LOGPROBS, "logprobs / prompt_logprobs per token (the logprob outputs' width)", group=LIMITS_GROUP
+    )
+    compilation_cache_dir: str | None = setting(
+        "auto",
+        "jax persistent compilation cache ('auto': $JSERVE_COMPILATION_CACHE_DIR or ~/.cache/jserve/xla; 'none': off)",
+        none="none",
+    )
+    async_scheduling: bool = setting(
+        True, "schedule and dispatch step N+1 before step N's tokens reach the host (one pipeline stage)"
+    )
+    seed: int = setting(0, "engine seed (requests without a seed get distinct seeds derived from it)")
+    precompile: bool = setting(
+        True,
+        "compile every step program before ready; --no-precompile compiles each on first use instead, which "
+        "stalls that step (for development and tests; serving then compiles, and stats() counts it)",
+    )
+    progress: bool = setting(True, "show the compile progress bar")
+
+    def __post_init__(self) -> None:
+        if self.quantization is not None:
+            if self.quantization not in ("int8", "int4", "fp8"):
+                raise ValueError(f"quantization must be None, 'int8', 'int4' or 'fp8', got {self.quantization!r}")
+            raise ValueError(f"quantization={self.quantization!r} is not supported yet")
+        if self.kv_cache_dtype not in ("auto", "int8"):
+            raise ValueError(f"kv_cache_dtype must be 'auto' or 'int8', got {self.kv_cache_dtype!r}")
+        if self.kv_cache_dtype == "int8":
+            raise ValueError("kv_cache_dtype='int8' is not supported yet")
+        if self.speculative_model is not None:
+            raise ValueError("speculative_model is not supported yet")
+        if self.num_speculative_tokens:
+            raise ValueError("num_speculative_tokens is not supported yet")
+        _ = self.parallel  # validates the sizes
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if isinstance(self.max_num_seqs, bool) or not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be an integer >= 1, got {self.max_num_seqs!r}")
+        if self.max_n is not None and (
+            isinstance(self.max_n, bool) or not isinstance(self.max_n, int) or not 1 <= self.max_n <= self.max_num_seqs
+        ):
+            raise ValueError(f"max_n must be an integer in [1, max_num_seqs={self.max_num_seqs}], got {self.max_n!r}")
+        _ = self.limits  # validates max_logprobs
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+
+    @property
+    def parallel(self) -> ParallelConfig:
+        return ParallelConfig(
+            tensor_parallel_size=self.tensor_parallel_size,
+            pipeline_parallel_size=self.pipeline_parallel_size,
+            data_parallel_size=self.data_parallel_size,
+        )
+
+    @property
+    def limits(self) -> RequestLimits:
+        return RequestLimits(max_n=self.max_n or self.max_num_seqs, max_logprobs=self.max_logprobs)
+
+    def replace(self, **changes) -> EngineArgs:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> EngineArgs:
+        """``LLM``'s keyword arguments: an unknown name is a ValueError listing the valid ones."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise ValueError(f"unknown engine argument(s) {unknown}; valid: {sorted(names)}")
+        return cls(**{k: (None if v is None else _plain(v)) for k, v in kwargs.items()})
+
+
+def _plain(value):
+    """Path-like values (model, compilation_cache_dir) become strings."""
+    return str(value) if hasattr(value, "__fspath__") else value
+
+
+def _field_type(f: dataclasses.Field) -> type:
+    hint = typing.get_type_hints(EngineArgs)[f.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    """One ``--flag`` per EngineArgs field, in the field's group, with its help text and default shown."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in dataclasses.fields(EngineArgs):
+        meta = f.metadata
+        group = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
+        flag = "--" + f.name.replace("_", "-")
+        kind = _field_type(f)
+        help_text = meta["help"] if "default:" in meta["help"] else f"{meta['help']} (default: {f.default})"
+        if kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=meta["help"])
+            continue
+        convert = kind
+        if meta["none"] is not None:
+            word = meta["none"]
+            convert = lambda text, kind=kind, word=word: None if text == word else kind(text)  # noqa: E731
+        group.add_argument(flag, type=convert, default=f.default, choices=meta["choices"], help=help_text)
+
+
+def engine_args_from_flags(ns: argparse.Namespace) -> EngineArgs:
+    return EngineArgs(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(EngineArgs)})
+
+
+def llm_signature(first: inspect.Parameter) -> inspect.Signature:
+    """``LLM.__init__``'s signature, derived from the fields (for help(), IDEs and docs)."""
+    params = [first]
+    for f in dataclasses.fields(EngineArgs):
+        kind = inspect.Parameter.POSITIONAL_OR_KEYWORD if f.name == "model" else inspect.Parameter.KEYWORD_ONLY
+        params.append(inspect.Parameter(f.name, kind, default=f.default, annotation=f.type))
+    return inspect.Signature(params)
