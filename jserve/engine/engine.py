@@ -10,6 +10,11 @@ share the prompt's pages through the prefix cache; their deltas are reported und
 ``step()`` is ``begin_step()`` (inbox, schedule, build, dispatch to the device) then ``finish_step()`` (wait, update
 the scheduler, build deltas); ``DataParallelEngine`` dispatches every replica before finishing any. In a multi-host
 job ``inbox_sync`` makes every process apply the leader's inbox, so all of them run the same steps.
+
+Async scheduling (the default with one pipeline stage): ``begin_step`` schedules step N+1 while step N is still
+on the device, its sampled tokens pending (``Scheduler.advance``); the device reads them from N's outputs, and
+``finish_step`` then waits for N, resolves its tokens (``Scheduler.resolve``) and builds N's deltas while N+1
+computes. A request that a late-found stop ends has computed one token too many, which is discarded.
 """
 
 from __future__ import annotations
