@@ -24,6 +24,8 @@ from tqdm.auto import tqdm
 
 from jserve.config import ModelConfig
 from jserve.models.llama import CausalLM
+from jserve.quant import compressed_tensors
+from jserve.quant.weights import QuantizedWeight, pack_int4, quantize
 
 ORBAX_MARKER = "jserve_checkpoint.json"
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
@@ -194,18 +196,34 @@ class _TensorReader:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._handle(name).get_slice(name).get_shape())
 
+    def read_full(self, name: str) -> np.ndarray:
+        """A whole tensor. safetensors cannot return fp8 (it asks numpy for a float8 type, which lives in
+        ml_dtypes), so fp8 tensors are read from the file's byte range directly."""
+        header, data_start = _header(self.files[name])
+        entry = header[name]
+        if entry["dtype"] == "F8_E4M3":
+            begin, end = entry["data_offsets"]
+            raw = np.fromfile(self.files[name], dtype=np.uint8, count=end - begin, offset=data_start + begin)
+            return raw.view(jnp.float8_e4m3fn).reshape(entry["shape"])
+        return np.asarray(self._handle(name).get_tensor(name))
+
     def read_slice(self, name: str, index: Index) -> np.ndarray:
         """Only the requested rows/columns are read from disk."""
         part = self._handle(name).get_slice(name)[index]
         return np.asarray(part)  # bf16 files come as jax arrays: numpy (ml_dtypes bfloat16), no copy to convert
 
 
+def _header(file: Path) -> tuple[dict, int]:
+    """A safetensors file's JSON header and the offset where tensor data starts."""
+    with open(file, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(header_len)), 8 + header_len
+
+
 def _needs_jax(file: Path) -> bool:
     """safetensors' numpy reader refuses bf16 (its jax reader takes it, without importing torch); detect it
     from the header instead of guessing."""
-    with open(file, "rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(header_len))
+    header, _ = _header(file)
     return any(isinstance(v, dict) and v.get("dtype") == "BF16" for v in header.values())
 
 
@@ -271,7 +289,9 @@ def load_hf_params(
     expected = dict(_flatten(pure))
     specs = _param_specs(cfg)
 
-    needed = {name for spec in specs.values() for name in spec.hf_names}
+    fmt = cfg.checkpoint_quant_format
+    quantized = {p for p in specs if p + "/values" in expected}
+    needed = {name for p, spec in specs.items() for name in _hf_tensor_names(spec, fmt if p in quantized else None)}
     optional = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
     missing = sorted(needed - files.keys())
     unexpected = sorted(n for n in files.keys() - needed - optional if not _IGNORED.match(n))
@@ -282,11 +302,21 @@ def load_hf_params(
         if unexpected:
             parts.append(f"unexpected tensors: {_preview(unexpected)}")
         raise ValueError(f"model: checkpoint {str(path)!r} does not match {cfg.architecture}: " + "; ".join(parts))
-    assert set(specs) == set(expected), sorted(set(specs) ^ set(expected))
+    assert {p + s for p in specs for s in (("/values", "/scale") if p in quantized else ("",))} == set(expected)
 
     total_bytes = sum(f.stat().st_size for f in set(files.values()))
     show = total_bytes > _PROGRESS_BYTES if use_tqdm is None else use_tqdm
     for our_path, spec in tqdm(specs.items(), desc="Loading weights", disable=not show, unit="tensor"):
+        if our_path in quantized:
+            values_t, scale_t = expected[our_path + "/values"], expected[our_path + "/scale"]
+            shape = QuantizedWeight.logical_shape(tuple(values_t.shape), cfg.weight_quant)
+            values, scale = _read_quantized(reader, spec, cfg, shape, tuple(scale_t.shape))
+            for leaf, host in ((values_t, values), (scale_t, scale)):
+                leaf_path = our_path + ("/values" if leaf is values_t else "/scale")
+                if leaf is values_t and cfg.weight_quant.method == "int4":
+                    host = pack_int4(host)
+                _set_path(pure, leaf_path, _place_host(host, leaf.dtype, shardings and shardings[leaf_path]))
+            continue
         target = expected[our_path]
         _check_shape(reader, spec, tuple(target.shape), cfg)
         dtype = target.dtype
@@ -301,6 +331,46 @@ def load_hf_params(
         _set_path(pure, our_path, array)
     nnx.replace_by_pure_dict(abstract_state, pure)
     return graphdef, abstract_state
+
+
+def _place_host(host: np.ndarray, dtype, sharding: jax.sharding.Sharding | None) -> jax.Array:
+    host = np.asarray(host, dtype=dtype)
+    if sharding is None:
+        return jnp.asarray(host)
+    return _place_shard_by_shard(host.shape, sharding, lambda index: host[index])
+
+
+def _hf_tensor_names(spec, fmt: str | None) -> tuple[str, ...]:
+    """The checkpoint tensors a param reads: its dense weights, or a compressed-tensors linear's parts."""
+    if fmt is None:
+        return spec.hf_names
+    return tuple(n for name in spec.hf_names for n in compressed_tensors.tensor_names(name[: -len("weight")], fmt))
+
+
+def _read_quantized(reader: _TensorReader, spec, cfg: ModelConfig, shape, scale_shape):
+    """A quantized linear in our layout: (values, scale) numpy, from a compressed-tensors checkpoint or by
+    quantizing the dense weight on the host (whole tensor: a per-channel scale spans every input row)."""
+    quant = cfg.weight_quant
+    if cfg.checkpoint_quant_format is None:
+        _check_shape(reader, spec, shape, cfg)
+        return quantize(np.asarray(spec.read(reader, ()), np.float32), scale_shape, quant.storage_dtype)
+    stacked = isinstance(spec, StackedSpec)
+    parts = spec.experts if stacked else (spec,)
+    values, scales = [], []
+    for part, hf_shape in zip(parts, _hf_shapes(spec), strict=True):
+        v, sc = compressed_tensors.read_linear(
+            reader.read_full, part.hf_name[: -len("weight")], cfg.checkpoint_quant_format, quant
+        )
+        if v.shape != hf_shape:
+            raise ValueError(
+                f"model: tensor {part.hf_name} {v.shape} has the wrong shape for {cfg.architecture} with this "
+                f"config.json (expected {hf_shape})"
+            )
+        values.append(v.T.reshape(part.shape))  # HF [out, in] -> ours [*in, *out], as for dense weights
+        scales.append(sc.T.reshape(scale_shape[1:] if stacked else scale_shape))
+    if stacked:
+        return np.stack(values), np.stack(scales)
+    return values[0], scales[0]
 
 
 def _place_shard_by_shard(shape: tuple[int, ...], sharding: jax.sharding.Sharding, read) -> jax.Array:

@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from jserve.quant.config import WeightQuant
+
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
     "MistralForCausalLM",
@@ -63,6 +65,8 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     dtype: str = "float32"  # the checkpoint's dtype name
+    weight_quant: WeightQuant | None = None  # quantized linears: from the checkpoint or LLM(quantization=...)
+    checkpoint_quant_format: str | None = None  # compressed-tensors format of a pre-quantized checkpoint
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -139,6 +143,11 @@ class ModelConfig:
         eos = hf.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         act = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
+        weight_quant = quant_format = None
+        if hf.get("quantization_config"):
+            from jserve.quant.compressed_tensors import parse_quantization_config
+
+            weight_quant, quant_format = parse_quantization_config(hf["quantization_config"])
         if is_gemma and act == "gelu":
             act = "gelu_pytorch_tanh"  # Gemma checkpoints say "gelu" but were trained with the tanh approximation
         return cls(
@@ -167,6 +176,8 @@ class ModelConfig:
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
             dtype=str(hf.get("dtype") or hf.get("torch_dtype") or "float32"),
+            weight_quant=weight_quant,
+            checkpoint_quant_format=quant_format,
         )
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from jserve.bundled import BUNDLED_MODEL
 from jserve.config import ParallelConfig
 from jserve.limits import DEFAULT_MAX_LOGPROBS, RequestLimits
+from jserve.quant.config import DEFAULT_GROUP_SIZE, KV_CACHE_DTYPES, WEIGHT_METHODS, WeightQuant, weight_quant_from_args
 
 ENGINE_GROUP = "engine"
 LIMITS_GROUP = "admission limits (requests over them get INVALID_ARGUMENT / HTTP 400)"
@@ -45,8 +46,20 @@ class EngineArgs:
     num_pages: int | None = setting(None, "KV pages (default: kv_cache_memory_fraction of free device memory)")
     kv_cache_memory_fraction: float = setting(0.5, "share of free device memory for the KV pool")
     enable_prefix_caching: bool = setting(True, "reuse the KV pages of cached prompt prefixes")
-    quantization: str | None = setting(None, "weight quantization", choices=("int8", "int4", "fp8"))
-    kv_cache_dtype: str = setting("auto", "KV cache dtype ('auto': the model's)", choices=("auto", "int8"))
+    quantization: str | None = setting(
+        None,
+        "quantize every linear layer on load: int8 (per channel), int4 (groups), fp8 (e4m3, per channel); "
+        "compressed-tensors checkpoints are read quantized without it",
+        choices=WEIGHT_METHODS,
+    )
+    quantization_group_size: int | None = setting(
+        None, f"int4 input-dim elements per scale (default {DEFAULT_GROUP_SIZE})"
+    )
+    kv_cache_dtype: str = setting(
+        "auto",
+        "KV cache dtype ('auto': the model's; int8 / fp8 with per-token-and-head scales)",
+        choices=KV_CACHE_DTYPES,
+    )
     attention_backend: str = setting(
         "auto", "attention kernels ('auto': Pallas where they fit, else XLA)", choices=("auto", "pallas", "xla")
     )
@@ -73,14 +86,9 @@ class EngineArgs:
     progress: bool = setting(True, "show the compile progress bar")
 
     def __post_init__(self) -> None:
-        if self.quantization is not None:
-            if self.quantization not in ("int8", "int4", "fp8"):
-                raise ValueError(f"quantization must be None, 'int8', 'int4' or 'fp8', got {self.quantization!r}")
-            raise ValueError(f"quantization={self.quantization!r} is not supported yet")
-        if self.kv_cache_dtype not in ("auto", "int8"):
-            raise ValueError(f"kv_cache_dtype must be 'auto' or 'int8', got {self.kv_cache_dtype!r}")
-        if self.kv_cache_dtype == "int8":
-            raise ValueError("kv_cache_dtype='int8' is not supported yet")
+        _ = self.weight_quant  # validates quantization and its group size
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.speculative_model is not None:
             raise ValueError("speculative_model is not supported yet")
         if self.num_speculative_tokens:
@@ -97,6 +105,11 @@ class EngineArgs:
         _ = self.limits  # validates max_logprobs
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+
+    @property
+    def weight_quant(self) -> WeightQuant | None:
+        """Quantize-on-load scheme (None: the checkpoint's own, or dense)."""
+        return weight_quant_from_args(self.quantization, self.quantization_group_size)
 
     @property
     def parallel(self) -> ParallelConfig:

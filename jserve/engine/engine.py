@@ -434,6 +434,7 @@ class Engine:
             "prompt_tokens_computed": self.scheduler.prompt_tokens_computed,
             "num_steps": self.num_steps,
             "num_programs": self.runner.num_programs,
+            "weight_bytes": self.runner.weight_bytes,
             "programs_lowered_while_serving": compile_watch.programs_lowered() - self._lowered_at_ready,
         }
 

@@ -6,6 +6,7 @@ max_model_len capped by that pool, and the chunked-prefill token budget.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from tqdm.auto import tqdm
 
 from jserve import compilation_cache
 from jserve.attention import select_backend
-from jserve.checkpoint import abstract_model, load_params, resolve_dtype
+from jserve.checkpoint import abstract_model, is_orbax_checkpoint, load_params, resolve_dtype
 from jserve.config import CacheConfig, ModelConfig
 from jserve.engine.data_parallel import DataParallelEngine
 from jserve.engine.engine import Engine
@@ -45,7 +46,7 @@ def build_engine(args: EngineArgs, devices: list[jax.Device] | None = None) -> E
     if not path.is_dir():
         raise ValueError(f"model: {os.fspath(path)!r} is not a directory")
     compilation_cache.enable(args.compilation_cache_dir)
-    model_config = ModelConfig.from_pretrained(path)
+    model_config = _with_weight_quant(ModelConfig.from_pretrained(path), args, path)
     parallel = args.parallel
     parallel.check_model(model_config)
     devices = list(jax.devices() if devices is None else devices)[: parallel.world_size]
@@ -74,6 +75,21 @@ def build_engine(args: EngineArgs, devices: list[jax.Device] | None = None) -> E
     engine = engines[0] if len(engines) == 1 else DataParallelEngine(engines)
     engine.mark_ready()
     return engine
+
+
+def _with_weight_quant(cfg: ModelConfig, args: EngineArgs, path: Path) -> ModelConfig:
+    """quantization= quantizes a dense checkpoint on load; a compressed-tensors checkpoint is already quantized."""
+    quant = args.weight_quant
+    if quant is None:
+        return cfg
+    if cfg.weight_quant is not None:
+        raise ValueError(
+            f"quantization={args.quantization!r}: the checkpoint is already quantized ({cfg.weight_quant.describe()}, "
+            "compressed-tensors); leave quantization unset"
+        )
+    if is_orbax_checkpoint(path):
+        raise ValueError("quantization: quantize-on-load reads Hugging Face checkpoints, not Orbax ones")
+    return dataclasses.replace(cfg, weight_quant=quant)
 
 
 def compile_programs(runners: list[ModelRunner], *, progress: bool = True) -> None:

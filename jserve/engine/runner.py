@@ -214,6 +214,7 @@ class ModelRunner:
             self._allocate_kv_cache(stage, kv_dtype)
             self._jit_step(stage, graphdef)
         self.replicated = [shard_rules.replicated(st.mesh) for st in self.stages]
+        self.weight_bytes = sum(leaf.nbytes for stage in self.stages for leaf in stage.param_leaves)
         self.compile_on_first_use = False  # EngineArgs.precompile=False: programs compile when first needed
         # Resident all-padding penalty history, swapped in for steps without penalties (saves a [B, H] copy).
         self._empty_history = [

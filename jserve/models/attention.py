@@ -6,21 +6,24 @@ GQA/MQA never repeat K/V: the backend groups query heads per KV head.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from jserve.attention import AttentionBackend
 from jserve.config import ModelConfig
 from jserve.models.layers import apply_rope, param
+from jserve.quant.weights import einsum, linear_weight
 
 
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, *, dtype, rngs: nnx.Rngs):
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = param(rngs, (d, n, h), ("embed", "q_heads", "head_dim"), dtype)
-        self.k_proj = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), dtype)
-        self.v_proj = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), dtype)
-        self.o_proj = param(rngs, (n, h, d), ("q_heads", "head_dim", "embed"), dtype)
+        quant = cfg.weight_quant
+        self.q_proj = linear_weight(rngs, (d, n, h), ("embed", "q_heads", "head_dim"), dtype, quant, name="q_proj")
+        self.k_proj = linear_weight(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), dtype, quant, name="k_proj")
+        self.v_proj = linear_weight(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), dtype, quant, name="v_proj")
+        self.o_proj = linear_weight(
+            rngs, (n, h, d), ("q_heads", "head_dim", "embed"), dtype, quant, num_contracting=2, name="o_proj"
+        )
         self.qkv_bias = cfg.attention_bias
         self.o_bias = cfg.o_bias
         if cfg.attention_bias:
@@ -42,16 +45,16 @@ class Attention(nnx.Module):
         meta,  # the backend's metadata for this step (AttentionBackend.plan)
         backend: AttentionBackend,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        q = jnp.einsum("td,dnh->tnh", x, self.q_proj[...])
-        k = jnp.einsum("td,dkh->tkh", x, self.k_proj[...])
-        v = jnp.einsum("td,dkh->tkh", x, self.v_proj[...])
+        q = einsum("td,dnh->tnh", x, self.q_proj)
+        k = einsum("td,dkh->tkh", x, self.k_proj)
+        v = einsum("td,dkh->tkh", x, self.v_proj)
         if self.qkv_bias:
             q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
         k_pages, v_pages = backend.write_kv(kv[0], kv[1], k, v, meta)
         out = backend.attend(q, k_pages, v_pages, meta, sm_scale=self.sm_scale, sliding_window=self.sliding_window)
-        out = jnp.einsum("tnh,nhd->td", out, self.o_proj[...])
+        out = einsum("tnh,nhd->td", out, self.o_proj)
         if self.o_bias:
             out = out + self.o_bias_param[...]
         return out, (k_pages, v_pages)

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jserve.config import ModelConfig, RopeScaling
+from jserve.quant.weights import einsum, linear_weight
 
 _INIT = nnx.initializers.normal(stddev=0.02)
 
@@ -81,9 +82,10 @@ class MLP(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
         d, f = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = param(rngs, (d, f), ("embed", "mlp"), dtype)
-        self.up_proj = param(rngs, (d, f), ("embed", "mlp"), dtype)
-        self.down_proj = param(rngs, (f, d), ("mlp", "embed"), dtype)
+        quant = cfg.weight_quant
+        self.gate_proj = linear_weight(rngs, (d, f), ("embed", "mlp"), dtype, quant, name="gate_proj")
+        self.up_proj = linear_weight(rngs, (d, f), ("embed", "mlp"), dtype, quant, name="up_proj")
+        self.down_proj = linear_weight(rngs, (f, d), ("mlp", "embed"), dtype, quant, name="down_proj")
         if cfg.mlp_bias:
             self.gate_bias = param(rngs, (f,), ("mlp",), dtype, nnx.initializers.zeros)
             self.up_bias = param(rngs, (f,), ("mlp",), dtype, nnx.initializers.zeros)
@@ -92,11 +94,11 @@ class MLP(nnx.Module):
         self.act = activation(cfg.hidden_act)
 
     def __call__(self, x: jax.Array) -> jax.Array:  # [T, D] -> [T, D]
-        gate = x @ self.gate_proj[...]
-        up = x @ self.up_proj[...]
+        gate = einsum("td,df->tf", x, self.gate_proj)
+        up = einsum("td,df->tf", x, self.up_proj)
         if self.mlp_bias:
             gate, up = gate + self.gate_bias[...], up + self.up_bias[...]
-        out = (self.act(gate) * up) @ self.down_proj[...]
+        out = einsum("tf,fd->td", self.act(gate) * up, self.down_proj)
         return out + self.down_bias[...] if self.mlp_bias else out
 
 

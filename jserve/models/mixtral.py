@@ -12,15 +12,17 @@ from flax import nnx
 
 from jserve.config import ModelConfig
 from jserve.models.layers import activation, param
+from jserve.quant.weights import linear_weight, ragged_dot
 
 
 class MoE(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
         d, f, e = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts
         self.router = param(rngs, (d, e), ("embed", None), dtype)
-        self.gate_proj = param(rngs, (e, d, f), ("experts", "embed", "mlp"), dtype)
-        self.up_proj = param(rngs, (e, d, f), ("experts", "embed", "mlp"), dtype)
-        self.down_proj = param(rngs, (e, f, d), ("experts", "mlp", "embed"), dtype)
+        expert = dict(quant=cfg.weight_quant, leading_batch=True)
+        self.gate_proj = linear_weight(rngs, (e, d, f), ("experts", "embed", "mlp"), dtype, name="gate_proj", **expert)
+        self.up_proj = linear_weight(rngs, (e, d, f), ("experts", "embed", "mlp"), dtype, name="up_proj", **expert)
+        self.down_proj = linear_weight(rngs, (e, f, d), ("experts", "mlp", "embed"), dtype, name="down_proj", **expert)
         self.top_k = cfg.num_experts_per_tok
         self.num_experts = e
         self.act = activation(cfg.hidden_act)
@@ -36,9 +38,9 @@ class MoE(nnx.Module):
         token_of_row = order // self.top_k
         group_sizes = jnp.bincount(flat_experts, length=self.num_experts).astype(jnp.int32)
         rows = x[token_of_row]  # [T*k, D], grouped by expert
-        gate = jax.lax.ragged_dot(rows, self.gate_proj[...], group_sizes)
-        up = jax.lax.ragged_dot(rows, self.up_proj[...], group_sizes)
-        out_rows = jax.lax.ragged_dot(self.act(gate) * up, self.down_proj[...], group_sizes)  # [T*k, D]
+        gate = ragged_dot(rows, self.gate_proj, group_sizes)
+        up = ragged_dot(rows, self.up_proj, group_sizes)
+        out_rows = ragged_dot(self.act(gate) * up, self.down_proj, group_sizes)  # [T*k, D]
 
         row_weights = weights.reshape(-1)[order][:, None]
         return jnp.zeros((num_tokens, x.shape[1]), x.dtype).at[token_of_row].add(out_rows * row_weights)

@@ -36,8 +36,11 @@ def _axis_size(cfg: ModelConfig, logical: str) -> int | None:
     }.get(logical)
 
 
-def logical_to_spec(axes: tuple[str | None, ...], cfg: ModelConfig, mesh: Mesh) -> PartitionSpec:
-    """PartitionSpec for a param with these logical axes; each mesh axis used at most once, in rule order."""
+def logical_to_spec(
+    axes: tuple[str | None, ...], cfg: ModelConfig, mesh: Mesh, shape: tuple[int, ...] | None = None
+) -> PartitionSpec:
+    """PartitionSpec for a param with these logical axes; each mesh axis used at most once, in rule order.
+    ``shape``: the param's own dims, when they differ from the model's (a quantized weight's group scales)."""
     rules = dict(LOGICAL_RULES)
     priority = [name for name, _ in LOGICAL_RULES]
     assigned: dict[int, str] = {}
@@ -47,7 +50,7 @@ def logical_to_spec(axes: tuple[str | None, ...], cfg: ModelConfig, mesh: Mesh) 
         mesh_axis = rules.get(axes[i]) if axes[i] is not None else None
         if mesh_axis is None or mesh_axis in used or mesh_axis not in mesh.shape:
             continue
-        size = _axis_size(cfg, axes[i])
+        size = shape[i] if shape is not None else _axis_size(cfg, axes[i])
         if size is not None and size % mesh.shape[mesh_axis]:
             continue  # not divisible: replicate this axis
         assigned[i] = mesh_axis
@@ -57,11 +60,30 @@ def logical_to_spec(axes: tuple[str | None, ...], cfg: ModelConfig, mesh: Mesh) 
 
 def param_specs(state: nnx.State, cfg: ModelConfig, mesh: Mesh) -> dict[str, PartitionSpec]:
     """Flat param path ("layers/0/attn/q_proj") -> PartitionSpec, from each Param's logical axis names."""
-    specs = {}
+    specs, shapes = {}, {}
     for path, var in nnx.to_flat_state(state):
         axes = var.get_metadata().get("out_sharding") or (None,) * var.get_value().ndim
-        specs["/".join(str(p) for p in path)] = logical_to_spec(tuple(axes), cfg, mesh)
+        name = "/".join(str(p) for p in path)
+        shapes[name] = tuple(var.get_value().shape)
+        specs[name] = logical_to_spec(tuple(axes), cfg, mesh, shapes[name])
+    _check_scale_shards(specs, shapes, cfg)
     return specs
+
+
+def _check_scale_shards(specs: dict[str, PartitionSpec], shapes: dict[str, tuple[int, ...]], cfg: ModelConfig):
+    """A quantized weight split on an input dim needs its scale groups split the same way (no group may span two
+    devices' rows)."""
+    for name, spec in specs.items():
+        if not name.endswith("/values"):
+            continue
+        scale = name[: -len("values")] + "scale"
+        for i, (axis, scale_axis) in enumerate(zip(spec, specs[scale], strict=False)):
+            if axis is not None and scale_axis != axis and shapes[scale][i] > 1:
+                group = cfg.weight_quant.group_size if cfg.weight_quant else None
+                raise ValueError(
+                    f"quantization_group_size {group}: the scale groups of {name[: -len('/values')]} "
+                    f"({shapes[scale]}) do not split evenly over tensor_parallel_size; use a smaller group size"
+                )
 
 
 def param_shardings(state: nnx.State, cfg: ModelConfig, mesh: Mesh) -> dict[str, NamedSharding]:
