@@ -112,7 +112,7 @@ def paged_attention(
     """Decode attention, one new token per sequence; semantics of ``reference.paged_attention``.
 
     Args:
-        q: [B, N, H]. k_pages, v_pages: [K, P, L, H] (int8 with ``k_scales``/``v_scales`` [K, P]).
+        q: [B, N, H]. k_pages, v_pages: [K, P, L, H] (int8 / fp8 with ``k_scales``/``v_scales`` [K, P, L]: per token and kv head).
         lengths: [B] tokens in cache including this one. block_tables: [B, Pmax] page ids.
         backend: "auto" | "xla" | "gpu" | "tpu"; ``interpret=True`` runs a gpu/tpu kernel on CPU.
 
@@ -149,7 +149,7 @@ def ragged_paged_attention(
 
     Args:
         q: [T, N, H] new tokens of all sequences, packed; rows past ``cu_q_lens[num_seqs]`` are padding.
-        k_pages, v_pages: [K, P, L, H] with this step's K/V already written (int8 with scales [K, P]).
+        k_pages, v_pages: [K, P, L, H] with this step's K/V already written (int8 / fp8 with scales [K, P, L]).
         kv_lens: [S]. block_tables: [S, Pmax]. cu_q_lens: [S + 1], non-decreasing. num_seqs: int32 [1].
         backend: "auto" | "xla" | "gpu" | "tpu"; ``interpret=True`` runs a gpu/tpu kernel on CPU.
 

@@ -23,10 +23,10 @@ def _softcap(scores: jax.Array, soft_cap: float | None) -> jax.Array:
 
 
 def _dequantize(pages: jax.Array, scales: jax.Array | None) -> jax.Array:
-    """int8 pages [K, P, L, H] with per-(kv head, page) scales [K, P] -> float32."""
+    """int8 / fp8 pages [K, P, L, H] with one scale per (kv head, token slot) [K, P, L] -> float32."""
     if scales is None:
         return pages
-    return pages.astype(jnp.float32) * scales[:, :, None, None].astype(jnp.float32)
+    return pages.astype(jnp.float32) * scales[..., None].astype(jnp.float32)
 
 
 def _masked_softmax_attend(scores: jax.Array, mask: jax.Array, values: jax.Array, eq: str) -> jax.Array:
@@ -166,16 +166,44 @@ def paged_attention(
     )
 
 
+def quantize_kv(x: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """New K or V [T, K, H] -> (values [T, K, H] int8 / e4m3, scales [T, K] float32): one absmax scale per token
+    and head, fixed when the token is written, so a page that fills over many steps never rescales old tokens."""
+    x32 = x.astype(jnp.float32)
+    qmax = 127.0 if jnp.dtype(dtype) == jnp.int8 else float(jnp.finfo(dtype).max)
+    scale = jnp.max(jnp.abs(x32), axis=-1) / qmax
+    scale = jnp.where(scale > 0, scale, 1.0)
+    scaled = x32 / scale[..., None]
+    if jnp.dtype(dtype) == jnp.int8:
+        scaled = jnp.clip(jnp.round(scaled), -qmax, qmax)
+    return scaled.astype(dtype), scale
+
+
 def write_to_pages(
-    k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array, slot_mapping: jax.Array
-) -> tuple[jax.Array, jax.Array]:
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    slot_mapping: jax.Array,
+    k_scales: jax.Array | None = None,
+    v_scales: jax.Array | None = None,
+):
     """Scatter new K/V [T, K, H] into pages [K, P, L, H] at flat slots (page * L + offset).
 
+    With scales [K, P, L] the pages are quantized (int8 / fp8): each new token is quantized per head and its
+    scale stored in the same slot; returns (k_pages, v_pages, k_scales, v_scales) then, else (k_pages, v_pages).
     Padding tokens carry slot 0..L-1 of the null page 0, which no real sequence reads.
     """
     num_kv_heads, num_pages, page_size, head_dim = k_pages.shape
     page = slot_mapping // page_size
     offset = slot_mapping % page_size
+    if k_scales is not None:
+        k, k_scale = quantize_kv(k, k_pages.dtype)
+        v, v_scale = quantize_kv(v, v_pages.dtype)
+        k_scales = k_scales.at[:, page, offset].set(k_scale.T)
+        v_scales = v_scales.at[:, page, offset].set(v_scale.T)
     k_pages = k_pages.at[:, page, offset].set(jnp.swapaxes(k, 0, 1).astype(k_pages.dtype))
     v_pages = v_pages.at[:, page, offset].set(jnp.swapaxes(v, 0, 1).astype(v_pages.dtype))
+    if k_scales is not None:
+        return k_pages, v_pages, k_scales, v_scales
     return k_pages, v_pages

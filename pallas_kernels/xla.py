@@ -51,8 +51,8 @@ def ragged_paged_attention(
 
     def load(pages_arr, scales, page_ids):  # page_ids [T, B] -> [K, T, B * L, H] float32
         tile = pages_arr[:, page_ids].astype(jnp.float32)
-        if scales is not None:
-            tile = tile * scales[:, page_ids][..., None, None].astype(jnp.float32)
+        if scales is not None:  # per-token scales [K, P, L]
+            tile = tile * scales[:, page_ids][..., None].astype(jnp.float32)
         return tile.reshape(num_kv_heads, num_tokens, keys_per_step, head_dim)
 
     def body(i, carry):

@@ -320,8 +320,8 @@ def _attend_group(qf, k_pages, v_pages, g: ItemSet, *, sliding_window, k_scales,
         v = v_pages[:, pages].astype(jnp.float32).reshape(num_kv, C, keys, head_dim)
         s = jnp.einsum("kcmh,kcsh->kcms", q, k)
         if k_scales is not None:
-            ks = k_scales[:, pages].astype(jnp.float32)  # [K, C, R]
-            s = (s.reshape(num_kv, C, rows, R, page_size) * ks[:, :, None, :, None]).reshape(s.shape)
+            ks = k_scales[:, pages].astype(jnp.float32).reshape(num_kv, C, keys)  # per-token scales [K, P, L]
+            s = s * ks[:, :, None, :]
         if logit_soft_cap is not None:
             s = logit_soft_cap * jnp.tanh(s / logit_soft_cap)
         k_pos = kpos[:, None] + offsets  # [C, keys]
@@ -336,8 +336,8 @@ def _attend_group(qf, k_pages, v_pages, g: ItemSet, *, sliding_window, k_scales,
         p = jnp.exp(s - new_max[:, blk][..., None])
         psum = p.sum(-1)
         if v_scales is not None:
-            vs = v_scales[:, pages].astype(jnp.float32)
-            p = (p.reshape(num_kv, C, group, Q, R, page_size) * vs[:, :, None, None, :, None]).reshape(p.shape)
+            vs = v_scales[:, pages].astype(jnp.float32).reshape(num_kv, C, keys)
+            p = p * vs[:, :, None, None, :]
         pv = jnp.einsum("kcms,kcsh->kcmh", p.reshape(num_kv, C, rows, keys), v)
         corr = jnp.exp(run_max - new_max)
         run_sum = (run_sum * corr).at[:, blk].add(psum)
@@ -371,7 +371,7 @@ def ragged_paged_attention_items(
 ) -> jax.Array:
     """``reference.ragged_paged_attention`` for the step ``plan`` was built from (one plan serves all layers).
 
-    q [T, N, H]; k_pages, v_pages [K, P, L, H] (float, or int8 with ``k_scales``/``v_scales`` [K, P]);
+    q [T, N, H]; k_pages, v_pages [K, P, L, H] (float, or int8 / fp8 with ``k_scales``/``v_scales`` [K, P, L]);
     -> [T, N, H] in q's dtype. ``chunk_bytes``: a group whose working set exceeds it runs as a loop over
     item chunks (only the chunks with real items), so gathered tiles stay cache-sized for long contexts and
     big heads.

@@ -75,9 +75,9 @@ def test_invalid_prompts_name_the_field_and_leave_the_engine_working(llm):
     ("kwargs", "field"),
     [
         (dict(dtype="int3"), "dtype"),
-        (dict(quantization="int8"), "quantization"),
         (dict(quantization="int2"), "quantization"),
-        (dict(kv_cache_dtype="int8"), "kv_cache_dtype"),
+        (dict(quantization_group_size=64), "quantization_group_size"),
+        (dict(kv_cache_dtype="int4"), "kv_cache_dtype"),
         (dict(speculative_model="ngram"), "speculative_model"),
         (dict(num_speculative_tokens=2), "num_speculative_tokens"),
         (dict(attention_backend="cuda"), "attention_backend"),

@@ -2,7 +2,8 @@
 
 The engine's batch builder produces an :class:`AttentionLayout` (numpy, on the host). The backend chosen at
 startup turns it into its own metadata with ``plan(layout)`` (host side, once per step, for all layers), and the
-model calls ``backend.attend(q, k_pages, v_pages, metadata)`` in every layer (device side). Metadata shapes
+model calls ``backend.attend(q, kv, metadata)`` in every layer (device side); ``kv`` is the layer's
+``(k_pages, v_pages)``, or ``(k_pages, v_pages, k_scales, v_scales)`` for an int8 / fp8 cache. Metadata shapes
 depend only on the step's token bucket, so the backend never adds a compiled program.
 """
 
@@ -61,15 +62,15 @@ class AttentionBackend:
     def layout_of(self, metadata) -> AttentionLayout:
         return metadata
 
-    def write_kv(self, k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array, metadata):
-        """Scatters this step's K/V [T, K, H] into the layer's pages [K, P, L, H]."""
-        return reference.write_to_pages(k_pages, v_pages, k, v, self.layout_of(metadata).slot_mapping)
+    def write_kv(self, kv: tuple[jax.Array, ...], k: jax.Array, v: jax.Array, metadata) -> tuple[jax.Array, ...]:
+        """Scatters this step's K/V [T, K, H] into the layer's pages [K, P, L, H] (quantizing them per token and
+        head when the cache has scales)."""
+        return reference.write_to_pages(kv[0], kv[1], k, v, self.layout_of(metadata).slot_mapping, *kv[2:])
 
     def attend(
         self,
         q: jax.Array,
-        k_pages: jax.Array,
-        v_pages: jax.Array,
+        kv: tuple[jax.Array, ...],
         metadata,
         *,
         sm_scale: float,
@@ -77,6 +78,11 @@ class AttentionBackend:
     ) -> jax.Array:
         """q [T, N, H] against the paged cache (this step's K/V already written) -> [T, N, H]."""
         raise NotImplementedError
+
+    @staticmethod
+    def scales(kv: tuple[jax.Array, ...]) -> dict:
+        """The kernels' ``k_scales`` / ``v_scales`` keywords for a layer's cache (None when unquantized)."""
+        return dict(k_scales=kv[2], v_scales=kv[3]) if len(kv) == 4 else dict(k_scales=None, v_scales=None)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

@@ -23,12 +23,12 @@ class PallasBackend(AttentionBackend):
     kernel = ""  # pallas_kernels backend name
     interpret = False
 
-    def attend(self, q, k_pages, v_pages, metadata, *, sm_scale, sliding_window):
-        def kernel(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs):
+    def attend(self, q, kv, metadata, *, sm_scale, sliding_window):
+        def kernel(q, kv, kv_lens, block_tables, cu_q_lens, num_seqs):
             return pallas_kernels.ragged_paged_attention(
                 q,
-                k_pages,
-                v_pages,
+                kv[0],
+                kv[1],
                 kv_lens,
                 block_tables,
                 cu_q_lens,
@@ -37,10 +37,11 @@ class PallasBackend(AttentionBackend):
                 sliding_window=sliding_window,
                 backend=self.kernel,
                 interpret=self.interpret,
+                **self.scales(kv),
             )
 
         m = metadata
-        args = (q, k_pages, v_pages, m.kv_lens, m.block_tables, m.cu_q_lens, m.num_seqs)
+        args = (q, tuple(kv), m.kv_lens, m.block_tables, m.cu_q_lens, m.num_seqs)
         if self.mesh is None or self.mesh.shape.get("tp", 1) == 1:
             return kernel(*args)
         return _local_heads_attention(kernel, self.mesh, *args)
@@ -63,29 +64,28 @@ class PallasTpuInterpretBackend(PallasTpuBackend):
     interpret = True
 
 
-def _local_heads_attention(kernel, mesh: Mesh, q, k_pages, v_pages, *meta_arrays):
+def _local_heads_attention(kernel, mesh: Mesh, q, kv, *meta_arrays):
     """Runs a kernel on each device's own heads.
 
-    Query heads are split over "tp". KV pages are split the same way when tp divides the kv heads; otherwise they
-    are replicated and each device slices out the one kv head its query heads share.
+    Query heads are split over "tp". KV pages (and their scales) are split the same way when tp divides the kv
+    heads; otherwise they are replicated and each device slices out the one kv head its query heads share.
     """
     tp = mesh.shape["tp"]
-    num_heads, num_kv_heads = q.shape[1], k_pages.shape[0]
+    num_heads, num_kv_heads = q.shape[1], kv[0].shape[0]
     kv_split = num_kv_heads % tp == 0
     kv_spec = P("tp") if kv_split else P()
 
-    def local(q, k_pages, v_pages, *meta_arrays):
+    def local(q, kv, *meta_arrays):
         if not kv_split:  # tp > num_kv_heads: this device's query heads all belong to one kv head
             group = num_heads // num_kv_heads
             head = jax.lax.axis_index("tp") * (num_heads // tp) // group
-            k_pages = jax.lax.dynamic_slice_in_dim(k_pages, head, 1, axis=0)
-            v_pages = jax.lax.dynamic_slice_in_dim(v_pages, head, 1, axis=0)
-        return kernel(q, k_pages, v_pages, *meta_arrays)
+            kv = tuple(jax.lax.dynamic_slice_in_dim(a, head, 1, axis=0) for a in kv)
+        return kernel(q, kv, *meta_arrays)
 
     return shard_map(
         local,
         mesh=mesh,
-        in_specs=(P(None, "tp"), kv_spec, kv_spec) + (P(),) * len(meta_arrays),
+        in_specs=(P(None, "tp"), (kv_spec,) * len(kv)) + (P(),) * len(meta_arrays),
         out_specs=P(None, "tp"),
         check_vma=False,
-    )(q, k_pages, v_pages, *meta_arrays)
+    )(q, kv, *meta_arrays)

@@ -12,22 +12,23 @@ from jserve.attention.base import AttentionBackend, AttentionLayout
 from pallas_kernels import xla as pallas_xla
 
 
-def page_loop(q, k_pages, v_pages, layout: AttentionLayout, *, sm_scale, sliding_window) -> jax.Array:
+def page_loop(q, kv, layout: AttentionLayout, *, sm_scale, sliding_window) -> jax.Array:
     return pallas_xla.ragged_paged_attention(
         q,
-        k_pages,
-        v_pages,
+        kv[0],
+        kv[1],
         layout.kv_lens,
         layout.block_tables,
         layout.cu_q_lens,
         layout.num_seqs,
         sm_scale=sm_scale,
         sliding_window=sliding_window,
+        **AttentionBackend.scales(kv),
     )
 
 
 class XlaPageLoopBackend(AttentionBackend):
     name = "xla-page-loop"
 
-    def attend(self, q, k_pages, v_pages, metadata, *, sm_scale, sliding_window):
-        return page_loop(q, k_pages, v_pages, metadata, sm_scale=sm_scale, sliding_window=sliding_window)
+    def attend(self, q, kv, metadata, *, sm_scale, sliding_window):
+        return page_loop(q, kv, metadata, sm_scale=sm_scale, sliding_window=sliding_window)

@@ -90,13 +90,13 @@ class XlaWorkItemsBackend(AttentionBackend):
     def layout_of(self, metadata: WorkItemsMetadata) -> AttentionLayout:
         return metadata.layout
 
-    def attend(self, q, k_pages, v_pages, metadata: WorkItemsMetadata, *, sm_scale, sliding_window):
-        def items(q, k_pages, v_pages, m):
+    def attend(self, q, kv, metadata: WorkItemsMetadata, *, sm_scale, sliding_window):
+        def items(q, kv, m):
             return ragged_paged_attention_items(
-                q, k_pages, v_pages, m.work, sm_scale=sm_scale, sliding_window=sliding_window
+                q, kv[0], kv[1], m.work, sm_scale=sm_scale, sliding_window=sliding_window, **self.scales(kv)
             )
 
-        def loop(q, k_pages, v_pages, m):
-            return page_loop(q, k_pages, v_pages, m.layout, sm_scale=sm_scale, sliding_window=sliding_window)
+        def loop(q, kv, m):
+            return page_loop(q, kv, m.layout, sm_scale=sm_scale, sliding_window=sliding_window)
 
-        return jax.lax.cond(metadata.use_items, items, loop, q, k_pages, v_pages, metadata)
+        return jax.lax.cond(metadata.use_items, items, loop, q, kv, metadata)

@@ -435,6 +435,7 @@ class Engine:
             "num_steps": self.num_steps,
             "num_programs": self.runner.num_programs,
             "weight_bytes": self.runner.weight_bytes,
+            "kv_bytes_per_token": self.runner.kv_bytes_per_token,
             "programs_lowered_while_serving": compile_watch.programs_lowered() - self._lowered_at_ready,
         }
 

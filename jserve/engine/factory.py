@@ -28,6 +28,8 @@ from jserve.engine_args import EngineArgs
 from jserve.models.llama import kv_cache_bytes_per_page
 from jserve.parallel.mesh import make_mesh, stage_mesh
 from jserve.parallel.sharding import param_shardings
+from jserve.quant.config import kv_storage_dtype
+from jserve.quant.kv import is_quantized_kv
 
 CPU_KV_BUDGET_BYTES = 1 << 30  # CPU devices report no memory stats: give the KV cache 1 GiB
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
@@ -117,7 +119,8 @@ def _build_replica(args: EngineArgs, path: Path, model_config: ModelConfig, toke
         _, abstract_state = abstract_model(model_config, dtype)
         shardings = param_shardings(abstract_state, model_config, meshes[0])
     graphdef, state = load_params(path, model_config, dtype, shardings)
-    bytes_per_page = kv_cache_bytes_per_page(model_config, cache_config.page_size, dtype)
+    kv_dtype = kv_storage_dtype(cache_config.kv_cache_dtype, dtype)
+    bytes_per_page = kv_cache_bytes_per_page(model_config, cache_config.page_size, kv_dtype)
     max_model_len = args.max_model_len or model_config.max_position_embeddings
     pages_per_seq = cache_config.pages_for(max_model_len)
     if cache_config.num_pages is not None:
@@ -166,6 +169,11 @@ def _build_replica(args: EngineArgs, path: Path, model_config: ModelConfig, toke
         dtype=dtype,
         platform=meshes[0].devices.flat[0].platform,
     )
+    if backend.name == "pallas-gpu" and is_quantized_kv(kv_dtype) and cache_config.page_size < 32:
+        raise ValueError(
+            f"page_size: kv_cache_dtype={cache_config.kv_cache_dtype!r} with the Pallas GPU kernel needs pages of "
+            f">= 32 tokens (each page's scale row is one TMA copy of >= 128 bytes), got {cache_config.page_size}"
+        )
     kv_cache = KVCacheManager(num_pages, cache_config.page_size, cache_config.enable_prefix_caching)
     runner = ModelRunner(
         model_config,
@@ -173,7 +181,7 @@ def _build_replica(args: EngineArgs, path: Path, model_config: ModelConfig, toke
         state,
         num_pages=num_pages,
         page_size=cache_config.page_size,
-        kv_dtype=dtype,
+        kv_dtype=kv_dtype,
         shapes=shapes,
         backend=backend,
         max_logprobs=limits.max_logprobs,

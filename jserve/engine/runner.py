@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jserve.attention import AttentionBackend
 from jserve.config import ModelConfig
@@ -42,6 +43,7 @@ from jserve.engine.sampler import SamplingTensors, sample, top_logprobs
 from jserve.engine.shapes import StepShapes
 from jserve.models.llama import KVCache, kv_cache_shape
 from jserve.parallel import sharding as shard_rules
+from jserve.quant.kv import is_quantized_kv, kv_bytes_per_token
 
 
 @dataclass
@@ -215,6 +217,7 @@ class ModelRunner:
             self._jit_step(stage, graphdef)
         self.replicated = [shard_rules.replicated(st.mesh) for st in self.stages]
         self.weight_bytes = sum(leaf.nbytes for stage in self.stages for leaf in stage.param_leaves)
+        self.kv_bytes_per_token = kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, kv_dtype)
         self.compile_on_first_use = False  # EngineArgs.precompile=False: programs compile when first needed
         # Resident all-padding penalty history, swapped in for steps without penalties (saves a [B, H] copy).
         self._empty_history = [
@@ -258,7 +261,13 @@ class ModelRunner:
         stage.kv_sharding = NamedSharding(stage.mesh, shard_rules.kv_cache_spec(self.config, stage.mesh))
         shape = kv_cache_shape(self.config, self.num_pages, self.page_size)
         zeros = jax.jit(functools.partial(jnp.zeros, shape, kv_dtype), out_shardings=stage.kv_sharding)
-        stage.kv_cache = [(zeros(), zeros()) for _ in stage.layers]
+        if not is_quantized_kv(kv_dtype):
+            stage.kv_cache = [(zeros(), zeros()) for _ in stage.layers]
+            return
+        # int8 / fp8 pages: plus one float32 scale per (kv head, token slot), split like the pages' kv heads
+        scale_sharding = NamedSharding(stage.mesh, P(*stage.kv_sharding.spec[:3]))
+        ones = jax.jit(functools.partial(jnp.ones, shape[:3], jnp.float32), out_shardings=scale_sharding)
+        stage.kv_cache = [(zeros(), zeros(), ones(), ones()) for _ in stage.layers]
 
     def _jit_step(self, stage: _Stage, graphdef: nnx.GraphDef) -> None:
         backend = self.backend.with_mesh(stage.mesh if stage.mesh.devices.size > 1 else None)
@@ -363,7 +372,11 @@ class ModelRunner:
         if first:
             x = model.embed(_fill_pending(inputs.tokens, inputs.token_src, inputs.prev_tokens))
         x, kv_cache = model.run_layers(x, inputs.positions, kv_cache, inputs.attention, backend, layers)
-        kv_cache = [tuple(jax.lax.with_sharding_constraint(a, kv_sharding) for a in kv) for kv in kv_cache]
+        scale_sharding = NamedSharding(kv_sharding.mesh, P(*kv_sharding.spec[:3]))
+        kv_cache = [
+            tuple(jax.lax.with_sharding_constraint(a, kv_sharding if a.ndim == 4 else scale_sharding) for a in kv)
+            for kv in kv_cache
+        ]
         if not last:
             return kv_cache, x
         hidden = model.final_norm(x)

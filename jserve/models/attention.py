@@ -41,10 +41,10 @@ class Attention(nnx.Module):
         x: jax.Array,  # [T, D]
         positions: jax.Array,  # [T]
         inv_freq: jax.Array,  # [H/2]
-        kv: tuple[jax.Array, jax.Array],  # this layer's pages, each [K, P, L, H]
+        kv: tuple[jax.Array, ...],  # this layer's pages [K, P, L, H] (+ scales [K, P, L] when quantized)
         meta,  # the backend's metadata for this step (AttentionBackend.plan)
         backend: AttentionBackend,
-    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
         q = einsum("td,dnh->tnh", x, self.q_proj)
         k = einsum("td,dkh->tkh", x, self.k_proj)
         v = einsum("td,dkh->tkh", x, self.v_proj)
@@ -52,9 +52,9 @@ class Attention(nnx.Module):
             q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
-        k_pages, v_pages = backend.write_kv(kv[0], kv[1], k, v, meta)
-        out = backend.attend(q, k_pages, v_pages, meta, sm_scale=self.sm_scale, sliding_window=self.sliding_window)
+        kv = backend.write_kv(kv, k, v, meta)
+        out = backend.attend(q, kv, meta, sm_scale=self.sm_scale, sliding_window=self.sliding_window)
         out = einsum("tnh,nhd->td", out, self.o_proj)
         if self.o_bias:
             out = out + self.o_bias_param[...]
-        return out, (k_pages, v_pages)
+        return out, kv

@@ -16,9 +16,10 @@ from jserve.config import ModelConfig
 from jserve.models.attention import Attention
 from jserve.models.layers import MLP, Embedding, RMSNorm, param, rope_inverse_frequencies
 from jserve.models.mixtral import MoE
+from jserve.quant.kv import kv_bytes_per_token
 
-KVCache = list[tuple[jax.Array, jax.Array]]
-"""Per layer: (k_pages, v_pages), each [K, P, L, H]."""
+KVCache = list[tuple[jax.Array, ...]]
+"""Per layer: (k_pages, v_pages), each [K, P, L, H]; int8 / fp8 pages add (k_scales, v_scales), each [K, P, L]."""
 
 
 class DecoderLayer(nnx.Module):
@@ -91,5 +92,5 @@ def kv_cache_shape(cfg: ModelConfig, num_pages: int, page_size: int) -> tuple[in
 
 
 def kv_cache_bytes_per_page(cfg: ModelConfig, page_size: int, dtype) -> int:
-    """K and V bytes of one page summed over all layers (sizes the pool from free memory)."""
-    return 2 * cfg.num_layers * cfg.num_kv_heads * page_size * cfg.head_dim * jnp.dtype(dtype).itemsize
+    """K and V bytes of one page summed over all layers, scales included (sizes the pool from free memory)."""
+    return page_size * kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype)

@@ -50,7 +50,7 @@ def logical_to_spec(
         mesh_axis = rules.get(axes[i]) if axes[i] is not None else None
         if mesh_axis is None or mesh_axis in used or mesh_axis not in mesh.shape:
             continue
-        size = shape[i] if shape is not None else _axis_size(cfg, axes[i])
+        size = shape[i] if shape is not None and len(shape) == len(axes) else _axis_size(cfg, axes[i])
         if size is not None and size % mesh.shape[mesh_axis]:
             continue  # not divisible: replicate this axis
         assigned[i] = mesh_axis

@@ -8,7 +8,7 @@ Decode batches are small next to the machine, so the context is split Flash-Deco
 programs per (block of sequences, KV head) each stream a slice of every sequence's pages through the TMA ring
 and write a partial output with its log-sum-exp, and a short XLA combine merges them. ``tuning.paged_blocks``
 picks the split count so that about two programs per SM are in flight. Partial pages at the end of a context
-are masked per key; int8 pages carry per-(kv head, page) scales (see ``ragged_paged_attention``)."""
+are masked per key; int8 / fp8 pages carry per-(kv head, token) scales (see ``ragged_paged_attention``)."""
 
 from __future__ import annotations
 

@@ -22,7 +22,9 @@ Grid ``(T / bq query blocks, K kv heads, num_splits)``, one warpgroup per progra
   so a decode step of a few long sequences still occupies every SM; large prefill steps are not split.
 
 K/V tiles in a dtype ``wgmma`` cannot take (int8 pages, fp32 pages) are TMA'd into staging buffers and
-converted to bf16 in SMEM; int8 per-page scales are applied to score columns (K) and probability columns (V).
+converted to bf16 in SMEM. Quantized pages (int8 / fp8) carry one scale per (kv head, token slot) [K, P, L]: each
+page's scale row is TMA'd next to the page (same barrier) and multiplies the score columns (K) and the
+probability columns (V), so the quantized tile is only converted, never rescaled.
 fp32 queries are rounded to bf16 for the MMAs (accumulation stays fp32).
 """
 
@@ -39,6 +41,8 @@ from pallas_kernels.checks import check_attention_args
 from pallas_kernels.compat import pl, plgpu
 from pallas_kernels.gpu import common, tuning
 from pallas_kernels.work_list import kv_work_list
+
+MIN_COPY_BYTES = 128  # Mosaic GPU splits a copy's barrier accounting over the 128 threads of a warpgroup
 
 
 def _round_up(x: int, m: int) -> int:
@@ -80,6 +84,9 @@ def _kernel(
     refs = refs[3:]
     o_smem = refs.pop(0) if separate_out else q_smem  # q's tile is free once the last sequence is done
     lse_smem = refs.pop(0) if num_splits > 1 else None
+    ks_smem = vs_smem = None
+    if quantized:
+        ks_smem, vs_smem = refs.pop(0), refs.pop(0)
     if convert:
         k_raw, v_raw = refs.pop(0), refs.pop(0)
     q_bar, k_bars, v_bars = refs
@@ -100,7 +107,6 @@ def _kernel(
     row = compat.gpu_iota((rows, bk), 0, interpret)
     col = compat.gpu_iota((rows, bk), 1, interpret)
     row_tok = t0 + lax.rem(row, bq)
-    col_page = lax.div(col, page_size) if quantized else None
     num_seqs = num_seqs_ref[0]
     k_dst = k_raw if convert else k_smem
     v_dst = v_raw if convert else v_smem
@@ -116,12 +122,14 @@ def _kernel(
             rows_i = pl.ds(i * page_size, page_size)
             plgpu.copy_gmem_to_smem(k_ref.at[h, page], k_dst.at[slot, rows_i], k_bars.at[slot])
             plgpu.copy_gmem_to_smem(v_ref.at[h, page], v_dst.at[slot, rows_i], v_bars.at[slot])
+            if quantized:
+                plgpu.copy_gmem_to_smem(ks_ref.at[h, page], ks_smem.at[slot, rows_i], k_bars.at[slot])
+                plgpu.copy_gmem_to_smem(vs_ref.at[h, page], vs_smem.at[slot, rows_i], v_bars.at[slot])
 
-    def column_scales(scales_ref, seq, blk):
-        scale = jnp.zeros((rows, bk), jnp.float32)
-        for i in range(ppb):
-            scale = jnp.where(col_page == i, scales_ref[h, page_of(seq, blk, i)], scale)
-        return scale
+    def column_scales(scales_smem, slot):
+        """[rows, bk]: each key column's scale, broadcast down the rows of the WGMMA accumulator."""
+        vec = compat.gpu_load(scales_smem.at[slot], "WGMMA", interpret, reduced_dim=0)
+        return lax.broadcast_in_dim(vec, (rows, bk), [1])
 
     seq_info, first_item, next_item = kv_work_list(
         cu_q_lens_ref=cu_q_lens_ref,
@@ -159,7 +167,7 @@ def _kernel(
             plgpu.commit_smem()
         s2 = common.scale_scores(common.qk_scores(q_smem, k_smem.at[slot], interpret), sm_scale, soft_cap)
         if quantized:
-            s2 = s2 * column_scales(ks_ref, seq, blk)
+            s2 = s2 * column_scales(ks_smem, slot)
         k_pos = blk * bk + col
         mask = in_seq & (k_pos <= row_pos)
         if sliding_window is not None:
@@ -168,7 +176,7 @@ def _kernel(
         if convert:
             v_smem[slot] = v_raw[slot].astype(jnp.float32).astype(mm_dtype)
             plgpu.commit_smem()
-        p_scale = column_scales(vs_ref, seq, blk) if quantized else None
+        p_scale = column_scales(vs_smem, slot) if quantized else None
         state = common.softmax_step(s2, mask, tuple(state), v_smem.at[slot], mm_dtype, interpret, p_scale)
 
         @pl.when(p_seq >= 0)
@@ -239,7 +247,7 @@ def ragged_paged_attention(
 ) -> jax.Array:
     """Mixed-step attention (semantics: ``pallas_kernels.reference.ragged_paged_attention``).
 
-    q [T, N, H]; k_pages, v_pages [K, P, L, H] (int8 with ``k_scales``/``v_scales`` [K, P]); kv_lens [S];
+    q [T, N, H]; k_pages, v_pages [K, P, L, H] (int8 / fp8 with ``k_scales``/``v_scales`` [K, P, L]); kv_lens [S];
     block_tables [S, Pmax]; cu_q_lens [S + 1] non-decreasing (entries past num_seqs repeat the total);
     num_seqs [1]. H must be a multiple of 64 and L a multiple of 8. ``block_q`` / ``pages_per_block`` /
     ``num_splits`` / ``stages`` override ``tuning.paged_blocks``.
@@ -275,6 +283,11 @@ def ragged_paged_attention(
     if bk % 64 or bk > 256:
         raise ValueError(f"keys per step ({ppb} pages x {page_size}) must be a multiple of 64, at most 256")
     quantized = k_scales is not None
+    if quantized and page_size * 4 < MIN_COPY_BYTES:
+        raise ValueError(
+            f"int8 / fp8 pages need page_size >= {MIN_COPY_BYTES // 4} in the Mosaic GPU kernel (each page's float32 "
+            f"scale row moves by one TMA copy of at least {MIN_COPY_BYTES} bytes), got {page_size}"
+        )
 
     padded = _round_up(max(num_tokens, 1), bq)
     num_q_blocks = padded // bq
@@ -314,15 +327,18 @@ def ragged_paged_attention(
         scratch.append(compat.gpu_smem((rows, head_dim), out_dtype))
     if splits > 1:
         scratch.append(plgpu.SMEM((rows,), jnp.float32))
+    if quantized:
+        scratch += [plgpu.SMEM((n_stages, bk), jnp.float32), plgpu.SMEM((n_stages, bk), jnp.float32)]
     if convert:
         scratch += [
             compat.gpu_smem((n_stages, bk, head_dim), k_pages.dtype),
             compat.gpu_smem((n_stages, bk, head_dim), v_pages.dtype),
         ]
+    copies_per_step = 2 * ppb if quantized else ppb  # each page's copy, and its scale row's
     scratch += [
         plgpu.Barrier(num_arrivals=group, num_barriers=1),
-        plgpu.Barrier(num_arrivals=ppb, num_barriers=n_stages),
-        plgpu.Barrier(num_arrivals=ppb, num_barriers=n_stages),
+        plgpu.Barrier(num_arrivals=copies_per_step, num_barriers=n_stages),
+        plgpu.Barrier(num_arrivals=copies_per_step, num_barriers=n_stages),
     ]
     kernel = functools.partial(
         _kernel,

@@ -7,7 +7,7 @@ consecutive sequences (``tuning.decode_blocks``): its rows are the 8 * G query h
 sequence's pages are streamed through the double-buffered DMA loop in turn. When the grid would be too small
 to keep both TensorCores of a megacore chip busy (few sequences, long contexts), the context is split
 Flash-Decoding style (``num_splits``) and the partial results are merged by their log-sum-exp in the wrapper.
-See ``ragged_paged_attention`` for the kernel itself (int8 pages with per-page scales included)."""
+See ``ragged_paged_attention`` for the kernel itself (int8 / fp8 pages with per-token scales included)."""
 
 from __future__ import annotations
 

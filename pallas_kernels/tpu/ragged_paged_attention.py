@@ -24,9 +24,9 @@ the work without any cross-program state:
   normalised partial output plus its log-sum-exp; the wrapper combines the splits. Used for decode batches too
   small to fill the chip.
 
-int8 KV: pages are int8 with one float scale per (kv head, page). The scales travel with their pages by DMA
-into SMEM; they are applied to the score columns (K) and to the probability columns (V), so the int8 tile
-itself is only converted, never rescaled.
+Quantized KV (int8 / fp8): one float scale per (kv head, token slot), [K, P, L]. Each page's scale row travels
+with the page by DMA into VMEM; the scales multiply the score columns (K) and the probability columns (V), so
+the quantized tile itself is only converted, never rescaled.
 """
 
 from __future__ import annotations
@@ -106,26 +106,13 @@ def _kernel(
             copies.append(compat.tpu_async_copy(k_hbm.at[h, page], k_buf.at[slot, i], sems.at[slot, 0]))
             copies.append(compat.tpu_async_copy(v_hbm.at[h, page], v_buf.at[slot, i], sems.at[slot, 1]))
             if quantized:
-                copies.append(
-                    compat.tpu_async_copy(
-                        ks_hbm.at[h, pl.ds(page, 1)], scale_buf.at[slot, pl.ds(i, 1)], sems.at[slot, 2]
-                    )
-                )
-                copies.append(
-                    compat.tpu_async_copy(
-                        vs_hbm.at[h, pl.ds(page, 1)], scale_buf.at[slot, pl.ds(ppb + i, 1)], sems.at[slot, 3]
-                    )
-                )
+                copies.append(compat.tpu_async_copy(ks_hbm.at[h, page], scale_buf.at[slot, 0, i], sems.at[slot, 2]))
+                copies.append(compat.tpu_async_copy(vs_hbm.at[h, page], scale_buf.at[slot, 1, i], sems.at[slot, 3]))
         return copies
 
-    def column_scales(slot, offset):
-        """[1, bkv] per-key scale: page i of the block covers columns i*L .. i*L+L-1."""
-        col = lax.broadcasted_iota(jnp.int32, (1, bkv), 1)
-        scale = jnp.zeros((1, bkv), jnp.float32)
-        for i in range(ppb):
-            in_page = (col >= i * page_size) & (col < (i + 1) * page_size)
-            scale = jnp.where(in_page, scale_buf[slot, offset + i], scale)
-        return scale
+    def column_scales(slot, which):
+        """[1, bkv] per-key scales (which: 0 = K, 1 = V): page i of the block covers columns i*L .. i*L+L-1."""
+        return scale_buf[slot, which].reshape(1, bkv)
 
     def attend_block(blk, slot, row_pos, row_in_seq):
         k = k_buf[slot].reshape(bkv, head_dim)
@@ -150,7 +137,7 @@ def _kernel(
         alpha = jnp.exp(m_prev - m_new)
         l_ref[...] = alpha * l_ref[...] + jnp.sum(p, axis=1, keepdims=True)
         if quantized:
-            p = p * column_scales(slot, ppb)
+            p = p * column_scales(slot, 1)
         pv = lax.dot_general(p.astype(mm_dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
         acc_ref[...] = alpha * acc_ref[...] + pv
         m_ref[...] = m_new
@@ -244,7 +231,7 @@ def ragged_paged_attention(
 ) -> jax.Array:
     """Mixed-step attention (semantics: ``pallas_kernels.reference.ragged_paged_attention``).
 
-    q [T, N, H]; k_pages, v_pages [K, P, L, H] (int8 with ``k_scales``/``v_scales`` [K, P]); kv_lens [S];
+    q [T, N, H]; k_pages, v_pages [K, P, L, H] (int8 / fp8 with ``k_scales``/``v_scales`` [K, P, L]); kv_lens [S];
     block_tables [S, Pmax]; cu_q_lens [S + 1] non-decreasing (entries past num_seqs repeat the total);
     num_seqs [1]. ``block_q`` / ``pages_per_block`` / ``num_splits`` override the tuning table.
     """
@@ -294,7 +281,7 @@ def ragged_paged_attention(
     scratch = [
         compat.TPU_VMEM((2, ppb, page_size, head_dim), k_pages.dtype),
         compat.TPU_VMEM((2, ppb, page_size, head_dim), v_pages.dtype),
-        compat.TPU_SMEM((2, 2 * ppb), jnp.float32),
+        compat.TPU_VMEM((2, 2, ppb, page_size), jnp.float32),
         compat.tpu_dma_semaphores((2, 4)),
         compat.TPU_VMEM((rows, 1), jnp.float32),
         compat.TPU_VMEM((rows, 1), jnp.float32),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 GARBAGE = 300.0  # value written where no valid key lives: a missing mask shows up as a large error
@@ -42,7 +43,7 @@ class RaggedCase:
     block_tables: jnp.ndarray  # [S, Pmax]
     cu_q_lens: jnp.ndarray  # [S + 1]
     num_seqs: jnp.ndarray  # [1]
-    k_scales: jnp.ndarray | None = None  # [K, P]
+    k_scales: jnp.ndarray | None = None  # [K, P, L]: one scale per token slot and kv head
     v_scales: jnp.ndarray | None = None
 
     @property
@@ -71,6 +72,7 @@ def make_ragged_case(
     page_size: int = 8,
     dtype=jnp.float32,
     int8: bool = False,
+    fp8: bool = False,  # float8_e4m3fn pages with per-token scales
     extra_seqs: int = 1,  # padding rows of block_tables / kv_lens / cu_q_lens past num_seqs
     extra_tokens: int = 3,  # padding rows of q past the last real token
     extra_pages: int = 1,  # block-table entries past each sequence's last page, pointing at garbage pages
@@ -103,8 +105,14 @@ def make_ragged_case(
     if int8:
         k_pages = rng.integers(-127, 128, shape).astype(np.int8)
         v_pages = rng.integers(-127, 128, shape).astype(np.int8)
-        k_scales = rng.uniform(0.002, 0.02, shape[:2]).astype(np.float32)
-        v_scales = rng.uniform(0.002, 0.02, shape[:2]).astype(np.float32)
+        k_scales = rng.uniform(0.002, 0.02, shape[:3]).astype(np.float32)
+        v_scales = rng.uniform(0.002, 0.02, shape[:3]).astype(np.float32)
+    elif fp8:
+        # e4m3fn has no inf: values past 448 would become NaN
+        k_pages = np.clip(rng.standard_normal(shape) * 100, -448, 448).astype(ml_dtypes.float8_e4m3fn)
+        v_pages = np.clip(rng.standard_normal(shape) * 100, -448, 448).astype(ml_dtypes.float8_e4m3fn)
+        k_scales = rng.uniform(0.002, 0.02, shape[:3]).astype(np.float32)
+        v_scales = rng.uniform(0.002, 0.02, shape[:3]).astype(np.float32)
     else:
         k_pages = rng.standard_normal(shape).astype(np.float32)
         v_pages = rng.standard_normal(shape).astype(np.float32)
@@ -114,12 +122,12 @@ def make_ragged_case(
     for i, (_, kv) in enumerate(seqs):
         for pos in range(kv):
             valid[block_tables[i, pos // page_size], pos % page_size] = True
-    garbage = 100 if int8 else GARBAGE
+    garbage = 100 if int8 or fp8 else GARBAGE
     k_pages = np.where(valid[None, :, :, None], k_pages, garbage).astype(k_pages.dtype)
     v_pages = np.where(valid[None, :, :, None], v_pages, -garbage).astype(v_pages.dtype)
 
     q = rng.standard_normal((num_tokens, num_heads, head_dim)).astype(np.float32)
-    page_dtype = jnp.int8 if int8 else dtype
+    page_dtype = jnp.int8 if int8 else jnp.float8_e4m3fn if fp8 else dtype
     return RaggedCase(
         q=jnp.asarray(q, dtype),
         k_pages=jnp.asarray(k_pages, page_dtype),
@@ -160,8 +168,8 @@ def numpy_ragged(case: RaggedCase, *, sm_scale=None, sliding_window=None, logit_
     kp = np.asarray(jnp.asarray(case.k_pages, jnp.float32), np.float64)
     vp = np.asarray(jnp.asarray(case.v_pages, jnp.float32), np.float64)
     if case.k_scales is not None:
-        kp = kp * np.asarray(case.k_scales, np.float64)[:, :, None, None]
-        vp = vp * np.asarray(case.v_scales, np.float64)[:, :, None, None]
+        kp = kp * np.asarray(case.k_scales, np.float64)[..., None]
+        vp = vp * np.asarray(case.v_scales, np.float64)[..., None]
     num_kv_heads, _, page_size, head_dim = kp.shape
     scale = head_dim**-0.5 if sm_scale is None else sm_scale
     cu = np.asarray(case.cu_q_lens)

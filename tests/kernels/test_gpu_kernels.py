@@ -93,9 +93,20 @@ def test_ragged_sliding_window_soft_cap_split_k():
 
 def test_ragged_int8():
     case = make_ragged_case(
-        [(3, 75), (1, 8), (1, 1), (0, 9)], group=4, page_size=16, int8=True, dtype=jnp.bfloat16, seed=5
+        [(3, 75), (1, 8), (1, 1), (0, 9)], group=4, page_size=32, int8=True, dtype=jnp.bfloat16, seed=5
     )
     check_ragged(case, num_splits=2, sliding_window=40)
+
+
+def test_quantized_pages_need_32_token_pages():
+    case = make_ragged_case([(1, 8)], group=4, page_size=16, int8=True, dtype=jnp.bfloat16)
+    with pytest.raises(ValueError, match="page_size >= 32"):
+        gpu_kernels.ragged_paged_attention(*case.args, **case.scale_kwargs, interpret=True)
+
+
+def test_ragged_fp8():
+    case = make_ragged_case([(3, 40), (1, 8), (1, 1)], group=4, page_size=32, fp8=True, dtype=jnp.bfloat16, seed=6)
+    check_ragged(case)
 
 
 @pytest.mark.parametrize("num_splits", [1, 2])
@@ -119,13 +130,14 @@ def ragged_problems(draw):
     for _ in range(draw(st.integers(1, 3))):
         q_len = draw(st.sampled_from([0, 1, 1, 3, 10]))
         seqs.append((q_len, max(q_len + draw(st.integers(0, 80)), 1)))
+    int8 = draw(st.booleans())
     return dict(
         seqs=seqs,
         group=draw(st.sampled_from([4, 8])),
         head_dim=draw(st.sampled_from([64, 128])),
-        page_size=draw(st.sampled_from([8, 16, 32])),
+        page_size=32 if int8 else draw(st.sampled_from([8, 16, 32])),  # quantized pages: >= 32 tokens
         dtype=draw(st.sampled_from([jnp.bfloat16, jnp.float32])),
-        int8=draw(st.booleans()),
+        int8=int8,
         sliding_window=draw(st.sampled_from([None, None, 1, 50])),
         num_splits=draw(st.sampled_from([1, 2])),
         seed=draw(st.integers(0, 1000)),
@@ -165,7 +177,7 @@ def test_paged_decode(int8, soft_cap):
     case = make_ragged_case(
         [(1, n) for n in lens],
         group=4,
-        page_size=16,
+        page_size=32 if int8 else 16,
         int8=int8,
         dtype=jnp.bfloat16,
         extra_seqs=0,

@@ -24,7 +24,7 @@ def _lower(fn, *args, platform):
     assert {"tpu": "tpu_custom_call", "cuda": "mosaic_gpu"}[platform] in text
 
 
-def _ragged(int8=False, dtype=jnp.bfloat16, group=4, head_dim=128, page_size=16):
+def _ragged(int8=False, fp8=False, dtype=jnp.bfloat16, group=4, head_dim=128, page_size=16):
     return make_ragged_case(
         [(5, 40), (1, 70), (0, 3), (1, 1)],
         group=group,
@@ -32,6 +32,7 @@ def _ragged(int8=False, dtype=jnp.bfloat16, group=4, head_dim=128, page_size=16)
         page_size=page_size,
         dtype=dtype,
         int8=int8,
+        fp8=fp8,
         num_kv_heads=2,
     )
 
@@ -44,7 +45,9 @@ def _flash(dtype=jnp.bfloat16, q_len=256, kv_len=256, group=4, head_dim=128):
 
 KERNEL_CONFIGS = [
     ("ragged", dict(), {}),
-    ("ragged", dict(int8=True), dict(sliding_window=64, num_splits=2)),
+    # quantized pages: the GPU kernel TMAs each page's scale row, >= 128 bytes, so pages of >= 32 tokens
+    ("ragged", dict(int8=True, page_size=32), dict(sliding_window=64, num_splits=2)),
+    ("ragged", dict(fp8=True, page_size=32), {}),
     ("ragged", dict(dtype=jnp.float32, group=1, head_dim=64, page_size=64), dict(logit_soft_cap=30.0)),
     ("paged", dict(group=8), {}),
     ("flash", dict(), dict(causal=True)),

@@ -95,6 +95,11 @@ def test_ragged_int8():
     check_ragged(case, jnp.bfloat16, block_q=8, pages_per_block=2, num_splits=2, sliding_window=10)
 
 
+def test_ragged_fp8():
+    case = make_ragged_case([(3, 19), (1, 8), (1, 1)], group=4, page_size=8, fp8=True, dtype=jnp.bfloat16, seed=6)
+    check_ragged(case, jnp.bfloat16, block_q=8, pages_per_block=2)
+
+
 def test_ragged_default_blocks():
     case = make_ragged_case([(4, 12), (1, 20)], group=4, page_size=16, seed=6)
     check_ragged(case, jnp.float32)
