@@ -112,7 +112,7 @@ def paged_attention(
     """Decode attention, one new token per sequence; semantics of ``reference.paged_attention``.
 
     Args:
-        q: [B, N, H]. k_pages, v_pages: [K, P, L, H] (int8 / fp8 with ``k_scales``/``v_scales`` [K, P, L]: per token and kv head).
+        q: [B, N, H]. k_pages, v_pages: [K, P, L, H] (int8 / fp8 with ``k_scales``/``v_scales`` [K, P, L]).
         lengths: [B] tokens in cache including this one. block_tables: [B, Pmax] page ids.
         backend: "auto" | "xla" | "gpu" | "tpu"; ``interpret=True`` runs a gpu/tpu kernel on CPU.
 

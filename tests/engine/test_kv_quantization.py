@@ -23,7 +23,8 @@ def _prompts(n: int, lo: int, hi: int, seed: int = 0) -> list[list[int]]:
 
 
 def _tokens(llm: LLM, prompts, params=GREEDY) -> list[list[int]]:
-    return [o.outputs[0].token_ids for o in llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)]
+    outs = llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outs]
 
 
 def _assert_no_leak(llm: LLM) -> None:
@@ -44,9 +45,7 @@ def float_tokens(tiny_model_dir, prompts32):
 
 @pytest.mark.parametrize("kv_cache_dtype", ["int8", "fp8"])
 def test_quantized_cache_agrees_with_float_cache(tiny_model_dir, prompts32, float_tokens, kv_cache_dtype):
-    llm = LLM(
-        model=tiny_model_dir, num_pages=256, max_num_batched_tokens=128, kv_cache_dtype=kv_cache_dtype, **COMMON
-    )
+    llm = LLM(model=tiny_model_dir, num_pages=256, max_num_batched_tokens=128, kv_cache_dtype=kv_cache_dtype, **COMMON)
     ours = _tokens(llm, prompts32)
     identical = sum(a == b for a, b in zip(ours, float_tokens, strict=True))
     assert identical >= MIN_IDENTICAL[kv_cache_dtype], identical
