@@ -294,6 +294,8 @@ def _model_card(engine, args, name: str):
 
     devices = jax.devices()
     dtype = resolve_dtype(args.dtype, ModelConfig.from_pretrained(Path(args.model)))
+    runner = getattr(engine, "replicas", [engine])[0].runner
+    quant = runner.config.weight_quant
     return ModelCard(
         name=name,
         vocab_size=engine.vocab_size,
@@ -306,6 +308,8 @@ def _model_card(engine, args, name: str):
         data_parallel_size=args.data_parallel_size,
         num_devices=len(devices),
         platform=devices[0].platform,
+        quantization=quant.describe() if quant is not None else "",
+        kv_cache_dtype=str(jax.numpy.dtype(runner.dtype)),
     )
 
 

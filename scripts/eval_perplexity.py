@@ -39,7 +39,8 @@ def main() -> None:
     parser.add_argument("--max-files", type=int, default=None, help="only the first N held-out files")
     parser.add_argument("--window", type=int, default=256, help="tokens per window (the training length)")
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--quantization", default=None)
+    parser.add_argument("--quantization", default=None, help="int8 | int4 | fp8 (quantize on load)")
+    parser.add_argument("--quantization-group-size", type=int, default=None, help="int4 group size (default 128)")
     parser.add_argument("--kv-cache-dtype", default="auto")
     parser.add_argument("--reference", action="store_true", help="also transformers' perplexity on the same windows")
     parser.add_argument("--no-bigram", action="store_true", help="skip the bigram baseline (it reads the train split)")
@@ -53,6 +54,7 @@ def main() -> None:
         dtype=args.dtype,
         max_model_len=args.window + 1,  # a prompt leaves room for one generated token
         quantization=args.quantization,
+        quantization_group_size=args.quantization_group_size,
         kv_cache_dtype=args.kv_cache_dtype,
     )
     window = args.window

@@ -57,6 +57,8 @@ class ModelCard:
     data_parallel_size: int = 1
     num_devices: int = 1
     platform: str = "cpu"
+    quantization: str = ""  # "" = dense weights, else WeightQuant.describe()
+    kv_cache_dtype: str = ""
 
 
 class ServingCore:

@@ -153,6 +153,10 @@ class GenerationServicer(jserve_pb2_grpc.GenerationServicer):
             num_waiting=stats["num_waiting"],
             max_num_seqs=card.max_num_seqs,
             dtype=card.dtype,
+            weight_bytes=stats["weight_bytes"],
+            kv_bytes_per_token=stats["kv_bytes_per_token"],
+            quantization=card.quantization,
+            kv_cache_dtype=card.kv_cache_dtype,
         )
 
 

@@ -103,3 +103,26 @@ def test_over_the_limit_is_refused_not_compiled(built):
         with pytest.raises(ValueError, match="logprobs"):
             llm.generate("x", SamplingParams(logprobs=llm.engine.limits.max_logprobs + 1), use_tqdm=False)
     assert lowered == []
+
+
+def test_quantized_engine_keeps_the_program_set_and_lowers_nothing():
+    """Weight and KV quantization are engine settings, not per-request flags: the same one program per bucket."""
+    with count_lowerings() as built_lowered:
+        llm = LLM(
+            BUNDLED_MODEL,
+            dtype="float32",
+            quantization="int4",
+            kv_cache_dtype="int8",
+            max_model_len=256,
+            max_num_batched_tokens=64,
+            max_num_seqs=8,
+            progress=False,
+        )
+    assert len([name for name in built_lowered if "_stage_step" in name]) == 4  # buckets 8, 16, 32, 64
+    rng = random.Random(7)
+    prompts = [[rng.randrange(1, llm.engine.vocab_size) for _ in range(rng.randint(1, 200))] for _ in range(12)]
+    params = [_random_params(rng, llm.engine.limits.max_logprobs) for _ in prompts]
+    with count_lowerings() as lowered:
+        outputs = llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
+    assert all(o.finished for o in outputs)
+    assert lowered == [] and llm.stats()["programs_lowered_while_serving"] == 0

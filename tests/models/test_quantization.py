@@ -103,8 +103,14 @@ def test_quantize_on_load_matches_fake_quantized_reference(dense, dense_logprobs
 
 
 def test_weight_bytes_shrink_with_bits(dense):
+    from jserve.engine_args import EngineArgs
+    from jserve.launch import _model_card
+
     path, _ = dense
-    sizes = {q: LLM(model=path, quantization=q, **ENGINE).stats()["weight_bytes"] for q in (None, "int8", "int4")}
+    llms = {q: LLM(model=path, quantization=q, **ENGINE) for q in (None, "int8", "int4")}
+    sizes = {q: llm.stats()["weight_bytes"] for q, llm in llms.items()}
+    card = _model_card(llms["int4"].engine, EngineArgs(model=str(path), quantization="int4", **ENGINE), "m")
+    assert card.quantization == "int4 weights (groups of 128)"  # GetModelInfo.quantization
     # embedding and LM head stay float32 (2 x 512 x 128 x 4 bytes): only the linears shrink
     embed = 2 * VOCAB * 128 * 4
     linear = {q: sizes[q] - embed for q in sizes}

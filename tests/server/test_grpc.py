@@ -253,6 +253,9 @@ def test_tokenize_detokenize_model_info(stub):
     info = stub.GetModelInfo(pb.GetModelInfoRequest())
     assert (info.model_name, info.vocab_size, info.page_size) == ("tiny-pycoder", 4096, 16)
     assert info.max_model_len > 0 and info.pages_total > 0 and info.parallel.tensor_parallel_size == 1
+    assert (info.quantization, info.kv_cache_dtype) == ("", "float32")  # float32 compute on CPU
+    assert info.kv_bytes_per_token == 2 * 4 * 4 * 32 * 4  # K and V x 4 layers x 4 kv heads x head_dim 32 x fp32
+    assert info.weight_bytes > 4_000_000 * 4  # 4.2M params in float32
 
 
 def test_health_and_reflection(server):
