@@ -302,7 +302,8 @@ def load_hf_params(
         if unexpected:
             parts.append(f"unexpected tensors: {_preview(unexpected)}")
         raise ValueError(f"model: checkpoint {str(path)!r} does not match {cfg.architecture}: " + "; ".join(parts))
-    assert {p + s for p in specs for s in (("/values", "/scale") if p in quantized else ("",))} == set(expected)
+    leaves = {p + s for p in specs for s in (("/values", "/scale") if p in quantized else ("",))}
+    assert leaves == set(expected), sorted(leaves ^ set(expected))
 
     total_bytes = sum(f.stat().st_size for f in set(files.values()))
     show = total_bytes > _PROGRESS_BYTES if use_tqdm is None else use_tqdm

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from jserve.quant.config import WeightQuant
+from jserve.quant.config import KV_CACHE_DTYPES, WeightQuant
 
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
@@ -211,8 +211,8 @@ class CacheConfig:
             raise ValueError(f"num_pages must be >= 2 (page 0 is reserved), got {self.num_pages}")
         if not 0.0 < self.memory_fraction <= 1.0:
             raise ValueError(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
-        if self.kv_cache_dtype not in ("auto", "int8", "fp8"):
-            raise ValueError(f"kv_cache_dtype must be 'auto', 'int8' or 'fp8', got {self.kv_cache_dtype!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
 
     def pages_for(self, num_tokens: int) -> int:
         return math.ceil(num_tokens / self.page_size)

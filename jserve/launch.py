@@ -309,7 +309,7 @@ def _model_card(engine, args, name: str):
         num_devices=len(devices),
         platform=devices[0].platform,
         quantization=quant.describe() if quant is not None else "",
-        kv_cache_dtype=str(jax.numpy.dtype(runner.dtype)),
+        kv_cache_dtype=str(jax.numpy.dtype(runner.kv_dtype)),
     )
 
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+GPU_MIN_COPY_BYTES = 128  # Mosaic GPU splits a copy's barrier accounting over the 128 threads of a warpgroup
+GPU_MIN_QUANTIZED_PAGE_SIZE = GPU_MIN_COPY_BYTES // 4  # a page's float32 scale row is one copy
+
 
 def check_attention_args(
     num_heads: int,

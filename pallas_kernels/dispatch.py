@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import compat, reference
+from pallas_kernels.checks import GPU_MIN_QUANTIZED_PAGE_SIZE
 
 BACKENDS = ("auto", "xla", "gpu", "tpu")
 
@@ -32,21 +33,26 @@ def _is_hopper_or_newer(device: jax.Device) -> bool:
         return False
 
 
-def gpu_supports(head_dim: int, page_size: int | None = None) -> bool:
+def gpu_supports(head_dim: int, page_size: int | None = None, *, quantized_kv: bool = False) -> bool:
     """Shapes the Mosaic GPU kernels take: wgmma tiles need head_dim % 64; a KV step is 64 keys of whole pages
-    (page_size dividing 64) or one page of 64..256 keys."""
+    (page_size dividing 64) or one page of 64..256 keys; int8 / fp8 pages need pages of >= 32 tokens."""
     if head_dim % 64:
+        return False
+    if quantized_kv and page_size is not None and page_size < GPU_MIN_QUANTIZED_PAGE_SIZE:
         return False
     return page_size is None or 64 % page_size == 0 and page_size % 8 == 0 or page_size in (128, 192, 256)
 
 
-def pick_backend(backend: str, head_dim: int, page_size: int | None = None, dtype=None) -> str:
+def pick_backend(
+    backend: str, head_dim: int, page_size: int | None = None, dtype=None, *, quantized_kv: bool = False
+) -> str:
     """Resolve the backend. "auto" on a GPU falls back to the XLA reference where the Mosaic GPU kernels are the
     wrong tool: shapes they cannot take, and float32 (their matmuls run in bf16, ~1e-2 off; the reference keeps
     float32). Forcing "gpu" keeps the kernel, which then raises its own error for a shape it cannot take."""
     resolved = resolve_backend(backend)
     if backend == "auto" and resolved == "gpu":
-        if not gpu_supports(head_dim, page_size) or (dtype is not None and jnp.dtype(dtype) == jnp.float32):
+        unsupported = not gpu_supports(head_dim, page_size, quantized_kv=quantized_kv)
+        if unsupported or (dtype is not None and jnp.dtype(dtype) == jnp.float32):
             return "xla"
     return resolved
 

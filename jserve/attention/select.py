@@ -12,12 +12,15 @@ from jserve.attention.pallas import PallasGpuBackend, PallasTpuBackend, PallasTp
 from jserve.attention.xla_page_loop import XlaPageLoopBackend
 from jserve.attention.xla_work_items import XlaWorkItemsBackend
 from jserve.engine.shapes import StepShapes
+from pallas_kernels.checks import GPU_MIN_QUANTIZED_PAGE_SIZE
 from pallas_kernels.dispatch import gpu_supports, pick_backend, resolve_backend
 
 ATTENTION_BACKENDS = ("auto", "pallas", "xla")
 
 
-def resolve_kernel(choice: str, *, head_dim: int, page_size: int, dtype, platform: str | None = None) -> str:
+def resolve_kernel(
+    choice: str, *, head_dim: int, page_size: int, dtype, platform: str | None = None, quantized_kv: bool = False
+) -> str:
     """Maps the user-facing ``attention_backend`` to "xla" | "gpu" | "tpu" | "tpu-interpret".
 
     "auto": the TPU kernels on TPU; the Mosaic GPU kernels on Hopper-or-newer GPUs when they can take the
@@ -34,13 +37,23 @@ def resolve_kernel(choice: str, *, head_dim: int, page_size: int, dtype, platfor
         if platform == "tpu":
             return "tpu"
         if platform == "gpu":
-            return pick_backend("auto", head_dim, page_size, dtype)
+            return pick_backend("auto", head_dim, page_size, dtype, quantized_kv=quantized_kv)
         return "xla"
     if platform == "tpu":
         return "tpu"
     if platform == "gpu":
         if resolve_backend("auto") != "gpu":
             raise ValueError("attention_backend='pallas' on GPU needs Hopper or newer (Mosaic GPU); use 'auto'")
+        if (
+            quantized_kv
+            and not gpu_supports(head_dim, page_size, quantized_kv=True)
+            and gpu_supports(head_dim, page_size)
+        ):
+            raise ValueError(
+                f"page_size: attention_backend='pallas' with an int8 / fp8 KV cache needs pages of >= "
+                f"{GPU_MIN_QUANTIZED_PAGE_SIZE} tokens on GPU (each page's scale row is one TMA copy of >= 128 "
+                f"bytes), got {page_size}; 'auto' uses the XLA path for smaller pages"
+            )
         if not gpu_supports(head_dim, page_size):
             raise ValueError(
                 f"attention_backend='pallas': the Mosaic GPU kernels need head_dim % 64 == 0 and a page_size "
@@ -65,10 +78,13 @@ def select_backend(
     sliding_windows: tuple[int | None, ...],
     dtype,
     platform: str | None = None,
+    quantized_kv: bool = False,
 ) -> AttentionBackend:
     """The backend object for this engine. On the XLA path: work items when every layer has the same sliding
     window (a plan skips pages for one window), else the page loop."""
-    kernel = resolve_kernel(choice, head_dim=head_dim, page_size=shapes.page_size, dtype=dtype, platform=platform)
+    kernel = resolve_kernel(
+        choice, head_dim=head_dim, page_size=shapes.page_size, dtype=dtype, platform=platform, quantized_kv=quantized_kv
+    )
     if kernel == "gpu":
         return PallasGpuBackend(shapes)
     if kernel == "tpu":

@@ -168,12 +168,8 @@ def _build_replica(args: EngineArgs, path: Path, model_config: ModelConfig, toke
         sliding_windows=model_config.sliding_windows,
         dtype=dtype,
         platform=meshes[0].devices.flat[0].platform,
+        quantized_kv=is_quantized_kv(kv_dtype),
     )
-    if backend.name == "pallas-gpu" and is_quantized_kv(kv_dtype) and cache_config.page_size < 32:
-        raise ValueError(
-            f"page_size: kv_cache_dtype={cache_config.kv_cache_dtype!r} with the Pallas GPU kernel needs pages of "
-            f">= 32 tokens (each page's scale row is one TMA copy of >= 128 bytes), got {cache_config.page_size}"
-        )
     kv_cache = KVCacheManager(num_pages, cache_config.page_size, cache_config.enable_prefix_caching)
     runner = ModelRunner(
         model_config,

@@ -178,6 +178,7 @@ class _Stage:
     param_names: list[str] = field(default_factory=list)
     kv_cache: KVCache = field(default_factory=list)
     kv_sharding: NamedSharding | None = None
+    kv_scale_sharding: NamedSharding | None = None  # int8 / fp8 caches only
     fn: object = None  # the jitted stage step (lowered and compiled per bucket by compile_programs)
     programs: dict[int, object] = field(default_factory=dict)  # token bucket -> compiled executable
 
@@ -205,7 +206,7 @@ class ModelRunner:
         self.shapes = shapes
         self.backend = backend
         self.max_logprobs = max_logprobs
-        self.dtype = kv_dtype
+        self.kv_dtype = kv_dtype
         meshes = stage_meshes or [Mesh(np.asarray(jax.devices()[:1]), ("tp",))]
         self.stages = [
             _Stage(layers, mesh, first=s == 0, last=s == len(meshes) - 1)
@@ -265,8 +266,8 @@ class ModelRunner:
             stage.kv_cache = [(zeros(), zeros()) for _ in stage.layers]
             return
         # int8 / fp8 pages: plus one float32 scale per (kv head, token slot), split like the pages' kv heads
-        scale_sharding = NamedSharding(stage.mesh, P(*stage.kv_sharding.spec[:3]))
-        ones = jax.jit(functools.partial(jnp.ones, shape[:3], jnp.float32), out_shardings=scale_sharding)
+        stage.kv_scale_sharding = NamedSharding(stage.mesh, shard_rules.kv_scale_spec(self.config, stage.mesh))
+        ones = jax.jit(functools.partial(jnp.ones, shape[:3], jnp.float32), out_shardings=stage.kv_scale_sharding)
         stage.kv_cache = [(zeros(), zeros(), ones(), ones()) for _ in stage.layers]
 
     def _jit_step(self, stage: _Stage, graphdef: nnx.GraphDef) -> None:
@@ -372,9 +373,12 @@ class ModelRunner:
         if first:
             x = model.embed(_fill_pending(inputs.tokens, inputs.token_src, inputs.prev_tokens))
         x, kv_cache = model.run_layers(x, inputs.positions, kv_cache, inputs.attention, backend, layers)
-        scale_sharding = NamedSharding(kv_sharding.mesh, P(*kv_sharding.spec[:3]))
+        # pages [K, P, L, H] and (int8 / fp8 caches) scales [K, P, L]: both split on the kv heads only
         kv_cache = [
-            tuple(jax.lax.with_sharding_constraint(a, kv_sharding if a.ndim == 4 else scale_sharding) for a in kv)
+            tuple(
+                jax.lax.with_sharding_constraint(a, NamedSharding(kv_sharding.mesh, P(*kv_sharding.spec[: a.ndim])))
+                for a in kv
+            )
             for kv in kv_cache
         ]
         if not last:

@@ -66,11 +66,13 @@ def param_specs(state: nnx.State, cfg: ModelConfig, mesh: Mesh) -> dict[str, Par
         name = "/".join(str(p) for p in path)
         shapes[name] = tuple(var.get_value().shape)
         specs[name] = logical_to_spec(tuple(axes), cfg, mesh, shapes[name])
-    _check_scale_shards(specs, shapes, cfg)
+    _check_scale_shards(specs, shapes, cfg, mesh.shape.get("tp", 1))
     return specs
 
 
-def _check_scale_shards(specs: dict[str, PartitionSpec], shapes: dict[str, tuple[int, ...]], cfg: ModelConfig):
+def _check_scale_shards(
+    specs: dict[str, PartitionSpec], shapes: dict[str, tuple[int, ...]], cfg: ModelConfig, mesh_size: int
+) -> None:
     """A quantized weight split on an input dim needs its scale groups split the same way (no group may span two
     devices' rows)."""
     for name, spec in specs.items():
@@ -81,8 +83,10 @@ def _check_scale_shards(specs: dict[str, PartitionSpec], shapes: dict[str, tuple
             if axis is not None and scale_axis != axis and shapes[scale][i] > 1:
                 group = cfg.weight_quant.group_size if cfg.weight_quant else None
                 raise ValueError(
-                    f"quantization_group_size {group}: the scale groups of {name[: -len('/values')]} "
-                    f"({shapes[scale]}) do not split evenly over tensor_parallel_size; use a smaller group size"
+                    f"quantization_group_size {group}: the {shapes[scale][i]} scale groups of "
+                    f"{name[: -len('/values')]} do not split evenly over tensor_parallel_size={mesh_size}; "
+                    "use a group size (or a checkpoint quantized with one) that divides each device's rows, "
+                    "or a smaller tensor_parallel_size"
                 )
 
 
@@ -93,6 +97,11 @@ def param_shardings(state: nnx.State, cfg: ModelConfig, mesh: Mesh) -> dict[str,
 def kv_cache_spec(cfg: ModelConfig, mesh: Mesh) -> PartitionSpec:
     """Pages [K, P, L, H] split on kv heads like k_proj's output (replicated when tp does not divide K)."""
     return logical_to_spec(("kv_heads", None, None, "head_dim"), cfg, mesh)
+
+
+def kv_scale_spec(cfg: ModelConfig, mesh: Mesh) -> PartitionSpec:
+    """Scales [K, P, L] of int8 / fp8 pages: split like their pages."""
+    return logical_to_spec(("kv_heads", None, None), cfg, mesh)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

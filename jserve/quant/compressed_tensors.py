@@ -9,6 +9,7 @@ checkpoint is never loaded as dense. No jax import here (``ModelConfig`` parses 
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,15 @@ import numpy as np
 from jserve.quant.config import WeightQuant
 
 FORMATS = ("pack-quantized", "float-quantized")
+# Layer-0 names of the linears jserve quantizes: an ``ignore`` entry that matches one would leave it dense.
+_QUANTIZED_LINEARS = tuple(
+    f"model.layers.0.{name}"
+    for name in (
+        *(f"self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")),
+        *(f"mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")),
+        *(f"block_sparse_moe.experts.0.{w}" for w in ("w1", "w2", "w3")),
+    )
+)
 
 
 def _unsupported(what: str) -> ValueError:
@@ -34,6 +44,9 @@ def parse_quantization_config(qc: dict[str, Any]) -> tuple[WeightQuant, str]:
         raise _unsupported("sparsity_config")
     if qc.get("transform_config"):
         raise _unsupported("transform_config")
+    dense = [entry for entry in qc.get("ignore") or [] if _leaves_a_linear_dense(entry)]
+    if dense:
+        raise _unsupported(f"ignore {dense} (it leaves linear layers dense; jserve quantizes all of them)")
     if qc.get("kv_cache_scheme"):
         raise _unsupported("kv_cache_scheme (use kv_cache_dtype instead)")
     status = qc.get("quantization_status", "compressed")
@@ -52,14 +65,22 @@ def parse_quantization_config(qc: dict[str, Any]) -> tuple[WeightQuant, str]:
             raise _unsupported(f"config_groups.{name}.output_activations")
         schemes.add(_group_scheme(name, fmt, group.get("weights") or {}, group.get("input_activations")))
     if len(schemes) != 1:
-        raise _unsupported("config_groups with different schemes")
+        described = sorted(f"{q.describe()} ({fmt})" for q, fmt in schemes)
+        raise _unsupported(f"config_groups with different schemes ({'; '.join(described)})")
     return schemes.pop()
+
+
+def _leaves_a_linear_dense(entry: str) -> bool:
+    """``lm_head`` and the MoE router stay dense in jserve too; any entry matching another linear does not."""
+    if entry.startswith("re:"):
+        return any(re.match(entry[3:], name) for name in _QUANTIZED_LINEARS)
+    return any(name.endswith("." + entry.split(".")[-1]) for name in _QUANTIZED_LINEARS)
 
 
 def _group_scheme(name: str, fmt: str | None, w: dict, acts: dict | None) -> tuple[WeightQuant, str]:
     where = f"config_groups.{name}"
     if fmt not in FORMATS:
-        raise _unsupported(f"format {fmt!r}")
+        raise _unsupported(f"{where}.format {fmt!r}")
     if not w:
         raise _unsupported(f"{where} without weights")
     if not w.get("symmetric", True):
@@ -102,7 +123,7 @@ def _group_scheme(name: str, fmt: str | None, w: dict, acts: dict | None) -> tup
     return WeightQuant(method, group_size, fp8_activations=fp8_acts), fmt
 
 
-def unpack_int32(packed: np.ndarray, num_bits: int, shape: tuple[int, int]) -> np.ndarray:
+def unpack_int32(packed: np.ndarray, num_bits: int, shape: tuple[int, int], name: str = "weight_packed") -> np.ndarray:
     """``weight_packed`` int32 [out, ceil(in * bits / 32)] -> int8 [out, in]: element j of a row sits at bit
     j * bits of the row's little-endian word stream, stored with an offset of 2^(bits - 1)."""
     assert num_bits in (4, 8)
@@ -112,7 +133,7 @@ def unpack_int32(packed: np.ndarray, num_bits: int, shape: tuple[int, int]) -> n
     fields = (words[:, :, None] >> shifts) & np.uint32((1 << num_bits) - 1)
     values = fields.reshape(words.shape[0], -1)[:, : shape[1]].astype(np.int16) - (1 << (num_bits - 1))
     if values.shape != tuple(shape):
-        raise ValueError(f"model: weight_packed {packed.shape} does not unpack to weight_shape {tuple(shape)}")
+        raise ValueError(f"model: {name} {packed.shape} does not unpack to its weight_shape {tuple(shape)}")
     return values.astype(np.int8)
 
 
@@ -130,7 +151,8 @@ def read_linear(read, base: str, fmt: str, quant: WeightQuant) -> tuple[np.ndarr
     if fmt == "pack-quantized":
         shape = tuple(int(x) for x in np.asarray(read(base + "weight_shape")).reshape(-1))
         bits = 4 if quant.method == "int4" else 8
-        values = unpack_int32(np.asarray(read(base + "weight_packed")), bits, shape).astype(quant.storage_dtype)
+        packed = np.asarray(read(base + "weight_packed"))
+        values = unpack_int32(packed, bits, shape, base + "weight_packed").astype(quant.storage_dtype)
     else:
         values = np.asarray(read(base + "weight")).astype(quant.storage_dtype)
     out = values.shape[0]

@@ -37,12 +37,10 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels import compat
-from pallas_kernels.checks import check_attention_args
+from pallas_kernels.checks import GPU_MIN_COPY_BYTES, GPU_MIN_QUANTIZED_PAGE_SIZE, check_attention_args
 from pallas_kernels.compat import pl, plgpu
 from pallas_kernels.gpu import common, tuning
 from pallas_kernels.work_list import kv_work_list
-
-MIN_COPY_BYTES = 128  # Mosaic GPU splits a copy's barrier accounting over the 128 threads of a warpgroup
 
 
 def _round_up(x: int, m: int) -> int:
@@ -165,9 +163,10 @@ def _kernel(
         if convert:
             k_smem[slot] = k_raw[slot].astype(jnp.float32).astype(mm_dtype)
             plgpu.commit_smem()
-        s2 = common.scale_scores(common.qk_scores(q_smem, k_smem.at[slot], interpret), sm_scale, soft_cap)
-        if quantized:
-            s2 = s2 * column_scales(ks_smem, slot)
+        raw = common.qk_scores(q_smem, k_smem.at[slot], interpret)
+        if quantized:  # real q.k first: the soft cap's tanh must see dequantized scores
+            raw = raw * column_scales(ks_smem, slot)
+        s2 = common.scale_scores(raw, sm_scale, soft_cap)
         k_pos = blk * bk + col
         mask = in_seq & (k_pos <= row_pos)
         if sliding_window is not None:
@@ -283,10 +282,10 @@ def ragged_paged_attention(
     if bk % 64 or bk > 256:
         raise ValueError(f"keys per step ({ppb} pages x {page_size}) must be a multiple of 64, at most 256")
     quantized = k_scales is not None
-    if quantized and page_size * 4 < MIN_COPY_BYTES:
+    if quantized and page_size < GPU_MIN_QUANTIZED_PAGE_SIZE:
         raise ValueError(
-            f"int8 / fp8 pages need page_size >= {MIN_COPY_BYTES // 4} in the Mosaic GPU kernel (each page's float32 "
-            f"scale row moves by one TMA copy of at least {MIN_COPY_BYTES} bytes), got {page_size}"
+            f"int8 / fp8 pages need page_size >= {GPU_MIN_QUANTIZED_PAGE_SIZE} in the Mosaic GPU kernel (each "
+            f"page's float32 scale row moves by one TMA copy of at least {GPU_MIN_COPY_BYTES} bytes), got {page_size}"
         )
 
     padded = _round_up(max(num_tokens, 1), bq)

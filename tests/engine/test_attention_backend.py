@@ -26,9 +26,11 @@ class Resolved:
         self.kernel, self.interpret = {"tpu-interpret": ("tpu", True)}.get(name, (name, False))
 
 
-def resolve(choice, head_dim=128, page_size=16, dtype=jnp.bfloat16, platform="gpu"):
+def resolve(choice, head_dim=128, page_size=16, dtype=jnp.bfloat16, platform="gpu", quantized_kv=False):
     return Resolved(
-        attention_select.resolve_kernel(choice, head_dim=head_dim, page_size=page_size, dtype=dtype, platform=platform)
+        attention_select.resolve_kernel(
+            choice, head_dim=head_dim, page_size=page_size, dtype=dtype, platform=platform, quantized_kv=quantized_kv
+        )
     )
 
 
@@ -37,6 +39,9 @@ def test_auto_on_hopper(on_hopper):
     assert resolve("auto", head_dim=80).kernel == "xla"  # wgmma tiles need head_dim % 64
     assert resolve("auto", page_size=24).kernel == "xla"  # a 64-key step would split a page
     assert resolve("auto", dtype=jnp.float32).kernel == "xla"  # the kernels' matmuls are bf16
+    # int8 / fp8 pages: each page's scale row is one TMA copy of >= 128 bytes, so pages of >= 32 tokens
+    assert resolve("auto", page_size=16, quantized_kv=True).kernel == "xla"
+    assert resolve("auto", page_size=32, quantized_kv=True).kernel == "gpu"
 
 
 def test_pallas_on_gpu_explains_what_it_cannot_take(on_hopper):
@@ -47,6 +52,8 @@ def test_pallas_on_gpu_explains_what_it_cannot_take(on_hopper):
         resolve("pallas", page_size=4)
     with pytest.warns(UserWarning, match="bf16"):
         assert resolve("pallas", dtype=jnp.float32).kernel == "gpu"
+    with pytest.raises(ValueError, match="page_size: .* >= 32 tokens"):
+        resolve("pallas", page_size=16, quantized_kv=True)
 
 
 def test_pallas_on_pre_hopper_gpu(monkeypatch):

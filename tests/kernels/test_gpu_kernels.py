@@ -171,7 +171,7 @@ def test_ragged_randomized_wide(problem):
 
 
 # ------------------------------------------------------------------------------------------ paged (decode)
-@pytest.mark.parametrize("int8, soft_cap", [(False, None), (True, None), (False, 2.0)])
+@pytest.mark.parametrize("int8, soft_cap", [(False, None), (True, None), (False, 2.0), (True, 2.0)])
 def test_paged_decode(int8, soft_cap):
     lens = [1, 16, 64, 65, 150]  # 1, a page, a full step, one past a step, several steps
     case = make_ragged_case(

@@ -198,6 +198,7 @@ def _qc(**weights) -> dict:
         (_qc(actorder="group"), "actorder"),
         ({**_qc(), "format": "marlin-24"}, "format 'marlin-24'"),
         ({**_qc(), "kv_cache_scheme": {"num_bits": 8}}, "kv_cache_scheme"),
+        ({**_qc(), "ignore": ["lm_head", "re:.*down_proj"]}, "ignore"),
     ],
 )
 def test_unsupported_quantization_config_is_a_clear_error(dense, tmp_path, qc, match):

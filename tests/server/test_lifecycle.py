@@ -143,7 +143,7 @@ def test_engine_failure_is_internal_and_not_serving():
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--quantization", "int8"], "not supported yet"),
+        (["--quantization-group-size", "64"], "quantization_group_size"),  # without --quantization
         (["--tensor-parallel-size", "4"], "tensor_parallel_size"),  # one CPU device here
         (["--speculative-model", "ngram"], "not supported yet"),
         (["--num-processes", "2"], "--coordinator-address"),
