@@ -67,4 +67,6 @@ def paged_blocks(
         splits = max(1, min(steps, 264 // max(programs, 1), 16))
     fixed = rows * head_dim * (2 + 4)  # q tile + an fp32 output tile (split-K partials)
     per_stage = 2 * kv * head_dim * (2 + (page_bytes if page_bytes != 2 else 0))  # K and V (+ staging)
+    if page_bytes == 1:  # int8 / fp8 pages carry float32 scale rows, one per key, for K and V
+        per_stage += 2 * kv * 4
     return GpuBlocks(q_tokens, kv, _stages(fixed, per_stage), splits)
