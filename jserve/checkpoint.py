@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from jserve.config import ModelConfig
 from jserve.models.llama import CausalLM
 from jserve.quant import compressed_tensors
-from jserve.quant.weights import QuantizedWeight, pack_int4, quantize
+from jserve.quant.weights import pack_int4, quantize
 
 ORBAX_MARKER = "jserve_checkpoint.json"
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
@@ -186,11 +186,17 @@ class _TensorReader:
     def __init__(self, files: dict[str, Path]):
         self.files = files
         self._handles: dict[Path, object] = {}
+        self._headers: dict[Path, tuple[dict, int]] = {}
+
+    def _header(self, file: Path) -> tuple[dict, int]:
+        if file not in self._headers:
+            self._headers[file] = _header(file)
+        return self._headers[file]
 
     def _handle(self, name: str):
         file = self.files[name]
         if file not in self._handles:
-            self._handles[file] = safe_open(file, framework="flax" if _needs_jax(file) else "np")
+            self._handles[file] = safe_open(file, framework="flax" if _needs_jax(self._header(file)[0]) else "np")
         return self._handles[file]
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -199,7 +205,7 @@ class _TensorReader:
     def read_full(self, name: str) -> np.ndarray:
         """A whole tensor. safetensors cannot return fp8 (it asks numpy for a float8 type, which lives in
         ml_dtypes), so fp8 tensors are read from the file's byte range directly."""
-        header, data_start = _header(self.files[name])
+        header, data_start = self._header(self.files[name])
         entry = header[name]
         if entry["dtype"] == "F8_E4M3":
             begin, end = entry["data_offsets"]
@@ -220,10 +226,9 @@ def _header(file: Path) -> tuple[dict, int]:
         return json.loads(f.read(header_len)), 8 + header_len
 
 
-def _needs_jax(file: Path) -> bool:
+def _needs_jax(header: dict) -> bool:
     """safetensors' numpy reader refuses bf16 (its jax reader takes it, without importing torch); detect it
     from the header instead of guessing."""
-    header, _ = _header(file)
     return any(isinstance(v, dict) and v.get("dtype") == "BF16" for v in header.values())
 
 
@@ -309,14 +314,12 @@ def load_hf_params(
     show = total_bytes > _PROGRESS_BYTES if use_tqdm is None else use_tqdm
     for our_path, spec in tqdm(specs.items(), desc="Loading weights", disable=not show, unit="tensor"):
         if our_path in quantized:
-            values_t, scale_t = expected[our_path + "/values"], expected[our_path + "/scale"]
-            shape = QuantizedWeight.logical_shape(tuple(values_t.shape), cfg.weight_quant)
-            values, scale = _read_quantized(reader, spec, cfg, shape, tuple(scale_t.shape))
-            for leaf, host in ((values_t, values), (scale_t, scale)):
-                leaf_path = our_path + ("/values" if leaf is values_t else "/scale")
-                if leaf is values_t and cfg.weight_quant.method == "int4":
-                    host = pack_int4(host)
-                _set_path(pure, leaf_path, _place_host(host, leaf.dtype, shardings and shardings[leaf_path]))
+            values_path, scale_path = our_path + "/values", our_path + "/scale"
+            values, scale = _read_quantized(reader, spec, cfg, tuple(expected[scale_path].shape))
+            assert values.shape == tuple(expected[values_path].shape), (values.shape, expected[values_path].shape)
+            for leaf_path, host in ((values_path, values), (scale_path, scale)):
+                placed = _place_host(host, expected[leaf_path].dtype, shardings and shardings[leaf_path])
+                _set_path(pure, leaf_path, placed)
             continue
         target = expected[our_path]
         _check_shape(reader, spec, tuple(target.shape), cfg)
@@ -345,28 +348,36 @@ def _hf_tensor_names(spec, fmt: str | None) -> tuple[str, ...]:
     """The checkpoint tensors a param reads: its dense weights, or a compressed-tensors linear's parts."""
     if fmt is None:
         return spec.hf_names
-    return tuple(n for name in spec.hf_names for n in compressed_tensors.tensor_names(name[: -len("weight")], fmt))
+    return tuple(n for name in spec.hf_names for n in compressed_tensors.tensor_names(_linear_prefix(name), fmt))
 
 
-def _read_quantized(reader: _TensorReader, spec, cfg: ModelConfig, shape, scale_shape):
-    """A quantized linear in our layout: (values, scale) numpy, from a compressed-tensors checkpoint or by
-    quantizing the dense weight on the host (whole tensor: a per-channel scale spans every input row)."""
+def _linear_prefix(hf_weight_name: str) -> str:
+    """ "model.layers.0.self_attn.q_proj.weight" -> "model.layers.0.self_attn.q_proj." (its parts' prefix)."""
+    return hf_weight_name[: -len("weight")]
+
+
+def _read_quantized(reader: _TensorReader, spec, cfg: ModelConfig, scale_shape):
+    """A quantized linear as stored on the device: (values, scale) numpy in our layout (int4 packed in pairs),
+    from a compressed-tensors checkpoint or by quantizing the dense weight on the host (whole tensor: a
+    per-channel scale spans every input row)."""
+    values, scale = _read_quantized_values(reader, spec, cfg, scale_shape)
+    return (pack_int4(values) if cfg.weight_quant.method == "int4" else values), scale
+
+
+def _read_quantized_values(reader: _TensorReader, spec, cfg: ModelConfig, scale_shape):
     quant = cfg.weight_quant
     if cfg.checkpoint_quant_format is None:
-        _check_shape(reader, spec, shape, cfg)
+        _check_shape(reader, spec, spec.shape, cfg)
         return quantize(np.asarray(spec.read(reader, ()), np.float32), scale_shape, quant.storage_dtype)
     stacked = isinstance(spec, StackedSpec)
     parts = spec.experts if stacked else (spec,)
     values, scales = [], []
     for part, hf_shape in zip(parts, _hf_shapes(spec), strict=True):
         v, sc = compressed_tensors.read_linear(
-            reader.read_full, part.hf_name[: -len("weight")], cfg.checkpoint_quant_format, quant
+            reader.read_full, _linear_prefix(part.hf_name), cfg.checkpoint_quant_format, quant
         )
         if v.shape != hf_shape:
-            raise ValueError(
-                f"model: tensor {part.hf_name} {v.shape} has the wrong shape for {cfg.architecture} with this "
-                f"config.json (expected {hf_shape})"
-            )
+            raise _wrong_shape(part.hf_name, v.shape, hf_shape, cfg)
         values.append(v.T.reshape(part.shape))  # HF [out, in] -> ours [*in, *out], as for dense weights
         scales.append(sc.T.reshape(scale_shape[1:] if stacked else scale_shape))
     if stacked:
@@ -392,11 +403,15 @@ def _check_shape(reader: _TensorReader, spec, expected: tuple[int, ...], cfg: Mo
     for name, part_shape in zip(spec.hf_names, _hf_shapes(spec), strict=True):
         actual = reader.shape(name)
         if actual != part_shape:
-            raise ValueError(
-                f"model: tensor {name} {actual} has the wrong shape for {cfg.architecture} with this config.json "
-                f"(expected {part_shape})"
-            )
+            raise _wrong_shape(name, actual, part_shape, cfg)
     assert spec.shape == expected, (spec.shape, expected)
+
+
+def _wrong_shape(name: str, actual, expected, cfg: ModelConfig) -> ValueError:
+    return ValueError(
+        f"model: tensor {name} {tuple(actual)} has the wrong shape for {cfg.architecture} with this config.json "
+        f"(expected {tuple(expected)})"
+    )
 
 
 def _hf_shapes(spec) -> list[tuple[int, ...]]:

@@ -78,25 +78,23 @@ class _EngineCollector(Collector):
                 "Prompt tokens served from the prefix cache / prompt tokens.",
                 s["prefix_cache_hit_rate"],
             ),
+            "jserve_compiled_programs": ("Step programs compiled before ready.", s["num_programs"]),
+        }
+        counters = {
+            "jserve_num_preemptions": ("Sequences preempted for lack of KV pages.", s["num_preemptions"]),
+            "jserve_prompt_tokens_computed": (
+                "Prefill tokens run after prefix-cache hits.",
+                s["prompt_tokens_computed"],
+            ),
+            "jserve_programs_lowered_while_serving": (
+                "XLA programs lowered after the engine was ready (should stay 0: serving never compiles).",
+                s["programs_lowered_while_serving"],
+            ),
         }
         for name, (doc, value) in gauges.items():
             yield GaugeMetricFamily(name, doc, value=float(value))
-        yield CounterMetricFamily(
-            "jserve_num_preemptions", "Sequences preempted for lack of KV pages.", value=float(s["num_preemptions"])
-        )
-        yield CounterMetricFamily(
-            "jserve_prompt_tokens_computed",
-            "Prefill tokens run after prefix-cache hits.",
-            value=float(s["prompt_tokens_computed"]),
-        )
-        yield GaugeMetricFamily(
-            "jserve_compiled_programs", "Step programs compiled before ready.", value=float(s["num_programs"])
-        )
-        yield CounterMetricFamily(
-            "jserve_programs_lowered_while_serving",
-            "XLA programs lowered after the engine was ready (should stay 0: serving never compiles).",
-            value=float(s["programs_lowered_while_serving"]),
-        )
+        for name, (doc, value) in counters.items():
+            yield CounterMetricFamily(name, doc, value=float(value))
 
 
 class ServerMetrics:

@@ -166,17 +166,18 @@ def paged_attention(
     )
 
 
-def quantize_kv(x: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
-    """New K or V [T, K, H] -> (values [T, K, H] int8 / e4m3, scales [T, K] float32): one absmax scale per token
-    and head, fixed when the token is written, so a page that fills over many steps never rescales old tokens."""
+def absmax_quantize(x: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """x [..., H] -> (values [..., H] int8 / e4m3, float32 scales [...]): one scale per vector along the last
+    axis, its absmax mapped to 127 / 448. New K/V [T, K, H] get one scale per token and head, fixed when the
+    token is written, so a page that fills over many steps never rescales old tokens."""
     x32 = x.astype(jnp.float32)
     qmax = 127.0 if jnp.dtype(dtype) == jnp.int8 else float(jnp.finfo(dtype).max)
     scale = jnp.max(jnp.abs(x32), axis=-1) / qmax
     scale = jnp.where(scale > 0, scale, 1.0)
     scaled = x32 / scale[..., None]
     if jnp.dtype(dtype) == jnp.int8:
-        scaled = jnp.clip(jnp.round(scaled), -qmax, qmax)
-    return scaled.astype(dtype), scale
+        scaled = jnp.round(scaled)
+    return jnp.clip(scaled, -qmax, qmax).astype(dtype), scale
 
 
 def write_to_pages(
@@ -198,8 +199,8 @@ def write_to_pages(
     page = slot_mapping // page_size
     offset = slot_mapping % page_size
     if k_scales is not None:
-        k, k_scale = quantize_kv(k, k_pages.dtype)
-        v, v_scale = quantize_kv(v, v_pages.dtype)
+        k, k_scale = absmax_quantize(k, k_pages.dtype)
+        v, v_scale = absmax_quantize(v, v_pages.dtype)
         k_scales = k_scales.at[:, page, offset].set(k_scale.T)
         v_scales = v_scales.at[:, page, offset].set(v_scale.T)
     k_pages = k_pages.at[:, page, offset].set(jnp.swapaxes(k, 0, 1).astype(k_pages.dtype))

@@ -34,7 +34,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from jserve.attention import AttentionBackend
 from jserve.config import ModelConfig
@@ -178,7 +177,7 @@ class _Stage:
     param_names: list[str] = field(default_factory=list)
     kv_cache: KVCache = field(default_factory=list)
     kv_sharding: NamedSharding | None = None
-    kv_scale_sharding: NamedSharding | None = None  # int8 / fp8 caches only
+    kv_scale_sharding: NamedSharding | None = None  # of the scales of int8 / fp8 pages
     fn: object = None  # the jitted stage step (lowered and compiled per bucket by compile_programs)
     programs: dict[int, object] = field(default_factory=dict)  # token bucket -> compiled executable
 
@@ -260,13 +259,13 @@ class ModelRunner:
 
     def _allocate_kv_cache(self, stage: _Stage, kv_dtype) -> None:
         stage.kv_sharding = NamedSharding(stage.mesh, shard_rules.kv_cache_spec(self.config, stage.mesh))
+        stage.kv_scale_sharding = NamedSharding(stage.mesh, shard_rules.kv_scale_spec(self.config, stage.mesh))
         shape = kv_cache_shape(self.config, self.num_pages, self.page_size)
         zeros = jax.jit(functools.partial(jnp.zeros, shape, kv_dtype), out_shardings=stage.kv_sharding)
         if not is_quantized_kv(kv_dtype):
             stage.kv_cache = [(zeros(), zeros()) for _ in stage.layers]
             return
         # int8 / fp8 pages: plus one float32 scale per (kv head, token slot), split like the pages' kv heads
-        stage.kv_scale_sharding = NamedSharding(stage.mesh, shard_rules.kv_scale_spec(self.config, stage.mesh))
         ones = jax.jit(functools.partial(jnp.ones, shape[:3], jnp.float32), out_shardings=stage.kv_scale_sharding)
         stage.kv_cache = [(zeros(), zeros(), ones(), ones()) for _ in stage.layers]
 
@@ -283,6 +282,7 @@ class ModelRunner:
                 stage.first,
                 stage.last,
                 stage.kv_sharding,
+                stage.kv_scale_sharding,
                 self.max_logprobs,
             ),
             # (param_leaves, kv_cache, x, inputs): the step's inputs are pinned replicated, so numpy inputs
@@ -363,6 +363,7 @@ class ModelRunner:
         first,
         last,
         kv_sharding,
+        kv_scale_sharding,
         max_logprobs,
         param_leaves,
         kv_cache,
@@ -373,12 +374,9 @@ class ModelRunner:
         if first:
             x = model.embed(_fill_pending(inputs.tokens, inputs.token_src, inputs.prev_tokens))
         x, kv_cache = model.run_layers(x, inputs.positions, kv_cache, inputs.attention, backend, layers)
-        # pages [K, P, L, H] and (int8 / fp8 caches) scales [K, P, L]: both split on the kv heads only
+        # pages [K, P, L, H] and, for int8 / fp8 caches, their scales [K, P, L]
         kv_cache = [
-            tuple(
-                jax.lax.with_sharding_constraint(a, NamedSharding(kv_sharding.mesh, P(*kv_sharding.spec[: a.ndim])))
-                for a in kv
-            )
+            tuple(jax.lax.with_sharding_constraint(a, kv_sharding if a.ndim == 4 else kv_scale_sharding) for a in kv)
             for kv in kv_cache
         ]
         if not last:

@@ -10,8 +10,8 @@ from flax import nnx
 
 from jserve.attention import AttentionBackend
 from jserve.config import ModelConfig
-from jserve.models.layers import apply_rope, param
-from jserve.quant.weights import einsum, linear_weight
+from jserve.models.layers import apply_rope, linear_weight, param
+from jserve.quant.weights import einsum
 
 
 class Attention(nnx.Module):

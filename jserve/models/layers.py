@@ -13,7 +13,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jserve.config import ModelConfig, RopeScaling
-from jserve.quant.weights import einsum, linear_weight
+from jserve.quant.config import WeightQuant
+from jserve.quant.weights import QuantizedWeight, einsum
 
 _INIT = nnx.initializers.normal(stddev=0.02)
 
@@ -21,6 +22,26 @@ _INIT = nnx.initializers.normal(stddev=0.02)
 def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], dtype, init=_INIT) -> nnx.Param:
     """A parameter with logical axis names; values come from a checkpoint, the init only fixes shape/dtype."""
     return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=axes, eager_sharding=False)
+
+
+def linear_weight(
+    rngs: nnx.Rngs,
+    shape: tuple[int, ...],
+    axes: tuple[str | None, ...],
+    dtype,
+    quant: WeightQuant | None,
+    *,
+    num_contracting: int = 1,
+    name: str,
+    leading_batch: bool = False,
+) -> nnx.Param | QuantizedWeight:
+    """A linear layer's weight laid out [*inputs, *outputs] (MoE: [experts, ...]): a dense param, or a
+    QuantizedWeight of the same logical shape. ``name`` labels quantization errors."""
+    if quant is None:
+        return param(rngs, shape, axes, dtype)
+    return QuantizedWeight(
+        shape, axes, num_contracting=num_contracting, quant=quant, name=name, leading_batch=leading_batch
+    )
 
 
 class RMSNorm(nnx.Module):

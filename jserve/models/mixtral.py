@@ -11,8 +11,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jserve.config import ModelConfig
-from jserve.models.layers import activation, param
-from jserve.quant.weights import linear_weight, ragged_dot
+from jserve.models.layers import activation, linear_weight, param
+from jserve.quant.weights import ragged_dot
 
 
 class MoE(nnx.Module):

@@ -61,11 +61,10 @@ def weight_quant_from_args(quantization: str | None, group_size: int | None) -> 
 
 
 def kv_storage_dtype(kv_cache_dtype: str, model_dtype):
-    """The page dtype: the model's for "auto", else int8 / float8_e4m3fn (with per-token-and-head scales)."""
+    """The page dtype: the model's for "auto", else int8 / float8_e4m3fn (with per-token-and-head scales).
+    ``kv_cache_dtype`` is one of KV_CACHE_DTYPES (EngineArgs and CacheConfig validate it)."""
     import jax.numpy as jnp
 
-    if kv_cache_dtype not in KV_CACHE_DTYPES:
-        raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
     if kv_cache_dtype == "auto":
         return jnp.dtype(model_dtype)
-    return jnp.dtype(jnp.int8 if kv_cache_dtype == "int8" else jnp.float8_e4m3fn)
+    return jnp.dtype({"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}[kv_cache_dtype])

@@ -2,7 +2,7 @@
 
 Why per token and head: a page fills over many decode steps. A per-page scale would be fixed by the first
 token written (later, larger values clip) or need every earlier token of the page rescaled on each write.
-A per-token scale is computed once, when the token's K/V is written (``pallas_kernels.reference.quantize_kv``),
+A per-token scale is computed once, when the token's K/V is written (``pallas_kernels.reference.absmax_quantize``),
 and costs 4 bytes per head_dim values (6% at head_dim 64). Attention multiplies scores by the K scales and
 probabilities by the V scales, so quantized tiles are only converted, never rescaled.
 """

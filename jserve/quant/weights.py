@@ -1,9 +1,9 @@
 """Quantized linear weights: low-bit values plus float scales, multiplied through qwix.
 
-A model builds each linear weight with ``linear_weight(...)``: a plain ``nnx.Param`` when unquantized, else a
-``QuantizedWeight`` (``values`` in int8 / int4 / float8_e4m3fn with the dense weight's shape and logical axes,
-``scale`` float32 with the contraction dims reduced to groups; int4 is stored as uint8 pairs). ``einsum`` and
-``ragged_dot`` take either, so a quantized layer reads exactly like a dense one.
+A model builds each linear weight with ``jserve.models.layers.linear_weight``: a plain ``nnx.Param`` when
+unquantized, else a ``QuantizedWeight`` (``values`` in int8 / int4 / float8_e4m3fn with the dense weight's shape
+and logical axes, ``scale`` float32 with the contraction dims reduced to groups; int4 is stored as uint8 pairs).
+``einsum`` and ``ragged_dot`` take either, so a quantized layer reads exactly like a dense one.
 
 The products go through ``qwix.einsum`` / ``qwix.ragged_dot`` on a ``qwix.QArray``: with a float left operand
 qwix dequantizes the weight right before the dot, which XLA fuses into the matmul (weights stay packed in HBM).
@@ -23,6 +23,7 @@ import qwix
 from flax import nnx
 
 from jserve.quant.config import WeightQuant
+from pallas_kernels.reference import absmax_quantize
 
 FP8_MAX = float(jnp.finfo(jnp.float8_e4m3fn).max)  # 448
 
@@ -80,10 +81,6 @@ class QuantizedWeight(nnx.Module):
         self.scale = nnx.Param(jnp.ones(sshape, jnp.float32), out_sharding=scale_axes, eager_sharding=False)
         self.fp8_activations = quant.fp8_activations
 
-    @staticmethod
-    def logical_shape(stored: tuple[int, ...], quant: WeightQuant) -> tuple[int, ...]:
-        return stored[:-1] + (stored[-1] * 2,) if quant.method == "int4" else stored
-
     def qarray(self, dtype) -> qwix.QArray:
         """Scales in the activation dtype, so the dequantized weight and the matmul run in it."""
         values = self.values[...]
@@ -92,36 +89,11 @@ class QuantizedWeight(nnx.Module):
         return qwix.QArray(values, self.scale[...].astype(dtype), qtype=values.dtype)
 
 
-def linear_weight(
-    rngs: nnx.Rngs,
-    shape: tuple[int, ...],
-    axes: tuple[str | None, ...],
-    dtype,
-    quant: WeightQuant | None,
-    *,
-    num_contracting: int = 1,
-    name: str,
-    leading_batch: bool = False,
-):
-    """A dense ``nnx.Param`` or a ``QuantizedWeight`` of the same logical shape (the param's init only fixes
-    shapes; values come from the checkpoint)."""
-    if quant is None:
-        from jserve.models.layers import param
-
-        return param(rngs, shape, axes, dtype)
-    return QuantizedWeight(
-        shape, axes, num_contracting=num_contracting, quant=quant, name=name, leading_batch=leading_batch
-    )
-
-
 def fake_quantize_fp8_per_token(x: jax.Array) -> jax.Array:
     """Rounds each token row (dim 0) to e4m3 with its own absmax scale and back: the FP8_DYNAMIC activation
     scheme, computed in x's dtype (a W8A8 fp8 matmul would consume the e4m3 values directly)."""
-    axes = tuple(range(1, x.ndim))
-    x32 = x.astype(jnp.float32)
-    scale = jnp.maximum(jnp.max(jnp.abs(x32), axis=axes, keepdims=True) / FP8_MAX, jnp.finfo(jnp.float32).tiny)
-    q = jnp.clip(x32 / scale, -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn)
-    return (q.astype(jnp.float32) * scale).astype(x.dtype)
+    values, scale = absmax_quantize(x.reshape(x.shape[0], -1), jnp.float8_e4m3fn)
+    return (values.astype(jnp.float32) * scale[:, None]).reshape(x.shape).astype(x.dtype)
 
 
 def einsum(equation: str, x: jax.Array, weight, **kwargs) -> jax.Array:

@@ -3,30 +3,19 @@ seeded sampling, stops, n > 1, logprobs, streaming, aborts and page accounting."
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from jserve import LLM, SamplingParams
+from tests.engine.workloads import assert_no_leak, random_prompts
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 COMMON = dict(dtype="float32", max_model_len=160, page_size=8, max_num_seqs=16, precompile=False)
 
 
-def _prompts(n: int, lo: int, hi: int, seed: int = 0) -> list[list[int]]:
-    rng = np.random.default_rng(seed)
-    return [rng.integers(3, 500, size=int(rng.integers(lo, hi + 1))).tolist() for _ in range(n)]
-
-
 def _tokens(outs) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in outs]
-
-
-def _assert_no_leak(llm: LLM) -> None:
-    stats = llm.stats()
-    assert stats["num_running"] == stats["num_waiting"] == 0
-    assert stats["pages_free"] == stats["pages_total"]
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +25,7 @@ def llm(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def prompts64():
-    return _prompts(64, 4, 100)
+    return random_prompts(64, 4, 100)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +37,7 @@ def test_batched_equals_one_at_a_time(llm, prompts64, one_at_a_time):
     outs = llm.generate(prompt_token_ids=prompts64, sampling_params=GREEDY, use_tqdm=False)
     assert _tokens(outs) == one_at_a_time
     assert all(o.outputs[0].finish_reason == "length" for o in outs)
-    _assert_no_leak(llm)
+    assert_no_leak(llm)
 
 
 def test_preemption_gives_the_same_tokens(tiny_model_dir, prompts64, one_at_a_time):
@@ -56,7 +45,7 @@ def test_preemption_gives_the_same_tokens(tiny_model_dir, prompts64, one_at_a_ti
     outs = small.generate(prompt_token_ids=prompts64, sampling_params=GREEDY, use_tqdm=False)
     assert small.stats()["num_preemptions"] > 0
     assert _tokens(outs) == one_at_a_time
-    _assert_no_leak(small)
+    assert_no_leak(small)
 
 
 def test_chunked_prefill_gives_the_same_tokens(tiny_model_dir, prompts64, one_at_a_time):
@@ -64,12 +53,12 @@ def test_chunked_prefill_gives_the_same_tokens(tiny_model_dir, prompts64, one_at
     assert max(len(p) for p in prompts64) > 32
     outs = chunked.generate(prompt_token_ids=prompts64, sampling_params=GREEDY, use_tqdm=False)
     assert _tokens(outs) == one_at_a_time
-    _assert_no_leak(chunked)
+    assert_no_leak(chunked)
 
 
 def test_prefix_caching_same_outputs_fewer_prompt_tokens(tiny_model_dir, llm):
-    prefix = _prompts(1, 64, 64, seed=7)[0]
-    prompts = [prefix + s for s in _prompts(8, 3, 9, seed=8)]
+    prefix = random_prompts(1, 64, 64, seed=7)[0]
+    prompts = [prefix + s for s in random_prompts(8, 3, 9, seed=8)]
     no_cache = LLM(
         model=tiny_model_dir, num_pages=256, max_num_batched_tokens=128, enable_prefix_caching=False, **COMMON
     )
@@ -84,14 +73,14 @@ def test_prefix_caching_same_outputs_fewer_prompt_tokens(tiny_model_dir, llm):
     assert computed_cached <= total - 7 * 64
     assert llm.stats()["prefix_cache_hit_rate"] > 0
     assert cached_out[1].metrics.num_cached_tokens == 64
-    _assert_no_leak(llm)
+    assert_no_leak(llm)
 
 
 def test_seeded_sampling_is_batch_independent(llm):
-    target = _prompts(1, 20, 20, seed=3)[0]
+    target = random_prompts(1, 20, 20, seed=3)[0]
     params = SamplingParams(temperature=0.9, top_p=0.9, max_tokens=8, seed=1234, ignore_eos=True)
     alone = _tokens(llm.generate(prompt_token_ids=[target], sampling_params=params, use_tqdm=False))[0]
-    others = _prompts(15, 5, 60, seed=4)
+    others = random_prompts(15, 5, 60, seed=4)
     mixed = [SamplingParams(temperature=1.0, max_tokens=6, ignore_eos=True) for _ in others]
     outs = llm.generate(
         prompt_token_ids=others[:7] + [target] + others[7:],
@@ -120,7 +109,7 @@ def test_stop_strings_are_excluded_and_found_across_tokens(llm):
     )
     assert "".join(d.outputs[0].text for d in streamed) == text[:first]
     assert streamed[-1].finished and streamed[-1].outputs[0].finish_reason == "stop"
-    _assert_no_leak(llm)
+    assert_no_leak(llm)
 
 
 def test_stop_token_ids_and_min_tokens(llm):
@@ -159,7 +148,7 @@ def test_n_samples_logprobs_and_streaming(llm):
     deltas = list(llm.generate_stream("Hello there", SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)))
     assert "".join(d.outputs[0].text for d in deltas) == greedy.text
     assert sum((d.outputs[0].token_ids for d in deltas), []) == greedy.token_ids
-    _assert_no_leak(llm)
+    assert_no_leak(llm)
 
 
 def test_final_only_requests_report_once_with_everything(llm):
@@ -189,14 +178,14 @@ def test_final_only_requests_report_once_with_everything(llm):
         assert whole.finish_reason == pieces[-1].finish_reason
     (cut,) = next(o for o in reports if o.request_id == "cut").outputs
     assert cut.finish_reason == "abort"
-    _assert_no_leak(llm)
+    assert_no_leak(llm)
 
 
 def test_abandoned_stream_frees_pages(llm):
     stream = llm.generate_stream([5, 6, 7, 8, 9, 10], SamplingParams(max_tokens=50, ignore_eos=True))
     next(stream)
     stream.close()
-    _assert_no_leak(llm)
+    assert_no_leak(llm)
 
 
 @settings(max_examples=6, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))

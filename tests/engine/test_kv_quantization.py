@@ -3,11 +3,11 @@ preemption and prefix caching, pool sizing, tensor parallelism, and the Pallas k
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from jserve import LLM, SamplingParams
 from tests.checkpoints import make_checkpoint
+from tests.engine.workloads import assert_no_leak, random_prompts
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 COMMON = dict(dtype="float32", max_model_len=160, page_size=8, max_num_seqs=16, precompile=False)
@@ -17,25 +17,14 @@ COMMON = dict(dtype="float32", max_model_len=160, page_size=8, max_num_seqs=16, 
 MIN_IDENTICAL = {"int8": 24, "fp8": 17}
 
 
-def _prompts(n: int, lo: int, hi: int, seed: int = 0) -> list[list[int]]:
-    rng = np.random.default_rng(seed)
-    return [rng.integers(3, 500, size=int(rng.integers(lo, hi + 1))).tolist() for _ in range(n)]
-
-
 def _tokens(llm: LLM, prompts, params=GREEDY) -> list[list[int]]:
     outs = llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
     return [o.outputs[0].token_ids for o in outs]
 
 
-def _assert_no_leak(llm: LLM) -> None:
-    stats = llm.stats()
-    assert stats["num_running"] == stats["num_waiting"] == 0
-    assert stats["pages_free"] == stats["pages_total"]
-
-
 @pytest.fixture(scope="module")
 def prompts32():
-    return _prompts(32, 4, 90)
+    return random_prompts(32, 4, 90)
 
 
 @pytest.fixture(scope="module")
@@ -49,14 +38,14 @@ def test_quantized_cache_agrees_with_float_cache(tiny_model_dir, prompts32, floa
     ours = _tokens(llm, prompts32)
     identical = sum(a == b for a, b in zip(ours, float_tokens, strict=True))
     assert identical >= MIN_IDENTICAL[kv_cache_dtype], identical
-    _assert_no_leak(llm)
+    assert_no_leak(llm)
 
 
 def test_preemption_and_prefix_caching_with_an_int8_cache(tiny_model_dir):
     """Cached prefix pages hold the same int8 values and scales a recompute would write, and preempted
     requests recompute them: outputs equal a roomy engine's without prefix caching, and no page leaks."""
-    prefix = _prompts(1, 48, 48, seed=7)[0]
-    prompts = [prefix + s for s in _prompts(24, 3, 40, seed=8)]
+    prefix = random_prompts(1, 48, 48, seed=7)[0]
+    prompts = [prefix + s for s in random_prompts(24, 3, 40, seed=8)]
     roomy = LLM(
         model=tiny_model_dir,
         num_pages=256,
@@ -70,8 +59,8 @@ def test_preemption_and_prefix_caching_with_an_int8_cache(tiny_model_dir):
     assert _tokens(tight, prompts) == expected
     stats = tight.stats()
     assert stats["num_preemptions"] > 0 and stats["prefix_cache_hit_rate"] > 0
-    _assert_no_leak(tight)
-    _assert_no_leak(roomy)
+    assert_no_leak(tight)
+    assert_no_leak(roomy)
 
 
 def test_pool_holds_about_twice_the_pages_at_the_same_memory(tmp_path, sp_model):
@@ -90,7 +79,7 @@ def test_pool_holds_about_twice_the_pages_at_the_same_memory(tmp_path, sp_model)
 
 
 def test_tensor_parallel_int8_cache_equals_single_device(tiny_model_dir):
-    prompts = _prompts(6, 5, 40, seed=3)
+    prompts = random_prompts(6, 5, 40, seed=3)
     one = LLM(model=tiny_model_dir, num_pages=128, max_num_batched_tokens=64, kv_cache_dtype="int8", **COMMON)
     two = LLM(
         model=tiny_model_dir,
@@ -105,7 +94,7 @@ def test_tensor_parallel_int8_cache_equals_single_device(tiny_model_dir):
 
 def test_pallas_kernel_reads_the_int8_cache_like_the_xla_path(tiny_model_dir):
     """attention_backend='pallas' on CPU runs the TPU kernel under its interpreter (slow: a small step)."""
-    prompts = _prompts(3, 5, 20, seed=5)
+    prompts = random_prompts(3, 5, 20, seed=5)
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     small = dict(COMMON, max_model_len=64, max_num_seqs=4)
     xla = LLM(model=tiny_model_dir, num_pages=32, max_num_batched_tokens=32, kv_cache_dtype="int8", **small)
