@@ -67,6 +67,7 @@ class ModelConfig:
     dtype: str = "float32"  # the checkpoint's dtype name
     weight_quant: WeightQuant | None = None  # quantized linears: from the checkpoint or LLM(quantization=...)
     checkpoint_quant_format: str | None = None  # compressed-tensors format of a pre-quantized checkpoint
+    early_exit_layer: int | None = None  # trained for self-speculation: layers whose output the LM head reads
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -178,6 +179,7 @@ class ModelConfig:
             dtype=str(hf.get("dtype") or hf.get("torch_dtype") or "float32"),
             weight_quant=weight_quant,
             checkpoint_quant_format=quant_format,
+            early_exit_layer=hf.get("early_exit_layer"),
         )
 
 

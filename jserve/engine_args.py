@@ -18,8 +18,10 @@ from jserve.bundled import BUNDLED_MODEL
 from jserve.config import ParallelConfig
 from jserve.limits import DEFAULT_MAX_LOGPROBS, RequestLimits
 from jserve.quant.config import DEFAULT_GROUP_SIZE, KV_CACHE_DTYPES, WEIGHT_METHODS, WeightQuant, weight_quant_from_args
+from jserve.spec.config import SpeculativeConfig, speculative_config_from_args
 
 ENGINE_GROUP = "engine"
+SPEC_GROUP = "speculative decoding"
 LIMITS_GROUP = "admission limits (requests over them get INVALID_ARGUMENT / HTTP 400)"
 
 
@@ -63,8 +65,23 @@ class EngineArgs:
     attention_backend: str = setting(
         "auto", "attention kernels ('auto': Pallas where they fit, else XLA)", choices=("auto", "pallas", "xla")
     )
-    speculative_model: str | None = setting(None, "draft model directory, or 'ngram'")
-    num_speculative_tokens: int = setting(0, "tokens proposed per speculative step")
+    speculative_model: str | None = setting(
+        None,
+        "speculative decoding: 'ngram' (prompt lookup), 'early_exit' (the model's first layers draft), or a draft "
+        "checkpoint directory with the same vocabulary",
+        group=SPEC_GROUP,
+    )
+    num_speculative_tokens: int = setting(0, "k: tokens drafted per speculative step", group=SPEC_GROUP)
+    prompt_lookup_min: int = setting(1, "ngram: shortest suffix matched against the sequence", group=SPEC_GROUP)
+    prompt_lookup_max: int = setting(4, "ngram: longest suffix matched (tried first)", group=SPEC_GROUP)
+    speculative_exit_layer: int | None = setting(
+        None, "early_exit: draft with the first m layers (default: the config's early_exit_layer)", group=SPEC_GROUP
+    )
+    speculative_max_batch_size: int = setting(
+        4,
+        "speculate only in steps that sample at most this many sequences (larger batches decode plainly)",
+        group=SPEC_GROUP,
+    )
     max_n: int | None = setting(None, "samples per request, n (default: max_num_seqs)", group=LIMITS_GROUP)
     max_logprobs: int = setting(
         DEFAULT_MAX_LOGPROBS, "logprobs / prompt_logprobs per token (the logprob outputs' width)", group=LIMITS_GROUP
@@ -89,10 +106,7 @@ class EngineArgs:
         _ = self.weight_quant  # validates quantization and its group size
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
-        if self.speculative_model is not None:
-            raise ValueError("speculative_model is not supported yet")
-        if self.num_speculative_tokens:
-            raise ValueError("num_speculative_tokens is not supported yet")
+        _ = self.speculative  # validates the speculative fields
         _ = self.parallel  # validates the sizes
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
@@ -110,6 +124,18 @@ class EngineArgs:
     def weight_quant(self) -> WeightQuant | None:
         """Quantize-on-load scheme (None: the checkpoint's own, or dense)."""
         return weight_quant_from_args(self.quantization, self.quantization_group_size)
+
+    @property
+    def speculative(self) -> SpeculativeConfig | None:
+        """Speculative decoding (None: off)."""
+        return speculative_config_from_args(
+            self.speculative_model,
+            self.num_speculative_tokens,
+            exit_layer=self.speculative_exit_layer,
+            prompt_lookup_min=self.prompt_lookup_min,
+            prompt_lookup_max=self.prompt_lookup_max,
+            max_batch_size=self.speculative_max_batch_size,
+        )
 
     @property
     def parallel(self) -> ParallelConfig:

@@ -32,6 +32,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     priority: int = 0
+    speculative: bool = True  # False: this request never speculates (when the engine has speculative_model)
     extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:

@@ -7,6 +7,7 @@ held-out perplexity is always on files the model never saw.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import sysconfig
 from collections.abc import Iterator
@@ -62,3 +63,26 @@ def iter_chunks(files: list[Path], max_chars: int = 2000) -> Iterator[str]:
             chunk += line
         if chunk:
             yield chunk
+
+
+def function_sources(split: str = "heldout", *, min_lines: int = 6, max_lines: int = 30) -> Iterator[tuple[str, str]]:
+    """(name, source) of the corpus's top-level functions of ``min_lines``..``max_lines`` lines, in file order:
+    the prompts of the speculative-decoding tests and benchmark."""
+    for path in corpus_files(split=split):
+        text = read_source(path)
+        try:
+            tree = ast.parse(text)
+        except SyntaxError:
+            continue
+        for node in tree.body:
+            if isinstance(node, ast.FunctionDef) and min_lines <= node.end_lineno - node.lineno + 1 <= max_lines:
+                source = ast.get_source_segment(text, node)
+                if source and not source.startswith("@"):
+                    yield node.name, source
+
+
+def repeat_prompt(name: str, source: str) -> str:
+    """An input-grounded prompt: a function, then the request to write it again renamed, so the answer mostly
+    copies the prompt (what prompt-lookup speculation is for)."""
+    renamed = source.replace(f"def {name}(", f"def {name}_v2(", 1)
+    return f"{source}\n\n\n# {name}_v2: the same as {name}, under a new name.\n{renamed.splitlines()[0]}\n"

@@ -30,6 +30,7 @@ from jserve.engine.request import PENDING_TOKEN, Request
 from jserve.engine.sampler import RowSpec, SamplingTensors, make_sampling_tensors
 from jserve.engine.scheduler import ScheduledChunk, SchedulerOutput
 from jserve.engine.shapes import StepShapes, round_up
+from jserve.spec.verify import SpecInput
 
 
 @jax.tree_util.register_dataclass
@@ -51,6 +52,18 @@ class StepInput:
     history_src: jax.Array
     history_col: jax.Array
     prev_tokens: jax.Array  # [B] i32: the previous step's sampled ids (the runner passes its device array)
+    spec: SpecInput | None = None  # a verification step's layout (speculative decoding); None: a plain step
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class ProposalInput:
+    """What the device drafter (early exit, draft model) reads: one token per drafting row, k steps."""
+
+    tokens: jax.Array  # [S] i32 last token of each drafting row
+    positions: jax.Array  # [S] i32 its position
+    attention: object  # k AttentionLayouts (the runner plans each and stacks them)
+    verify_rows: jax.Array  # [S] i32 the sampled row (verification row) of each drafting row
 
 
 @dataclass(frozen=True)
@@ -74,10 +87,16 @@ class StepPlan:
     uses_penalties: bool  # else the runner swaps in its resident all-padding history
     wants_top_logprobs: bool  # some sampled row asked for logprobs: copy the top-k arrays to the host
     reads_previous: bool = False  # some token or history entry comes from the previous step's outputs
+    proposal: ProposalInput | None = None  # device-drafted speculation: the drafter's inputs
+    num_drafts: list[int] = dataclasses.field(default_factory=list)  # per sampled row (verification steps)
 
     @property
     def bucket(self) -> int:
         return int(self.inputs.tokens.shape[0])
+
+    @property
+    def is_verification(self) -> bool:
+        return self.inputs.spec is not None
 
 
 def build_layout(
@@ -130,12 +149,15 @@ def build_sampling(
     seed_of: Callable[[Request], int],
     banned_ids_of: Callable[[Request], Sequence[int]],
     previous_rows: dict[str, int] | None = None,
+    num_rows: int | None = None,
 ) -> tuple[SamplingTensors, np.ndarray, list[str], np.ndarray, np.ndarray]:
     """Sampling settings of the chunks that sample, their logits rows, their request ids (row order), and for
-    each row where its pending token goes in the penalty history (source row in the previous step, column)."""
+    each row where its pending token goes in the penalty history (source row in the previous step, column).
+    ``num_rows``: the sampled rows' padding (default max_num_seqs; verification steps: spec_rows)."""
+    num_rows = shapes.max_num_seqs if num_rows is None else num_rows
     logits_indices = np.zeros(shapes.max_num_seqs, np.int32)
-    history_src = np.full(shapes.max_num_seqs, -1, np.int32)
-    history_col = np.zeros(shapes.max_num_seqs, np.int32)
+    history_src = np.full(num_rows, -1, np.int32)
+    history_col = np.zeros(num_rows, np.int32)
     rows: list[RowSpec] = []
     sampled_ids: list[str] = []
     cursor = 0
@@ -161,7 +183,7 @@ def build_sampling(
             )
         )
     sampling = make_sampling_tensors(
-        rows, pad_to=shapes.max_num_seqs, history_len=shapes.history_len, banned_len=shapes.banned_len
+        rows, pad_to=num_rows, history_len=shapes.history_len, banned_len=shapes.banned_len
     )
     return sampling, logits_indices, sampled_ids, history_src, history_col
 
@@ -194,16 +216,22 @@ def build_step(
     seed_of: Callable[[Request], int],
     banned_ids_of: Callable[[Request], Sequence[int]],
     previous_rows: dict[str, int] | None = None,
+    device_drafts: bool = False,
 ) -> StepPlan:
     """Packs one SchedulerOutput into padded numpy arrays (see the module docstring for the layout).
-    ``previous_rows``: async scheduling's request id -> sampled row of the step still on the device."""
+    ``previous_rows``: async scheduling's request id -> sampled row of the step still on the device.
+    A step with drafts (speculative decoding) becomes a verification step; ``device_drafts``: the drafts are
+    placeholders that the device drafter fills (``ProposalInput``)."""
     chunks = out.chunks
     num_tokens = sum(len(c.token_ids) for c in chunks)
-    t_pad = round_up(num_tokens, shapes.token_buckets)
+    verifying = any(c.num_drafts for c in chunks)
+    t_pad = round_up(num_tokens, shapes.spec_token_buckets if verifying else shapes.token_buckets)
     tokens, token_src, positions, layout = build_layout(chunks, shapes, t_pad, previous_rows)
     sampling, logits_indices, sampled_ids, history_src, history_col = build_sampling(
-        chunks, requests, shapes, seed_of, banned_ids_of, previous_rows
+        chunks, requests, shapes, seed_of, banned_ids_of, previous_rows, shapes.spec_rows if verifying else None
     )
+    spec = build_verification(chunks, shapes, t_pad) if verifying else None
+    proposal = build_proposal(chunks, shapes) if verifying and device_drafts else None
     prompt_targets, prompt_rows = build_prompt_logprobs(chunks, requests, t_pad)
     n = len(sampled_ids)
     inputs = StepInput(
@@ -217,6 +245,7 @@ def build_step(
         history_src=history_src,
         history_col=history_col,
         prev_tokens=_no_previous(shapes.max_num_seqs),
+        spec=spec,
     )
     return StepPlan(
         inputs,
@@ -232,7 +261,84 @@ def build_step(
         ),
         wants_top_logprobs=bool((sampling.num_logprobs[:n] > 0).any()),
         reads_previous=bool((token_src >= 0).any() or (history_src >= 0).any()),
+        proposal=proposal,
+        num_drafts=[c.num_drafts for c in chunks if c.sample] if verifying else [],
     )
+
+
+def build_verification(chunks: Sequence[ScheduledChunk], shapes: StepShapes, num_tokens_padded: int) -> SpecInput:
+    """Where each sampled row's verified positions and drafts sit in the step (see ``jserve.spec.verify``)."""
+    s, k = shapes.spec_rows, shapes.num_spec_tokens
+    verify_indices = np.zeros((s, k + 1), np.int32)
+    draft_tokens = np.zeros((s, k), np.int32)
+    num_drafts = np.zeros(s, np.int32)
+    draft_token_index = np.full((s, k), num_tokens_padded, np.int32)
+    draft_rows = np.zeros(s, np.int32)
+    history_base = np.zeros(s, np.int32)
+    cursor = row = drafting = 0
+    for chunk in chunks:
+        n = len(chunk.token_ids)
+        cursor += n
+        if not chunk.sample:
+            continue
+        d = chunk.num_drafts
+        last = cursor - 1 - d  # the row's last known token
+        verify_indices[row, : d + 1] = last + np.arange(d + 1)
+        if d:  # drafts are stored in drafting order, as the device drafter returns them
+            draft_tokens[drafting, :d] = chunk.token_ids[-d:]
+            draft_token_index[row, :d] = last + 1 + np.arange(d)
+            draft_rows[row] = drafting
+            drafting += 1
+        num_drafts[row] = d
+        history_base[row] = chunk.start_pos + n - d
+        row += 1
+    return SpecInput(verify_indices, draft_tokens, num_drafts, draft_token_index, draft_rows, history_base)
+
+
+def build_proposal(chunks: Sequence[ScheduledChunk], shapes: StepShapes) -> ProposalInput:
+    """The device drafter's inputs: drafting row r feeds its last token at position p_r, then its drafts at
+    p_r + 1 .. p_r + k - 1, one token per row and step (rows in the order of their sampled rows)."""
+    s, k, b, page_size = shapes.spec_rows, shapes.num_spec_tokens, shapes.max_num_seqs, shapes.page_size
+    tokens = np.zeros(s, np.int32)
+    positions = np.zeros(s, np.int32)
+    verify_rows = np.zeros(s, np.int32)
+    block_tables = np.zeros((b, shapes.max_pages_per_seq), np.int32)
+    tables, starts = [], []
+    row = 0
+    for chunk in chunks:
+        if not chunk.sample:
+            continue
+        if chunk.num_drafts:
+            r = len(starts)
+            last = chunk.start_pos + len(chunk.token_ids) - chunk.num_drafts - 1
+            tokens[r] = chunk.token_ids[-chunk.num_drafts - 1]
+            positions[r] = last
+            verify_rows[r] = row
+            table = np.asarray(chunk.block_table, np.int32)
+            block_tables[r, : len(table)] = table
+            tables.append(table)
+            starts.append(last)
+        row += 1
+    n = len(starts)
+    layouts = []
+    for i in range(k):
+        slots = np.zeros(s, np.int32)
+        kv_lens = np.zeros(b, np.int32)
+        for r, (table, start) in enumerate(zip(tables, starts, strict=True)):
+            pos = start + i
+            slots[r] = table[pos // page_size] * page_size + pos % page_size
+            kv_lens[r] = pos + 1
+        cu_q_lens = np.minimum(np.arange(b + 1, dtype=np.int32), n)
+        layouts.append(
+            AttentionLayout(
+                slot_mapping=slots,
+                kv_lens=kv_lens,
+                block_tables=block_tables,
+                cu_q_lens=cu_q_lens,
+                num_seqs=np.array([n], np.int32),
+            )
+        )
+    return ProposalInput(tokens, positions, layouts, verify_rows)
 
 
 _NO_PREVIOUS: dict[int, np.ndarray] = {}
@@ -245,8 +351,20 @@ def _no_previous(rows: int) -> np.ndarray:
     return _NO_PREVIOUS[rows]
 
 
-def padding_step(shapes: StepShapes, num_tokens_padded: int) -> StepPlan:
-    """A step of bucket ``num_tokens_padded`` with no sequence in it (what programs are compiled from)."""
+def padding_step(shapes: StepShapes, num_tokens_padded: int, *, verification: bool = False) -> StepPlan:
+    """A step of bucket ``num_tokens_padded`` with no sequence in it (what programs are compiled from); a
+    verification step's (and its drafter's inputs) with ``verification``."""
     empty = SchedulerOutput(chunks=[], num_batched_tokens=0)
     one_bucket = dataclasses.replace(shapes, token_buckets=(num_tokens_padded,))
-    return build_step(empty, {}, one_bucket, seed_of=lambda r: 0, banned_ids_of=lambda r: ())
+    plan = build_step(empty, {}, one_bucket, seed_of=lambda r: 0, banned_ids_of=lambda r: ())
+    if not verification:
+        return plan
+    sampling, *_ = build_sampling([], {}, shapes, lambda r: 0, lambda r: (), None, shapes.spec_rows)
+    inputs = dataclasses.replace(
+        plan.inputs,
+        sampling=sampling,
+        history_src=np.full(shapes.spec_rows, -1, np.int32),
+        history_col=np.zeros(shapes.spec_rows, np.int32),
+        spec=build_verification([], shapes, num_tokens_padded),
+    )
+    return dataclasses.replace(plan, inputs=inputs, proposal=build_proposal([], shapes))

@@ -39,6 +39,8 @@ from jserve.limits import RequestLimits, RequestTooLargeError, check_token_count
 from jserve.outputs import RequestOutput
 from jserve.parallel.multihost import STOP
 from jserve.sampling_params import SamplingParams
+from jserve.spec.config import SpeculativeConfig
+from jserve.spec.ngram import propose_ngram
 
 if TYPE_CHECKING:
     from jserve.tokenizer import Tokenizer
@@ -82,6 +84,7 @@ class Engine:
         limits: RequestLimits | None = None,
         seed: int = 0,
         async_scheduling: bool = True,
+        speculative: SpeculativeConfig | None = None,
     ):
         self.runner = runner
         self.scheduler = scheduler
@@ -109,6 +112,10 @@ class Engine:
         self._in_flight: _Step | None = None
         self.inbox_sync = None  # multi-host: set to jserve.parallel.multihost.broadcast_items
         self.stopped = False
+        self.speculative = speculative
+        self.num_draft_tokens = 0  # speculative decoding: drafts verified, accepted, and rows that drafted
+        self.num_accepted_tokens = 0
+        self.num_drafting_rows = 0
         compile_watch.install()
         self._lowered_at_ready = compile_watch.programs_lowered()
 
@@ -273,7 +280,10 @@ class Engine:
         this step is scheduled with them pending, and reads them from that step's outputs on the device.
         """
         self._drain_inbox()
+        self._draft()
         sched = self.scheduler.schedule()
+        if self.speculative is not None and not self._verifiable(sched):
+            sched = self.scheduler.without_drafts(sched)
         self._finished_by_scheduler(sched.finished_ids)
         if not sched.chunks:
             return _Step(sched)
@@ -289,6 +299,7 @@ class Engine:
                 lambda r: self._seeds[r.request_id],
                 self._banned_ids,
                 previous_rows,
+                device_drafts=self.speculative is not None and self.speculative.samples_drafts,
             )
             for part in self._microbatches(sched)
         ]
@@ -296,6 +307,62 @@ class Engine:
         if self.async_scheduling:
             self.scheduler.advance(sched)  # the next schedule sees this step's tokens as pending
         return step
+
+    def _draft(self) -> None:
+        """Speculative decoding: drafts for the running requests that can take them this step.
+
+        The policy: a step speculates only while at most ``max_batch_size`` sequences run; past that the k
+        extra tokens each sequence verifies cost more compute than the skipped steps save, so everyone decodes
+        plainly (and keeps async scheduling's one-step lookahead). While speculating, a request drafts only
+        with all its tokens on the host (its next draft needs them), so it skips a step whose previous one
+        still carries its token. n-gram drafts are looked up here; the device drafters' are placeholders the
+        device fills in.
+        """
+        spec = self.speculative
+        if spec is None:
+            return
+        running = self.scheduler.running
+        self.scheduler.speculating = len(running) <= spec.max_batch_size
+        for request in running:
+            request.draft_token_ids = []
+            if not self.scheduler.speculating or not self._may_draft(request):
+                continue
+            limit = min(
+                spec.num_tokens,
+                request.sampling_params.max_tokens - request.num_sampled - 1,
+                self.max_model_len - request.num_tokens - 1,
+            )
+            if limit <= 0:
+                continue
+            if spec.samples_drafts:
+                request.draft_token_ids = [0] * limit
+            else:
+                drafts = propose_ngram(
+                    request.all_token_ids, k=limit, min_n=spec.prompt_lookup_min, max_n=spec.prompt_lookup_max
+                )
+                request.draft_token_ids = drafts.tolist()
+
+    @staticmethod
+    def _may_draft(request: Request) -> bool:
+        """Decoding, every token on the host, past min_tokens (whose banned ids plain steps apply), and not
+        opted out."""
+        return (
+            request.sampling_params.speculative
+            and request.status == RequestStatus.RUNNING
+            and not request.num_pending_tokens
+            and not request.awaiting_verification
+            and request.num_sampled > 0
+            and request.num_computed_tokens == request.num_tokens - 1
+            and request.num_sampled >= request.sampling_params.min_tokens
+        )
+
+    def _verifiable(self, sched: SchedulerOutput) -> bool:
+        """A step with drafts fits the verification programs (rows and tokens); else it decodes plainly."""
+        if not any(c.num_drafts for c in sched.chunks):
+            return True
+        shapes = self.runner.shapes
+        rows = sum(1 for c in sched.chunks if c.sample)
+        return rows <= shapes.spec_rows and sched.num_batched_tokens <= shapes.spec_token_buckets[-1]
 
     def finish_step(self, step: _Step) -> list[RequestOutput]:
         """Reports the oldest step on the device: waits for its tokens, updates the scheduler, builds the
@@ -307,7 +374,7 @@ class Engine:
             return self._emit(_Step(_NOTHING), [])
         return self._emit(done, self._complete(done))
 
-    def _complete(self, step: _Step) -> list[tuple[Request, StepResult, int]]:
+    def _complete(self, step: _Step) -> list[tuple[Request, StepResult, int, int]]:
         """Device part: wait for the results, record prompt logprobs, hand the tokens to the scheduler."""
         if step.pending is None:
             return []
@@ -315,25 +382,40 @@ class Engine:
         self.num_steps += 1
         rows: dict[str, tuple[StepResult, int]] = {}
         sampled: dict[str, int] = {}
+        verified: dict[str, list[int]] = {}
         for plan, result in zip(step.plans, results, strict=True):
             for i, rid in enumerate(plan.sampled_ids):
                 rows[rid] = (result, i)
-                sampled[rid] = int(result.token_ids[i])
+                tokens = result.emitted(i)
+                sampled[rid] = tokens[-1]
+                if plan.num_drafts and plan.num_drafts[i]:
+                    verified[rid] = tokens
+                    self.num_drafting_rows += 1
+                    self.num_draft_tokens += plan.num_drafts[i]
+                    self.num_accepted_tokens += len(tokens) - 1
             for prompt_rows in plan.prompt_rows:
                 group = self._group_of(prompt_rows.request_id)
                 if group is not None:
                     group.record_prompt_logprobs(prompt_rows, result)
+        before = {rid: self._sequences[rid].num_output_tokens for rid in verified if rid in self._sequences}
         if self.async_scheduling:
-            updated = self.scheduler.resolve(step.sched, sampled)
+            updated = self.scheduler.resolve(step.sched, sampled, verified)
         else:
-            updated = self.scheduler.update(step.sched, sampled)
-        return [(request, *rows[request.request_id]) for request in updated]
+            updated = self.scheduler.update(step.sched, sampled, verified)
+        return [
+            (
+                request,
+                *rows[request.request_id],
+                request.num_output_tokens - before[request.request_id] if request.request_id in verified else 1,
+            )
+            for request in updated
+        ]
 
-    def _emit(self, step: _Step, updated: list[tuple[Request, StepResult, int]]) -> list[RequestOutput]:
+    def _emit(self, step: _Step, updated: list[tuple[Request, StepResult, int, int]]) -> list[RequestOutput]:
         """Host part: detokenize, check stop strings, build the deltas."""
         touched: dict[str, list[str]] = {}
-        for request, result, row in updated:
-            self._on_token(request, result, row)
+        for request, result, row, num_new in updated:
+            self._on_tokens(request, result, row, num_new)
             touched.setdefault(self._seq_to_group[request.request_id], []).append(request.request_id)
         for chunk in step.sched.chunks:  # prompt logprobs may be ready before any token
             group_id = self._seq_to_group.get(chunk.request_id)
@@ -395,11 +477,19 @@ class Engine:
             return []
         return list(request.eos_token_ids) + list(params.stop_token_ids)
 
-    def _on_token(self, request: Request, result: StepResult, row: int) -> None:
+    def _on_tokens(self, request: Request, result: StepResult, row: int, num_new: int) -> None:
+        """The request's ``num_new`` newest tokens, in order (several after a verification step); a stop string
+        inside them ends the request there, dropping the tokens after it."""
         group = self._groups[self._seq_to_group[request.request_id]]
-        if group.on_token(request, result, row) and not request.is_finished:  # a stop string ended it
-            sample = group.samples[request.request_id]
-            self.scheduler.finish_request(request.request_id, "stop", sample.stop_reason)
+        first = request.num_output_tokens - num_new
+        for j in range(num_new):
+            token = request.output_token_ids[first + j]
+            if group.on_token(request, result, row, j, token, final=j == num_new - 1):  # a stop string ended it
+                request.truncate_output(first + j + 1)
+                if not request.is_finished:
+                    sample = group.samples[request.request_id]
+                    self.scheduler.finish_request(request.request_id, "stop", sample.stop_reason)
+                return
 
     def _delta(self, group: RequestGroup, seq_ids: list[str]) -> RequestOutput:
         return group.delta({s: self._sequences[s] for s in group.samples}, seq_ids)
@@ -421,6 +511,20 @@ class Engine:
         """Forget cached prefixes (refused while requests hold pages); benchmarks use it between runs."""
         return self.kv_cache.reset_prefix_cache()
 
+    def speculation_stats(self) -> dict[str, float | int | str]:
+        """Drafted / accepted tokens, acceptance rate and mean tokens per verification (accepted + 1)."""
+        if self.speculative is None:
+            return {}
+        drafts, accepted, rows = self.num_draft_tokens, self.num_accepted_tokens, self.num_drafting_rows
+        return {
+            "spec_method": self.speculative.method,
+            "spec_num_draft_tokens": drafts,
+            "spec_num_accepted_tokens": accepted,
+            "spec_num_drafting_rows": rows,
+            "spec_acceptance_rate": accepted / drafts if drafts else 0.0,
+            "spec_mean_accepted_length": (accepted + rows) / rows if rows else 0.0,
+        }
+
     def stats(self) -> dict[str, float | int]:
         cache = self.kv_cache
         return {
@@ -436,6 +540,7 @@ class Engine:
             "num_programs": self.runner.num_programs,
             "weight_bytes": self.runner.weight_bytes,
             "kv_bytes_per_token": self.runner.kv_bytes_per_token,
+            **self.speculation_stats(),
             "programs_lowered_while_serving": compile_watch.programs_lowered() - self._lowered_at_ready,
         }
 

@@ -30,6 +30,7 @@ from jserve.parallel.mesh import make_mesh, stage_mesh
 from jserve.parallel.sharding import param_shardings
 from jserve.quant.config import kv_storage_dtype
 from jserve.quant.kv import is_quantized_kv
+from jserve.spec.config import DRAFT, EARLY_EXIT, SpeculativeConfig
 
 CPU_KV_BUDGET_BYTES = 1 << 30  # CPU devices report no memory stats: give the KV cache 1 GiB
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
@@ -97,7 +98,12 @@ def _with_weight_quant(cfg: ModelConfig, args: EngineArgs, path: Path) -> ModelC
 def compile_programs(runners: list[ModelRunner], *, progress: bool = True) -> None:
     """Compiles every step program of every replica, behind a progress bar, then runs each once: after this
     no request within the engine's limits can compile anything."""
-    total = sum(len(r.shapes.token_buckets) * r.num_stages for r in runners)
+    total = sum(
+        len(r.shapes.token_buckets) * r.num_stages
+        + len(r.shapes.spec_token_buckets)
+        + bool(r.spec is not None and r.spec.samples_drafts)
+        for r in runners
+    )
     with tqdm(total=total, desc="jserve: compiling", unit="program", disable=not progress, file=sys.stderr) as bar:
         for runner in runners:
             runner.compile_programs(bar.update)
@@ -154,13 +160,17 @@ def _build_replica(args: EngineArgs, path: Path, model_config: ModelConfig, toke
     )
     eos = list(tokenizer.eos_token_ids) if tokenizer is not None else list(model_config.eos_token_ids)
     limits = args.limits
+    spec = _speculative_config(args, model_config)
     shapes = StepShapes.from_limits(
         max_num_batched_tokens=max_num_batched_tokens,
         max_num_seqs=args.max_num_seqs,
         max_model_len=max_model_len,
         page_size=cache_config.page_size,
         banned_len=limits.max_stop_token_ids + len(eos),
+        spec_rows=spec.max_batch_size if spec is not None else 0,
+        num_spec_tokens=spec.num_tokens if spec is not None else 0,
     )
+    draft = _load_draft(spec, model_config, dtype, meshes) if spec is not None else None
     backend = select_backend(
         args.attention_backend,
         shapes,
@@ -182,6 +192,8 @@ def _build_replica(args: EngineArgs, path: Path, model_config: ModelConfig, toke
         backend=backend,
         max_logprobs=limits.max_logprobs,
         stage_meshes=meshes,
+        spec=spec,
+        draft=draft,
     )
     return Engine(
         runner=runner,
@@ -194,7 +206,48 @@ def _build_replica(args: EngineArgs, path: Path, model_config: ModelConfig, toke
         limits=limits,
         seed=args.seed,
         async_scheduling=args.async_scheduling,
+        speculative=spec,
     )
+
+
+def _speculative_config(args: EngineArgs, cfg: ModelConfig) -> SpeculativeConfig | None:
+    """EngineArgs' speculative settings checked against the model (early exit's layer, a draft's vocabulary)."""
+    spec = args.speculative
+    if spec is None:
+        return None
+    if args.pipeline_parallel_size > 1:
+        raise ValueError("speculative_model: speculative decoding runs with pipeline_parallel_size 1")
+    if spec.method == EARLY_EXIT:
+        layer = spec.exit_layer if spec.exit_layer is not None else cfg.early_exit_layer
+        if layer is None:
+            raise ValueError(
+                "speculative_exit_layer: the model's config.json has no early_exit_layer; name the draft's layer count"
+            )
+        if not 1 <= layer < cfg.num_layers:
+            raise ValueError(f"speculative_exit_layer must be in [1, {cfg.num_layers - 1}], got {layer}")
+        spec = dataclasses.replace(spec, exit_layer=layer)
+    return spec
+
+
+def _load_draft(spec: SpeculativeConfig, cfg: ModelConfig, dtype, meshes: list):
+    """The draft checkpoint (draft-model speculation): its config, graphdef and params, or None."""
+    if spec.method != DRAFT:
+        return None
+    draft_cfg = ModelConfig.from_pretrained(spec.draft_model)
+    if draft_cfg.vocab_size != cfg.vocab_size:
+        raise ValueError(
+            f"speculative_model: the draft's vocab_size {draft_cfg.vocab_size} is not the model's {cfg.vocab_size}"
+        )
+    if draft_cfg.head_dim != cfg.head_dim or set(draft_cfg.sliding_windows) != set(cfg.sliding_windows):
+        raise ValueError(
+            "speculative_model: the draft must share the model's head_dim and sliding windows (it runs on the same "
+            f"attention backend); got head_dim {draft_cfg.head_dim} vs {cfg.head_dim}"
+        )
+    _, abstract_state = abstract_model(draft_cfg, dtype)
+    graphdef, state = load_params(
+        spec.draft_model, draft_cfg, dtype, param_shardings(abstract_state, draft_cfg, meshes[0])
+    )
+    return draft_cfg, graphdef, state
 
 
 def _load_tokenizer(path: Path):

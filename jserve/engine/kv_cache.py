@@ -210,6 +210,26 @@ class KVCacheManager:
             table.append(self._take_fresh_page())
         return True
 
+    def trim(self, request: Request, num_tokens: int) -> None:
+        """Speculative decoding: gives back the pages past the first ``num_tokens`` tokens (rejected drafts' slots);
+        they were taken fresh for this step's drafts, never cached."""
+        table = self._tables.get(request.request_id)
+        if not table:
+            return
+        keep = self.pages_needed(num_tokens)
+        while len(table) > keep:
+            self._release(table.pop())
+        if self._num_registered.get(request.request_id, 0) > keep:
+            self._num_registered[request.request_id] = keep
+
+    def _release(self, page: int) -> None:
+        self._refcount[page] -= 1
+        if self._refcount[page] == 0:
+            if page in self._page_to_hash:
+                self._evictable[page] = None
+            else:
+                self._free.append(page)
+
     def _take_fresh_page(self) -> int:
         if self._free:
             page = self._free.popleft()
@@ -228,12 +248,7 @@ class KVCacheManager:
         # Tail first, so a prefix's later pages are evicted before its first ones (a chain is only found from
         # its head, so evicting the head first would strand the rest).
         for page in reversed(table):
-            self._refcount[page] -= 1
-            if self._refcount[page] == 0:
-                if page in self._page_to_hash:
-                    self._evictable[page] = None
-                else:
-                    self._free.append(page)
+            self._release(page)
 
     # ---- debugging ------------------------------------------------------------------------------------
     def check_invariants(self) -> None:

@@ -87,21 +87,32 @@ class RequestGroup:
             entry[self.prompt_token_ids[position]] = float(result.prompt_target_logprobs[row])
             self.prompt_logprobs.append(entry)
 
-    def on_token(self, request: Request, result: StepResult, row: int) -> bool:
-        """Takes the request's newest token; True when a stop string ended the sample."""
+    def on_token(
+        self,
+        request: Request,
+        result: StepResult,
+        row: int,
+        position: int = 0,
+        token: int | None = None,
+        *,
+        final: bool = True,
+    ) -> bool:
+        """Takes one new token (default: the request's newest), the ``position``-th its step row produced;
+        ``final``: the last new token of this step. True when a stop string ended the sample."""
         sample = self.samples[request.request_id]
-        token = request.output_token_ids[-1]
+        token = request.output_token_ids[-1] if token is None else token
         if self.params.logprobs is not None:
-            entry = _top_logprobs(result.top_ids[row], result.top_logprobs[row], self.params.logprobs)
-            entry[token] = float(result.logprobs[row])
+            chosen, top_ids, top_lps = result.token_logprobs(row, position)
+            entry = {} if top_ids is None else _top_logprobs(top_ids, top_lps, self.params.logprobs)
+            entry[token] = chosen
             sample.logprobs.append(entry)
         if sample.detokenizer is not None:
             sample.text += sample.detokenizer.add([token])
-            if request.is_finished:
+            if request.is_finished and final:
                 sample.text += sample.detokenizer.flush()
         if self.params.stop and find_stop_string(self.params.stop, sample):
             return True
-        if request.is_finished and sample.finish_reason is None:
+        if request.is_finished and final and sample.finish_reason is None:
             sample.finish_reason, sample.stop_reason = request.finish_reason, request.stop_reason
         return False
 
@@ -159,4 +170,6 @@ class RequestGroup:
             num_prompt_tokens=len(self.prompt_token_ids),
             num_output_tokens=sum(r.num_output_tokens for r in seqs),
             num_cached_tokens=max((r.num_cached_tokens for r in seqs), default=0),
+            num_draft_tokens=sum(r.num_draft_tokens for r in seqs),
+            num_accepted_tokens=sum(r.num_accepted_tokens for r in seqs),
         )

@@ -90,6 +90,12 @@ class Request:
         self.first_token_time: float | None = None
         self.finished_time: float | None = None
         self.num_preemptions = 0
+        # Speculative decoding: tokens drafted for the next step (device-drafted methods hold placeholders until
+        # the device fills them), whether a verification step is on the device, and per-request counters.
+        self.draft_token_ids: list[int] = []
+        self.awaiting_verification = False
+        self.num_draft_tokens = 0
+        self.num_accepted_tokens = 0
         # Chained hashes of the full pages of all_token_ids, filled lazily by the KVCacheManager (one page
         # size per engine). Kept here, not in the pool, so a waiting request that is looked up every step is
         # hashed once and an aborted one leaves nothing behind.
@@ -115,6 +121,25 @@ class Request:
         self._all_token_ids[len(self.prompt_token_ids) + len(self.output_token_ids)] = int(token_id)
         self.output_token_ids.append(int(token_id))
         self.num_pending_tokens -= 1
+
+    def append_verified_tokens(self, token_ids: list[int], is_stop) -> int:
+        """Speculative decoding: the accepted drafts and the target's own next token, in order, until
+        ``is_stop(request)`` says the last appended one ends the request; returns how many were appended."""
+        appended = 0
+        for token in token_ids:
+            self.append_output_token(token)
+            appended += 1
+            if is_stop(self):
+                break
+        return appended
+
+    def truncate_output(self, num_output_tokens: int) -> None:
+        """Drops the output tokens past the first ``num_output_tokens`` (a stop string inside a verified run)."""
+        if num_output_tokens < len(self.output_token_ids):
+            del self.output_token_ids[num_output_tokens:]
+            self._all_token_ids = (
+                self.prompt_token_ids + self.output_token_ids + [PENDING_TOKEN] * self.num_pending_tokens
+            )
 
     def drop_pending_tokens(self) -> None:
         """The request stopped: tokens sampled after the stop are discarded."""

@@ -38,11 +38,14 @@ from jax.sharding import Mesh, NamedSharding
 from jserve.attention import AttentionBackend
 from jserve.config import ModelConfig
 from jserve.engine.batch import StepInput, StepPlan, padding_step
-from jserve.engine.sampler import SamplingTensors, sample, top_logprobs
+from jserve.engine.sampler import SamplerOutput, SamplingTensors, sample, top_logprobs
 from jserve.engine.shapes import StepShapes
 from jserve.models.llama import KVCache, kv_cache_shape
 from jserve.parallel import sharding as shard_rules
 from jserve.quant.kv import is_quantized_kv, kv_bytes_per_token
+from jserve.spec.config import EARLY_EXIT, SpeculativeConfig
+from jserve.spec.propose import draft_tokens, drafting_tensors
+from jserve.spec.verify import SpecOutput, expand_rows, verify
 
 
 @dataclass
@@ -57,6 +60,30 @@ class StepResult:
     prompt_target_logprobs: np.ndarray | None  # [T]
     prompt_top_ids: np.ndarray | None  # [T, max_logprobs]
     prompt_top_logprobs: np.ndarray | None  # [T, max_logprobs]
+    # verification steps: [S, k + 1] emitted tokens per sampled row (num_emitted valid) and their logprobs
+    spec_token_ids: np.ndarray | None = None
+    num_emitted: np.ndarray | None = None
+    spec_logprobs: np.ndarray | None = None
+    spec_top_ids: np.ndarray | None = None
+    spec_top_logprobs: np.ndarray | None = None
+
+    def emitted(self, row: int) -> list[int]:
+        """The tokens sampled row ``row`` produced: one, or a verification row's accepted drafts + one."""
+        if self.spec_token_ids is None:
+            return [int(self.token_ids[row])]
+        return [int(t) for t in self.spec_token_ids[row, : int(self.num_emitted[row])]]
+
+    def token_logprobs(self, row: int, position: int) -> tuple[float, np.ndarray | None, np.ndarray | None]:
+        """(chosen logprob, top ids, top logprobs) of the ``position``-th token row ``row`` produced."""
+        if self.spec_token_ids is None:
+            top = None if self.top_ids is None else (self.top_ids[row], self.top_logprobs[row])
+            return float(self.logprobs[row]), *(top or (None, None))
+        top = (
+            None
+            if self.spec_top_ids is None
+            else (self.spec_top_ids[row, position], self.spec_top_logprobs[row, position])
+        )
+        return float(self.spec_logprobs[row, position]), *(top or (None, None))
 
 
 def _prompt_logprobs(logits_of: Callable, hidden: jax.Array, targets: jax.Array, k: int):
@@ -78,6 +105,19 @@ def _prompt_logprobs(logits_of: Callable, hidden: jax.Array, targets: jax.Array,
 def _fill_pending(tokens: jax.Array, src: jax.Array, previous: jax.Array) -> jax.Array:
     """Async scheduling: pending tokens (src >= 0) are the previous step's sampled ids, read on the device."""
     return jnp.where(src >= 0, previous[jnp.maximum(src, 0)], tokens)
+
+
+def _fill_drafts(tokens: jax.Array, spec) -> jax.Array:
+    """A verification step's draft tokens (the device drafter's, or the host's again) in their token rows."""
+    drafts, _ = spec.drafts_by_row()
+    return tokens.at[spec.draft_token_index.reshape(-1)].set(drafts.reshape(-1), mode="drop")
+
+
+def _last_emitted(out: SpecOutput, rows: int) -> jax.Array:
+    """Each verification row's last emitted token, padded to the engine's rows (what a next step's pending
+    token reads, like a plain step's sampled ids)."""
+    last = jnp.take_along_axis(out.token_ids, (out.num_emitted - 1)[:, None], axis=1)[:, 0]
+    return jnp.pad(last, (0, rows - last.shape[0]))
 
 
 def _fill_pending_history(t: SamplingTensors, src: jax.Array, col: jax.Array, previous: jax.Array) -> SamplingTensors:
@@ -120,6 +160,13 @@ def _every_branch(plan: StepPlan, backend: AttentionBackend) -> StepPlan:
         attention=backend.alternative(backend.plan(plan.inputs.attention)),
     )
     return dataclasses.replace(plan, inputs=inputs, uses_penalties=True)
+
+
+def _every_verification_branch(plan: StepPlan, backend: AttentionBackend) -> StepPlan:
+    """``_every_branch`` for a verification step whose drafter inputs are already planned."""
+    proposal = plan.proposal
+    plan = _every_branch(dataclasses.replace(plan, proposal=None), backend)
+    return dataclasses.replace(plan, proposal=proposal)
 
 
 def _local_copy(array: jax.Array) -> jax.Array:
@@ -198,8 +245,12 @@ class ModelRunner:
         backend: AttentionBackend,
         max_logprobs: int,
         stage_meshes: list[Mesh] | None = None,
+        spec: SpeculativeConfig | None = None,
+        draft: tuple[ModelConfig, nnx.GraphDef, nnx.State] | None = None,
     ):
         self.config = cfg
+        self.spec = spec
+        self.draft_config = draft[0] if draft is not None else None
         self.num_pages = num_pages
         self.page_size = page_size
         self.shapes = shapes
@@ -211,12 +262,26 @@ class ModelRunner:
             _Stage(layers, mesh, first=s == 0, last=s == len(meshes) - 1)
             for s, (mesh, layers) in enumerate(zip(meshes, split_layers(cfg.num_layers, len(meshes)), strict=True))
         ]
+        if spec is not None and len(self.stages) > 1:
+            raise ValueError("speculative_model: speculative decoding runs with pipeline_parallel_size 1")
+        self._draft_treedef = self._draft_graphdef = self._draft_kv_sharding = None
+        self.draft_leaves: list = []
+        self.draft_kv: KVCache = []
+        self.verify_programs: dict[int, object] = {}  # token bucket -> compiled verification step
+        self.propose_program = None  # the device drafter's k steps (early exit, draft model)
         for stage in self.stages:
             self._place_params(stage, state)
             self._allocate_kv_cache(stage, kv_dtype)
+        if draft is not None:
+            self._place_draft(self.stages[0], *draft)
+        for stage in self.stages:
             self._jit_step(stage, graphdef)
+        if spec is not None:
+            self._jit_speculation(self.stages[0], graphdef, draft[1] if draft is not None else None)
         self.replicated = [shard_rules.replicated(st.mesh) for st in self.stages]
-        self.weight_bytes = sum(leaf.nbytes for stage in self.stages for leaf in stage.param_leaves)
+        self.weight_bytes = sum(leaf.nbytes for stage in self.stages for leaf in stage.param_leaves) + sum(
+            leaf.nbytes for leaf in self.draft_leaves
+        )
         self.kv_bytes_per_token = kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, kv_dtype)
         self.compile_on_first_use = False  # EngineArgs.precompile=False: programs compile when first needed
         # Resident all-padding penalty history, swapped in for steps without penalties (saves a [B, H] copy).
@@ -230,6 +295,13 @@ class ModelRunner:
             )
             for rep in self.replicated
         ]
+        self._empty_history_spec = jax.device_put(
+            (
+                np.full((shapes.spec_rows, shapes.history_len), -1, np.int32),
+                np.zeros((shapes.spec_rows, shapes.history_len), bool),
+            ),
+            self.replicated[0],
+        )
         # NOTE: in one process the step's numpy inputs go straight into the compiled call, which places them
         # by its pinned in_shardings (~0.3 ms a step); jax.device_put of the same ~20 small arrays costs
         # ~1.5 ms of host time. A multi-host mesh needs global arrays, so there they are put explicitly.
@@ -256,6 +328,26 @@ class ModelRunner:
             )
             for path, _ in with_paths
         ]
+
+    def _place_draft(self, stage: _Stage, cfg: ModelConfig, graphdef: nnx.GraphDef, state: nnx.State) -> None:
+        """The draft model's params on the stage's mesh (sharded by the same rules) and its own KV pages, with
+        the target's page ids and page size (the draft reads the target's block tables)."""
+        shardings = shard_rules.param_shardings(state, cfg, stage.mesh)
+        flat = nnx.to_flat_state(jax.tree.map(lambda x: x, state))
+        for path, var in flat:
+            name = "/".join(str(p) for p in path)
+            target = shardings[name] if var.get_value().ndim else shard_rules.replicated(stage.mesh)
+            var.set_value(jax.device_put(var.get_value(), target))
+        self._draft_graphdef = graphdef
+        leaves, self._draft_treedef = jax.tree_util.tree_flatten(nnx.from_flat_state(flat))
+        self.draft_leaves = leaves
+        sharding = NamedSharding(stage.mesh, shard_rules.kv_cache_spec(cfg, stage.mesh))
+        shape = kv_cache_shape(cfg, self.num_pages, self.page_size)
+        zeros = jax.jit(functools.partial(jnp.zeros, shape, self.kv_dtype), out_shardings=sharding)
+        if is_quantized_kv(self.kv_dtype):
+            raise ValueError("kv_cache_dtype: a draft model runs with an unquantized KV cache ('auto')")
+        self.draft_kv = [(zeros(), zeros()) for _ in range(cfg.num_layers)]
+        self._draft_kv_sharding = sharding
 
     def _allocate_kv_cache(self, stage: _Stage, kv_dtype) -> None:
         stage.kv_sharding = NamedSharding(stage.mesh, shard_rules.kv_cache_spec(self.config, stage.mesh))
@@ -284,12 +376,77 @@ class ModelRunner:
                 stage.kv_sharding,
                 stage.kv_scale_sharding,
                 self.max_logprobs,
+                self._mirror(),
             ),
-            # (param_leaves, kv_cache, x, inputs): the step's inputs are pinned replicated, so numpy inputs
-            # passed straight in run exactly like device_put ones
-            in_shardings=(None, None, None, shard_rules.replicated(stage.mesh)),
-            donate_argnums=(1,),
+            # (param_leaves, kv_cache, x, inputs, draft_leaves, draft_kv): the step's inputs are pinned
+            # replicated, so numpy inputs passed straight in run exactly like device_put ones
+            in_shardings=(None, None, None, shard_rules.replicated(stage.mesh), None, None),
+            donate_argnums=(1, 5),
         )
+
+    def _mirror(self):
+        """The draft model the target's steps also run their tokens through (its K/V stay complete), or None."""
+        if self.draft_config is None:
+            return None
+        return (self._draft_graphdef, self._draft_treedef, self.draft_config.num_layers, self._draft_kv_sharding)
+
+    def _jit_speculation(self, stage: _Stage, graphdef: nnx.GraphDef, draft_graphdef) -> None:
+        """The verification step (the stage step on a verification layout) and the device drafter."""
+        backend = self.backend.with_mesh(stage.mesh if stage.mesh.devices.size > 1 else None)
+        stage.verify_fn = stage.fn  # one function: a verification layout traces its own programs
+        if not self.spec.samples_drafts:
+            return
+        if self.spec.method == EARLY_EXIT:
+            drafter = (graphdef, self._treedef, range(self.spec.exit_layer), True)
+            shardings = (stage.kv_sharding, stage.kv_scale_sharding)
+        else:
+            drafter = (draft_graphdef, self._draft_treedef, range(self.draft_config.num_layers), False)
+            shardings = (self._draft_kv_sharding, None)
+        self.propose_fn = jax.jit(
+            functools.partial(self._propose, drafter, backend, *shardings),
+            in_shardings=(
+                None,
+                None,
+                None,
+                None,
+                shard_rules.replicated(stage.mesh),
+                shard_rules.replicated(stage.mesh),
+            ),
+            donate_argnums=(1, 3),
+        )
+
+    @staticmethod
+    def _propose(
+        drafter,
+        backend,
+        kv_sharding,
+        kv_scale_sharding,
+        param_leaves,
+        kv_cache,
+        draft_leaves,
+        draft_kv,
+        proposal,
+        sampling,
+    ):
+        """k draft steps: early exit over the target's first layers and pages, or the draft model over its own."""
+        graphdef, treedef, layers, early_exit = drafter
+        leaves = param_leaves if early_exit else draft_leaves
+        model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+        rows = jax.tree.map(lambda a: a[proposal.verify_rows], drafting_tensors(sampling))
+        pages = kv_cache[: len(layers)] if early_exit else draft_kv
+        pages, drafts, q = draft_tokens(
+            model, layers, pages, proposal.tokens, proposal.positions, proposal.attention, backend, rows
+        )
+        pages = [
+            tuple(jax.lax.with_sharding_constraint(a, kv_sharding if a.ndim == 4 else kv_scale_sharding) for a in kv)
+            for kv in pages
+        ]
+        if early_exit:
+            kv_cache = pages + list(kv_cache[len(layers) :])
+        else:
+            draft_kv = pages
+        replicated = jax.sharding.NamedSharding(kv_sharding.mesh, jax.sharding.PartitionSpec())
+        return kv_cache, draft_kv, jax.lax.with_sharding_constraint((drafts, q), replicated)
 
     # ------------------------------------------------------------------ programs
 
@@ -302,13 +459,35 @@ class ModelRunner:
             for stage in self.stages:
                 args = self._example_args(stage, bucket, x)
                 if not stage.last:
-                    x = jax.eval_shape(stage.fn, *args)[1]
-                tasks.append((stage, bucket, args))
+                    x = jax.eval_shape(stage.fn, *args)[2]
+                tasks.append((stage.fn, stage.programs, bucket, args))
+        if self.spec is not None:
+            stage = self.stages[0]
+            for bucket in self.shapes.spec_token_buckets:
+                plan = self._planned(padding_step(self.shapes, bucket, verification=True))
+                inputs = self._verification_inputs(plan)
+                args = (stage.param_leaves, stage.kv_cache, None, inputs, self.draft_leaves, self.draft_kv)
+                tasks.append((stage.fn, self.verify_programs, bucket, args))
+            if self.spec.samples_drafts:
+                plan = self._planned(padding_step(self.shapes, self.shapes.spec_token_buckets[0], verification=True))
+                args = (
+                    stage.param_leaves,
+                    stage.kv_cache,
+                    self.draft_leaves,
+                    self.draft_kv,
+                    plan.proposal,
+                    plan.inputs.sampling,
+                )
+                tasks.append((self.propose_fn, None, None, args))
         workers = min(len(tasks), os.cpu_count() or 1)
 
         def build(task):
-            stage, bucket, args = task
-            stage.programs[bucket] = stage.fn.lower(*args).compile()
+            fn, programs, bucket, args = task
+            compiled = fn.lower(*args).compile()
+            if programs is None:
+                self.propose_program = compiled
+            else:
+                programs[bucket] = compiled
             if progress is not None:
                 progress(1)
 
@@ -324,11 +503,24 @@ class ModelRunner:
         inputs = self._planned(padding_step(self.shapes, bucket)).inputs
         if x is not None:
             x = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shard_rules.replicated(stage.mesh))
-        return (stage.param_leaves, stage.kv_cache, x, inputs)
+        return (stage.param_leaves, stage.kv_cache, x, inputs, self.draft_leaves, self.draft_kv)
+
+    def _verification_inputs(self, plan: StepPlan) -> StepInput:
+        """A verification step's inputs as the program sees them: device drafts come with their q."""
+        inputs = plan.inputs
+        if self.spec.samples_drafts:
+            s, k, v = self.shapes.spec_rows, self.shapes.num_spec_tokens, self.config.vocab_size
+            spec = dataclasses.replace(inputs.spec, draft_probs=np.zeros((s, k, v), np.float32))
+            inputs = dataclasses.replace(inputs, spec=spec)
+        return inputs
 
     @property
     def num_programs(self) -> int:
-        return sum(len(stage.programs) for stage in self.stages)
+        return (
+            sum(len(stage.programs) for stage in self.stages)
+            + len(self.verify_programs)
+            + (self.propose_program is not None)
+        )
 
     def warm_up(self) -> None:
         """Runs each program on all-padding steps (they write only the null page), once with every optional
@@ -338,6 +530,14 @@ class ModelRunner:
             plain = padding_step(self.shapes, bucket)
             self.collect(self.dispatch([plain]))
             self.collect(self.dispatch([_every_branch(plain, self.backend)], planned=True))
+        if self.spec is None:
+            return
+        for bucket in self.shapes.spec_token_buckets:
+            plain = padding_step(self.shapes, bucket, verification=True)
+            self.collect(self.dispatch([plain]))
+            planned_proposal = self._planned(plain).proposal
+            every = _every_verification_branch(plain, self.backend)
+            self.collect(self.dispatch([dataclasses.replace(every, proposal=planned_proposal)], planned=True))
 
     # ------------------------------------------------------------------ the step
 
@@ -365,44 +565,101 @@ class ModelRunner:
         kv_sharding,
         kv_scale_sharding,
         max_logprobs,
+        mirror,
         param_leaves,
         kv_cache,
         x,
         inputs: StepInput,
+        draft_leaves,
+        draft_kv,
     ):
         model = nnx.merge(graphdef, jax.tree.unflatten(treedef, param_leaves))
+        spec = inputs.spec
         if first:
-            x = model.embed(_fill_pending(inputs.tokens, inputs.token_src, inputs.prev_tokens))
+            tokens = _fill_pending(inputs.tokens, inputs.token_src, inputs.prev_tokens)
+            if spec is not None:
+                tokens = _fill_drafts(tokens, spec)
+            x = model.embed(tokens)
         x, kv_cache = model.run_layers(x, inputs.positions, kv_cache, inputs.attention, backend, layers)
         # pages [K, P, L, H] and, for int8 / fp8 caches, their scales [K, P, L]
         kv_cache = [
             tuple(jax.lax.with_sharding_constraint(a, kv_sharding if a.ndim == 4 else kv_scale_sharding) for a in kv)
             for kv in kv_cache
         ]
+        if mirror is not None:  # the draft model's K/V of every token the target computes (one stage only)
+            draft_graphdef, draft_treedef, draft_layers, draft_sharding = mirror
+            drafter = nnx.merge(draft_graphdef, jax.tree.unflatten(draft_treedef, draft_leaves))
+            _, draft_kv = drafter.run_layers(
+                drafter.embed(tokens), inputs.positions, draft_kv, inputs.attention, backend, range(draft_layers)
+            )
+            draft_kv = [tuple(jax.lax.with_sharding_constraint(a, draft_sharding) for a in kv) for kv in draft_kv]
         if not last:
-            return kv_cache, x
+            return kv_cache, draft_kv, x
         hidden = model.final_norm(x)
         sampling = _fill_pending_history(inputs.sampling, inputs.history_src, inputs.history_col, inputs.prev_tokens)
-        sampled = sample(model.logits(hidden[inputs.logits_indices]), sampling, max_logprobs)
+        replicated = jax.sharding.NamedSharding(kv_sharding.mesh, jax.sharding.PartitionSpec())
         prompt = _prompt_logprobs(model.logits, hidden, inputs.prompt_targets, max_logprobs)
-        # replicated results: every process of a multi-host mesh can read them
-        return kv_cache, jax.lax.with_sharding_constraint(
-            (sampled, prompt), jax.sharding.NamedSharding(kv_sharding.mesh, jax.sharding.PartitionSpec())
+        if spec is None:
+            sampled = sample(model.logits(hidden[inputs.logits_indices]), sampling, max_logprobs)
+            # replicated results: every process of a multi-host mesh can read them
+            return kv_cache, draft_kv, jax.lax.with_sharding_constraint((sampled, prompt), replicated)
+        drafts, probs = spec.drafts_by_row()
+        rows = expand_rows(sampling, drafts, spec.num_drafts, spec.history_base)
+        logits = model.logits(hidden[spec.verify_indices.reshape(-1)])
+        verified = verify(logits, rows, drafts, spec.num_drafts, probs, max_logprobs)
+        b, k = inputs.logits_indices.shape[0], max_logprobs
+        sampled = SamplerOutput(  # only token_ids is read: a next step's pending tokens
+            token_ids=_last_emitted(verified, b),
+            logprobs=jnp.zeros(b, jnp.float32),
+            top_ids=jnp.zeros((b, k), jnp.int32),
+            top_logprobs=jnp.zeros((b, k), jnp.float32),
         )
+        return kv_cache, draft_kv, jax.lax.with_sharding_constraint((sampled, prompt, verified), replicated)
 
-    def _program(self, stage: _Stage, bucket: int, args: tuple):
-        program = stage.programs.get(bucket)
+    def _program(self, stage: _Stage, plan: StepPlan, args: tuple):
+        programs = self.verify_programs if plan.is_verification else stage.programs
+        program = programs.get(plan.bucket)
         if program is None:
             if not self.compile_on_first_use:
-                raise RuntimeError(f"no compiled program for token bucket {bucket} (compile_programs not run?)")
-            program = stage.programs[bucket] = stage.fn.lower(*args).compile()
+                kind = "verification" if plan.is_verification else "step"
+                raise RuntimeError(
+                    f"no compiled {kind} program for token bucket {plan.bucket} (compile_programs not run?)"
+                )
+            program = programs[plan.bucket] = stage.fn.lower(*args).compile()
         return program
 
     def _planned(self, plan: StepPlan) -> StepPlan:
-        """The plan with its attention layout replaced by the backend's metadata (host-side planning)."""
-        return dataclasses.replace(
-            plan, inputs=dataclasses.replace(plan.inputs, attention=self.backend.plan(plan.inputs.attention))
-        )
+        """The plan with its attention layout replaced by the backend's metadata (host-side planning); the
+        device drafter's k layouts are planned and stacked on a leading axis (one scan step each)."""
+        inputs = dataclasses.replace(plan.inputs, attention=self.backend.plan(plan.inputs.attention))
+        proposal = plan.proposal
+        if proposal is not None and isinstance(proposal.attention, list):
+            stacked = jax.tree.map(lambda *a: np.stack(a), *[self.backend.plan(lay) for lay in proposal.attention])
+            proposal = dataclasses.replace(proposal, attention=stacked)
+        return dataclasses.replace(plan, inputs=inputs, proposal=proposal)
+
+    def _propose_program(self, args: tuple):
+        if self.propose_program is None:
+            if not self.compile_on_first_use:
+                raise RuntimeError("no compiled drafting program (compile_programs not run?)")
+            self.propose_program = self.propose_fn.lower(*args).compile()
+        return self.propose_program
+
+    def _with_history(self, plan: StepPlan, s: int) -> StepInput:
+        """Steps without penalties read the resident all-padding history instead of copying theirs."""
+        inputs = plan.inputs
+        if plan.uses_penalties:
+            return inputs
+        history, is_output = self._empty_history_spec if plan.is_verification else self._empty_history[s]
+        sampling = dataclasses.replace(inputs.sampling, token_history=history, history_is_output=is_output)
+        return dataclasses.replace(inputs, sampling=sampling)
+
+    def _draft(self, stage: _Stage, plan: StepPlan, inputs: StepInput) -> StepInput:
+        """Device-drafted speculation: runs the drafter's k steps and hands its drafts (and their q) to the
+        verification step, all on the device (no host round trip between drafting and verifying)."""
+        args = (stage.param_leaves, stage.kv_cache, self.draft_leaves, self.draft_kv, plan.proposal, inputs.sampling)
+        stage.kv_cache, self.draft_kv, (drafts, q) = self._propose_program(args)(*args)
+        return dataclasses.replace(inputs, spec=dataclasses.replace(inputs.spec, draft_tokens=drafts, draft_probs=q))
 
     def dispatch(
         self, plans: list[StepPlan], previous: PendingStep | None = None, *, planned: bool = False
@@ -429,16 +686,14 @@ class ModelRunner:
                 if not 0 <= m < len(plans):
                     continue
                 stage, plan = self.stages[s], plans[m]
-                inputs = plan.inputs
-                if stage.last and not plan.uses_penalties:
-                    history, is_output = self._empty_history[s]
-                    sampling = dataclasses.replace(inputs.sampling, token_history=history, history_is_output=is_output)
-                    inputs = dataclasses.replace(inputs, sampling=sampling)
+                inputs = self._with_history(plan, s) if stage.last else plan.inputs
+                if plan.proposal is not None and self.spec is not None and self.spec.samples_drafts:
+                    inputs = self._draft(stage, plan, inputs)
                 if self._multiprocess:
                     inputs = jax.device_put(inputs, self.replicated[s])
                 x = None if stage.first else jax.device_put(carried[m], self.replicated[s])
-                args = (stage.param_leaves, stage.kv_cache, x, inputs)
-                stage.kv_cache, out = self._program(stage, plan.bucket, args)(*args)
+                args = (stage.param_leaves, stage.kv_cache, x, inputs, self.draft_leaves, self.draft_kv)
+                stage.kv_cache, self.draft_kv, out = self._program(stage, plan, args)(*args)
                 if stage.last:
                     outputs[m] = out
                 else:
@@ -448,18 +703,29 @@ class ModelRunner:
     def collect(self, pending: PendingStep) -> list[StepResult]:
         """Copies what the step's requests need to the host, in one transfer (the step's one sync)."""
         wanted = []
-        for plan, (sampled, prompt) in zip(pending.plans, pending.outputs, strict=True):
+        for plan, (sampled, prompt, *verified) in zip(pending.plans, pending.outputs, strict=True):
+            spec = None
+            if verified:
+                v = verified[0]
+                spec = (
+                    v.token_ids,
+                    v.num_emitted,
+                    v.logprobs,
+                    (v.top_ids, v.top_logprobs) if plan.wants_top_logprobs else None,
+                )
             wanted.append(
                 (
                     sampled.token_ids,
-                    sampled.logprobs,
-                    (sampled.top_ids, sampled.top_logprobs) if plan.wants_top_logprobs else None,
+                    sampled.logprobs if spec is None else None,
+                    (sampled.top_ids, sampled.top_logprobs) if plan.wants_top_logprobs and spec is None else None,
                     prompt if plan.prompt_rows else None,
+                    spec,
                 )
             )
         host = jax.device_get(jax.tree.map(_local_copy, wanted))
-        return [
-            StepResult(
+        results = []
+        for ids, lps, top, prompt, spec in host:
+            result = StepResult(
                 token_ids=ids,
                 logprobs=lps,
                 top_ids=None if top is None else top[0],
@@ -468,8 +734,18 @@ class ModelRunner:
                 prompt_top_ids=None if prompt is None else prompt[1],
                 prompt_top_logprobs=None if prompt is None else prompt[2],
             )
-            for ids, lps, top, prompt in host
-        ]
+            if spec is not None:
+                spec_ids, emitted, spec_lps, spec_top = spec
+                result = dataclasses.replace(
+                    result,
+                    spec_token_ids=spec_ids,
+                    num_emitted=emitted,
+                    spec_logprobs=spec_lps,
+                    spec_top_ids=None if spec_top is None else spec_top[0],
+                    spec_top_logprobs=None if spec_top is None else spec_top[1],
+                )
+            results.append(result)
+        return results
 
     def params(self) -> dict[str, jax.Array]:
         """Flat param name -> the placed array (the owning stage's copy; stubs of other stages skipped)."""

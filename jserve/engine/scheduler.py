@@ -33,6 +33,7 @@ This module imports no jax. Not thread-safe: only the engine thread calls it.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -76,6 +77,7 @@ class ScheduledChunk:
     block_table: list[int]  # covers start_pos + len(token_ids) tokens
     sample: bool  # the chunk reaches the end of the request's tokens: sample a next token
     prompt_logprobs: bool  # the request wants prompt logprobs and this chunk holds prompt tokens
+    num_drafts: int = 0  # speculative decoding: the last num_drafts token_ids are drafts to verify
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,7 @@ class Scheduler:
         self._finished_ids: list[str] = []
         self.num_preemptions = 0
         self.prompt_tokens_computed = 0
+        self.speculating = False  # the engine speculates this step (set before schedule(); see _awaits_verification)
 
     # ---- queries ---------------------------------------------------------------------------------
     @property
@@ -188,12 +191,16 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            if self._awaits_last_token(request):
+            if self._awaits_last_token(request) or self._awaits_verification(request):
                 i += 1
                 continue
-            num_new = self._chunk_len(request.num_tokens - request.num_computed_tokens, budget)
+            remaining = request.num_tokens - request.num_computed_tokens
+            num_drafts = len(request.draft_token_ids) if remaining == 1 else 0
+            if remaining + num_drafts > budget:
+                num_drafts = 0  # no room for the drafts this step: decode plainly
+            num_new = self._chunk_len(remaining + num_drafts, budget)
             if num_new > 0 and self._make_room(request, num_new, preempted):
-                chunks.append(self._make_chunk(request, num_new))
+                chunks.append(self._make_chunk(request, num_new, num_drafts))
                 budget -= num_new
             i += 1  # NOTE: _make_room only pops from the end, so running[:i] is untouched
 
@@ -208,6 +215,19 @@ class Scheduler:
             preempted_ids=[r.request_id for r in preempted],
             finished_ids=finished_ids,
         )
+
+    def without_drafts(self, output: SchedulerOutput) -> SchedulerOutput:
+        """The same step decoding plainly: drafts dropped and their pages given back (a step too large for the
+        verification programs)."""
+        chunks = []
+        for chunk in output.chunks:
+            if chunk.num_drafts:
+                request = self._requests[chunk.request_id]
+                chunk = dataclasses.replace(chunk, token_ids=chunk.token_ids[: -chunk.num_drafts], num_drafts=0)
+                self.kv_cache.trim(request, chunk.start_pos + len(chunk.token_ids))
+                chunk = dataclasses.replace(chunk, block_table=list(self.kv_cache.block_table(request.request_id)))
+            chunks.append(chunk)
+        return dataclasses.replace(output, chunks=chunks, num_batched_tokens=sum(len(c.token_ids) for c in chunks))
 
     def _make_room(self, request: Request, num_new: int, preempted: list[Request]) -> bool:
         """Pages for ``num_new`` more tokens, preempting from the least important end of running as needed.
@@ -247,7 +267,7 @@ class Scheduler:
         deferred: list[Request] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            if request.num_pending_tokens:  # preempted while its last token is on the way: next step
+            if request.num_pending_tokens or request.awaiting_verification:  # preempted while tokens are on the way
                 deferred.append(self.waiting.pop(0))
                 continue
             if kv.pages_needed(request.num_tokens) > kv.pages_total:
@@ -302,17 +322,28 @@ class Scheduler:
             request.num_sampled >= request.sampling_params.max_tokens or request.num_tokens >= self.config.max_model_len
         )
 
-    def _make_chunk(self, request: Request, num_new: int) -> ScheduledChunk:
+    def _awaits_verification(self, request: Request) -> bool:
+        """Speculative decoding: its verification step is on the device, or (while the engine speculates) its
+        last token is still pending; its next draft needs the tokens, so it sits this step out."""
+        if request.awaiting_verification:
+            return True
+        return self.speculating and request.num_pending_tokens > 0 and request.sampling_params.speculative
+
+    def _make_chunk(self, request: Request, num_new: int, num_drafts: int = 0) -> ScheduledChunk:
         start = request.num_computed_tokens
-        end = start + num_new
+        end = start + num_new - num_drafts
         is_decode = request.num_sampled > 0 and start == request.num_tokens - 1
         if not is_decode:
             self.prompt_tokens_computed += num_new
+        token_ids = request.all_token_ids[start:end]
+        if num_drafts:
+            token_ids = token_ids + request.draft_token_ids[:num_drafts]
         return ScheduledChunk(
             request_id=request.request_id,
-            token_ids=request.all_token_ids[start:end],
+            token_ids=token_ids,
             start_pos=start,
             block_table=list(self.kv_cache.block_table(request.request_id)),
+            num_drafts=num_drafts,
             sample=end == request.num_tokens,
             prompt_logprobs=(
                 request.sampling_params.prompt_logprobs is not None
@@ -322,10 +353,12 @@ class Scheduler:
         )
 
     # ---- after the step --------------------------------------------------------------------------------
-    def update(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+    def update(
+        self, output: SchedulerOutput, sampled: dict[str, int], verified: dict[str, list[int]] | None = None
+    ) -> list[Request]:
         """Applies a finished step (synchronous scheduling): ``advance`` then ``resolve``."""
         self.advance(output)
-        return self.resolve(output, sampled)
+        return self.resolve(output, sampled, verified)
 
     def advance(self, output: SchedulerOutput) -> None:
         """The step's tokens are computed (or will be, once the dispatched step runs: any later step that reads
@@ -336,22 +369,33 @@ class Scheduler:
             request = self._requests.get(chunk.request_id)
             if request is None or request.status != RequestStatus.RUNNING:
                 continue  # finished (aborted) between schedule() and now
-            request.num_computed_tokens += len(chunk.token_ids)
-            if chunk.sample:
-                request.add_pending_token()
+            if chunk.num_drafts:  # the drafts' K/V count once verified (resolve)
+                request.num_computed_tokens += len(chunk.token_ids) - chunk.num_drafts
+                request.awaiting_verification = True
+            else:
+                request.num_computed_tokens += len(chunk.token_ids)
+                if chunk.sample:
+                    request.add_pending_token()
             self.kv_cache.cache_computed_pages(request)
 
-    def resolve(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+    def resolve(
+        self, output: SchedulerOutput, sampled: dict[str, int], verified: dict[str, list[int]] | None = None
+    ) -> list[Request]:
         """The step's sampled tokens arrived: they replace the pending tokens, then token-level stops apply.
-        Returns the requests that got a new token, in chunk order."""
+        ``verified``: per speculating request, its accepted drafts plus the target's next token. Returns the
+        requests that got new tokens, in chunk order."""
         new_token_requests: list[Request] = []
         finished: list[tuple[Request, RequestStatus, int | None]] = []
         now = time.time()
         for chunk in output.chunks:
             request = self._requests.get(chunk.request_id)
-            if request is None or (chunk.sample and not request.num_pending_tokens):
+            if chunk.num_drafts:
+                if request is None or not request.awaiting_verification:
+                    continue  # finished (aborted) since the step was scheduled
+                self._apply_verified(request, chunk, verified[chunk.request_id])
+            elif request is None or (chunk.sample and not request.num_pending_tokens):
                 continue  # finished (aborted, stopped) since the step was scheduled
-            if chunk.sample:
+            elif chunk.sample:
                 request.resolve_pending_token(sampled[chunk.request_id])
             if request.status == RequestStatus.RUNNING:
                 self.kv_cache.cache_computed_pages(request)
@@ -370,6 +414,18 @@ class Scheduler:
                 self.waiting.remove(request)
             self._finish(request, status, stop_reason)
         return new_token_requests
+
+    def _apply_verified(self, request: Request, chunk: ScheduledChunk, tokens: list[int]) -> None:
+        """Appends the verified tokens (up to a token-level stop); the accepted drafts' K/V become computed and
+        the rejected drafts' slots go back (a page they alone used returns to the pool)."""
+        request.awaiting_verification = False
+        accepted = len(tokens) - 1
+        request.num_draft_tokens += chunk.num_drafts
+        request.num_accepted_tokens += accepted
+        appended = request.append_verified_tokens(tokens, lambda r: self._check_stop(r)[0] is not None)
+        if request.status == RequestStatus.RUNNING:  # not preempted while the step ran
+            request.num_computed_tokens += min(accepted, appended)
+            self.kv_cache.trim(request, request.num_computed_tokens)
 
     def _check_stop(self, request: Request) -> tuple[RequestStatus | None, int | None]:
         """Token-level stops after a token was resolved. Stop strings are the engine's (finish_request)."""

@@ -31,6 +31,18 @@ class StepShapes:
     page_size: int
     history_len: int  # penalty history width: max_model_len
     banned_len: int  # banned ids per row: max_stop_token_ids + the EOS ids
+    # speculative decoding: verification steps sample spec_rows rows of num_spec_tokens + 1 positions each and
+    # have their own programs for the token buckets up to spec_rows * (num_spec_tokens + 1)
+    spec_rows: int = 0
+    num_spec_tokens: int = 0
+
+    @property
+    def spec_token_buckets(self) -> tuple[int, ...]:
+        """The token buckets of verification steps (none without speculation)."""
+        if not self.spec_rows:
+            return ()
+        top = round_up(min(self.spec_rows * (self.num_spec_tokens + 1), self.token_buckets[-1]), self.token_buckets)
+        return tuple(b for b in self.token_buckets if b <= top)
 
     @classmethod
     def from_limits(
@@ -42,6 +54,8 @@ class StepShapes:
         page_size: int,
         banned_len: int,
         min_tokens: int = 8,
+        spec_rows: int = 0,
+        num_spec_tokens: int = 0,
     ) -> StepShapes:
         return cls(
             token_buckets=_powers_of_two(min(min_tokens, max_num_batched_tokens), max_num_batched_tokens),
@@ -50,4 +64,6 @@ class StepShapes:
             page_size=page_size,
             history_len=max_model_len,
             banned_len=banned_len,
+            spec_rows=min(spec_rows, max_num_seqs),
+            num_spec_tokens=num_spec_tokens,
         )

@@ -145,7 +145,7 @@ def test_engine_failure_is_internal_and_not_serving():
     [
         (["--quantization-group-size", "64"], "quantization_group_size"),  # without --quantization
         (["--tensor-parallel-size", "4"], "tensor_parallel_size"),  # one CPU device here
-        (["--speculative-model", "ngram"], "not supported yet"),
+        (["--speculative-model", "ngram"], "num_speculative_tokens"),  # k missing
         (["--num-processes", "2"], "--coordinator-address"),
         (["--model", "/nonexistent/model"], "not a directory"),
     ],
