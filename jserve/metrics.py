@@ -91,6 +91,20 @@ class _EngineCollector(Collector):
                 s["programs_lowered_while_serving"],
             ),
         }
+        if "spec_method" in s:  # vLLM's names, per method
+            for name, doc, key in (
+                ("jserve_spec_decode_num_draft_tokens", "Draft tokens verified.", "spec_num_draft_tokens"),
+                ("jserve_spec_decode_num_accepted_tokens", "Draft tokens accepted.", "spec_num_accepted_tokens"),
+                ("jserve_spec_decode_num_drafts", "Verifications that carried drafts.", "spec_num_drafting_rows"),
+            ):
+                family = CounterMetricFamily(name, doc, labels=["method"])
+                family.add_metric([s["spec_method"]], float(s[key]))
+                yield family
+            rate = GaugeMetricFamily(
+                "jserve_spec_decode_acceptance_rate", "Accepted / drafted tokens.", labels=["method"]
+            )
+            rate.add_metric([s["spec_method"]], float(s["spec_acceptance_rate"]))
+            yield rate
         for name, (doc, value) in gauges.items():
             yield GaugeMetricFamily(name, doc, value=float(value))
         for name, (doc, value) in counters.items():

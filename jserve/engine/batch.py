@@ -317,14 +317,17 @@ def build_proposal(chunks: Sequence[ScheduledChunk], shapes: StepShapes) -> Prop
             table = np.asarray(chunk.block_table, np.int32)
             block_tables[r, : len(table)] = table
             tables.append(table)
-            starts.append(last)
+            starts.append((last, chunk.num_drafts))
         row += 1
     n = len(starts)
     layouts = []
     for i in range(k):
         slots = np.zeros(s, np.int32)
         kv_lens = np.zeros(b, np.int32)
-        for r, (table, start) in enumerate(zip(tables, starts, strict=True)):
+        for r, (table, (start, d)) in enumerate(zip(tables, starts, strict=True)):
+            if i >= d:  # past this row's drafts (fewer than k near max_tokens): write the null page, discarded
+                kv_lens[r] = start + d
+                continue
             pos = start + i
             slots[r] = table[pos // page_size] * page_size + pos % page_size
             kv_lens[r] = pos + 1

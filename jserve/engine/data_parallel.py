@@ -12,9 +12,11 @@ import itertools
 import threading
 from collections.abc import Sequence
 
-from jserve.engine.engine import Engine
+from jserve.engine.engine import Engine, speculation_counters
 from jserve.outputs import RequestOutput
 from jserve.sampling_params import SamplingParams
+
+_SPEC_COUNTERS = ("spec_num_draft_tokens", "spec_num_accepted_tokens", "spec_num_drafting_rows")
 
 
 class DataParallelEngine:
@@ -103,7 +105,14 @@ class DataParallelEngine:
 
     def stats(self) -> dict[str, float | int]:
         per_replica = [e.stats() for e in self.replicas]
-        total = {key: sum(s[key] for s in per_replica) for key in per_replica[0]}
+        total = {key: sum(s[key] for s in per_replica) for key in per_replica[0] if not key.startswith("spec_")}
+        if "spec_method" in per_replica[0]:
+            total.update(
+                speculation_counters(
+                    per_replica[0]["spec_method"],
+                    *(sum(s[k] for s in per_replica) for k in _SPEC_COUNTERS),
+                )
+            )
         queried = sum(e.kv_cache.num_queried_tokens for e in self.replicas)
         hits = sum(e.kv_cache.num_hit_tokens for e in self.replicas)
         total["prefix_cache_hit_rate"] = hits / queried if queried else 0.0

@@ -515,15 +515,9 @@ class Engine:
         """Drafted / accepted tokens, acceptance rate and mean tokens per verification (accepted + 1)."""
         if self.speculative is None:
             return {}
-        drafts, accepted, rows = self.num_draft_tokens, self.num_accepted_tokens, self.num_drafting_rows
-        return {
-            "spec_method": self.speculative.method,
-            "spec_num_draft_tokens": drafts,
-            "spec_num_accepted_tokens": accepted,
-            "spec_num_drafting_rows": rows,
-            "spec_acceptance_rate": accepted / drafts if drafts else 0.0,
-            "spec_mean_accepted_length": (accepted + rows) / rows if rows else 0.0,
-        }
+        return speculation_counters(
+            self.speculative.method, self.num_draft_tokens, self.num_accepted_tokens, self.num_drafting_rows
+        )
 
     def stats(self) -> dict[str, float | int]:
         cache = self.kv_cache
@@ -545,4 +539,16 @@ class Engine:
         }
 
 
-__all__ = ["Engine", "RequestStatus"]
+def speculation_counters(method: str, drafts: int, accepted: int, rows: int) -> dict[str, float | int | str]:
+    """``stats()``'s speculative-decoding entries; rows: verification rows that carried drafts."""
+    return {
+        "spec_method": method,
+        "spec_num_draft_tokens": drafts,
+        "spec_num_accepted_tokens": accepted,
+        "spec_num_drafting_rows": rows,
+        "spec_acceptance_rate": accepted / drafts if drafts else 0.0,
+        "spec_mean_accepted_length": (accepted + rows) / rows if rows else 0.0,
+    }
+
+
+__all__ = ["Engine", "RequestStatus", "speculation_counters"]

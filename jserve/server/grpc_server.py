@@ -157,6 +157,9 @@ class GenerationServicer(jserve_pb2_grpc.GenerationServicer):
             kv_bytes_per_token=stats["kv_bytes_per_token"],
             quantization=card.quantization,
             kv_cache_dtype=card.kv_cache_dtype,
+            speculative_method=stats.get("spec_method", ""),
+            spec_num_draft_tokens=stats.get("spec_num_draft_tokens", 0),
+            spec_num_accepted_tokens=stats.get("spec_num_accepted_tokens", 0),
         )
 
 

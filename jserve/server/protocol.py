@@ -25,8 +25,9 @@ def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
     for name in _OPTIONAL_FLOATS:
         if msg.HasField(name):
             kwargs[name] = _float32(getattr(msg, name))
-    if msg.HasField("skip_special_tokens"):
-        kwargs["skip_special_tokens"] = msg.skip_special_tokens
+    for name in ("skip_special_tokens", "speculative"):
+        if msg.HasField(name):
+            kwargs[name] = getattr(msg, name)
     if msg.stop:
         kwargs["stop"] = list(msg.stop)
     if msg.stop_token_ids:

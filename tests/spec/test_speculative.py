@@ -215,3 +215,26 @@ def test_sampling_is_lossless(plain, speculative):
     assert llm.stats()["spec_num_draft_tokens"] > before + SAMPLES  # the draws did go through verification
     without = _joint(plain, prompt, SAMPLES)
     assert _tv(with_spec, without) < JOINT_TV_BOUND
+
+
+@pytest.mark.parametrize("method", ["early_exit", "draft"])
+def test_tensor_and_data_parallel_layouts(plain, method):
+    """dp=2 x tp=2: each replica drafts and verifies on its own two devices (draft params and pages split by
+    kv head like the target's); greedy outputs are plain decoding's."""
+    llm = LLM(
+        BUNDLED_MODEL,
+        speculative_model=METHODS[method],
+        num_speculative_tokens=K,
+        speculative_max_batch_size=8,
+        tensor_parallel_size=2,
+        data_parallel_size=2,
+        **SETTINGS,
+    )
+    prompts = _prompts(12)
+    params = SamplingParams(temperature=0.0, max_tokens=24)
+    expected = plain.generate(prompts, params, use_tqdm=False)
+    for a, b in zip(llm.generate(prompts, params, use_tqdm=False), expected, strict=True):
+        _same(a, b)
+    stats = llm.stats()
+    assert stats["num_replicas"] == 2 and stats["spec_num_accepted_tokens"] > 0
+    assert stats["programs_lowered_while_serving"] == 0

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16jserve/v1/jserve.proto\x12\tjserve.v1\"\x82\x05\n\x0eSamplingParams\x12\x0e\n\x01n\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\x05H\x05\x88\x01\x01\x12\x12\n\x05min_p\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x02H\x07\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\t \x01(\x02H\x08\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\n \x01(\x02H\t\x88\x01\x01\x12\x11\n\x04seed\x18\x0b \x01(\x03H\n\x88\x01\x01\x12\x0c\n\x04stop\x18\x0c \x03(\t\x12\x16\n\x0estop_token_ids\x18\r \x03(\x05\x12\x12\n\nignore_eos\x18\x0e \x01(\x08\x12\x15\n\x08logprobs\x18\x0f \x01(\x05H\x0b\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x10 \x01(\x05H\x0c\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x11 \x01(\x08H\r\x88\x01\x01\x42\x04\n\x02_nB\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobsB\x16\n\x14_skip_special_tokens\"\xad\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.jserve.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x05 \x01(\x08H\x00\x88\x01\x01\x42\x15\n\x13_add_special_tokens\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"V\n\rTokenLogprobs\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\"\n\x03top\x18\x03 \x03(\x0b\x32\x15.jserve.v1.TopLogprob\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\x05\"\xbe\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x0c\n\x04text\x18\x04 \x01(\t\x12*\n\x08logprobs\x18\x05 \x03(\x0b\x32\x18.jserve.v1.TokenLogprobs\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12\x15\n\x0bstop_string\x18\x07 \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x08 \x01(\x05H\x00\x12\x1f\n\x05usage\x18\t \x01(\x0b\x32\x10.jserve.v1.Usage\x12\x10\n\x08\x66inished\x18\n \x01(\x08\x12\x31\n\x0fprompt_logprobs\x18\x0b \x03(\x0b\x32\x18.jserve.v1.TokenLogprobsB\r\n\x0bstop_reason\"W\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x15\n\x13_add_special_tokens\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"`\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12 \n\x13skip_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x16\n\x14_skip_special_tokens\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x15\n\x13GetModelInfoRequest\"\x91\x01\n\x0eParallelLayout\x12\x1c\n\x14tensor_parallel_size\x18\x01 \x01(\x05\x12\x1e\n\x16pipeline_parallel_size\x18\x02 \x01(\x05\x12\x1a\n\x12\x64\x61ta_parallel_size\x18\x03 \x01(\x05\x12\x13\n\x0bnum_devices\x18\x04 \x01(\x05\x12\x10\n\x08platform\x18\x05 \x01(\t\"\xf8\x02\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\x05\x12\x15\n\rmax_model_len\x18\x03 \x01(\x05\x12+\n\x08parallel\x18\x04 \x01(\x0b\x32\x19.jserve.v1.ParallelLayout\x12\x11\n\tpage_size\x18\x05 \x01(\x05\x12\x13\n\x0bpages_total\x18\x06 \x01(\x05\x12\x12\n\npages_free\x18\x07 \x01(\x05\x12\x14\n\x0cpages_cached\x18\x08 \x01(\x05\x12\x13\n\x0bnum_running\x18\t \x01(\x05\x12\x13\n\x0bnum_waiting\x18\n \x01(\x05\x12\x14\n\x0cmax_num_seqs\x18\x0b \x01(\x05\x12\r\n\x05\x64type\x18\x0c \x01(\t\x12\x14\n\x0cweight_bytes\x18\r \x01(\x03\x12\x1a\n\x12kv_bytes_per_token\x18\x0e \x01(\x03\x12\x14\n\x0cquantization\x18\x0f \x01(\t\x12\x16\n\x0ekv_cache_dtype\x18\x10 \x01(\t2\xb1\x02\n\nGeneration\x12G\n\x08Generate\x12\x1a.jserve.v1.GenerateRequest\x1a\x1b.jserve.v1.GenerateResponse\"\x00\x30\x01\x12\x45\n\x08Tokenize\x12\x1a.jserve.v1.TokenizeRequest\x1a\x1b.jserve.v1.TokenizeResponse\"\x00\x12K\n\nDetokenize\x12\x1c.jserve.v1.DetokenizeRequest\x1a\x1d.jserve.v1.DetokenizeResponse\"\x00\x12\x46\n\x0cGetModelInfo\x12\x1e.jserve.v1.GetModelInfoRequest\x1a\x14.jserve.v1.ModelInfo\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16jserve/v1/jserve.proto\x12\tjserve.v1\"\xac\x05\n\x0eSamplingParams\x12\x0e\n\x01n\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\x05H\x05\x88\x01\x01\x12\x12\n\x05min_p\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x02H\x07\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\t \x01(\x02H\x08\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\n \x01(\x02H\t\x88\x01\x01\x12\x11\n\x04seed\x18\x0b \x01(\x03H\n\x88\x01\x01\x12\x0c\n\x04stop\x18\x0c \x03(\t\x12\x16\n\x0estop_token_ids\x18\r \x03(\x05\x12\x12\n\nignore_eos\x18\x0e \x01(\x08\x12\x15\n\x08logprobs\x18\x0f \x01(\x05H\x0b\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x10 \x01(\x05H\x0c\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x11 \x01(\x08H\r\x88\x01\x01\x12\x18\n\x0bspeculative\x18\x12 \x01(\x08H\x0e\x88\x01\x01\x42\x04\n\x02_nB\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobsB\x16\n\x14_skip_special_tokensB\x0e\n\x0c_speculative\"\xad\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.jserve.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x05 \x01(\x08H\x00\x88\x01\x01\x42\x15\n\x13_add_special_tokens\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"V\n\rTokenLogprobs\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\"\n\x03top\x18\x03 \x03(\x0b\x32\x15.jserve.v1.TopLogprob\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\x05\"\xbe\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x0c\n\x04text\x18\x04 \x01(\t\x12*\n\x08logprobs\x18\x05 \x03(\x0b\x32\x18.jserve.v1.TokenLogprobs\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12\x15\n\x0bstop_string\x18\x07 \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x08 \x01(\x05H\x00\x12\x1f\n\x05usage\x18\t \x01(\x0b\x32\x10.jserve.v1.Usage\x12\x10\n\x08\x66inished\x18\n \x01(\x08\x12\x31\n\x0fprompt_logprobs\x18\x0b \x03(\x0b\x32\x18.jserve.v1.TokenLogprobsB\r\n\x0bstop_reason\"W\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x15\n\x13_add_special_tokens\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"`\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12 \n\x13skip_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x16\n\x14_skip_special_tokens\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x15\n\x13GetModelInfoRequest\"\x91\x01\n\x0eParallelLayout\x12\x1c\n\x14tensor_parallel_size\x18\x01 \x01(\x05\x12\x1e\n\x16pipeline_parallel_size\x18\x02 \x01(\x05\x12\x1a\n\x12\x64\x61ta_parallel_size\x18\x03 \x01(\x05\x12\x13\n\x0bnum_devices\x18\x04 \x01(\x05\x12\x10\n\x08platform\x18\x05 \x01(\t\"\xd5\x03\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\x05\x12\x15\n\rmax_model_len\x18\x03 \x01(\x05\x12+\n\x08parallel\x18\x04 \x01(\x0b\x32\x19.jserve.v1.ParallelLayout\x12\x11\n\tpage_size\x18\x05 \x01(\x05\x12\x13\n\x0bpages_total\x18\x06 \x01(\x05\x12\x12\n\npages_free\x18\x07 \x01(\x05\x12\x14\n\x0cpages_cached\x18\x08 \x01(\x05\x12\x13\n\x0bnum_running\x18\t \x01(\x05\x12\x13\n\x0bnum_waiting\x18\n \x01(\x05\x12\x14\n\x0cmax_num_seqs\x18\x0b \x01(\x05\x12\r\n\x05\x64type\x18\x0c \x01(\t\x12\x14\n\x0cweight_bytes\x18\r \x01(\x03\x12\x1a\n\x12kv_bytes_per_token\x18\x0e \x01(\x03\x12\x14\n\x0cquantization\x18\x0f \x01(\t\x12\x16\n\x0ekv_cache_dtype\x18\x10 \x01(\t\x12\x1a\n\x12speculative_method\x18\x11 \x01(\t\x12\x1d\n\x15spec_num_draft_tokens\x18\x12 \x01(\x03\x12 \n\x18spec_num_accepted_tokens\x18\x13 \x01(\x03\x32\xb1\x02\n\nGeneration\x12G\n\x08Generate\x12\x1a.jserve.v1.GenerateRequest\x1a\x1b.jserve.v1.GenerateResponse\"\x00\x30\x01\x12\x45\n\x08Tokenize\x12\x1a.jserve.v1.TokenizeRequest\x1a\x1b.jserve.v1.TokenizeResponse\"\x00\x12K\n\nDetokenize\x12\x1c.jserve.v1.DetokenizeRequest\x1a\x1d.jserve.v1.DetokenizeResponse\"\x00\x12\x46\n\x0cGetModelInfo\x12\x1e.jserve.v1.GetModelInfoRequest\x1a\x14.jserve.v1.ModelInfo\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,31 +33,31 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'jserve.v1.jserve_pb2', _glo
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS']._serialized_start=38
-  _globals['_SAMPLINGPARAMS']._serialized_end=680
-  _globals['_GENERATEREQUEST']._serialized_start=683
-  _globals['_GENERATEREQUEST']._serialized_end=856
-  _globals['_TOPLOGPROB']._serialized_start=858
-  _globals['_TOPLOGPROB']._serialized_end=905
-  _globals['_TOKENLOGPROBS']._serialized_start=907
-  _globals['_TOKENLOGPROBS']._serialized_end=993
-  _globals['_USAGE']._serialized_start=995
-  _globals['_USAGE']._serialized_end=1082
-  _globals['_GENERATERESPONSE']._serialized_start=1085
-  _globals['_GENERATERESPONSE']._serialized_end=1403
-  _globals['_TOKENIZEREQUEST']._serialized_start=1405
-  _globals['_TOKENIZEREQUEST']._serialized_end=1492
-  _globals['_TOKENIZERESPONSE']._serialized_start=1494
-  _globals['_TOKENIZERESPONSE']._serialized_end=1531
-  _globals['_DETOKENIZEREQUEST']._serialized_start=1533
-  _globals['_DETOKENIZEREQUEST']._serialized_end=1629
-  _globals['_DETOKENIZERESPONSE']._serialized_start=1631
-  _globals['_DETOKENIZERESPONSE']._serialized_end=1665
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1667
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1688
-  _globals['_PARALLELLAYOUT']._serialized_start=1691
-  _globals['_PARALLELLAYOUT']._serialized_end=1836
-  _globals['_MODELINFO']._serialized_start=1839
-  _globals['_MODELINFO']._serialized_end=2215
-  _globals['_GENERATION']._serialized_start=2218
-  _globals['_GENERATION']._serialized_end=2523
+  _globals['_SAMPLINGPARAMS']._serialized_end=722
+  _globals['_GENERATEREQUEST']._serialized_start=725
+  _globals['_GENERATEREQUEST']._serialized_end=898
+  _globals['_TOPLOGPROB']._serialized_start=900
+  _globals['_TOPLOGPROB']._serialized_end=947
+  _globals['_TOKENLOGPROBS']._serialized_start=949
+  _globals['_TOKENLOGPROBS']._serialized_end=1035
+  _globals['_USAGE']._serialized_start=1037
+  _globals['_USAGE']._serialized_end=1124
+  _globals['_GENERATERESPONSE']._serialized_start=1127
+  _globals['_GENERATERESPONSE']._serialized_end=1445
+  _globals['_TOKENIZEREQUEST']._serialized_start=1447
+  _globals['_TOKENIZEREQUEST']._serialized_end=1534
+  _globals['_TOKENIZERESPONSE']._serialized_start=1536
+  _globals['_TOKENIZERESPONSE']._serialized_end=1573
+  _globals['_DETOKENIZEREQUEST']._serialized_start=1575
+  _globals['_DETOKENIZEREQUEST']._serialized_end=1671
+  _globals['_DETOKENIZERESPONSE']._serialized_start=1673
+  _globals['_DETOKENIZERESPONSE']._serialized_end=1707
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1709
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1730
+  _globals['_PARALLELLAYOUT']._serialized_start=1733
+  _globals['_PARALLELLAYOUT']._serialized_end=1878
+  _globals['_MODELINFO']._serialized_start=1881
+  _globals['_MODELINFO']._serialized_end=2350
+  _globals['_GENERATION']._serialized_start=2353
+  _globals['_GENERATION']._serialized_end=2658
 # @@protoc_insertion_point(module_scope)

@@ -1,0 +1,135 @@
+#!/usr/bin/env python
+"""Speculative decoding on the bundled trained model: output tok/s with and without each method, in one run.
+
+Two prompt sets from held-out standard-library functions (files the model never saw):
+
+- input-grounded: a function, then a request to write it again under a new name, so the answer mostly copies
+  the prompt (what prompt lookup is for);
+- free completion: a function's first three lines, which the model continues.
+
+For each set and batch size (default 1, 8, 64) every engine (plain, then each method) generates --max-tokens
+greedy tokens for the same prompts; batch 1 runs --batch1-prompts prompts one after another. Each engine is
+built once, before any timing (every program compiled), and runs one untimed warm-up batch. Prints a table of
+output tok/s, the speedup over plain decoding in the same run, and the acceptance counters, and writes JSON.
+
+    python scripts/benchmark_speculative.py [--max-tokens 96] [--batch-sizes 1 8 64] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import platform
+import time
+from datetime import date
+
+from jserve import BUNDLED_DRAFT_MODEL, BUNDLED_MODEL, LLM, SamplingParams
+from jserve.stdlib_corpus import function_sources, repeat_prompt
+
+
+def prompt_sets(n: int) -> dict[str, list[str]]:
+    functions = list(itertools.islice(function_sources("heldout", min_lines=8, max_lines=24), n))
+    return {
+        "input-grounded": [repeat_prompt(name, source) for name, source in functions],
+        "free completion": ["\n".join(source.splitlines()[:3]) + "\n" for _, source in functions],
+    }
+
+
+def build(args, method: str | None, k: int) -> LLM:
+    spec = {}
+    if method is not None:
+        model = str(BUNDLED_DRAFT_MODEL) if method == "draft" else method
+        spec = dict(
+            speculative_model=model, num_speculative_tokens=k, speculative_max_batch_size=args.max_batch_size
+        )
+    return LLM(
+        BUNDLED_MODEL,
+        dtype=args.dtype,
+        max_num_seqs=max(args.batch_sizes),
+        max_model_len=args.max_model_len,
+        progress=False,
+        **spec,
+    )
+
+
+def timed(llm: LLM, prompts: list[str], batch: int, max_tokens: int) -> tuple[float, int, dict]:
+    """Seconds and output tokens for the prompts in batches of ``batch``, plus the spec counters' change."""
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    before = llm.stats()
+    tokens = 0
+    start = time.perf_counter()
+    for i in range(0, len(prompts), batch):
+        for out in llm.generate(prompts[i : i + batch], params, use_tqdm=False):
+            tokens += len(out.outputs[0].token_ids)
+    seconds = time.perf_counter() - start
+    after = llm.stats()
+    delta = {
+        key: after[key] - before[key]
+        for key in ("spec_num_draft_tokens", "spec_num_accepted_tokens", "spec_num_drafting_rows")
+        if key in after
+    }
+    return seconds, tokens, delta
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", default=["ngram", "early_exit", "draft"])
+    parser.add_argument("--k", type=int, nargs="+", default=[4, 3, 3], help="num_speculative_tokens per method")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 64])
+    parser.add_argument("--batch1-prompts", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=96)
+    parser.add_argument("--max-model-len", type=int, default=1024)
+    parser.add_argument("--max-batch-size", type=int, default=4, help="speculative_max_batch_size (the policy)")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    sets = prompt_sets(max(max(args.batch_sizes), args.batch1_prompts))
+    engines = {"plain": build(args, None, 0)}
+    for method, k in zip(args.methods, args.k, strict=True):
+        engines[method] = build(args, method, k)
+    for llm in engines.values():  # one untimed batch each: first-use costs outside the timings
+        llm.generate(sets["free completion"][:2], SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)
+
+    rows = []
+    for set_name, prompts in sets.items():
+        for batch in args.batch_sizes:
+            chosen = prompts[: args.batch1_prompts] if batch == 1 else prompts[:batch]
+            plain_rate = None
+            for name, llm in engines.items():
+                seconds, tokens, spec = timed(llm, chosen, batch, args.max_tokens)
+                rate = tokens / seconds
+                plain_rate = rate if name == "plain" else plain_rate
+                drafts = spec.get("spec_num_draft_tokens", 0)
+                accepted = spec.get("spec_num_accepted_tokens", 0)
+                drafting = spec.get("spec_num_drafting_rows", 0)
+                row = dict(
+                    prompts=set_name,
+                    batch=batch,
+                    method=name,
+                    tokens=tokens,
+                    seconds=round(seconds, 3),
+                    tok_s=round(rate, 1),
+                    speedup=round(rate / plain_rate, 2),
+                    acceptance_rate=round(accepted / drafts, 3) if drafts else None,
+                    mean_accepted_length=round((accepted + drafting) / drafting, 2) if drafting else None,
+                )
+                rows.append(row)
+                print(
+                    f"{set_name:16s} batch {batch:3d} {name:10s} {rate:8.1f} tok/s  x{row['speedup']:.2f}"
+                    f"  acceptance {row['acceptance_rate']}  tokens/verification {row['mean_accepted_length']}",
+                    flush=True,
+                )
+    report = dict(
+        date=date.today().isoformat(),
+        machine=f"{platform.machine()} {platform.processor() or ''}".strip(),
+        settings=vars(args),
+        rows=rows,
+    )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Speculative decoding through the server: launch flags, the per-request opt-out, ModelInfo and Prometheus."""
+
+from __future__ import annotations
+
+import urllib.request
+
+import pytest
+
+from jserve.server.gen import jserve_pb2 as pb
+from jserve.server.gen import jserve_pb2_grpc as pb_grpc
+from tests.server.harness import ServerProcess
+
+PROMPT = "def add(a, b):\n    return a + b\n\n\ndef add_v2(a, b):\n"
+
+
+@pytest.fixture(scope="module")
+def server():
+    proc = ServerProcess(
+        "--speculative-model",
+        "ngram",
+        "--num-speculative-tokens",
+        "3",
+        "--max-num-seqs",
+        "4",
+        "--max-num-batched-tokens",
+        "64",
+        "--max-model-len",
+        "256",
+        "--metrics-port",
+        "0",
+    ).start()
+    yield proc
+    proc.stop()
+
+
+def _generate(server, **sampling) -> list[int]:
+    with server.channel() as channel:
+        stub = pb_grpc.GenerationStub(channel)
+        request = pb.GenerateRequest(prompt=PROMPT, sampling=pb.SamplingParams(temperature=0, **sampling))
+        return [t for r in stub.Generate(request, timeout=120) for t in r.token_ids]
+
+
+def test_speculation_is_reported_and_can_be_declined(server):
+    before = server.model_info()
+    assert before.speculative_method == "ngram"
+    tokens = _generate(server, max_tokens=24)
+    info = server.model_info()
+    assert info.spec_num_draft_tokens > before.spec_num_draft_tokens
+    assert info.spec_num_accepted_tokens > before.spec_num_accepted_tokens
+    assert _generate(server, max_tokens=24, speculative=False) == tokens  # the same greedy text either way
+    assert server.model_info().spec_num_draft_tokens == info.spec_num_draft_tokens
+    body = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+    for name in (
+        'jserve_spec_decode_num_draft_tokens_total{method="ngram"}',
+        'jserve_spec_decode_num_accepted_tokens_total{method="ngram"}',
+        'jserve_spec_decode_num_drafts_total{method="ngram"}',
+        'jserve_spec_decode_acceptance_rate{method="ngram"}',
+    ):
+        assert name in body, name
