@@ -55,6 +55,11 @@ class AttentionBackend:
         """Host side: this backend's metadata for one step (numpy pytree; shapes fixed per token bucket)."""
         return layout
 
+    def plan_short(self, layout: AttentionLayout):
+        """``plan`` for a step whose rows all hold a few query tokens (speculative drafting and verification):
+        the path that serves those best (default: ``plan``'s own choice)."""
+        return self.plan(layout)
+
     def alternative(self, metadata):
         """The same metadata taking the backend's other runtime path, if it has one (warm-up runs both)."""
         return metadata

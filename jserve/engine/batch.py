@@ -53,6 +53,9 @@ class StepInput:
     history_col: jax.Array
     prev_tokens: jax.Array  # [B] i32: the previous step's sampled ids (the runner passes its device array)
     spec: SpecInput | None = None  # a verification step's layout (speculative decoding); None: a plain step
+    # [] bool: the step also runs its tokens through the draft model (draft-model speculation, while the
+    # engine speculates; off above the policy's batch size, where it would only cost time)
+    run_draft: jax.Array = dataclasses.field(default_factory=lambda: np.asarray(True))
 
 
 @jax.tree_util.register_dataclass
@@ -217,6 +220,7 @@ def build_step(
     banned_ids_of: Callable[[Request], Sequence[int]],
     previous_rows: dict[str, int] | None = None,
     device_drafts: bool = False,
+    run_draft: bool = True,
 ) -> StepPlan:
     """Packs one SchedulerOutput into padded numpy arrays (see the module docstring for the layout).
     ``previous_rows``: async scheduling's request id -> sampled row of the step still on the device.
@@ -246,6 +250,7 @@ def build_step(
         history_col=history_col,
         prev_tokens=_no_previous(shapes.max_num_seqs),
         spec=spec,
+        run_draft=np.asarray(run_draft),
     )
     return StepPlan(
         inputs,

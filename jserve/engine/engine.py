@@ -39,7 +39,7 @@ from jserve.limits import RequestLimits, RequestTooLargeError, check_token_count
 from jserve.outputs import RequestOutput
 from jserve.parallel.multihost import STOP
 from jserve.sampling_params import SamplingParams
-from jserve.spec.config import SpeculativeConfig
+from jserve.spec.config import DRAFT, SpeculativeConfig
 from jserve.spec.ngram import propose_ngram
 
 if TYPE_CHECKING:
@@ -300,9 +300,13 @@ class Engine:
                 self._banned_ids,
                 previous_rows,
                 device_drafts=self.speculative is not None and self.speculative.samples_drafts,
+                run_draft=self.scheduler.speculating,
             )
             for part in self._microbatches(sched)
         ]
+        if self.speculative is not None and self.speculative.method == DRAFT and not self.scheduler.speculating:
+            for chunk in sched.chunks:  # computed without the draft model: its K/V for them are missing
+                self._sequences[chunk.request_id].draft_synced = False
         step = _Step(sched, plans, self.runner.dispatch(plans, previous.pending if previous else None))
         if self.async_scheduling:
             self.scheduler.advance(sched)  # the next schedule sees this step's tokens as pending
@@ -348,6 +352,7 @@ class Engine:
         opted out."""
         return (
             request.sampling_params.speculative
+            and request.draft_synced
             and request.status == RequestStatus.RUNNING
             and not request.num_pending_tokens
             and not request.awaiting_verification

@@ -94,6 +94,9 @@ class Request:
         # the device fills them), whether a verification step is on the device, and per-request counters.
         self.draft_token_ids: list[int] = []
         self.awaiting_verification = False
+        # draft-model speculation: every computed token also went through the draft (False once a step ran
+        # without it, above the policy's batch size: the request then decodes plainly to the end)
+        self.draft_synced = True
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
         # Chained hashes of the full pages of all_token_ids, filled lazily by the KVCacheManager (one page

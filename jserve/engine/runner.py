@@ -262,8 +262,10 @@ class ModelRunner:
             _Stage(layers, mesh, first=s == 0, last=s == len(meshes) - 1)
             for s, (mesh, layers) in enumerate(zip(meshes, split_layers(cfg.num_layers, len(meshes)), strict=True))
         ]
-        if spec is not None and len(self.stages) > 1:
-            raise ValueError("speculative_model: speculative decoding runs with pipeline_parallel_size 1")
+        if spec is not None and (len(self.stages) > 1 or jax.process_count() > 1):
+            raise ValueError(
+                "speculative_model: speculative decoding runs with pipeline_parallel_size 1, in one process"
+            )
         self._draft_treedef = self._draft_graphdef = self._draft_kv_sharding = None
         self.draft_leaves: list = []
         self.draft_kv: KVCache = []
@@ -589,10 +591,14 @@ class ModelRunner:
         if mirror is not None:  # the draft model's K/V of every token the target computes (one stage only)
             draft_graphdef, draft_treedef, draft_layers, draft_sharding = mirror
             drafter = nnx.merge(draft_graphdef, jax.tree.unflatten(draft_treedef, draft_leaves))
-            _, draft_kv = drafter.run_layers(
-                drafter.embed(tokens), inputs.positions, draft_kv, inputs.attention, backend, range(draft_layers)
-            )
-            draft_kv = [tuple(jax.lax.with_sharding_constraint(a, draft_sharding) for a in kv) for kv in draft_kv]
+
+            def mirrored(draft_kv):
+                _, draft_kv = drafter.run_layers(
+                    drafter.embed(tokens), inputs.positions, draft_kv, inputs.attention, backend, range(draft_layers)
+                )
+                return [tuple(jax.lax.with_sharding_constraint(a, draft_sharding) for a in kv) for kv in draft_kv]
+
+            draft_kv = jax.lax.cond(inputs.run_draft, mirrored, lambda kv: kv, draft_kv)
         if not last:
             return kv_cache, draft_kv, x
         hidden = model.final_norm(x)
@@ -631,10 +637,16 @@ class ModelRunner:
     def _planned(self, plan: StepPlan) -> StepPlan:
         """The plan with its attention layout replaced by the backend's metadata (host-side planning); the
         device drafter's k layouts are planned and stacked on a leading axis (one scan step each)."""
-        inputs = dataclasses.replace(plan.inputs, attention=self.backend.plan(plan.inputs.attention))
+        layout = plan.inputs.attention
+        short = (
+            plan.is_verification and int(np.diff(layout.cu_q_lens).max(initial=0)) <= self.shapes.num_spec_tokens + 1
+        )
+        attention = self.backend.plan_short(layout) if short else self.backend.plan(layout)
+        inputs = dataclasses.replace(plan.inputs, attention=attention)
         proposal = plan.proposal
         if proposal is not None and isinstance(proposal.attention, list):
-            stacked = jax.tree.map(lambda *a: np.stack(a), *[self.backend.plan(lay) for lay in proposal.attention])
+            planned = [self.backend.plan_short(lay) for lay in proposal.attention]
+            stacked = jax.tree.map(lambda *a: np.stack(a), *planned)
             proposal = dataclasses.replace(proposal, attention=stacked)
         return dataclasses.replace(plan, inputs=inputs, proposal=proposal)
 

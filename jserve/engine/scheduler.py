@@ -196,8 +196,10 @@ class Scheduler:
                 continue
             remaining = request.num_tokens - request.num_computed_tokens
             num_drafts = len(request.draft_token_ids) if remaining == 1 else 0
-            if remaining + num_drafts > budget:
-                num_drafts = 0  # no room for the drafts this step: decode plainly
+            if num_drafts and (
+                remaining + num_drafts > budget or not self.kv_cache.allocate(request, remaining + num_drafts)
+            ):
+                num_drafts = 0  # no budget or free pages for the drafts: decode plainly (never preempt for them)
             num_new = self._chunk_len(remaining + num_drafts, budget)
             if num_new > 0 and self._make_room(request, num_new, preempted):
                 chunks.append(self._make_chunk(request, num_new, num_drafts))

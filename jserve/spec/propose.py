@@ -4,8 +4,8 @@ The drafter is any module with ``embed`` / ``run_layers`` / ``final_norm`` / ``l
 over its own KV pages, or the target itself over its first m layers (self-speculative early exit, LayerSkip).
 Each speculating row feeds its last token at its next position; step i writes that token's K/V into the
 drafter's pages and samples draft i + 1 from the drafter's distribution q_i (the row's temperature, top-k,
-top-p and min-p; argmax for greedy rows), which verification needs to stay lossless. The k steps are a
-``lax.scan`` over per-step attention metadata planned on the host, so their count never changes the program.
+top-p and min-p; argmax for greedy rows), which verification needs to stay lossless. The k steps read
+per-step attention metadata planned on the host (stacked on a leading axis), one program for every step.
 
 The drafter's K/V for a verified token is rewritten by the next target step anyway (early exit: the target's
 own layers; draft model: the step mirrors every token through the draft), so rejected drafts leave nothing
@@ -66,5 +66,13 @@ def draft_tokens(
         q = jax.nn.softmax(x_filtered, axis=-1)
         return (draft, pos + 1, kv, i + 1), (draft, q)
 
-    (_, _, kv_cache, _), (drafts, q) = jax.lax.scan(step, (tokens, positions, kv_cache, jnp.int32(0)), metadata)
-    return kv_cache, drafts.T, jnp.swapaxes(q, 0, 1)
+    # NOTE: unrolled, not a lax.scan: XLA:CPU copied the pages carried through the scan's loop on every step
+    # (the whole pool, ~35 MB a layer at default settings), where straight-line updates of the donated pages
+    # happen in place.
+    carry = (tokens, positions, kv_cache, jnp.int32(0))
+    drafts, probs = [], []
+    for i in range(jax.tree.leaves(metadata)[0].shape[0]):
+        carry, (draft, q) = step(carry, jax.tree.map(lambda a, i=i: a[i], metadata))
+        drafts.append(draft)
+        probs.append(q)
+    return carry[2], jnp.stack(drafts, axis=1), jnp.stack(probs, axis=1)

@@ -239,4 +239,5 @@ def test_prefer_items_rule():
     assert prefer_items(np.ones(64, int), rng.integers(20, 191, 64))  # ragged decode
     assert not prefer_items(np.ones(64, int), np.full(64, 128))  # uniform decode: nothing to save
     assert not prefer_items([1], [100])  # one short decode: planning overhead dominates
+    assert not prefer_items([1, 1], [900, 20], num_tokens=8)  # two sequences: the page loop always wins
     assert not prefer_items([], [])
