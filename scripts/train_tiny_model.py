@@ -277,6 +277,115 @@ def save_checkpoint(model, out_dir: Path, sp_model: bytes, log_entry: dict) -> N
         path.chmod(0o644)
 
 
+def copy_task_stream(sp, files: list[Path], seq_len: int) -> np.ndarray:
+    """The copy task as one token stream: each training-split function, then a request to repeat it under a new
+    name and the repeated function (``jserve.stdlib_corpus.repeat_prompt``), kept when the whole sample fits in
+    one training window (the copy must see its original)."""
+    from jserve.stdlib_corpus import repeat_prompt
+
+    samples = []
+    for name, source in function_sources_of(files):
+        prompt = repeat_prompt(name, source)
+        renamed = source.replace(f"def {name}(", f"def {name}_v2(", 1)
+        ids = [1, *sp.encode(prompt + "\n".join(renamed.splitlines()[1:]) + "\n"), 2]
+        if len(ids) <= seq_len:
+            samples.append(np.asarray(ids, np.int32))
+    return np.concatenate(samples)
+
+
+def function_sources_of(files: list[Path]):
+    """(name, source) of the top-level functions of 4-24 lines in ``files``."""
+    import ast
+
+    for path in files:
+        text = read_source(path)
+        try:
+            tree = ast.parse(text)
+        except SyntaxError:
+            continue
+        for node in tree.body:
+            if isinstance(node, ast.FunctionDef) and 4 <= node.end_lineno - node.lineno + 1 <= 24:
+                source = ast.get_source_segment(text, node)
+                if source and not source.startswith("@"):
+                    yield node.name, source
+
+
+def finetune_copy(args) -> None:
+    """Continues a bundled model on a mix of its corpus and the copy task (half of each batch): the target learns
+    to repeat text from its context, which prompt-lookup speculation and input-grounded work rely on; the draft
+    follows the target's new habits (its one layer cannot copy, but it keeps predicting the target)."""
+    import sentencepiece as spm
+    import torch
+    import torch.nn.functional as F
+    import transformers
+
+    torch.set_num_threads(args.threads)
+    began = time.time()
+    log = lambda message: print(f"[{time.time() - began:7.1f}s] {message}", flush=True)
+    source = args.finetune_copy
+    previous = json.loads((source / "training_log.json").read_text())
+    run = PRESETS[previous["preset"]]
+    sp_model = (source / "tokenizer.model").read_bytes()
+    sp = spm.SentencePieceProcessor(model_proto=sp_model)
+    root = args.corpus or stdlib_root()
+    train_files, heldout_files = corpus_files(root, split="train"), corpus_files(root, split="heldout")
+    train_streams, heldout_streams = tokenize_files(sp, train_files), tokenize_files(sp, heldout_files)
+    copy_stream = copy_task_stream(sp, train_files, run.seq_len)
+    log(f"copy task: {len(copy_stream)} tokens")
+    model = transformers.LlamaForCausalLM.from_pretrained(source, torch_dtype=torch.float32).train()
+    exit_layer = previous["early_exit_layer"]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.finetune_lr, betas=(0.9, 0.95), weight_decay=0.1)
+    starts, stream = training_windows(train_streams, run.seq_len, args.seed + 1)
+    copy_starts, _ = training_windows([copy_stream], run.seq_len, args.seed + 2)
+    half = run.batch_size // 2
+    curve = []
+    for step in range(args.finetune_steps):
+        lr = args.finetune_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.finetune_steps)))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        rows = [stream[s : s + run.seq_len + 1] for s in starts[step * half : (step + 1) * half]]
+        picks = copy_starts[(np.arange(half) + step * half) % len(copy_starts)]
+        rows += [copy_stream[s : s + run.seq_len + 1] for s in picks]
+        batch = torch.from_numpy(np.stack(rows).astype(np.int64))
+        inputs, labels = batch[:, :-1], batch[:, 1:]
+        out = model(input_ids=inputs, output_hidden_states=exit_layer is not None)
+        loss = F.cross_entropy(out.logits.reshape(-1, run.vocab_size), labels.reshape(-1))
+        total, early = loss, loss.new_zeros(())
+        if exit_layer is not None:
+            hidden = model.model.norm(out.hidden_states[exit_layer])
+            early = F.cross_entropy(model.lm_head(hidden).reshape(-1, run.vocab_size), labels.reshape(-1))
+            total = loss + EARLY_EXIT_WEIGHT * early
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        if step % 10 == 0 or step == args.finetune_steps - 1:
+            point = {"step": step, "loss": round(loss.item(), 4), "early_exit_loss": round(early.item(), 4)}
+            point["seconds"] = round(time.time() - began, 1)
+            curve.append(point)
+            log(f"  finetune step {step}/{args.finetune_steps} loss {point['loss']} early {point['early_exit_loss']}")
+    model.eval()
+    evaluation = heldout_perplexity(model, heldout_streams, run.seq_len, exit_layer)
+    log(f"held-out perplexity {evaluation}")
+    entry = {
+        **previous,
+        **evaluation,
+        "copy_finetune": {
+            "steps": args.finetune_steps,
+            "peak_lr": args.finetune_lr,
+            "batch": f"{half} corpus windows + {half} copy-task windows of {run.seq_len} tokens",
+            "copy_task_tokens": int(len(copy_stream)),
+            "train_seconds": round(time.time() - began, 1),
+            "before": {
+                k: previous[k] for k in ("heldout_perplexity", "early_exit_heldout_perplexity") if k in previous
+            },
+            "loss_curve": curve,
+        },
+    }
+    save_checkpoint(model, args.out, sp_model, entry)
+    log(f"done: {args.out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="writes OUT/target and OUT/draft")
@@ -284,7 +393,15 @@ def main() -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="bundled")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument(
+        "--finetune-copy", type=Path, default=None, help="continue this target on the copy-task mix; writes OUT"
+    )
+    parser.add_argument("--finetune-steps", type=int, default=300)
+    parser.add_argument("--finetune-lr", type=float, default=1e-3)
     args = parser.parse_args()
+    if args.finetune_copy is not None:
+        finetune_copy(args)
+        return
 
     import sentencepiece as spm
     import torch
