@@ -65,10 +65,12 @@ def iter_chunks(files: list[Path], max_chars: int = 2000) -> Iterator[str]:
             yield chunk
 
 
-def function_sources(split: str = "heldout", *, min_lines: int = 6, max_lines: int = 30) -> Iterator[tuple[str, str]]:
-    """(name, source) of the corpus's top-level functions of ``min_lines``..``max_lines`` lines, in file order:
-    the prompts of the speculative-decoding tests and benchmark."""
-    for path in corpus_files(split=split):
+def function_sources(
+    split: str = "heldout", *, min_lines: int = 6, max_lines: int = 30, files: list[Path] | None = None
+) -> Iterator[tuple[str, str]]:
+    """(name, source) of the corpus's top-level functions of ``min_lines``..``max_lines`` lines, in file order
+    (``files``: these instead of the stdlib's ``split``): the speculative-decoding prompts and copy task."""
+    for path in corpus_files(split=split) if files is None else files:
         text = read_source(path)
         try:
             tree = ast.parse(text)

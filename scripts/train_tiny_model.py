@@ -281,33 +281,16 @@ def copy_task_stream(sp, files: list[Path], seq_len: int) -> np.ndarray:
     """The copy task as one token stream: each training-split function, then a request to repeat it under a new
     name and the repeated function (``jserve.stdlib_corpus.repeat_prompt``), kept when the whole sample fits in
     one training window (the copy must see its original)."""
-    from jserve.stdlib_corpus import repeat_prompt
+    from jserve.stdlib_corpus import function_sources, repeat_prompt
 
     samples = []
-    for name, source in function_sources_of(files):
+    for name, source in function_sources(min_lines=4, max_lines=24, files=files):
         prompt = repeat_prompt(name, source)
         renamed = source.replace(f"def {name}(", f"def {name}_v2(", 1)
         ids = [1, *sp.encode(prompt + "\n".join(renamed.splitlines()[1:]) + "\n"), 2]
         if len(ids) <= seq_len:
             samples.append(np.asarray(ids, np.int32))
     return np.concatenate(samples)
-
-
-def function_sources_of(files: list[Path]):
-    """(name, source) of the top-level functions of 4-24 lines in ``files``."""
-    import ast
-
-    for path in files:
-        text = read_source(path)
-        try:
-            tree = ast.parse(text)
-        except SyntaxError:
-            continue
-        for node in tree.body:
-            if isinstance(node, ast.FunctionDef) and 4 <= node.end_lineno - node.lineno + 1 <= 24:
-                source = ast.get_source_segment(text, node)
-                if source and not source.startswith("@"):
-                    yield node.name, source
 
 
 def finetune_copy(args) -> None:
