@@ -6,7 +6,7 @@ scheduler) and the server's validation stay importable without jax.
 
 from jserve.bundled import BUNDLED_DRAFT_MODEL, BUNDLED_MODEL
 from jserve.outputs import CompletionOutput, RequestOutput
-from jserve.sampling_params import SamplingParams
+from jserve.sampling_params import SamplingParams, StructuredOutputsParams
 
 __all__ = [
     "BUNDLED_DRAFT_MODEL",
@@ -16,6 +16,7 @@ __all__ = [
     "CompletionOutput",
     "RequestOutput",
     "SamplingParams",
+    "StructuredOutputsParams",
 ]
 
 

@@ -65,10 +65,23 @@ class LLM:
                 raise ValueError("sampling_params must be SamplingParams or a list of them")
         for (_, ids), p in zip(prompts, params, strict=True):
             self.engine.validate(ids, p)
+        grammars = self._compile_grammars(params)
         return [
-            self.engine.add_request(ids, p, prompt=text, stream=stream)
-            for (text, ids), p in zip(prompts, params, strict=True)
+            self.engine.add_request(ids, p, prompt=text, stream=stream, grammar=g)
+            for (text, ids), p, g in zip(prompts, params, grammars, strict=True)
         ]
+
+    def _compile_grammars(self, params: list[SamplingParams]) -> list:
+        """Every structured-outputs grammar, compiled in parallel in the engine's pool before anything is
+        enqueued (one that fails raises ValueError and nothing runs)."""
+        if all(p.structured_outputs is None for p in params):
+            return [None] * len(params)
+        if self.engine.grammar is None:
+            raise ValueError("structured_outputs: this model has no tokenizer, which grammars are compiled over")
+        for p in params:
+            if p.structured_outputs is not None:
+                self.engine.grammar.submit(p.structured_outputs)
+        return [None if p.structured_outputs is None else self.engine.compile_grammar(p) for p in params]
 
     def generate(
         self,

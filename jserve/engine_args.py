@@ -22,6 +22,7 @@ from jserve.spec.config import SpeculativeConfig, speculative_config_from_args
 
 ENGINE_GROUP = "engine"
 SPEC_GROUP = "speculative decoding"
+STRUCTURED_GROUP = "structured outputs"
 LIMITS_GROUP = "admission limits (requests over them get INVALID_ARGUMENT / HTTP 400)"
 
 
@@ -82,6 +83,12 @@ class EngineArgs:
         "speculate only in steps that sample at most this many sequences (larger batches decode plainly)",
         group=SPEC_GROUP,
     )
+    structured_output_timeout: float = setting(
+        10.0,
+        "structured outputs: seconds a request waits for its grammar to compile before it fails (HTTP 400 / "
+        "INVALID_ARGUMENT); compiling runs off the engine thread",
+        group=STRUCTURED_GROUP,
+    )
     max_n: int | None = setting(None, "samples per request, n (default: max_num_seqs)", group=LIMITS_GROUP)
     max_logprobs: int = setting(
         DEFAULT_MAX_LOGPROBS, "logprobs / prompt_logprobs per token (the logprob outputs' width)", group=LIMITS_GROUP
@@ -108,6 +115,8 @@ class EngineArgs:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         _ = self.speculative  # validates the speculative fields
         _ = self.parallel  # validates the sizes
+        if not self.structured_output_timeout > 0:
+            raise ValueError(f"structured_output_timeout must be > 0, got {self.structured_output_timeout}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if isinstance(self.max_num_seqs, bool) or not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1:

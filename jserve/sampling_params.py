@@ -1,13 +1,80 @@
 """SamplingParams: what a request asks of the sampler, validated once at the door.
 
-Field names and meanings follow vLLM's offline API (see shared/API.md) so users can move between the two.
+Field names and meanings follow vLLM's offline API (docs/api.md) so users can move between the two.
 This module imports no jax: the scheduler and the gRPC server validate requests with it on the host.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
+from typing import Any
+
+STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar")
+
+
+@dataclass(kw_only=True)
+class StructuredOutputsParams:
+    """Constrains a request's output to a language; exactly one kind is set (vLLM's names).
+
+    - ``json``: a JSON schema (a dict, or its JSON text); the output is one JSON value valid under it.
+    - ``json_object``: any JSON object.
+    - ``regex``: the output fully matches the regular expression (Rust ``regex`` syntax, as llguidance reads it).
+    - ``choice``: the output is exactly one of these strings.
+    - ``grammar``: a Lark grammar (llguidance's dialect; the start rule is ``start``).
+
+    Compiled off the engine thread and cached by :meth:`key`; a specification that does not compile fails its
+    request with ``ValueError`` naming ``structured_outputs``.
+    """
+
+    json: dict | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        set_kinds = [k for k in STRUCTURED_KINDS if getattr(self, k) not in (None, False)]
+        if len(set_kinds) != 1:
+            raise ValueError(
+                f"structured_outputs: set exactly one of {', '.join(STRUCTURED_KINDS)}, got {set_kinds or 'none'}"
+            )
+        if isinstance(self.json, str):
+            try:
+                self.json = json.loads(self.json)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"structured_outputs.json: not valid JSON: {e}") from None
+        if self.json is not None and not isinstance(self.json, (dict, bool)):
+            kind = type(self.json).__name__
+            raise ValueError(f"structured_outputs.json: a JSON schema must be an object, got {kind}")
+        if self.json_object is not False and self.json_object is not True:
+            raise ValueError(f"structured_outputs.json_object must be a boolean, got {self.json_object!r}")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"structured_outputs.{name} must be a non-empty string, got {value!r}")
+        if self.choice is not None:
+            strings = not isinstance(self.choice, str) and all(isinstance(c, str) and c for c in self.choice)
+            if not strings or not self.choice:
+                raise ValueError(
+                    f"structured_outputs.choice must be a non-empty list of non-empty strings, got {self.choice!r}"
+                )
+            self.choice = list(self.choice)
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in STRUCTURED_KINDS if getattr(self, k) not in (None, False))
+
+    def key(self) -> tuple[str, str]:
+        """(kind, canonical text): equal specifications share one compiled grammar."""
+        value: Any = getattr(self, self.kind)
+        if self.kind in ("json", "choice"):
+            value = json.dumps(value, sort_keys=True, ensure_ascii=False)
+        return self.kind, str(value)
 
 
 @dataclass(kw_only=True)
@@ -33,6 +100,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     priority: int = 0
     speculative: bool = True  # False: this request never speculates (when the engine has speculative_model)
+    structured_outputs: StructuredOutputsParams | None = None  # constrained decoding (JSON schema, regex, ...)
     extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -80,6 +148,17 @@ class SamplingParams:
             if t < 0:
                 raise ValueError(f"stop_token_ids must be non-negative, got {t}")
         _check_int("priority", self.priority, minimum=None)
+        if self.structured_outputs is not None:
+            if isinstance(self.structured_outputs, dict):
+                unknown = sorted(set(self.structured_outputs) - set(STRUCTURED_KINDS))
+                if unknown:
+                    raise ValueError(f"structured_outputs: unknown field(s) {unknown}; known: {list(STRUCTURED_KINDS)}")
+                self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+            if not isinstance(self.structured_outputs, StructuredOutputsParams):
+                raise ValueError(
+                    f"structured_outputs must be StructuredOutputsParams, got {type(self.structured_outputs).__name__}"
+                )
+            self.structured_outputs.validate()
 
     @property
     def greedy(self) -> bool:

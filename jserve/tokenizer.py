@@ -79,6 +79,7 @@ class _HFTokenizersBackend:
     def __init__(self, path: Path) -> None:
         from tokenizers import Tokenizer as _HFTokenizer
 
+        self.path = path
         self._tok = _HFTokenizer.from_file(str(path))
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         added = self._tok.get_added_tokens_decoder()
@@ -172,6 +173,21 @@ class _SentencePieceBackend:
                 raise ValueError(f"token id {token_id} is out of range for a vocabulary of {self.vocab_size}")
         flush_run()
         return "".join(parts)
+
+    def piece_bytes(self) -> list[bytes]:
+        """Each id's bytes as it reads in text: the word-boundary mark is a space, byte pieces are their byte,
+        control/unknown pieces and added tokens their content (they are special)."""
+        out = []
+        for i in range(self.vocab_size):
+            if i in self._added:
+                out.append(self._added[i].encode())
+            elif i >= self._num_pieces:
+                out.append(b"")
+            elif self._sp.is_byte(i):
+                out.append(bytes([int(self._sp.id_to_piece(i)[3:5], 16)]))
+            else:
+                out.append(self._sp.id_to_piece(i).replace("\u2581", " ").encode())
+        return out
 
     def token_to_id(self, token: str) -> int | None:
         if token in self._by_content:
@@ -462,6 +478,13 @@ class Tokenizer:
         """The id of one vocabulary entry or added token, or None."""
         return self._backend.token_to_id(token)
 
+    def grammar_vocabulary(self) -> str | list[bytes]:
+        """What a grammar engine (llguidance) builds its token trie from: the tokenizer.json text, whose byte
+        mapping it reads itself, or for sentencepiece each id's bytes (see ``all_special_ids`` for specials)."""
+        if isinstance(self._backend, _HFTokenizersBackend):
+            return self._backend.path.read_text(encoding="utf-8")
+        return self._backend.piece_bytes()
+
     # -- encode / decode -------------------------------------------------------------------------------------
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -500,23 +523,25 @@ class Tokenizer:
 
     def apply_chat_template(
         self,
-        messages: list[dict[str, str]],
+        messages: list[dict],
         *,
         add_generation_prompt: bool = True,
         tokenize: bool = False,
         chat_template: str | None = None,
+        tools: list[dict] | None = None,
     ) -> str | list[int]:
         """Render `messages` with the checkpoint's chat template, or with `chat_template` (a template string
         or the name of one of the checkpoint's templates). With `tokenize`, return ids; no BOS is added,
-        because templates emit `bos_token` themselves. A template that fails (`raise_exception`) raises
-        ValueError."""
+        because templates emit `bos_token` themselves. `tools`: OpenAI function definitions, passed to the
+        template as HF templates expect (``tools``; None when there are none). A template that fails
+        (`raise_exception`) raises ValueError."""
         template = self._resolve_chat_template(chat_template)
         conversation = [{k: v for k, v in message.items() if v is not None} for message in messages]
         try:
             text = _compile_chat_template(template).render(
                 messages=conversation,
                 add_generation_prompt=add_generation_prompt,
-                tools=None,
+                tools=tools or None,
                 documents=None,
                 **self._special_tokens,
             )

@@ -349,6 +349,49 @@ def test_chat_template_matches_transformers(
     assert ids[0] == 1 and ids[1] != 1  # the template's own BOS, no second one
 
 
+TOOL_TEMPLATE = (  # a hermes-style template: tools in the system turn, tool calls and results as messages
+    "{% if tools %}<tools>{% for t in tools %}{{ t['function']['name'] }}:{{ t['function'] | tojson }}\n"
+    "{% endfor %}</tools>\n{% endif %}"
+    "{% for m in messages %}<|{{ m['role'] }}|>{% if m['content'] %}{{ m['content'] }}{% endif %}"
+    "{% if m['tool_calls'] is defined %}{% for c in m['tool_calls'] %}<tool_call>{{ c['function'] | tojson }}"
+    "</tool_call>{% endfor %}{% endif %}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_chat_template_receives_tools_like_transformers(
+    tokenizers: dict[str, Tokenizer], hf_tokenizers: dict, backend: str
+) -> None:
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "Weather in a city",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+            },
+        }
+    ]
+    messages = [
+        {"role": "user", "content": "Weather in Zürich?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Z"}}}
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+    ]
+    tok, hf = tokenizers[backend], hf_tokenizers[backend]
+    text = tok.apply_chat_template(messages, chat_template=TOOL_TEMPLATE, tools=tools)
+    expected = hf.apply_chat_template(
+        messages, chat_template=TOOL_TEMPLATE, tools=tools, tokenize=False, add_generation_prompt=True
+    )
+    assert text == expected and text.startswith("<tools>get_weather:") and "<tool_call>" in text
+    assert "<tools>" not in tok.apply_chat_template(messages, chat_template=TOOL_TEMPLATE)
+
+
 def test_chat_template_selection(checkpoints: dict[str, Path], tmp_path: Path) -> None:
     named = [
         {"name": "default", "template": DEFAULT_CHAT_TEMPLATE},

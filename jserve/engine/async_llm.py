@@ -115,6 +115,12 @@ class AsyncLLM:
         if self.errored is not None:
             raise EngineDeadError(f"engine is dead: {self.errored!r}")
         params = sampling_params or SamplingParams()
+        grammar = None
+        if params.structured_outputs is not None:  # compiled in the engine's pool; this loop only awaits it
+            compiler = self.engine.grammar
+            if compiler is None:
+                raise ValueError("structured_outputs: this model has no tokenizer, which grammars are compiled over")
+            grammar = await compiler.compile_async(params.structured_outputs)
         request_id = request_id or f"async-{next(self._ids)}"
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:
@@ -125,7 +131,7 @@ class AsyncLLM:
             self._streams[request_id] = stream
         finished = False
         try:
-            self.engine.add_request(prompt_token_ids, params, request_id=request_id, prompt=prompt)
+            self.engine.add_request(prompt_token_ids, params, request_id=request_id, prompt=prompt, grammar=grammar)
             self._wake.set()
             # NOTE: the engine may have died after the check above and snapshotted _streams before this
             # stream was in it; errored is set before that snapshot, so this check means nobody waits forever.

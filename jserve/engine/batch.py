@@ -8,7 +8,8 @@ block_tables [B, Pmax], kv_lens [B], cu_q_lens [B+1]       padding rows: 0 pages
 logits_indices [B]   last token of each sampled row (others point at token 0 and are ignored)
 prompt_targets [T]   next prompt token of each prompt-logprob token, -1 elsewhere
 token_src [T]        async scheduling: row of the previous step's sampled ids that fills a pending token, or -1
-sampling             [B] settings, [B, max_model_len] penalty history, [B, Nb] banned ids (Nb fixed)
+sampling             [B] settings, [B, max_model_len] penalty history, [B, Nb] banned ids (Nb fixed),
+                     [B, W] grammar bitmask (structured outputs; verification steps: one row per position)
 ```
 Only T varies (a power-of-two bucket), so an engine has one program per bucket. Three builders fill the
 parts: ``build_layout`` (tokens, positions, the attention layout), ``build_sampling`` (sampled rows) and
@@ -31,6 +32,7 @@ from jserve.engine.sampler import RowSpec, SamplingTensors, make_sampling_tensor
 from jserve.engine.scheduler import ScheduledChunk, SchedulerOutput
 from jserve.engine.shapes import StepShapes, round_up
 from jserve.spec.verify import SpecInput
+from jserve.structured.matcher import fill_bitmask_rows
 
 
 @jax.tree_util.register_dataclass
@@ -89,6 +91,7 @@ class StepPlan:
     num_tokens: int
     uses_penalties: bool  # else the runner swaps in its resident all-padding history
     wants_top_logprobs: bool  # some sampled row asked for logprobs: copy the top-k arrays to the host
+    uses_grammar: bool = False  # some row is constrained (structured outputs); else the resident all-ones mask
     reads_previous: bool = False  # some token or history entry comes from the previous step's outputs
     proposal: ProposalInput | None = None  # device-drafted speculation: the drafter's inputs
     num_drafts: list[int] = dataclasses.field(default_factory=list)  # per sampled row (verification steps)
@@ -153,22 +156,27 @@ def build_sampling(
     banned_ids_of: Callable[[Request], Sequence[int]],
     previous_rows: dict[str, int] | None = None,
     num_rows: int | None = None,
+    verifying: bool = False,
 ) -> tuple[SamplingTensors, np.ndarray, list[str], np.ndarray, np.ndarray]:
     """Sampling settings of the chunks that sample, their logits rows, their request ids (row order), and for
     each row where its pending token goes in the penalty history (source row in the previous step, column).
-    ``num_rows``: the sampled rows' padding (default max_num_seqs; verification steps: spec_rows)."""
+    ``num_rows``: the sampled rows' padding (default max_num_seqs; verification steps: spec_rows).
+    Constrained rows (structured outputs) get their grammar's bitmask; ``verifying``: one per verified position,
+    each after the drafts before it."""
     num_rows = shapes.max_num_seqs if num_rows is None else num_rows
     logits_indices = np.zeros(shapes.max_num_seqs, np.int32)
     history_src = np.full(num_rows, -1, np.int32)
     history_col = np.zeros(num_rows, np.int32)
     rows: list[RowSpec] = []
     sampled_ids: list[str] = []
+    sampled: list[tuple[ScheduledChunk, Request]] = []
     cursor = 0
     for chunk in chunks:
         cursor += len(chunk.token_ids)
         if not chunk.sample:
             continue
         request = requests[chunk.request_id]
+        sampled.append((chunk, request))
         row = len(sampled_ids)
         logits_indices[row] = cursor - 1
         if request.num_pending_tokens:
@@ -185,9 +193,22 @@ def build_sampling(
                 banned_token_ids=banned_ids_of(request),
             )
         )
+    positions = shapes.num_spec_tokens + 1 if verifying else 1
     sampling = make_sampling_tensors(
-        rows, pad_to=num_rows, history_len=shapes.history_len, banned_len=shapes.banned_len
+        rows,
+        pad_to=num_rows,
+        history_len=shapes.history_len,
+        banned_len=shapes.banned_len,
+        bitmask_words=shapes.bitmask_words,
+        positions_per_row=positions,
     )
+    constrained = [
+        (request.grammar, row * positions, chunk.token_ids[len(chunk.token_ids) - chunk.num_drafts :])
+        for row, (chunk, request) in enumerate(sampled)
+        if request.grammar is not None
+    ]
+    if constrained:
+        fill_bitmask_rows(constrained, sampling.token_bitmask)
     return sampling, logits_indices, sampled_ids, history_src, history_col
 
 
@@ -232,7 +253,14 @@ def build_step(
     t_pad = round_up(num_tokens, shapes.spec_token_buckets if verifying else shapes.token_buckets)
     tokens, token_src, positions, layout = build_layout(chunks, shapes, t_pad, previous_rows)
     sampling, logits_indices, sampled_ids, history_src, history_col = build_sampling(
-        chunks, requests, shapes, seed_of, banned_ids_of, previous_rows, shapes.spec_rows if verifying else None
+        chunks,
+        requests,
+        shapes,
+        seed_of,
+        banned_ids_of,
+        previous_rows,
+        shapes.spec_rows if verifying else None,
+        verifying,
     )
     spec = build_verification(chunks, shapes, t_pad) if verifying else None
     proposal = build_proposal(chunks, shapes) if verifying and device_drafts else None
@@ -265,6 +293,7 @@ def build_step(
             ).any()
         ),
         wants_top_logprobs=bool((sampling.num_logprobs[:n] > 0).any()),
+        uses_grammar=bool((sampling.token_bitmask != -1).any()),
         reads_previous=bool((token_src >= 0).any() or (history_src >= 0).any()),
         proposal=proposal,
         num_drafts=[c.num_drafts for c in chunks if c.sample] if verifying else [],
@@ -367,7 +396,7 @@ def padding_step(shapes: StepShapes, num_tokens_padded: int, *, verification: bo
     plan = build_step(empty, {}, one_bucket, seed_of=lambda r: 0, banned_ids_of=lambda r: ())
     if not verification:
         return plan
-    sampling, *_ = build_sampling([], {}, shapes, lambda r: 0, lambda r: (), None, shapes.spec_rows)
+    sampling, *_ = build_sampling([], {}, shapes, lambda r: 0, lambda r: (), None, shapes.spec_rows, verifying=True)
     inputs = dataclasses.replace(
         plan.inputs,
         sampling=sampling,

@@ -50,6 +50,13 @@ class DataParallelEngine:
     def runner(self):
         return self.replicas[0].runner
 
+    @property
+    def grammar(self):
+        return self.replicas[0].grammar  # one compiler serves every replica
+
+    def compile_grammar(self, params: SamplingParams):
+        return self.replicas[0].compile_grammar(params)
+
     def validate(self, prompt_token_ids: Sequence[int], params: SamplingParams) -> None:
         self.replicas[0].validate(prompt_token_ids, params)
 
@@ -66,6 +73,8 @@ class DataParallelEngine:
         request_id: str | None = None,
         **kwargs,
     ) -> str:
+        if params.structured_outputs is not None and kwargs.get("grammar") is None:
+            kwargs["grammar"] = self.compile_grammar(params)  # before the lock: other adds need not wait
         with self._lock:
             if request_id is None:  # ids must be unique across replicas, not just within one
                 request_id = f"req-{next(self._ids)}"

@@ -43,6 +43,7 @@ from jserve.spec.config import DRAFT, SpeculativeConfig
 from jserve.spec.ngram import propose_ngram
 
 if TYPE_CHECKING:
+    from jserve.structured import CompiledGrammar, GrammarCompiler
     from jserve.tokenizer import Tokenizer
 
 
@@ -85,6 +86,7 @@ class Engine:
         seed: int = 0,
         async_scheduling: bool = True,
         speculative: SpeculativeConfig | None = None,
+        grammar: GrammarCompiler | None = None,
     ):
         self.runner = runner
         self.scheduler = scheduler
@@ -116,6 +118,10 @@ class Engine:
         self.num_draft_tokens = 0  # speculative decoding: drafts verified, accepted, and rows that drafted
         self.num_accepted_tokens = 0
         self.num_drafting_rows = 0
+        # structured outputs: compiles grammars off this thread; add_request leaves each request's compiled
+        # grammar here for _admit (multi-host followers, which have none, compile it from the specification)
+        self.grammar = grammar
+        self._compiled: dict[str, CompiledGrammar] = {}
         compile_watch.install()
         self._lowered_at_ready = compile_watch.programs_lowered()
 
@@ -162,22 +168,40 @@ class Engine:
         prompt: str | None = None,
         arrival_time: float | None = None,
         stream: bool = True,
+        grammar: CompiledGrammar | None = None,
     ) -> str:
         """Validates and enqueues a request; returns its id. Safe to call from any thread.
+
+        Structured outputs: ``grammar`` is the request's compiled grammar (``AsyncLLM`` awaits it on its loop);
+        without it, this call compiles it and waits up to the compiler's timeout.
 
         ``stream=False``: no per-step deltas, one RequestOutput holding everything when the request finishes
         (vLLM's FINAL_ONLY; offline ``LLM.generate`` uses it: building 64 deltas a step costs ~10% of a small
         model's step on CPU)."""
         params.validate()
         self.validate(prompt_token_ids, params)
+        if params.structured_outputs is not None and grammar is None:
+            grammar = self.compile_grammar(params)  # this thread waits (bounded), never the engine's
         request_id = request_id if request_id is not None else f"req-{next(self._auto_ids)}"
         with self._ids_lock:
             if request_id in self._live_ids:
                 raise ValueError(f"request_id {request_id!r} is already in use")
             self._live_ids.add(request_id)
+            if grammar is not None:
+                self._compiled[request_id] = grammar
         arrival = time.time() if arrival_time is None else arrival_time
         self._inbox.put(_Add(request_id, prompt, [int(t) for t in prompt_token_ids], params, arrival, stream))
         return request_id
+
+    def compile_grammar(self, params: SamplingParams) -> CompiledGrammar:
+        """The compiled grammar of ``params.structured_outputs``, waiting at most the compiler's timeout;
+        ValueError naming ``structured_outputs`` if it cannot be compiled."""
+        return self._grammar_compiler().compile(params.structured_outputs)
+
+    def _grammar_compiler(self) -> GrammarCompiler:
+        if self.grammar is None:
+            raise ValueError("structured_outputs: this model has no tokenizer, which grammars are compiled over")
+        return self.grammar
 
     def _next_seed(self) -> int:
         """Seeds for requests without one: distinct per request, reproducible from the engine seed."""
@@ -218,6 +242,12 @@ class Engine:
 
     def _admit(self, add: _Add) -> None:
         samples = {}
+        compiled = None
+        if add.params.structured_outputs is not None:
+            with self._ids_lock:
+                compiled = self._compiled.pop(add.request_id, None)
+            if compiled is None:  # a multi-host follower: the leader checked it compiles
+                compiled = self._grammar_compiler().compile(add.params.structured_outputs)
         for i in range(add.params.n):
             seq_id = add.request_id if add.params.n == 1 else f"{add.request_id}-{i}"
             request = Request(
@@ -227,6 +257,8 @@ class Engine:
                 eos_token_ids=self.eos_token_ids,
                 arrival_time=add.arrival_time,
             )
+            if compiled is not None:
+                request.grammar = compiled.new_state()
             detok = None
             if self.tokenizer is not None:
                 detok = self.tokenizer.detokenizer(add.prompt_token_ids, add.params.skip_special_tokens)
@@ -343,15 +375,18 @@ class Engine:
             else:
                 drafts = propose_ngram(
                     request.all_token_ids, k=limit, min_n=spec.prompt_lookup_min, max_n=spec.prompt_lookup_max
-                )
-                request.draft_token_ids = drafts.tolist()
+                ).tolist()
+                if request.grammar is not None:  # drafts the grammar rejects could never be accepted
+                    drafts = drafts[: request.grammar.valid_prefix(drafts)]
+                request.draft_token_ids = drafts
 
-    @staticmethod
-    def _may_draft(request: Request) -> bool:
+    def _may_draft(self, request: Request) -> bool:
         """Decoding, every token on the host, past min_tokens (whose banned ids plain steps apply), and not
-        opted out."""
+        opted out. Constrained requests draft on the host only (n-gram): a device drafter's tokens would reach
+        the host after verification, too late for the grammar's masks of the positions after them."""
         return (
             request.sampling_params.speculative
+            and (request.grammar is None or not self.speculative.samples_drafts)
             and request.draft_synced
             and request.status == RequestStatus.RUNNING
             and not request.num_pending_tokens
@@ -487,6 +522,8 @@ class Engine:
         inside them ends the request there, dropping the tokens after it."""
         group = self._groups[self._seq_to_group[request.request_id]]
         first = request.num_output_tokens - num_new
+        if request.grammar is not None:
+            num_new = self._advance_grammar(request, first)
         for j in range(num_new):
             token = request.output_token_ids[first + j]
             if group.on_token(request, result, row, j, token, final=j == num_new - 1):  # a stop string ended it
@@ -495,6 +532,27 @@ class Engine:
                     sample = group.samples[request.request_id]
                     self.scheduler.finish_request(request.request_id, "stop", sample.stop_reason)
                 return
+
+    def _advance_grammar(self, request: Request, first: int) -> int:
+        """The grammar consumes the request's output tokens from ``first`` on; returns how many of them stay.
+
+        Once nothing but EOS may follow, the request stops there (vLLM's rule), so a verified run that goes on
+        past that point (an EOS bonus token) is cut, as plain decoding would have ended. A rejected token
+        (possible only when every allowed token was banned, e.g. min_tokens banning the EOS the grammar
+        requires) also stops it, reporting the grammar's error as stop_reason."""
+        tokens = request.output_token_ids[first:]
+        finished = request.is_finished  # e.g. by the EOS that ends a verified run
+        for j, token in enumerate(tokens):
+            if finished and j == len(tokens) - 1:
+                break  # its last token is what finished it: nothing to check
+            if not request.grammar.accept([token]):
+                self.scheduler.finish_request(request.request_id, "stop", f"grammar: {request.grammar.error}")
+                return len(tokens)
+            if request.grammar.is_terminated:
+                request.truncate_output(first + j + 1)
+                self.scheduler.finish_request(request.request_id, "stop")
+                return j + 1
+        return len(tokens)
 
     def _delta(self, group: RequestGroup, seq_ids: list[str]) -> RequestOutput:
         return group.delta({s: self._sequences[s] for s in group.samples}, seq_ids)

@@ -31,6 +31,8 @@ from jserve.parallel.sharding import param_shardings
 from jserve.quant.config import kv_storage_dtype
 from jserve.quant.kv import is_quantized_kv
 from jserve.spec.config import DRAFT, EARLY_EXIT, SpeculativeConfig
+from jserve.structured.compiler import GrammarCompiler
+from jserve.structured.matcher import bitmask_words
 
 CPU_KV_BUDGET_BYTES = 1 << 30  # CPU devices report no memory stats: give the KV cache 1 GiB
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
@@ -60,6 +62,7 @@ def build_engine(args: EngineArgs, devices: list[jax.Device] | None = None) -> E
         )
     mesh = make_mesh(parallel, devices)
     tokenizer = _load_tokenizer(path)
+    grammar = _grammar_compiler(args, model_config, tokenizer)
     engines = [
         _build_replica(
             args,
@@ -67,6 +70,7 @@ def build_engine(args: EngineArgs, devices: list[jax.Device] | None = None) -> E
             model_config,
             tokenizer,
             [stage_mesh(mesh, r, s) for s in range(parallel.pipeline_parallel_size)],
+            grammar,
         )
         for r in range(parallel.data_parallel_size)
     ]
@@ -111,7 +115,17 @@ def compile_programs(runners: list[ModelRunner], *, progress: bool = True) -> No
         runner.warm_up()
 
 
-def _build_replica(args: EngineArgs, path: Path, model_config: ModelConfig, tokenizer, meshes: list) -> Engine:
+def _grammar_compiler(args: EngineArgs, cfg: ModelConfig, tokenizer) -> GrammarCompiler | None:
+    """Structured outputs' compiler, one for every replica (grammars are compiled over the tokenizer)."""
+    if tokenizer is None:
+        return None
+    eos = list(tokenizer.eos_token_ids) or list(cfg.eos_token_ids)
+    return GrammarCompiler(tokenizer, cfg.vocab_size, eos, timeout=args.structured_output_timeout)
+
+
+def _build_replica(
+    args: EngineArgs, path: Path, model_config: ModelConfig, tokenizer, meshes: list, grammar: GrammarCompiler | None
+) -> Engine:
     dtype = resolve_dtype(args.dtype, model_config, meshes[0].devices.flat[0].platform)
     cache_config = CacheConfig(
         page_size=args.page_size,
@@ -169,6 +183,7 @@ def _build_replica(args: EngineArgs, path: Path, model_config: ModelConfig, toke
         banned_len=limits.max_stop_token_ids + len(eos),
         spec_rows=spec.max_batch_size if spec is not None else 0,
         num_spec_tokens=spec.num_tokens if spec is not None else 0,
+        bitmask_words=bitmask_words(model_config.vocab_size) if grammar is not None else 0,
     )
     draft = _load_draft(spec, model_config, dtype, meshes) if spec is not None else None
     backend = select_backend(
@@ -207,6 +222,7 @@ def _build_replica(args: EngineArgs, path: Path, model_config: ModelConfig, toke
         seed=args.seed,
         async_scheduling=args.async_scheduling,
         speculative=spec,
+        grammar=grammar,
     )
 
 

@@ -151,6 +151,10 @@ def _every_branch(plan: StepPlan, backend: AttentionBackend) -> StepPlan:
     sampling = dataclasses.replace(
         t, **{name: np.where(np.arange(len(t.temperature)) == 0, value, getattr(t, name)) for name, value in on.items()}
     )
+    if t.token_bitmask.shape[1]:  # row 0 constrained: token 31 disallowed
+        mask = t.token_bitmask.copy()
+        mask[0, 0] = 0x7FFFFFFF
+        sampling = dataclasses.replace(sampling, token_bitmask=mask)
     targets = plan.inputs.prompt_targets.copy()
     targets[0] = 0
     inputs = dataclasses.replace(
@@ -159,7 +163,7 @@ def _every_branch(plan: StepPlan, backend: AttentionBackend) -> StepPlan:
         prompt_targets=targets,
         attention=backend.alternative(backend.plan(plan.inputs.attention)),
     )
-    return dataclasses.replace(plan, inputs=inputs, uses_penalties=True)
+    return dataclasses.replace(plan, inputs=inputs, uses_penalties=True, uses_grammar=True)
 
 
 def _every_verification_branch(plan: StepPlan, backend: AttentionBackend) -> StepPlan:
@@ -302,6 +306,15 @@ class ModelRunner:
                 np.full((shapes.spec_rows, shapes.history_len), -1, np.int32),
                 np.zeros((shapes.spec_rows, shapes.history_len), bool),
             ),
+            self.replicated[0],
+        )
+        # Resident all-ones grammar bitmasks, swapped in for steps without structured outputs.
+        self._open_bitmask = [
+            jax.device_put(np.full((shapes.max_num_seqs, shapes.bitmask_words), -1, np.int32), rep)
+            for rep in self.replicated
+        ]
+        self._open_bitmask_spec = jax.device_put(
+            np.full((shapes.spec_rows * (shapes.num_spec_tokens + 1), shapes.bitmask_words), -1, np.int32),
             self.replicated[0],
         )
         # NOTE: in one process the step's numpy inputs go straight into the compiled call, which places them
@@ -658,12 +671,18 @@ class ModelRunner:
         return self.propose_program
 
     def _with_history(self, plan: StepPlan, s: int) -> StepInput:
-        """Steps without penalties read the resident all-padding history instead of copying theirs."""
+        """Steps without penalties read the resident all-padding history instead of copying theirs, and steps
+        without structured outputs the resident all-ones bitmask."""
         inputs = plan.inputs
-        if plan.uses_penalties:
+        if plan.uses_penalties and plan.uses_grammar:
             return inputs
-        history, is_output = self._empty_history_spec if plan.is_verification else self._empty_history[s]
-        sampling = dataclasses.replace(inputs.sampling, token_history=history, history_is_output=is_output)
+        sampling = inputs.sampling
+        if not plan.uses_penalties:
+            history, is_output = self._empty_history_spec if plan.is_verification else self._empty_history[s]
+            sampling = dataclasses.replace(sampling, token_history=history, history_is_output=is_output)
+        if not plan.uses_grammar:
+            mask = self._open_bitmask_spec if plan.is_verification else self._open_bitmask[s]
+            sampling = dataclasses.replace(sampling, token_bitmask=mask)
         return dataclasses.replace(inputs, sampling=sampling)
 
     def _draft(self, stage: _Stage, plan: StepPlan, inputs: StepInput) -> StepInput:

@@ -8,7 +8,7 @@ argument is ``max_logprobs``, the width of the top-logprob outputs (an engine se
 
 Pipeline for each row (all in float32)::
 
-    raw logits --banned ids--> -inf
+    raw logits --banned ids--> -inf  --grammar bitmask (structured outputs)--> -inf where not allowed
                --penalties--> repetition (prompt+output tokens), then frequency/presence (output tokens only)
                = "processed" logits; temperature-0 rows take their argmax here
                --/ temperature--> top-k -> renormalise -> top-p -> min-p (masked entries are -inf)
@@ -70,6 +70,9 @@ class SamplingTensors:
     token_history: jax.Array  # [B, H] i32: prompt+output ids for penalties, -1 = padding (H fixed per engine)
     history_is_output: jax.Array  # [B, H] bool: which history entries are output tokens
     banned_token_ids: jax.Array  # [B, Nb] i32: ids forced to -inf (min_tokens: EOS/stop ids), -1 = padding
+    # [B, W] i32, W = ceil(V / 32): bit t % 32 of word t // 32 allows token t (structured outputs); all ones (-1)
+    # = unconstrained. Verification steps hold one row per verified position ([B * (k + 1), W]). W = 0: off.
+    token_bitmask: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +126,23 @@ def _apply_banned(logits: jax.Array, banned: jax.Array) -> jax.Array:
     return logits.at[rows, cols].set(_NEG_INF, mode="drop")
 
 
+def _apply_bitmask(logits: jax.Array, bitmask: jax.Array) -> jax.Array:
+    """Tokens whose bit is clear become -inf (the grammar's mask); ids past the mask's 32 * W are kept."""
+    batch, vocab = logits.shape
+    bits = (bitmask[:, :, None] >> jnp.arange(32, dtype=jnp.int32)[None, None, :]) & 1
+    allowed = bits.reshape(batch, -1)[:, :vocab].astype(bool)
+    if allowed.shape[1] < vocab:
+        allowed = jnp.pad(allowed, ((0, 0), (0, vocab - allowed.shape[1])), constant_values=True)
+    return jnp.where(allowed, logits, _NEG_INF)
+
+
+def _maybe_apply_bitmask(logits: jax.Array, bitmask: jax.Array) -> jax.Array:
+    """Skipped on the device when no row is constrained (every word -1)."""
+    if bitmask.shape[1] == 0:
+        return logits
+    return jax.lax.cond(jnp.any(bitmask != -1), _apply_bitmask, lambda x, m: x, logits, bitmask)
+
+
 def _apply_penalties(logits: jax.Array, t: SamplingTensors) -> jax.Array:
     hist = t.token_history
     if hist.shape[1] == 0:
@@ -144,11 +164,13 @@ def _apply_penalties(logits: jax.Array, t: SamplingTensors) -> jax.Array:
 
 
 def process_logits(logits: jax.Array, tensors: SamplingTensors) -> jax.Array:
-    """Float32 logits after banned ids (-> -inf) and the penalties (skipped on the device when no row has one).
+    """Float32 logits after banned ids and the grammar's bitmask (-> -inf), then the penalties (each skipped on
+    the device when no row has one).
 
     This is what greedy rows take the argmax of, and what temperature then scales for sampled rows.
     """
     x = _apply_banned(logits.astype(jnp.float32), tensors.banned_token_ids)
+    x = _maybe_apply_bitmask(x, tensors.token_bitmask)
     return jax.lax.cond(switches(tensors).use_penalties, _apply_penalties, lambda x, t: x, x, tensors)
 
 
@@ -277,6 +299,8 @@ def make_sampling_tensors(
     history_len: int | None = None,
     banned_len: int | None = None,
     pad_to: int | None = None,
+    bitmask_words: int = 0,
+    positions_per_row: int = 1,
 ) -> SamplingTensors:
     """Host-side (numpy) batch of sampling settings.
 
@@ -284,6 +308,8 @@ def make_sampling_tensors(
     of ``token_history`` / ``banned_token_ids`` (the engine fixes both, so shapes never vary); they default to
     the longest row and raise ``ValueError`` when too small. Only penalised rows' histories are filled (the
     others stay -1), and with no penalised row the history has width ``history_len or 0``, all -1.
+    ``token_bitmask`` is all ones, ``positions_per_row`` rows per row (verification steps); the engine fills
+    constrained rows afterwards.
     """
     n = len(rows)
     b = n if pad_to is None else int(pad_to)
@@ -317,6 +343,7 @@ def make_sampling_tensors(
         token_history=token_history,
         history_is_output=history_is_output,
         banned_token_ids=_banned(rows, b, banned_len),
+        token_bitmask=np.full((b * positions_per_row, bitmask_words), -1, np.int32),
     )
 
 

@@ -35,6 +35,7 @@ class StepShapes:
     # have their own programs for the token buckets up to spec_rows * (num_spec_tokens + 1)
     spec_rows: int = 0
     num_spec_tokens: int = 0
+    bitmask_words: int = 0  # structured outputs: ceil(vocab / 32) words per grammar bitmask row (0: no tokenizer)
 
     @property
     def spec_token_buckets(self) -> tuple[int, ...]:
@@ -56,6 +57,7 @@ class StepShapes:
         min_tokens: int = 8,
         spec_rows: int = 0,
         num_spec_tokens: int = 0,
+        bitmask_words: int = 0,
     ) -> StepShapes:
         return cls(
             token_buckets=_powers_of_two(min(min_tokens, max_num_batched_tokens), max_num_batched_tokens),
@@ -66,4 +68,5 @@ class StepShapes:
             banned_len=banned_len,
             spec_rows=min(spec_rows, max_num_seqs),
             num_spec_tokens=num_spec_tokens,
+            bitmask_words=bitmask_words,
         )

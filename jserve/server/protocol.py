@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from jserve.outputs import CompletionOutput, RequestOutput
-from jserve.sampling_params import SamplingParams
+from jserve.sampling_params import SamplingParams, StructuredOutputsParams
 from jserve.server.gen import jserve_pb2 as pb
 
 _OPTIONAL_INTS = ("n", "max_tokens", "min_tokens", "top_k", "seed", "logprobs", "prompt_logprobs")
@@ -36,7 +36,19 @@ def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
             raise ValueError(f"stop_token_ids must be non-negative, got {bad[0]}")
         kwargs["stop_token_ids"] = list(msg.stop_token_ids)
     kwargs["ignore_eos"] = msg.ignore_eos
+    if msg.HasField("structured_outputs"):
+        kwargs["structured_outputs"] = structured_from_proto(msg.structured_outputs)
     return SamplingParams(**kwargs)
+
+
+def structured_from_proto(msg: pb.StructuredOutputs) -> StructuredOutputsParams:
+    """The one kind the client set (ValueError naming structured_outputs when none is)."""
+    kind = msg.WhichOneof("kind")
+    if kind is None:
+        raise ValueError("structured_outputs: set one of json, json_object, regex, choice, grammar")
+    if kind == "choice":
+        return StructuredOutputsParams(choice=list(msg.choice.choices))
+    return StructuredOutputsParams(**{kind: getattr(msg, kind)})
 
 
 def _float32(value: float) -> float:

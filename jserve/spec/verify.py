@@ -77,7 +77,9 @@ def expand_rows(
     holds the row's history plus drafts d_1..d_j as output tokens."""
     s, k = drafts.shape
     j = k + 1
-    rep = jax.tree.map(lambda a: jnp.repeat(a, j, axis=0), t)
+    # the grammar bitmask already has one row per position (the host computes each after the drafts before it)
+    rep = jax.tree.map(lambda a: jnp.repeat(a, j, axis=0), dataclasses.replace(t, token_bitmask=t.token_bitmask[:0]))
+    rep = dataclasses.replace(rep, token_bitmask=t.token_bitmask)
     position = jnp.tile(jnp.arange(j, dtype=jnp.int32), s)
     rep = dataclasses.replace(rep, steps=rep.steps + position)
     width = t.token_history.shape[1]

@@ -10,7 +10,7 @@ import random
 
 import pytest
 
-from jserve import BUNDLED_MODEL, LLM, SamplingParams
+from jserve import BUNDLED_MODEL, LLM, SamplingParams, StructuredOutputsParams
 from tests.lowerings import count_lowerings
 
 DEFAULT_PROGRAMS = 9  # token buckets 8, 16, ..., 2048 (max_num_batched_tokens), one pipeline stage
@@ -56,7 +56,16 @@ def _random_params(rng: random.Random, max_logprobs: int) -> SamplingParams:
     if rng.random() < 0.2:
         options["min_tokens"] = min(options["max_tokens"], rng.randint(1, 4))
         options["stop_token_ids"] = [rng.randint(0, 4000)]
+    if rng.random() < 0.25:  # structured outputs: the grammar's bitmask is a runtime array, never a program
+        options["structured_outputs"] = rng.choice(_STRUCTURED)
     return SamplingParams(**options)
+
+
+_STRUCTURED = [
+    StructuredOutputsParams(regex=r"[a-z]{2,6}(_[a-z0-9]{1,4})?"),
+    StructuredOutputsParams(choice=["alpha", "beta", "gamma"]),
+    StructuredOutputsParams(json={"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}),
+]
 
 
 def _random_prompt(rng: random.Random, vocab: int, max_len: int) -> list[int]:

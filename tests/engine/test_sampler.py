@@ -52,6 +52,7 @@ def tensors(b: int, *, hist: int = 0, banned: int = 0, **overrides) -> SamplingT
         token_history=np.full((b, hist), -1, np.int32),
         history_is_output=np.zeros((b, hist), bool),
         banned_token_ids=np.full((b, banned), -1, np.int32),
+        token_bitmask=np.full((b, 0), -1, np.int32),
     )
     for name, value in overrides.items():
         ref = fields[name]

@@ -32,12 +32,19 @@ METHODS = {"ngram": "ngram", "early_exit": "early_exit", "draft": str(BUNDLED_DR
 pytestmark = pytest.mark.xdist_group("speculative")  # one worker builds the four engines once (--dist loadgroup)
 
 
+_ENGINES: dict[str, tuple] = {}
+
+
+def plain_engine() -> LLM:
+    """The plain engine, shared with tests/structured (same xdist group, so the same worker process)."""
+    if "plain" not in _ENGINES:
+        _ENGINES["plain"] = LLM(BUNDLED_MODEL, **SETTINGS)
+    return _ENGINES["plain"]
+
+
 @pytest.fixture(scope="module")
 def plain():
-    return LLM(BUNDLED_MODEL, **SETTINGS)
-
-
-_ENGINES: dict[str, tuple] = {}
+    return plain_engine()
 
 
 def _speculative_engine(method: str) -> tuple[str, LLM, list]:

@@ -1,0 +1,70 @@
+"""One constrained sequence's grammar state, and the bitmask rows the sampler reads.
+
+A bitmask row holds ceil(V / 32) int32 words; bit ``t % 32`` of word ``t // 32`` set means token t is allowed.
+Unconstrained rows are all ones (-1), which the sampler recognises and skips.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import llguidance
+import numpy as np
+
+
+class GrammarState:
+    """The llguidance matcher of one sequence: it has consumed exactly the sequence's output tokens so far.
+
+    Preemption keeps it as it is (the outputs survive recompute); speculative drafts are consumed only while
+    their masks are computed and rolled back at once, so verification's outcome is the only thing applied.
+    """
+
+    def __init__(self, matcher: llguidance.LLMatcher):
+        self._matcher = matcher
+
+    def fill(self, bitmask: np.ndarray, row: int) -> None:
+        """The allowed next tokens into ``bitmask[row]`` (a C-contiguous int32 row)."""
+        target = bitmask[row]
+        self._matcher.unsafe_compute_mask_ptr(target.ctypes.data, target.nbytes)
+
+    def fill_with_drafts(self, bitmask: np.ndarray, first_row: int, drafts: Sequence[int]) -> None:
+        """Rows first_row + j, j = 0..len(drafts): the mask after the first j drafts (verification positions).
+        The matcher ends where it started."""
+        consumed = 0
+        for j in range(len(drafts) + 1):
+            self.fill(bitmask, first_row + j)
+            if j == len(drafts) or not self._matcher.consume_token(int(drafts[j])):
+                break
+            consumed += 1
+        if consumed:
+            self._matcher.rollback(consumed)
+
+    def valid_prefix(self, tokens: Sequence[int]) -> int:
+        """How many leading ``tokens`` the grammar accepts from here (drafts past them are dropped)."""
+        return int(self._matcher.validate_tokens([int(t) for t in tokens])) if len(tokens) else 0
+
+    def accept(self, tokens: Sequence[int]) -> bool:
+        """Consumes sampled tokens; False if the grammar rejects one (then the state is in error)."""
+        return all(self._matcher.consume_token(int(t)) for t in tokens)
+
+    @property
+    def is_terminated(self) -> bool:
+        """No token but EOS can follow: the output is complete."""
+        return self._matcher.is_stopped()
+
+    @property
+    def error(self) -> str:
+        return self._matcher.get_error()
+
+
+def bitmask_words(vocab_size: int) -> int:
+    return (vocab_size + 31) // 32
+
+
+def fill_bitmask_rows(rows: Sequence[tuple[GrammarState, int, Sequence[int]]], bitmask: np.ndarray) -> None:
+    """Fills each constrained row's masks: (state, first row, drafts) -> rows first row .. first row + drafts."""
+    for state, row, drafts in rows:
+        if drafts:
+            state.fill_with_drafts(bitmask, row, drafts)
+        else:
+            state.fill(bitmask, row)

@@ -1,0 +1,74 @@
+"""Grammar bitmasks on the host (llguidance matcher states) and on the device (the sampler applies them)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from jserve import BUNDLED_MODEL, StructuredOutputsParams
+from jserve.engine.sampler import sample
+from jserve.structured import GrammarCompiler
+from jserve.structured.matcher import bitmask_words
+from jserve.tokenizer import Tokenizer
+from tests.engine.test_sampler import tensors
+
+VOCAB = 4096
+
+
+@pytest.fixture(scope="module")
+def compiler():
+    tok = Tokenizer.from_pretrained(BUNDLED_MODEL)
+    c = GrammarCompiler(tok, VOCAB, tok.eos_token_ids)
+    yield tok, c
+    c.shutdown()
+
+
+def _allowed(mask_row: np.ndarray) -> set[int]:
+    bits = np.unpackbits(mask_row.view(np.uint8), bitorder="little")[:VOCAB]
+    return set(np.flatnonzero(bits).tolist())
+
+
+def test_masks_follow_the_grammar_and_drafts_roll_back(compiler):
+    tok, c = compiler
+    state = c.compile(StructuredOutputsParams(regex=r"(foo|bar)=[0-9]{1,2};")).new_state()
+    text_ids = tok.encode("foo=42;", add_special_tokens=False)
+    mask = np.full((len(text_ids) + 1, bitmask_words(VOCAB)), -1, np.int32)
+    state.fill_with_drafts(mask, 0, text_ids)
+    sequential = c.compile(StructuredOutputsParams(regex=r"(foo|bar)=[0-9]{1,2};")).new_state()
+    for j, token in enumerate(text_ids):
+        row = np.full((1, bitmask_words(VOCAB)), -1, np.int32)
+        sequential.fill(row, 0)
+        assert _allowed(mask[j]) == _allowed(row[0]) and token in _allowed(mask[j])
+        assert sequential.accept([token])
+    assert _allowed(mask[-1]) <= set(tok.eos_token_ids)  # the regex is complete: only EOS may follow
+    # the state is where it started: the drafts were consumed for the masks and rolled back
+    assert state.valid_prefix(text_ids) == len(text_ids)
+    assert state.valid_prefix(tok.encode("baz", add_special_tokens=False)) == 0
+    assert sequential.is_terminated  # nothing can follow the ";"
+
+
+def test_sampler_applies_the_bitmask_and_skips_open_rows():
+    b, vocab = 4, 70
+    logits = jax.random.normal(jax.random.key(0), (b, vocab)) * 3
+    allowed = [{5, 64}, {0}, set(range(vocab)), {69}]
+    mask = np.zeros((b, bitmask_words(vocab)), np.int32)
+    for r, ids in enumerate(allowed):
+        for t in ids:
+            mask[r, t // 32] |= np.int32(np.uint32(1 << (t % 32)).astype(np.int32))
+    mask[2] = -1  # unconstrained
+    base = tensors(b)
+    for temperature in (0.0, 1.0):
+        t = dataclasses.replace(base, temperature=np.full(b, temperature, np.float32), token_bitmask=mask)
+        for seed in range(8):
+            t = dataclasses.replace(t, seeds=np.arange(b, dtype=np.uint32) + seed)
+            out = np.asarray(sample(logits, t).token_ids)
+            assert all(int(out[r]) in allowed[r] for r in range(b))
+        if temperature == 0.0:
+            masked = np.where([[i in allowed[0] for i in range(vocab)]], np.asarray(logits[:1]), -np.inf)
+            assert int(out[0]) == int(np.argmax(masked)) and int(out[2]) == int(np.argmax(np.asarray(logits[2])))
+    # an all-open mask changes nothing
+    t = dataclasses.replace(base, temperature=np.zeros(b, np.float32), token_bitmask=np.full_like(mask, -1))
+    assert np.array_equal(np.asarray(sample(logits, t).token_ids), np.argmax(np.asarray(logits), axis=-1))
