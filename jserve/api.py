@@ -18,7 +18,7 @@ from jserve.sampling_params import SamplingParams
 
 
 class LLM:
-    """An offline engine over one model. Arguments follow vLLM's ``LLM`` (see API.md)."""
+    """An offline engine over one model. Arguments follow vLLM's ``LLM`` (docs/api.md)."""
 
     def __init__(self, model: str | os.PathLike | None = None, **engine_args):
         """Keyword arguments are the fields of ``EngineArgs`` (jserve/engine_args.py; the same settings as
@@ -138,8 +138,10 @@ class LLM:
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
         use_tqdm: bool = True,
         chat_template: str | None = None,
+        tools: list[dict] | None = None,
     ) -> list[RequestOutput]:
-        """Applies the checkpoint's chat template, then generates (one conversation or a list of them)."""
+        """Applies the checkpoint's chat template, then generates (one conversation or a list of them).
+        ``tools``: OpenAI function definitions the template shows the model (vLLM's ``LLM.chat(tools=...)``)."""
         if self.tokenizer is None:
             raise ValueError("messages: this model has no tokenizer")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
@@ -147,14 +149,14 @@ class LLM:
             raise ValueError("messages must not be empty")
         token_ids = [
             self.tokenizer.apply_chat_template(
-                c, add_generation_prompt=True, tokenize=True, chat_template=chat_template
+                c, add_generation_prompt=True, tokenize=True, chat_template=chat_template, tools=tools
             )
             for c in conversations
         ]
         return self.generate(prompt_token_ids=token_ids, sampling_params=sampling_params, use_tqdm=use_tqdm)
 
     def stats(self) -> dict[str, float | int]:
-        """Engine state: page counts, queue lengths, preemptions, prefix-cache hit rate (see API.md)."""
+        """Engine state: page counts, queue lengths, preemptions, prefix-cache hit rate (docs/api.md)."""
         return self.engine.stats()
 
 

@@ -37,6 +37,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from jserve.engine_args import add_engine_flags, engine_args_from_flags
+from jserve.server.tool_calls import TOOL_PARSERS
 
 EXIT_DRAIN_CUT_SHORT = 3
 EXIT_GRACE_SECONDS = 5.0  # after --drain-timeout, for closing the listeners
@@ -73,6 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serving.add_argument(
         "--max-message-bytes", type=int, default=16 << 20, help="gRPC message and HTTP body size limit"
+    )
+    serving.add_argument(
+        "--tool-call-parser",
+        default=None,
+        choices=sorted(TOOL_PARSERS),
+        help="chat tool_choice 'auto': how to read tool calls in the model's output (hermes: <tool_call> tags; "
+        "llama3_json: a JSON object); without it 'auto' is refused",
     )
     serving.add_argument("--tls-cert", default=None, help="PEM certificate chain (with --tls-key: serve TLS)")
     serving.add_argument("--tls-key", default=None, help="PEM private key")
@@ -206,7 +214,7 @@ async def serve(engine, ns: argparse.Namespace, args) -> tuple[int, bool]:
 
     card = _model_card(engine, args, ns.served_model_name or Path(args.model).name)
     llm = AsyncLLM(engine, max_queue_size=ns.max_queue_size)
-    metrics = ServerMetrics(engine.stats)
+    metrics = ServerMetrics(engine.stats, model_name=card.name)
     core = ServingCore(llm, card, metrics, stall_timeout=ns.engine_stall_timeout)
     try:
         server, health, port = build_grpc_server(
@@ -230,6 +238,7 @@ async def serve(engine, ns: argparse.Namespace, args) -> tuple[int, bool]:
                 tls_cert=ns.tls_cert,
                 tls_key=ns.tls_key,
                 max_body_bytes=ns.max_message_bytes,
+                tool_call_parser=ns.tool_call_parser,
             )
         metrics_port = metrics.serve(ns.host, ns.metrics_port) if ns.metrics_port is not None else None
     except (OSError, RuntimeError, ValueError) as e:

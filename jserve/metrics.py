@@ -1,20 +1,35 @@
-"""Prometheus metrics for the server: request outcomes and latencies, plus engine state read at scrape time.
+"""Prometheus metrics for the server: request outcomes, token counts and latencies, plus engine state read at
+scrape time.
 
-Latency names follow vLLM's (time to first token, time per output token, end-to-end latency) so dashboards
-carry over. Engine gauges (running/waiting, KV pages, prefix-cache hit rate, preemptions) are not pushed by
-the engine thread: a collector reads ``Engine.stats()`` when Prometheus scrapes, so the hot path pays nothing.
+Names are vLLM's with our prefix (``vllm:X`` is ``jserve:X``) so dashboards carry over; what vLLM has no metric
+for keeps a ``jserve:`` name that says what it is. Every series carries ``model_name`` (the served model name).
+Engine gauges and counters (running/waiting, KV pages, preemptions, computed prompt tokens) are not pushed by the
+engine thread: a collector reads ``Engine.stats()`` when Prometheus scrapes, so the hot path pays nothing. The
+list, with meanings, is in docs/api.md ("Metrics").
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    start_http_server,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+PREFIX = "jserve:"
+MODEL_LABEL = "model_name"
+
 OUTCOMES = ("stop", "length", "abort", "cancelled", "deadline", "invalid", "queue_full", "unavailable", "error")
 """Request outcomes: finish reasons, then the ways a call can end before or without finishing."""
+FINISHED_REASONS = ("stop", "length", "abort")
+"""The outcomes of a request that ran to its end (vLLM's ``request_success`` reasons)."""
 
 _LATENCY_BUCKETS = (
     0.005,
@@ -63,99 +78,169 @@ _TPOT_BUCKETS = (
 class _EngineCollector(Collector):
     """Engine state as gauges/counters, read from ``stats()`` on every scrape."""
 
-    def __init__(self, stats: Callable[[], dict]):
+    def __init__(self, stats: Callable[[], dict], model_name: str):
         self._stats = stats
+        self._model = model_name
+
+    def _family(self, kind: type, name: str, doc: str, value: float, **labels: str):
+        family = kind(PREFIX + name, doc, labels=[MODEL_LABEL, *labels])
+        family.add_metric([self._model, *labels.values()], float(value))
+        return family
 
     def collect(self) -> Iterator:
         s = self._stats()
-        gauges = {
-            "jserve_num_requests_running": ("Sequences in the running batch.", s["num_running"]),
-            "jserve_num_requests_waiting": ("Sequences waiting to be scheduled.", s["num_waiting"]),
-            "jserve_kv_cache_pages_total": ("KV cache pages in the pool.", s["pages_total"]),
-            "jserve_kv_cache_pages_used": ("KV cache pages held by requests.", s["pages_total"] - s["pages_free"]),
-            "jserve_kv_cache_pages_cached": ("Unreferenced prefix-cache pages (evictable).", s["pages_cached"]),
-            "jserve_prefix_cache_hit_rate": (
-                "Prompt tokens served from the prefix cache / prompt tokens.",
+        total = s["pages_total"]
+        used = total - s["pages_free"]
+        gauges = [
+            (
+                "num_requests_running",
+                "Sequences in the running batch (a request with n samples counts n).",
+                s["num_running"],
+            ),
+            ("num_requests_waiting", "Sequences waiting to be scheduled.", s["num_waiting"]),
+            (
+                "kv_cache_usage_perc",
+                "Fraction of KV cache pages held by requests, 0-1 (unreferenced prefix-cache pages count as free).",
+                used / total if total else 0.0,
+            ),
+            ("kv_cache_pages_total", "KV cache pages in the pool.", total),
+            ("kv_cache_pages_used", "KV cache pages held by requests.", used),
+            (
+                "kv_cache_pages_cached",
+                "Unreferenced prefix-cache pages (evictable, counted as free).",
+                s["pages_cached"],
+            ),
+            (
+                "prefix_cache_hit_rate",
+                "Prompt tokens served from the prefix cache / prompt tokens looked up in it, since start.",
                 s["prefix_cache_hit_rate"],
             ),
-            "jserve_compiled_programs": ("Step programs compiled before ready.", s["num_programs"]),
-        }
-        counters = {
-            "jserve_num_preemptions": ("Sequences preempted for lack of KV pages.", s["num_preemptions"]),
-            "jserve_prompt_tokens_computed": (
-                "Prefill tokens run after prefix-cache hits.",
+            ("compiled_programs", "Step programs compiled before ready.", s["num_programs"]),
+        ]
+        counters = [
+            ("num_preemptions", "Sequences preempted for lack of KV pages.", s["num_preemptions"]),
+            (
+                "prompt_tokens_computed",
+                "Prefill tokens the engine ran: prompt_tokens_total - prompt_tokens_cached_total + "
+                "prompt_tokens_recomputed_total (up to requests in flight).",
                 s["prompt_tokens_computed"],
             ),
-            "jserve_programs_lowered_while_serving": (
+            (
+                "programs_lowered_while_serving",
                 "XLA programs lowered after the engine was ready (should stay 0: serving never compiles).",
                 s["programs_lowered_while_serving"],
             ),
-        }
+        ]
+        optional = [  # only once Engine.stats() reports them
+            (
+                "prompt_tokens_recomputed",
+                "Tokens prefilled again after a preemption (the prompt and what was generated before it); "
+                "prompt_tokens_computed_total = prompt_tokens_total - prompt_tokens_cached_total + this.",
+                "prompt_tokens_recomputed",
+            ),
+            ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", "prefix_cache_queries"),
+            ("prefix_cache_hits", "Prompt tokens found in the prefix cache.", "prefix_cache_hits"),
+        ]
+        counters += [(name, doc, s[key]) for name, doc, key in optional if key in s]
+        for name, doc, value in gauges:
+            yield self._family(GaugeMetricFamily, name, doc, value)
+        for name, doc, value in counters:
+            yield self._family(CounterMetricFamily, name, doc, value)
         if "spec_method" in s:  # vLLM's names, per method
+            method = s["spec_method"]
             for name, doc, key in (
-                ("jserve_spec_decode_num_draft_tokens", "Draft tokens verified.", "spec_num_draft_tokens"),
-                ("jserve_spec_decode_num_accepted_tokens", "Draft tokens accepted.", "spec_num_accepted_tokens"),
-                ("jserve_spec_decode_num_drafts", "Verifications that carried drafts.", "spec_num_drafting_rows"),
+                ("spec_decode_num_drafts", "Verifications that carried drafts.", "spec_num_drafting_rows"),
+                ("spec_decode_num_draft_tokens", "Draft tokens verified.", "spec_num_draft_tokens"),
+                ("spec_decode_num_accepted_tokens", "Draft tokens accepted.", "spec_num_accepted_tokens"),
             ):
-                family = CounterMetricFamily(name, doc, labels=["method"])
-                family.add_metric([s["spec_method"]], float(s[key]))
-                yield family
-            rate = GaugeMetricFamily(
-                "jserve_spec_decode_acceptance_rate", "Accepted / drafted tokens.", labels=["method"]
+                yield self._family(CounterMetricFamily, name, doc, s[key], method=method)
+            yield self._family(
+                GaugeMetricFamily,
+                "spec_decode_acceptance_rate",
+                "Accepted / verified draft tokens, since start.",
+                s["spec_acceptance_rate"],
+                method=method,
             )
-            rate.add_metric([s["spec_method"]], float(s["spec_acceptance_rate"]))
-            yield rate
-        for name, (doc, value) in gauges.items():
-            yield GaugeMetricFamily(name, doc, value=float(value))
-        for name, (doc, value) in counters.items():
-            yield CounterMetricFamily(name, doc, value=float(value))
 
 
 class ServerMetrics:
     """The server's metrics on their own registry (no process-global state, so tests can build several)."""
 
-    def __init__(self, engine_stats: Callable[[], dict] | None = None, registry: CollectorRegistry | None = None):
-        self.registry = registry or CollectorRegistry()
-        reg = self.registry
-        self.requests = Counter("jserve_requests", "Requests by outcome.", ["outcome"], registry=reg)
+    def __init__(
+        self,
+        engine_stats: Callable[[], dict] | None = None,
+        registry: CollectorRegistry | None = None,
+        *,
+        model_name: str = "",
+    ):
+        self.registry = reg = registry or CollectorRegistry()
+        self.model_name = model_name
+
+        def counter(name: str, doc: str, *labels: str) -> Counter:
+            return Counter(PREFIX + name, doc, [MODEL_LABEL, *labels], registry=reg)
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]):
+            return Histogram(PREFIX + name, doc, [MODEL_LABEL], buckets=buckets, registry=reg).labels(model_name)
+
+        self._requests = counter("requests", "Calls by outcome: finish reasons, then refusals and cut-offs.", "outcome")
         for outcome in OUTCOMES:
-            self.requests.labels(outcome)  # export zeros so rates exist before the first event
-        self.prompt_tokens = Counter(
-            "jserve_prompt_tokens", "Prompt tokens of admitted requests.", registry=self.registry
+            self._requests.labels(model_name, outcome)  # export zeros so rates exist before the first event
+        self._success = counter(
+            "request_success", "Requests that ran to their end, by finish reason.", "finished_reason"
         )
-        self.generation_tokens = Counter("jserve_generation_tokens", "Generated tokens.", registry=reg)
-        self.ttft = Histogram(
-            "jserve_time_to_first_token_seconds",
-            "Time to first token.",
-            buckets=_LATENCY_BUCKETS,
-            registry=self.registry,
+        for reason in FINISHED_REASONS:
+            self._success.labels(model_name, reason)
+        self.prompt_tokens = counter(
+            "prompt_tokens",
+            "Prompt tokens of requests whose prefill finished (cache hits included); "
+            "prompt_tokens_computed_total = this - prompt_tokens_cached_total + prompt_tokens_recomputed_total.",
+        ).labels(model_name)
+        self.prompt_tokens_cached = counter(
+            "prompt_tokens_cached", "Prompt tokens of those requests served from the prefix cache, not computed."
+        ).labels(model_name)
+        self.generation_tokens = counter("generation_tokens", "Generated tokens.").labels(model_name)
+        self.ttft = histogram("time_to_first_token_seconds", "Time to first token.", _LATENCY_BUCKETS)
+        self.itl = histogram(
+            "inter_token_latency_seconds", "Time between two outputs of a request that carried tokens.", _TPOT_BUCKETS
         )
-        self.tpot = Histogram(
-            "jserve_time_per_output_token_seconds",
-            "Time per output token after the first.",
-            buckets=_TPOT_BUCKETS,
-            registry=reg,
+        self.tpot = histogram(
+            "request_time_per_output_token_seconds",
+            "Per request: (end-to-end latency - time to first token) / (output tokens - 1).",
+            _TPOT_BUCKETS,
         )
-        self.e2e = Histogram(
-            "jserve_e2e_request_latency_seconds",
-            "End-to-end request latency.",
-            buckets=_LATENCY_BUCKETS,
-            registry=self.registry,
+        self.e2e = histogram("e2e_request_latency_seconds", "End-to-end request latency.", _LATENCY_BUCKETS)
+        self.queue = histogram(
+            "request_queue_time_seconds", "Time from arrival to first being scheduled.", _LATENCY_BUCKETS
         )
         if engine_stats is not None:
-            self.registry.register(_EngineCollector(engine_stats))
+            self.registry.register(_EngineCollector(engine_stats, model_name))
 
     def record_outcome(self, outcome: str) -> None:
-        self.requests.labels(outcome).inc()
+        self._requests.labels(self.model_name, outcome).inc()
+        if outcome in FINISHED_REASONS:
+            self._success.labels(self.model_name, outcome).inc()
 
-    def record_request(self, *, ttft: float | None, e2e: float, num_output_tokens: int) -> None:
+    def record_prefill(self, *, num_prompt_tokens: int, num_cached_tokens: int) -> None:
+        """A request's prefill finished (its first token came)."""
+        self.prompt_tokens.inc(num_prompt_tokens)
+        self.prompt_tokens_cached.inc(num_cached_tokens)
+
+    def record_request(
+        self, *, ttft: float | None, e2e: float, num_output_tokens: int, queue_time: float | None = None
+    ) -> None:
         """Latencies of one request that produced output (finished or not)."""
         if ttft is not None:
             self.ttft.observe(ttft)
             if num_output_tokens > 1:
                 self.tpot.observe((e2e - ttft) / (num_output_tokens - 1))
+        if queue_time is not None:
+            self.queue.observe(max(queue_time, 0.0))
         self.e2e.observe(e2e)
         self.generation_tokens.inc(num_output_tokens)
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition text and its content type, for a /metrics endpoint."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
     def serve(self, host: str, port: int) -> int:
         """Starts the /metrics HTTP endpoint on a daemon thread; returns the bound port (port 0 picks one)."""

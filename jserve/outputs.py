@@ -1,4 +1,4 @@
-"""Result types returned to users: RequestOutput and CompletionOutput (vLLM's names and fields, see API.md)."""
+"""Result types returned to users: RequestOutput and CompletionOutput (vLLM's names and fields, docs/api.md)."""
 
 from __future__ import annotations
 

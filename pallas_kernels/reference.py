@@ -1,4 +1,4 @@
-"""Plain-jnp ground truth for every kernel in this package (API.md "Kernels").
+"""Plain-jnp ground truth for every kernel in this package (docs/kernels.md).
 
 These functions define the semantics the Pallas kernels must match. They favour clarity over speed but avoid
 materialising repeated K/V for GQA: queries are grouped as [.., K, G, H] against K/V of [.., K, H].

@@ -1,4 +1,4 @@
-"""The public API (API.md): the bundled default model, validation errors naming the field, chat, stats."""
+"""The public API (docs/api.md): the bundled default model, validation errors naming the field, chat, stats."""
 
 from __future__ import annotations
 

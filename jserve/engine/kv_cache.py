@@ -87,7 +87,7 @@ class KVCacheManager:
 
     @property
     def num_cached_pages(self) -> int:
-        """Unreferenced prefix-cache pages (a subset of num_free_pages), as API.md's ``pages_cached``."""
+        """Unreferenced prefix-cache pages (a subset of num_free_pages), as docs/api.md's ``pages_cached``."""
         return len(self._evictable)
 
     @property

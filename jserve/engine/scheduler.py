@@ -107,6 +107,7 @@ class Scheduler:
         self._finished_ids: list[str] = []
         self.num_preemptions = 0
         self.prompt_tokens_computed = 0
+        self.prompt_tokens_recomputed = 0  # of which after a preemption
         self.speculating = False  # the engine speculates this step (set before schedule(); see _awaits_verification)
 
     # ---- queries ---------------------------------------------------------------------------------
@@ -343,6 +344,8 @@ class Scheduler:
         is_decode = request.num_sampled > 0 and start == request.num_tokens - 1
         if not is_decode:
             self.prompt_tokens_computed += num_new
+            if request.num_preemptions:  # computed before, freed by preemption, computed again
+                self.prompt_tokens_recomputed += num_new
         token_ids = request.all_token_ids[start:end]
         if num_drafts:
             token_ids = token_ids + request.draft_token_ids[:num_drafts]

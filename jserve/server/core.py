@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from jserve.engine.async_llm import AsyncLLM, EngineDeadError, QueueFullError
 from jserve.limits import RequestLimits, RequestTooLargeError, check_prompt_chars, check_token_count
 from jserve.metrics import ServerMetrics
-from jserve.outputs import RequestOutput
+from jserve.outputs import RequestMetrics, RequestOutput
 from jserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ class ServingCore:
         self.llm = llm
         self.card = card
         self.stall_timeout = stall_timeout
-        self.metrics = metrics or ServerMetrics()
+        self.metrics = metrics or ServerMetrics(model_name=card.name)
         self.draining = False
         self._in_flight = 0
         self._idle = asyncio.Event()
@@ -187,15 +187,24 @@ class ServingCore:
         self.validate(token_ids, params)  # NOTE: front ends count "invalid" outcomes, wherever they arise
         self._in_flight += 1
         self._idle.clear()
-        outcome, first_token, num_out, reasons = "cancelled", None, 0, set()
+        outcome, first_token, last_token, num_out, reasons = "cancelled", None, None, 0, set()
+        request_metrics = None
         try:
             # NOTE: aclosing the inner generator too, or an early exit would leave the abort to the GC.
             stream = self.llm.generate(token_ids, params, request_id=request_id, prompt=prompt)
             async with contextlib.aclosing(stream):
                 async for out in stream:
+                    request_metrics = out.metrics or request_metrics
                     new = sum(len(c.token_ids) for c in out.outputs)
-                    if new and first_token is None:
-                        first_token = time.perf_counter()
+                    if new:
+                        now = time.perf_counter()
+                        if first_token is None:
+                            first_token = now
+                            cached = request_metrics.num_cached_tokens if request_metrics is not None else 0
+                            self.metrics.record_prefill(num_prompt_tokens=len(token_ids), num_cached_tokens=cached)
+                        else:
+                            self.metrics.itl.observe(now - last_token)
+                        last_token = now
                     num_out += new
                     reasons.update(c.finish_reason for c in out.outputs if c.finish_reason)
                     if out.finished:
@@ -225,9 +234,20 @@ class ServingCore:
             if outcome != "invalid":
                 self.metrics.record_outcome(outcome)
             if outcome not in ("queue_full", "invalid"):
-                self.metrics.prompt_tokens.inc(len(token_ids))
                 ttft = None if first_token is None else first_token - arrival
-                self.metrics.record_request(ttft=ttft, e2e=time.perf_counter() - arrival, num_output_tokens=num_out)
+                self.metrics.record_request(
+                    ttft=ttft,
+                    e2e=time.perf_counter() - arrival,
+                    num_output_tokens=num_out,
+                    queue_time=_queue_time(request_metrics),
+                )
+
+
+def _queue_time(m: RequestMetrics | None) -> float | None:
+    """Arrival to first scheduled, both on the engine's clock."""
+    if m is None or m.first_scheduled_time is None:
+        return None
+    return m.first_scheduled_time - m.arrival_time
 
 
 def _finish_outcome(reasons: set[str]) -> str:

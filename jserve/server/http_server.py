@@ -1,4 +1,5 @@
-"""OpenAI-compatible HTTP front end (FastAPI on uvicorn): /v1/completions, /v1/chat/completions, /v1/models.
+"""OpenAI-compatible HTTP front end (FastAPI on uvicorn): /v1/completions, /v1/chat/completions, /v1/models,
+/health and /metrics (the Prometheus registry, as on ``--metrics-port``). The user-facing reference is docs/api.md.
 
 It runs on the same asyncio loop as the gRPC server and goes through the same ServingCore, so admission,
 draining, metrics and abort-on-disconnect behave alike (a client that drops an SSE stream cancels the
@@ -10,11 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
+import re
 import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Sequence
+from dataclasses import dataclass
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -24,7 +28,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from jserve.limits import check_prompt_chars
 from jserve.outputs import CompletionOutput, RequestOutput
-from jserve.sampling_params import SamplingParams
+from jserve.sampling_params import SamplingParams, StructuredOutputsParams
 from jserve.server.auth import key_from_headers, key_matches
 from jserve.server.body_limit import BodySizeLimit
 from jserve.server.core import EngineDeadError, QueueFullError, ServingCore, Unavailable
@@ -33,6 +37,16 @@ from jserve.server.openai_protocol import (
     CompletionRequest,
     error_body,
     finish_reason,
+    logprob,
+)
+from jserve.server.tool_calls import (
+    ToolChoice,
+    ToolStream,
+    assistant_message,
+    chat_finish_reason,
+    extract_tool_calls,
+    get_tool_parser,
+    new_tool_stream,
 )
 
 _ERRORS: list[tuple[type[BaseException], int, str]] = [
@@ -43,20 +57,34 @@ _ERRORS: list[tuple[type[BaseException], int, str]] = [
 ]
 
 
+_LEADING_FIELD = re.compile(r"^([a-z_][a-z0-9_]*)(?::| must | is | requires )")
+"""ValueErrors start with the field they are about ("top_p must be in (0, 1]", "n: got 9; ..."): the ``param``."""
+
+
 def _error_response(exc: BaseException, core: ServingCore) -> JSONResponse:
+    param = None
     if isinstance(exc, ValueError):
         core.metrics.record_outcome("invalid")  # the other kinds are counted by ServingCore
+        if m := _LEADING_FIELD.match(str(exc)):
+            param = m.group(1)
     for kind, status, name in _ERRORS:
         if isinstance(exc, kind):
-            return JSONResponse(error_body(str(exc), name, status), status_code=status)
+            return JSONResponse(error_body(str(exc), name, status, param), status_code=status)
     raise exc
 
 
 class _Job:
-    """One prompt of a request: its ids and where its samples go among the response's choices."""
+    """One prompt of a request: its ids, where its samples go among the response's choices, and for ``echo`` the
+    prompt as shown (a text prompt as sent, token ids decoded) plus its prompt logprobs once they come."""
 
-    def __init__(self, text: str | None, ids: list[int], first_choice: int):
-        self.text, self.ids, self.first_choice = text, ids, first_choice
+    def __init__(self, text: str | None, ids: list[int], first_choice: int, shown: str = ""):
+        self.text, self.ids, self.first_choice, self.shown = text, ids, first_choice, shown
+        self.prompt_logprobs: list[dict[int, float] | None] | None = None
+        self.held: list[RequestOutput] = []  # deltas waiting for prompt_logprobs (see _Formatter._ready)
+
+    @property
+    def from_text(self) -> bool:
+        return self.text is not None
 
 
 async def _merged(
@@ -96,25 +124,33 @@ async def _merged(
 class OpenAIApp:
     """Builds the FastAPI app over a ServingCore."""
 
-    def __init__(self, core: ServingCore, api_key: str | None = None):
+    def __init__(self, core: ServingCore, api_key: str | None = None, tool_call_parser: str | None = None):
+        if tool_call_parser is not None:
+            get_tool_parser(tool_call_parser)  # an unknown name fails at startup, listing the known ones
         self.core = core
         self.api_key = api_key
+        self.tool_call_parser = tool_call_parser
         self.app = FastAPI(title="jserve", docs_url=None, redoc_url=None)
         self.app.add_exception_handler(RequestValidationError, self._validation_error)
         self.app.get("/health")(self.health)
         self.app.get("/v1/models")(self.models)
         self.app.post("/v1/completions")(self.completions)
         self.app.post("/v1/chat/completions")(self.chat_completions)
+        self.app.get("/metrics", include_in_schema=False)(self.metrics)
         self.app.openapi = self._openapi
 
     def _openapi(self) -> dict:
-        """FastAPI's schema, with ``model`` narrowed to the one name this server serves (any other is a 404),
-        so that generated clients and API fuzzers see the real contract."""
+        """FastAPI's schema, with the required ``model`` narrowed to the one name this server serves (any other is
+        a 404), so that generated clients and API fuzzers see the real contract."""
         if self.app.openapi_schema is None:
             schema = get_openapi(title=self.app.title, version=self.app.version, routes=self.app.routes)
-            model = {"anyOf": [{"type": "string", "enum": [self.core.card.name]}, {"type": "null"}], "title": "Model"}
+            model = {"type": "string", "enum": [self.core.card.name], "title": "Model"}
             for name in ("CompletionRequest", "ChatCompletionRequest"):
-                schema["components"]["schemas"][name]["properties"]["model"] = model
+                body = schema["components"]["schemas"][name]
+                body["properties"]["model"] = model
+                required = body.setdefault("required", [])
+                if "model" not in required:
+                    required.insert(0, "model")
             self.app.openapi_schema = schema
         return self.app.openapi_schema
 
@@ -131,9 +167,15 @@ class OpenAIApp:
         await self.app(scope, receive, send)
 
     async def _validation_error(self, request: Request, exc: RequestValidationError) -> JSONResponse:
+        """400 naming the field: every field the body has but the API does not implement, else the first error."""
         self.core.metrics.record_outcome("invalid")
-        first = exc.errors()[0] if exc.errors() else {}
-        field = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        errors = exc.errors()
+        unsupported = [_field(e) for e in errors if e.get("type") == "extra_forbidden"]
+        if unsupported:
+            message = f"unsupported field(s): {', '.join(unsupported)}"
+            return JSONResponse(error_body(message, "invalid_request_error", 400, unsupported[0]), 400)
+        first = errors[0] if errors else {}
+        field = _field(first)
         message = f"{field}: {first.get('msg', 'invalid')}" if field else str(exc)
         return JSONResponse(error_body(message, "invalid_request_error", 400, field or None), 400)
 
@@ -159,8 +201,13 @@ class OpenAIApp:
             ],
         }
 
-    def _check_model(self, model: str | None) -> JSONResponse | None:
-        if model and model != self.core.card.name:
+    async def metrics(self) -> Response:
+        """Prometheus metrics on the API port too, as vLLM serves them (``--metrics-port`` serves the same)."""
+        body, content_type = self.core.metrics.render()
+        return Response(body, media_type=content_type)
+
+    def _check_model(self, model: str) -> JSONResponse | None:
+        if model != self.core.card.name:
             return JSONResponse(
                 error_body(
                     f"model {model!r} does not exist; this server serves {self.core.card.name!r}",
@@ -177,18 +224,28 @@ class OpenAIApp:
             return missing
         try:
             self.core.check_accepting()
-            params = body.sampling_params()
             prompts = body.prompts()
             self.core.limits.check_num_prompts(len(prompts))
+            encoded = [self._encode(prompt) for prompt in prompts]
+            params = body.sampling_params(room=self.core.card.max_model_len - max(len(ids) for _, ids in encoded))
             jobs = []
-            for i, prompt in enumerate(prompts):
-                as_text = isinstance(prompt, str)
-                text, ids = self.core.encode_prompt(prompt if as_text else None, None if as_text else prompt)
+            for i, (text, ids) in enumerate(encoded):
                 self.core.validate(ids, params)
-                jobs.append(_Job(text, ids, i * params.n))
+                jobs.append(_Job(text, ids, i * params.n, self._shown(text, ids, params) if body.echo else ""))
         except (ValueError, Unavailable, EngineDeadError) as e:
             return _error_response(e, self.core)
         return await self._respond(request, body, jobs, params, chat=False)
+
+    def _encode(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        as_text = isinstance(prompt, str)
+        return self.core.encode_prompt(prompt if as_text else None, None if as_text else prompt)
+
+    def _shown(self, text: str | None, ids: list[int], params: SamplingParams) -> str:
+        """The prompt as ``echo`` returns it: a text prompt as sent; token ids decoded."""
+        if text is not None:
+            return text
+        tok = self.core.tokenizer
+        return tok.decode(ids, skip_special_tokens=params.skip_special_tokens) if tok is not None else ""
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request):
         if (missing := self._check_model(body.model)) is not None:
@@ -198,33 +255,73 @@ class OpenAIApp:
             if self.core.tokenizer is None:
                 raise ValueError("messages: this model has no tokenizer")
             self.core.limits.check_num_messages(len(body.messages))
-            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-            check_prompt_chars("messages", "".join(m["content"] for m in messages), self.core.card.max_model_len)
+            messages = [m.for_template() for m in body.messages]
+            calls = [m.tool_calls for m in body.messages if m.tool_calls]
+            chars = "".join(m["content"] or "" for m in messages) + (json.dumps(calls) if calls else "")
+            check_prompt_chars("messages", chars, self.core.card.max_model_len)
+            tools = self._tool_choice(body)
             ids = self.core.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True, chat_template=body.chat_template
+                messages,
+                add_generation_prompt=True,
+                tokenize=True,
+                chat_template=body.chat_template,
+                tools=list(tools.tools) if tools.mode != "none" else None,
             )
-            room = self.core.card.max_model_len - len(ids) - 1
-            params = body.sampling_params(default_max_tokens=max(1, room))
+            forced = StructuredOutputsParams(json=tools.json_schema()) if tools.constrained else None
+            params = body.sampling_params(max(1, self.core.card.max_model_len - len(ids)), forced)
+            if tools.mode == "auto" and get_tool_parser(self.tool_call_parser).needs_special_tokens:
+                params = dataclasses.replace(params, skip_special_tokens=False)  # its tags may be special tokens
             self.core.validate(ids, params)
         except (ValueError, Unavailable, EngineDeadError) as e:
             return _error_response(e, self.core)
-        return await self._respond(request, body, [_Job(None, ids, 0)], params, chat=True)
+        return await self._respond(request, body, [_Job(None, ids, 0)], params, chat=True, tools=tools)
+
+    def _tool_choice(self, body: ChatCompletionRequest) -> ToolChoice:
+        """The request's tool choice; "auto" needs the server's --tool-call-parser (vLLM's rule), and
+        ``parallel_tool_calls: false`` allows one call."""
+        tools = body.tool_choice_resolved()
+        if tools.mode == "auto" and self.tool_call_parser is None:
+            raise ValueError(
+                "tool_choice: 'auto' (the default when tools are given) needs the server started with "
+                "--tool-call-parser; send tool_choice 'required', 'none' or a named function"
+            )
+        if body.parallel_tool_calls is False:
+            if tools.mode == "auto":
+                raise ValueError(
+                    "parallel_tool_calls: false is honoured with tool_choice 'required' (one call) or a named "
+                    "function; with 'auto' the model's own format decides"
+                )
+            tools = dataclasses.replace(tools, single_call=True)
+        return tools
 
     # ------------------------------------------------------------------ responses
 
-    async def _respond(self, request: Request, body, jobs: list[_Job], params: SamplingParams, *, chat: bool):
+    async def _respond(
+        self,
+        request: Request,
+        body,
+        jobs: list[_Job],
+        params: SamplingParams,
+        *,
+        chat: bool,
+        tools: ToolChoice | None = None,
+    ):
         """Runs the jobs; a client that disconnects before the response is complete aborts them (queued ones
         too): the work races a watcher of the connection, and losing the race closes the request stream."""
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
         formatter = _Formatter(
             self.core,
-            body.model or self.core.card.name,
+            body.model,
             request_id,
             created,
             chat,
             prompt_tokens=sum(len(j.ids) for j in jobs),
-            num_top=params.logprobs or 0,
+            params=params,
+            echo=not chat and body.echo,
+            echo_only=not chat and body.echo_only,
+            tools=tools if tools is not None and tools.mode != "none" else None,
+            tool_call_parser=self.tool_call_parser,
         )
         stream = _merged(self.core, jobs, params, request_id)
         if body.stream:
@@ -253,6 +350,11 @@ class OpenAIApp:
 
 
 _DISCONNECTED = object()
+
+
+def _field(error: dict) -> str:
+    """A pydantic error's field path, without FastAPI's leading "body"."""
+    return ".".join(str(p) for p in error.get("loc", ()) if p != "body")
 
 
 async def _unless_disconnected(request: Request, work: Awaitable):
@@ -285,8 +387,24 @@ async def _first_or_error(stream: AsyncIterator) -> tuple | BaseException | None
         return e
 
 
+@dataclass
+class _Choice:
+    """One choice being built: what was sent (or collected) so far, and where the next token's text starts."""
+
+    text: str = ""
+    logprobs: dict | None = None
+    finish_reason: str | None = None
+    offset: int = 0  # text_offset of the next token
+    started: bool = False  # the echoed prompt (completions) or the role (chat) went out
+
+
 class _Formatter:
-    """Accumulates deltas into OpenAI completion / chat.completion objects, or formats them as SSE chunks."""
+    """Accumulates deltas into OpenAI completion / chat.completion objects, or formats them as SSE chunks.
+
+    Completions logprobs carry ``text_offset``: each token's character offset in the choice's text (from the
+    echoed prompt's start with ``echo``, else from the completion's start), the running sum of the token strings'
+    lengths as vLLM computes it; a special token that the text does not show (skipped, or added to a text
+    prompt by the tokenizer) counts zero. Streamed offsets continue across chunks."""
 
     def __init__(
         self,
@@ -297,45 +415,110 @@ class _Formatter:
         chat: bool,
         *,
         prompt_tokens: int,
-        num_top: int,
+        params: SamplingParams,
+        echo: bool = False,
+        echo_only: bool = False,
+        tools: ToolChoice | None = None,
+        tool_call_parser: str | None = None,
     ):
         self.core, self.model, self.id, self.created, self.chat = core, model, request_id, created, chat
-        self.num_top = num_top
+        # chat with tools: the text becomes content and tool_calls (forced calls, or the parser's reading)
+        self.tools, self.tool_call_parser = tools, tool_call_parser
+        self._tool_streams: dict[int, ToolStream | None] = {}
+        self.logprobs = params.logprobs  # None: no logprobs; k: the k best alternatives per token
+        self.skip_special_tokens = params.skip_special_tokens
+        self.echo, self.echo_only = echo, echo_only
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = 0
-        self.choices: dict[int, dict] = {}
-        self._role_sent: set[int] = set()
+        self.choices: dict[int, _Choice] = {}
+        tok = core.tokenizer
+        self._special = tok.all_special_ids if tok is not None else frozenset()
 
     def _token(self, token_id: int) -> str:
         tok = self.core.tokenizer
         return tok.decode([token_id], skip_special_tokens=False) if tok is not None else str(token_id)
 
-    def _logprobs(self, c: CompletionOutput) -> dict | None:
-        """OpenAI's shapes: chat {"content": [...]}, completions {"tokens", "token_logprobs", "top_logprobs"}.
-        An entry holds the top-k alternatives plus the sampled token; "top" lists only the k best."""
-        if c.logprobs is None:
-            return None
-        pairs = [
-            (t, e, sorted(e.items(), key=lambda kv: -kv[1])[: self.num_top])
-            for t, e in zip(c.token_ids, c.logprobs, strict=False)
-        ]
-        if self.chat:
+    def _top(self, entry: dict[int, float]) -> list[tuple[int, float]]:
+        """The k best of an entry (which holds the top-k alternatives plus the actual token)."""
+        return sorted(entry.items(), key=lambda kv: -kv[1])[: self.logprobs or 0]
 
-            def item(token_id: int, logprob: float) -> dict:
-                text = self._token(token_id)
-                return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+    def _completion_logprobs(
+        self, token_ids: Sequence[int], entries: Sequence[dict[int, float] | None], offset: int, hide_special: bool
+    ) -> tuple[dict, int]:
+        """Completions' {"tokens", "token_logprobs", "top_logprobs", "text_offset"} for these tokens, offsets
+        counted from ``offset``; also the offset after them. A None entry (the first prompt token) stays None."""
+        lp: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for token_id, entry in zip(token_ids, entries, strict=True):
+            text = self._token(token_id)
+            lp["tokens"].append(text)
+            lp["text_offset"].append(offset)
+            if entry is None:
+                lp["token_logprobs"].append(None)
+                lp["top_logprobs"].append(None)
+            else:
+                lp["token_logprobs"].append(logprob(entry.get(token_id, 0.0)))
+                lp["top_logprobs"].append({self._token(i): logprob(v) for i, v in self._top(entry)})
+            if not (hide_special and token_id in self._special):
+                offset += len(text)
+        return lp, offset
 
-            return {
-                "content": [
-                    {**item(t, e.get(t, 0.0)), "top_logprobs": [item(i, lp) for i, lp in top]} for t, e, top in pairs
-                ]
-            }
+    def _chat_logprobs(self, token_ids: Sequence[int], entries: Sequence[dict[int, float]]) -> dict:
+        def item(token_id: int, value: float) -> dict:
+            text = self._token(token_id)
+            return {"token": text, "logprob": logprob(value), "bytes": list(text.encode())}
+
         return {
-            "tokens": [self._token(t) for t, _, _ in pairs],
-            "token_logprobs": [e.get(t, 0.0) for t, e, _ in pairs],
-            "top_logprobs": [{self._token(i): lp for i, lp in top} for _, _, top in pairs],
-            "text_offset": [],
+            "content": [
+                {**item(t, e.get(t, 0.0)), "top_logprobs": [item(i, v) for i, v in self._top(e)]}
+                for t, e in zip(token_ids, entries, strict=True)
+            ]
         }
+
+    def _echo(self, job: _Job) -> tuple[str, dict | None, int]:
+        """The echoed prompt: its text, its logprobs (when asked for) and the offset after it."""
+        if self.logprobs is None:
+            return job.shown, None, 0
+        entries = job.prompt_logprobs or [None] * len(job.ids)  # None: aborted before its prefill ended
+        lp, offset = self._completion_logprobs(
+            job.ids, entries, 0, hide_special=job.from_text or self.skip_special_tokens
+        )
+        return job.shown, lp, offset
+
+    def _piece(self, job: _Job, choice: _Choice, c: CompletionOutput) -> tuple[str, dict | None]:
+        """The text and logprobs this delta adds to its choice (the echoed prompt first, on the first one)."""
+        token_ids, entries, text = c.token_ids, c.logprobs or [], c.text
+        if self.echo_only:  # the one token the engine ran is not part of the answer
+            token_ids, entries, text = [], [], ""
+        self.completion_tokens += len(token_ids)
+        prefix, lp = "", None
+        if self.echo and not choice.started:
+            prefix, lp, choice.offset = self._echo(job)
+            choice.started = True
+        if self.logprobs is not None:
+            if self.chat:
+                new = self._chat_logprobs(token_ids, entries)
+            else:
+                new, choice.offset = self._completion_logprobs(
+                    token_ids, entries, choice.offset, hide_special=self.skip_special_tokens
+                )
+            lp = new if lp is None else {k: v + new[k] for k, v in lp.items()}
+        return prefix + text, lp
+
+    def _finish(self, c: CompletionOutput) -> str | None:
+        if c.finish_reason is None:
+            return None
+        return "length" if self.echo_only else finish_reason(c.finish_reason)
+
+    def _ready(self, job: _Job, out: RequestOutput) -> list[RequestOutput]:
+        """The deltas that can be formatted now: with echo and logprobs, a job's deltas wait for its prompt
+        logprobs (they come with its first token, or not at all if it ends before its prefill does)."""
+        if out.prompt_logprobs is not None:
+            job.prompt_logprobs = out.prompt_logprobs
+        if self.echo and self.logprobs is not None and job.prompt_logprobs is None and not out.finished:
+            job.held.append(out)
+            return []
+        ready, job.held = [*job.held, out], []
+        return ready
 
     def _usage(self) -> dict:
         return {
@@ -345,39 +528,31 @@ class _Formatter:
         }
 
     def add(self, job: _Job, out: RequestOutput) -> None:
-        for c in out.outputs:
-            index = job.first_choice + c.index
-            choice = self.choices.setdefault(
-                index, {"text": "", "token_ids": [], "logprobs": None, "finish_reason": None}
-            )
-            choice["text"] += c.text
-            self.completion_tokens += len(c.token_ids)
-            lp = self._logprobs(c)
-            if lp is not None:
-                acc = choice["logprobs"] or {k: [] for k in lp}
-                for k, v in lp.items():
-                    acc[k].extend(v)
-                choice["logprobs"] = acc
-            if c.finish_reason:
-                choice["finish_reason"] = finish_reason(c.finish_reason)
+        for delta in self._ready(job, out):
+            for c in delta.outputs:
+                choice = self.choices.setdefault(job.first_choice + c.index, _Choice())
+                text, lp = self._piece(job, choice, c)
+                choice.text += text
+                if lp is not None:
+                    choice.logprobs = (
+                        lp if choice.logprobs is None else {k: v + lp[k] for k, v in choice.logprobs.items()}
+                    )
+                choice.finish_reason = self._finish(c) or choice.finish_reason
 
     def final(self) -> dict:
         choices = []
         for index in sorted(self.choices):
             c = self.choices[index]
-            if self.chat:
-                choices.append(
-                    {
-                        "index": index,
-                        "message": {"role": "assistant", "content": c["text"]},
-                        "logprobs": c["logprobs"],
-                        "finish_reason": c["finish_reason"],
-                    }
-                )
+            reason = c.finish_reason
+            if self.chat and self.tools is not None:
+                content, calls = extract_tool_calls(self.tools, self.tool_call_parser, c.text)
+                body = {"message": {"role": "assistant", **assistant_message(content, calls)}}
+                reason = chat_finish_reason(self.tools, reason, calls)
+            elif self.chat:
+                body = {"message": {"role": "assistant", "content": c.text}}
             else:
-                choices.append(
-                    {"index": index, "text": c["text"], "logprobs": c["logprobs"], "finish_reason": c["finish_reason"]}
-                )
+                body = {"text": c.text}
+            choices.append({"index": index, **body, "logprobs": c.logprobs, "finish_reason": reason})
         return {
             "id": self.id,
             "object": "chat.completion" if self.chat else "text_completion",
@@ -401,23 +576,58 @@ class _Formatter:
 
     def _chunks(self, job: _Job, out: RequestOutput) -> list[str]:
         chunks = []
-        for c in out.outputs:
-            index = job.first_choice + c.index
-            self.completion_tokens += len(c.token_ids)
-            if not (c.text or c.finish_reason or c.token_ids):
-                continue
-            reason = finish_reason(c.finish_reason)
-            if self.chat:
-                delta: dict = {"content": c.text} if c.text else {}
-                if index not in self._role_sent:
-                    self._role_sent.add(index)
-                    delta = {"role": "assistant", **delta, "content": c.text}
-                choice = {"index": index, "delta": delta}
-            else:
-                choice = {"index": index, "text": c.text}
-            choice.update(logprobs=self._logprobs(c), finish_reason=reason)
-            chunks.append(self._chunk([choice]))
+        for delta in self._ready(job, out):
+            for c in delta.outputs:
+                index = job.first_choice + c.index
+                choice = self.choices.setdefault(index, _Choice())
+                first = not choice.started
+                text, lp = self._piece(job, choice, c)
+                reason = self._finish(c)
+                if not (text or reason or c.token_ids or (first and self.echo)):
+                    continue
+                if self.chat and self.tools is not None:
+                    chunks.extend(self._tool_chunks(index, first, text, lp, reason))
+                    choice.started = True
+                    continue
+                if self.chat:
+                    delta_body: dict = {"role": "assistant", "content": text} if first else {}
+                    if text:
+                        delta_body["content"] = text
+                    body = {"index": index, "delta": delta_body}
+                    choice.started = True
+                else:
+                    body = {"index": index, "text": text}
+                body.update(logprobs=lp, finish_reason=reason)
+                chunks.append(self._chunk([body]))
         return chunks
+
+    def _tool_chunks(self, index: int, first: bool, text: str, lp: dict | None, reason: str | None) -> list[str]:
+        """A chat delta with tools: the tool stream turns the text into content and tool-call deltas (a call's
+        header, then its arguments), one chunk each; the finish reason comes last (tool_calls if any)."""
+        stream = self._tool_streams.get(index)
+        if index not in self._tool_streams:
+            stream = self._tool_streams[index] = new_tool_stream(self.tools, self.tool_call_parser)
+        deltas = stream.feed(text) if stream is not None else ([{"content": text}] if text else [])
+        if reason is not None and stream is not None:
+            deltas += stream.finish()
+        if first:
+            deltas = [{"role": "assistant", **(deltas[0] if deltas else {"content": ""})}, *deltas[1:]]
+        bodies = [{"index": index, "delta": d, "logprobs": None, "finish_reason": None} for d in deltas]
+        if lp is not None:  # the token logprobs ride on the first chunk of this delta
+            if not bodies:
+                bodies = [{"index": index, "delta": {}, "logprobs": None, "finish_reason": None}]
+            bodies[0]["logprobs"] = lp
+        if reason is not None:
+            calls = stream.tool_calls if stream is not None else []
+            bodies.append(
+                {
+                    "index": index,
+                    "delta": {},
+                    "logprobs": None,
+                    "finish_reason": chat_finish_reason(self.tools, reason, calls),
+                }
+            )
+        return [self._chunk([b]) for b in bodies]
 
     async def sse(self, first: tuple | None, stream: AsyncIterator, include_usage: bool) -> AsyncIterator[str]:
         async with contextlib.aclosing(stream):
@@ -457,11 +667,13 @@ class HttpServer:
         tls_cert: str | None = None,
         tls_key: str | None = None,
         max_body_bytes: int = 16 << 20,
+        tool_call_parser: str | None = None,
     ):
+        app = OpenAIApp(core, api_key, tool_call_parser)
         self.socket = socket.create_server((host, port))
         self.port = self.socket.getsockname()[1]
         config = uvicorn.Config(
-            BodySizeLimit(OpenAIApp(core, api_key), max_body_bytes),
+            BodySizeLimit(app, max_body_bytes),
             log_level="warning",
             lifespan="off",
             ssl_certfile=tls_cert,

@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 
 import grpc
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from jserve.server.gen import jserve_pb2, jserve_pb2_grpc
 
@@ -137,3 +139,22 @@ class ServerProcess:
         finally:
             self._stderr.close()
             os.unlink(self._stderr.name)
+
+
+def scrape(url: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """A /metrics page as {sample name: [(labels, value), ...]}, parsed by prometheus_client."""
+    response = httpx.get(url, timeout=10)
+    response.raise_for_status()
+    samples: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return samples
+
+
+def metric_value(samples: dict, name: str, **labels: str) -> float:
+    """The one value of ``name`` whose labels include ``labels``; KeyError names what is missing."""
+    values = [v for have, v in samples.get(name, []) if labels.items() <= have.items()]
+    if len(values) != 1:
+        raise KeyError(f"{name}{labels}: {len(values)} samples in {samples.get(name)}")
+    return values[0]

@@ -29,6 +29,7 @@ MAX_MODEL_LEN = 128
 NUM_PAGES = 25  # 24 usable pages of 16 tokens
 MAX_BODY = 1 << 20
 STEP_DELAY = "0.03"  # seconds per engine step: a 100-token request lasts > 3 s, long enough to disconnect from
+MODEL = "tiny-pycoder"  # the bundled model's served name; HTTP requests must name it
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +149,7 @@ HTTP_OVERSIZE = [
 @pytest.mark.parametrize(("path", "body", "message"), HTTP_OVERSIZE, ids=[m.split(":")[0] for *_, m in HTTP_OVERSIZE])
 def test_http_oversize_requests_are_400_at_once(server, path, body, message):
     start = time.monotonic()
-    response = httpx.post(_url(server, path), json=body, timeout=30)
+    response = httpx.post(_url(server, path), json={"model": MODEL, **body}, timeout=30)
     assert time.monotonic() - start < 1.0
     assert response.status_code == 400, response.text
     assert message in response.json()["error"]["message"]
@@ -170,7 +171,7 @@ def test_http_body_over_the_limit_is_413(server):
 def test_server_keeps_serving_after_the_refusals(server, stub):
     response = httpx.post(
         _url(server, "/v1/completions"),
-        json={"prompt": "hi", "max_tokens": 3, "n": MAX_NUM_SEQS, "logprobs": 20, "ignore_eos": True},
+        json={"model": MODEL, "prompt": "hi", "max_tokens": 3, "n": MAX_NUM_SEQS, "logprobs": 20, "ignore_eos": True},
         timeout=60,
     )
     assert response.status_code == 200, response.text
@@ -185,7 +186,8 @@ def test_server_keeps_serving_after_the_refusals(server, stub):
 
 
 def _long_body(stream: bool) -> bytes:
-    return json.dumps({"prompt": [1, 5, 6], "max_tokens": 100, "ignore_eos": True, "stream": stream}).encode()
+    body = {"model": MODEL, "prompt": [1, 5, 6], "max_tokens": 100, "ignore_eos": True, "stream": stream}
+    return json.dumps(body).encode()
 
 
 HTTP_HEADERS = "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
@@ -291,7 +293,7 @@ def test_stuck_engine_turns_health_not_serving_and_sigterm_still_exits_in_time()
             assert _wait_until(lambda: _health(channel) == health_pb2.HealthCheckResponse.NOT_SERVING, timeout=5)
             response = httpx.get(_url(server, "/health"), timeout=10)
             assert response.status_code == 503
-            refused = httpx.post(_url(server, "/v1/completions"), json={"prompt": "hi"}, timeout=10)
+            refused = httpx.post(_url(server, "/v1/completions"), json={"model": MODEL, "prompt": "hi"}, timeout=10)
             assert refused.status_code == 503 and "stall timeout" in refused.json()["error"]["message"]
             start = time.monotonic()
             server.send_signal()

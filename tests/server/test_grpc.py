@@ -13,7 +13,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from jserve.server.gen import jetstream_pb2, jetstream_pb2_grpc
 from jserve.server.gen import jserve_pb2 as pb
 from jserve.server.gen import jserve_pb2_grpc as pb_grpc
-from tests.server.harness import ServerProcess
+from tests.server.harness import ServerProcess, metric_value, scrape
 
 PROMPTS = ["The quick brown fox", "Once upon a time, in a land far away,"]
 
@@ -310,31 +310,30 @@ def test_openai_client_completes_and_streams(server):
 
 
 def test_metrics_endpoint(server, stub):
-    import urllib.request
-
     list(stub.Generate(pb.GenerateRequest(prompt="metrics", sampling=pb.SamplingParams(max_tokens=3))))
     with pytest.raises(grpc.RpcError):
         list(stub.Generate(pb.GenerateRequest(prompt="metrics", sampling=pb.SamplingParams(top_k=-2))))
-    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
-    body = urllib.request.urlopen(url, timeout=10).read().decode()
+    samples = scrape(f"http://127.0.0.1:{server.metrics_port}/metrics")
     for name in (
-        "jserve_requests_total",
-        "jserve_time_to_first_token_seconds_bucket",
-        "jserve_time_per_output_token_seconds_bucket",
-        "jserve_e2e_request_latency_seconds_bucket",
-        "jserve_num_requests_running",
-        "jserve_num_requests_waiting",
-        "jserve_kv_cache_pages_used",
-        "jserve_prefix_cache_hit_rate",
-        "jserve_num_preemptions_total",
+        "jserve:requests_total",
+        "jserve:request_success_total",
+        "jserve:time_to_first_token_seconds_bucket",
+        "jserve:request_time_per_output_token_seconds_bucket",
+        "jserve:inter_token_latency_seconds_bucket",
+        "jserve:e2e_request_latency_seconds_bucket",
+        "jserve:request_queue_time_seconds_bucket",
+        "jserve:num_requests_running",
+        "jserve:num_requests_waiting",
+        "jserve:kv_cache_usage_perc",
+        "jserve:kv_cache_pages_used",
+        "jserve:prefix_cache_hit_rate",
+        "jserve:num_preemptions_total",
     ):
-        assert name in body, name
-    counts = {
-        line.split('"')[1]: float(line.split()[-1])
-        for line in body.splitlines()
-        if line.startswith("jserve_requests_total{")
-    }
-    assert counts["length"] >= 1 and counts["invalid"] >= 1
+        assert name in samples, name
+        assert all(labels.get("model_name") == "tiny-pycoder" for labels, _ in samples[name]), name
+    assert metric_value(samples, "jserve:requests_total", outcome="length") >= 1
+    assert metric_value(samples, "jserve:requests_total", outcome="invalid") >= 1
+    assert metric_value(samples, "jserve:request_success_total", finished_reason="length") >= 1
 
 
 def test_openai_stream_disconnect_aborts(server):
@@ -357,7 +356,6 @@ def test_serving_after_ready_lowers_no_program(server, stub):
     stop strings, long and short prompts, concurrent streams, cancels) lowers no XLA program: the server counts
     jax's lowering events since ready and exports them."""
     import random
-    import urllib.request
     from concurrent.futures import ThreadPoolExecutor
 
     assert "jserve: compiling" in server.log()  # the progress bar, before ready
@@ -387,9 +385,6 @@ def test_serving_after_ready_lowers_no_program(server, stub):
 
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(one, range(48)))
-    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
-    body = urllib.request.urlopen(url, timeout=10).read().decode()
-    lowered = [line for line in body.splitlines() if line.startswith("jserve_programs_lowered_while_serving_total")]
-    assert lowered == ["jserve_programs_lowered_while_serving_total 0.0"]
-    programs = [line for line in body.splitlines() if line.startswith("jserve_compiled_programs ")]
-    assert programs == ["jserve_compiled_programs 9.0"]
+    samples = scrape(f"http://127.0.0.1:{server.metrics_port}/metrics")
+    assert metric_value(samples, "jserve:programs_lowered_while_serving_total") == 0
+    assert metric_value(samples, "jserve:compiled_programs") == 9

@@ -17,7 +17,7 @@ def test_generated_stubs_are_fresh(tmp_path):
 
 
 def test_jetstream_wire_numbers():
-    """The JetStream messages keep JetStream's field numbers (API.md), whatever else changes."""
+    """The JetStream messages keep JetStream's field numbers (docs/api.md), whatever else changes."""
     from jserve.server.gen import jetstream_pb2
 
     req = jetstream_pb2.DecodeRequest.DESCRIPTOR.fields_by_name

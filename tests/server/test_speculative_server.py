@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import urllib.request
-
 import pytest
 
 from jserve.server.gen import jserve_pb2 as pb
 from jserve.server.gen import jserve_pb2_grpc as pb_grpc
-from tests.server.harness import ServerProcess
+from tests.server.harness import ServerProcess, metric_value, scrape
 
 PROMPT = "def add(a, b):\n    return a + b\n\n\ndef add_v2(a, b):\n"
 
@@ -49,11 +47,10 @@ def test_speculation_is_reported_and_can_be_declined(server):
     assert info.spec_num_accepted_tokens > before.spec_num_accepted_tokens
     assert _generate(server, max_tokens=24, speculative=False) == tokens  # the same greedy text either way
     assert server.model_info().spec_num_draft_tokens == info.spec_num_draft_tokens
-    body = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
-    for name in (
-        'jserve_spec_decode_num_draft_tokens_total{method="ngram"}',
-        'jserve_spec_decode_num_accepted_tokens_total{method="ngram"}',
-        'jserve_spec_decode_num_drafts_total{method="ngram"}',
-        'jserve_spec_decode_acceptance_rate{method="ngram"}',
-    ):
-        assert name in body, name
+    samples = scrape(f"http://127.0.0.1:{server.metrics_port}/metrics")
+    spec = {"method": "ngram", "model_name": "tiny-pycoder"}
+    drafted = metric_value(samples, "jserve:spec_decode_num_draft_tokens_total", **spec)
+    accepted = metric_value(samples, "jserve:spec_decode_num_accepted_tokens_total", **spec)
+    assert drafted == info.spec_num_draft_tokens and 0 < accepted <= drafted
+    assert metric_value(samples, "jserve:spec_decode_num_drafts_total", **spec) > 0
+    assert metric_value(samples, "jserve:spec_decode_acceptance_rate", **spec) == pytest.approx(accepted / drafted)
