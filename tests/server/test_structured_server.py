@@ -26,6 +26,7 @@ from jserve.server.gen import jserve_pb2_grpc as pb_grpc
 from jserve.structured.vocab import grammar_tokenizer
 from jserve.tokenizer import Tokenizer
 from tests.server.harness import ServerProcess
+from tests.structured.schemas import HEAVY_SCHEMA
 
 MODEL = "tiny-pycoder"
 SCHEMA = {
@@ -69,18 +70,6 @@ TOOL_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] or '' }}</s>\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
-HEAVY_SCHEMA = {  # llguidance needs ~2 s of one core for it (just under its size limits)
-    "type": "object",
-    "properties": {
-        f"k{i}": {
-            "anyOf": [
-                {"type": "integer", "minimum": i, "maximum": i * 1000 + 7},
-                {"type": "string", "pattern": f"(ab|cd){{{i % 5},{i % 5 + 3}}}z{i}"},
-            ]
-        }
-        for i in range(4000)
-    },
-}
 MESSAGES = [{"role": "user", "content": "Describe the function parse_args."}]
 
 

@@ -18,6 +18,7 @@ from jserve import SamplingParams, StructuredOutputsParams
 from jserve.structured import GrammarCompiler
 from tests.engine.workloads import assert_no_leak
 from tests.spec.test_speculative import _speculative_engine, plain_engine
+from tests.structured.schemas import HEAVY_SCHEMA
 
 pytestmark = pytest.mark.xdist_group("speculative")
 
@@ -227,20 +228,6 @@ def test_params_are_validated_at_the_door(kwargs):
         StructuredOutputsParams(**kwargs)
     with pytest.raises(ValueError, match="structured_outputs: unknown field"):
         SamplingParams(structured_outputs={"jsonschema": {}})
-
-
-HEAVY_SCHEMA = {  # ~2 s for llguidance to compile on one core (just under its size limits)
-    "type": "object",
-    "properties": {
-        f"k{i}": {
-            "anyOf": [
-                {"type": "integer", "minimum": i, "maximum": i * 1000 + 7},
-                {"type": "string", "pattern": f"(ab|cd){{{i % 5},{i % 5 + 3}}}z{i}"},
-            ]
-        }
-        for i in range(4000)
-    },
-}
 
 
 def test_compile_timeout_fails_only_the_wait_and_the_result_is_cached(llm):
