@@ -58,6 +58,8 @@ class TensorSpec:
     b_dims: tuple[int, ...] = ()
     transposed: bool = False
     hf_flat: bool = False  # untransposed, but stored flattened in HF (q/k/v biases [N*H] -> ours [N, H])
+    row_offset: int = 0  # transposed: where our rows start in a fused HF tensor (Phi-3's qkv_proj, gate_up_proj)
+    fused_rows: int | None = None  # that fused tensor's row count (what its shape is checked against)
 
     @property
     def hf_names(self) -> tuple[str, ...]:
@@ -76,6 +78,9 @@ class TensorSpec:
             return block.reshape(tuple(len(range(*i.indices(d))) for i, d in zip(index, self.a_dims, strict=True)))
         nb = len(self.b_dims)
         rows = _flat_range(self.a_dims, index[nb:])
+        if self.row_offset or rows == slice(None):
+            start, stop, _ = rows.indices(int(np.prod(self.a_dims, dtype=np.int64)))
+            rows = slice(start + self.row_offset, stop + self.row_offset)
         cols = _flat_range(self.b_dims, index[:nb])
         block = reader.read_slice(self.hf_name, (rows, cols)).T
         out_shape = tuple(len(range(*i.indices(d))) for i, d in zip(index, self.shape, strict=True))
@@ -113,9 +118,12 @@ def _param_specs(cfg: ModelConfig) -> dict[str, TensorSpec | StackedSpec]:
         cfg.vocab_size,
     )
 
-    def linear(name: str, in_dims: tuple[int, ...], out_dims: tuple[int, ...]) -> TensorSpec:
-        """HF nn.Linear weight [out, in] -> ours [*in_dims, *out_dims]."""
-        return TensorSpec(name, a_dims=out_dims, b_dims=in_dims, transposed=True)
+    def linear(
+        name: str, in_dims: tuple[int, ...], out_dims: tuple[int, ...], offset: int = 0, fused: int | None = None
+    ) -> TensorSpec:
+        """HF nn.Linear weight [out, in] -> ours [*in_dims, *out_dims]; ``offset`` / ``fused``: our rows' start
+        in a fused weight of ``fused`` rows."""
+        return TensorSpec(name, out_dims, in_dims, transposed=True, row_offset=offset, fused_rows=fused)
 
     specs: dict[str, TensorSpec | StackedSpec] = {
         "embed/embedding": TensorSpec("model.embed_tokens.weight", (v, d)),
@@ -126,25 +134,42 @@ def _param_specs(cfg: ModelConfig) -> dict[str, TensorSpec | StackedSpec]:
     for i in range(cfg.num_layers):
         hf, ours = f"model.layers.{i}.", f"layers/{i}/"
         specs[ours + "input_norm/weight"] = TensorSpec(hf + "input_layernorm.weight", (d,))
-        specs[ours + "post_attn_norm/weight"] = TensorSpec(hf + "post_attention_layernorm.weight", (d,))
+        if cfg.sandwich_norms:  # Gemma 2/3: HF's post_attention_layernorm normalises the attention output
+            specs[ours + "attn_out_norm/weight"] = TensorSpec(hf + "post_attention_layernorm.weight", (d,))
+            specs[ours + "post_attn_norm/weight"] = TensorSpec(hf + "pre_feedforward_layernorm.weight", (d,))
+            specs[ours + "mlp_out_norm/weight"] = TensorSpec(hf + "post_feedforward_layernorm.weight", (d,))
+        else:
+            specs[ours + "post_attn_norm/weight"] = TensorSpec(hf + "post_attention_layernorm.weight", (d,))
         a = hf + "self_attn."
-        specs[ours + "attn/q_proj"] = linear(a + "q_proj.weight", (d,), (n, h))
-        specs[ours + "attn/k_proj"] = linear(a + "k_proj.weight", (d,), (k, h))
-        specs[ours + "attn/v_proj"] = linear(a + "v_proj.weight", (d,), (k, h))
+        if cfg.fused_projections:  # Phi-3: one qkv_proj [(N + 2K) * H, D], split on load
+            qkv, rows = a + "qkv_proj.weight", (n + 2 * k) * h
+            specs[ours + "attn/q_proj"] = linear(qkv, (d,), (n, h), 0, rows)
+            specs[ours + "attn/k_proj"] = linear(qkv, (d,), (k, h), n * h, rows)
+            specs[ours + "attn/v_proj"] = linear(qkv, (d,), (k, h), (n + k) * h, rows)
+        else:
+            specs[ours + "attn/q_proj"] = linear(a + "q_proj.weight", (d,), (n, h))
+            specs[ours + "attn/k_proj"] = linear(a + "k_proj.weight", (d,), (k, h))
+            specs[ours + "attn/v_proj"] = linear(a + "v_proj.weight", (d,), (k, h))
         specs[ours + "attn/o_proj"] = linear(a + "o_proj.weight", (n, h), (d,))
+        if cfg.qk_norm:
+            specs[ours + "attn/q_norm/weight"] = TensorSpec(a + "q_norm.weight", (h,))
+            specs[ours + "attn/k_norm/weight"] = TensorSpec(a + "k_norm.weight", (h,))
         if cfg.attention_bias:
             specs[ours + "attn/q_bias"] = TensorSpec(a + "q_proj.bias", (n, h), hf_flat=True)
             specs[ours + "attn/k_bias"] = TensorSpec(a + "k_proj.bias", (k, h), hf_flat=True)
             specs[ours + "attn/v_bias"] = TensorSpec(a + "v_proj.bias", (k, h), hf_flat=True)
         if cfg.o_bias:
             specs[ours + "attn/o_bias_param"] = TensorSpec(a + "o_proj.bias", (d,))
-        if cfg.is_moe:
-            moe = hf + "block_sparse_moe."
+        if cfg.is_moe_layer(i):
+            # Mixtral: block_sparse_moe.experts.j.w1 / w3 / w2; Qwen3-MoE: mlp.experts.j.gate / up / down_proj
+            mixtral = cfg.architecture == "MixtralForCausalLM"
+            moe = hf + ("block_sparse_moe." if mixtral else "mlp.")
             specs[ours + "mlp/router"] = linear(moe + "gate.weight", (d,), (cfg.num_experts,))
+            fe = cfg.expert_size
             for ours_name, hf_name, in_dim, out_dim in (
-                ("gate_proj", "w1", d, f),
-                ("up_proj", "w3", d, f),
-                ("down_proj", "w2", f, d),
+                ("gate_proj", "w1" if mixtral else "gate_proj", d, fe),
+                ("up_proj", "w3" if mixtral else "up_proj", d, fe),
+                ("down_proj", "w2" if mixtral else "down_proj", fe, d),
             ):
                 specs[ours + "mlp/" + ours_name] = StackedSpec(
                     tuple(
@@ -152,6 +177,11 @@ def _param_specs(cfg: ModelConfig) -> dict[str, TensorSpec | StackedSpec]:
                         for j in range(cfg.num_experts)
                     )
                 )
+        elif cfg.fused_projections:  # Phi-3: gate_up_proj [2F, D], gate first
+            m = hf + "mlp."
+            specs[ours + "mlp/gate_proj"] = linear(m + "gate_up_proj.weight", (d,), (f,), 0, 2 * f)
+            specs[ours + "mlp/up_proj"] = linear(m + "gate_up_proj.weight", (d,), (f,), f, 2 * f)
+            specs[ours + "mlp/down_proj"] = linear(m + "down_proj.weight", (f,), (d,))
         else:
             m = hf + "mlp."
             specs[ours + "mlp/gate_proj"] = linear(m + "gate_proj.weight", (d,), (f,))
@@ -418,7 +448,7 @@ def _hf_shapes(spec) -> list[tuple[int, ...]]:
     parts = spec.experts if isinstance(spec, StackedSpec) else (spec,)
     out = []
     for p in parts:
-        a = int(np.prod(p.a_dims, dtype=np.int64))
+        a = p.fused_rows or int(np.prod(p.a_dims, dtype=np.int64))
         if p.transposed:
             out.append((a, int(np.prod(p.b_dims, dtype=np.int64))))
         else:

@@ -1,7 +1,7 @@
 """Frozen, validated configuration objects. Each component takes only the config it needs.
 
 ``ModelConfig`` is built from a Hugging Face ``config.json``; it covers the Llama family (Llama 2/3, Mistral,
-Qwen2, Gemma) and Mixtral, which differ only in the flags below.
+Qwen2/3, Gemma 1-3, Phi-3) and the MoE models (Mixtral, Qwen3-MoE), which differ only in the flags below.
 """
 
 from __future__ import annotations
@@ -19,10 +19,15 @@ SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
     "MistralForCausalLM",
     "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "Qwen3MoeForCausalLM",
     "GemmaForCausalLM",
+    "Gemma2ForCausalLM",
+    "Gemma3ForCausalLM",
+    "Phi3ForCausalLM",
     "MixtralForCausalLM",
 )
-SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
+SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear", "longrope")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,6 +39,11 @@ class RopeScaling:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    # longrope (Phi-3): per-frequency divisors for sequences up to / past original_max_position_embeddings, and
+    # the cos/sin scale (default sqrt(1 + ln(max_len / original) / ln(original)))
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
+    attention_factor: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,6 +78,18 @@ class ModelConfig:
     weight_quant: WeightQuant | None = None  # quantized linears: from the checkpoint or LLM(quantization=...)
     checkpoint_quant_format: str | None = None  # compressed-tensors format of a pre-quantized checkpoint
     early_exit_layer: int | None = None  # trained for self-speculation: layers whose output the LM head reads
+    qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm over each q and k head before RoPE
+    sandwich_norms: bool = False  # Gemma 2/3: norms on the attention and MLP outputs too, and before the MLP
+    attn_logit_softcap: float | None = None  # Gemma 2: scores -> cap * tanh(scores / cap)
+    final_logit_softcap: float | None = None  # Gemma 2: the LM head's logits likewise
+    query_pre_attn_scalar: float | None = None  # Gemma 2/3: softmax scale is this ** -0.5 (else head_dim ** -0.5)
+    # Gemma 3: sliding-window layers rotate with their own base and scaling (None: the global ones)
+    local_rope_theta: float | None = None
+    local_rope_scaling: RopeScaling | None = None
+    moe_intermediate_size: int | None = None  # Qwen3-MoE: an expert's width (None: intermediate_size)
+    norm_topk_prob: bool = True  # MoE: renormalise the top-k router weights (Mixtral always; Qwen3-MoE by config)
+    dense_layers: tuple[int, ...] = ()  # MoE models: layers with a dense MLP (Qwen3-MoE mlp_only_layers etc.)
+    fused_projections: bool = False  # Phi-3 checkpoints: qkv_proj and gate_up_proj (split on load)
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -103,10 +125,34 @@ class ModelConfig:
             raise ValueError("sliding_windows needs one entry per layer")
         if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
             raise ValueError("num_experts_per_tok must be in [1, num_experts]")
+        for scaling in (self.rope_scaling, self.local_rope_scaling):
+            if scaling is not None and scaling.rope_type == "longrope":
+                half = self.head_dim // 2
+                if len(scaling.short_factor) != half or len(scaling.long_factor) != half:
+                    raise ValueError(
+                        f"rope_scaling: longrope needs short_factor and long_factor of head_dim / 2 = {half} entries"
+                    )
 
     @property
     def is_moe(self) -> bool:
         return self.num_experts > 0
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.is_moe and layer not in self.dense_layers
+
+    @property
+    def expert_size(self) -> int:
+        return self.moe_intermediate_size or self.intermediate_size
+
+    def layer_rope(self, layer: int) -> tuple[float, RopeScaling]:
+        """(base, scaling) of a layer's RoPE: Gemma 3's sliding layers have their own."""
+        if self.sliding_windows[layer] is not None and self.local_rope_theta is not None:
+            return self.local_rope_theta, self.local_rope_scaling or RopeScaling()
+        return self.rope_theta, self.rope_scaling
+
+    @property
+    def sm_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> ModelConfig:
@@ -132,15 +178,14 @@ class ModelConfig:
         hidden = hf["hidden_size"]
         head_dim = hf.get("head_dim") or hidden // num_heads
         num_layers = hf["num_hidden_layers"]
-        rope = dict(hf.get("rope_scaling") or {})
-        rope.update(hf.get("rope_parameters") or {})
-        rope_theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
-        rope_type = rope.pop("rope_type", rope.pop("type", "default")) or "default"
-        known = {f.name for f in dataclasses.fields(RopeScaling)}
-        rope_scaling = RopeScaling(rope_type=rope_type, **{k: v for k, v in rope.items() if k in known})
-        is_gemma = model_type == "gemma" or arch == "GemmaForCausalLM"
+        is_gemma = arch in ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
         is_qwen2 = model_type == "qwen2" or arch == "Qwen2ForCausalLM"
-        windows = _sliding_windows(hf, num_layers, is_qwen2)
+        is_gemma3 = arch == "Gemma3ForCausalLM"
+        rope_theta, rope_scaling, local_theta, local_scaling = _rope(hf, is_gemma3)
+        if hf.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError("partial_rotary_factor: only 1.0 (RoPE over the whole head) is supported")
+        windows = _sliding_windows(hf, num_layers, is_qwen2, arch)
+        num_experts = hf.get("num_local_experts", 0) or hf.get("num_experts", 0) or 0
         eos = hf.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         act = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
@@ -172,8 +217,19 @@ class ModelConfig:
             norm_unit_offset=is_gemma,
             embed_scale=is_gemma,
             sliding_windows=windows,
-            num_experts=hf.get("num_local_experts", 0) or 0,
+            num_experts=num_experts,
             num_experts_per_tok=hf.get("num_experts_per_tok", 0) or 0,
+            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Gemma3ForCausalLM"),
+            sandwich_norms=arch in ("Gemma2ForCausalLM", "Gemma3ForCausalLM"),
+            attn_logit_softcap=hf.get("attn_logit_softcapping"),
+            final_logit_softcap=hf.get("final_logit_softcapping"),
+            query_pre_attn_scalar=hf.get("query_pre_attn_scalar"),
+            local_rope_theta=local_theta,
+            local_rope_scaling=local_scaling,
+            moe_intermediate_size=hf.get("moe_intermediate_size"),
+            norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
+            dense_layers=_dense_layers(hf, num_layers) if num_experts else (),
+            fused_projections=arch == "Phi3ForCausalLM",
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
             dtype=str(hf.get("dtype") or hf.get("torch_dtype") or "float32"),
@@ -183,9 +239,54 @@ class ModelConfig:
         )
 
 
-def _sliding_windows(hf: dict[str, Any], num_layers: int, is_qwen2: bool) -> tuple[int | None, ...]:
+def _rope_scaling(params: dict[str, Any], hf: dict[str, Any]) -> tuple[float, RopeScaling]:
+    """(base, scaling) from one HF rope dict (``rope_parameters`` or the older ``rope_scaling``)."""
+    rope = dict(params)
+    theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+    rope_type = rope.pop("rope_type", rope.pop("type", "default")) or "default"
+    if rope_type == "longrope":
+        original = rope.get("original_max_position_embeddings") or hf.get("original_max_position_embeddings")
+        if not original:
+            raise ValueError("rope_scaling: longrope needs original_max_position_embeddings")
+        rope["original_max_position_embeddings"] = original
+        for key in ("short_factor", "long_factor"):
+            rope[key] = tuple(float(x) for x in rope.get(key) or ())
+        if rope.get("attention_factor") is None:  # transformers' default, from the context extension
+            factor = rope.get("factor") or hf.get("max_position_embeddings", original) / original
+            rope["attention_factor"] = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+    known = {f.name for f in dataclasses.fields(RopeScaling)}
+    return theta, RopeScaling(rope_type=rope_type, **{k: v for k, v in rope.items() if k in known and v is not None})
+
+
+def _rope(hf: dict[str, Any], is_gemma3: bool) -> tuple[float, RopeScaling, float | None, RopeScaling | None]:
+    """Global (base, scaling) and, for Gemma 3, its sliding layers' own (transformers 4.x and 5.x spellings)."""
+    params = hf.get("rope_parameters") or {}
+    if is_gemma3 and "full_attention" in params:  # transformers 5: one rope dict per layer type
+        theta, scaling = _rope_scaling(params["full_attention"], hf)
+        local_theta, local_scaling = _rope_scaling(params.get("sliding_attention") or {}, hf)
+        return theta, scaling, local_theta, local_scaling
+    merged = {**(hf.get("rope_scaling") or {}), **params}
+    theta, scaling = _rope_scaling(merged, hf)
+    if is_gemma3:  # transformers 4: rope_local_base_freq, default scaling on the sliding layers
+        return theta, scaling, float(hf.get("rope_local_base_freq", 10000.0)), RopeScaling()
+    return theta, scaling, None, None
+
+
+def _dense_layers(hf: dict[str, Any], num_layers: int) -> tuple[int, ...]:
+    """MoE layers that keep a dense MLP: Qwen3-MoE's ``mlp_only_layers`` and those off ``decoder_sparse_step``."""
+    step = int(hf.get("decoder_sparse_step", 1) or 1)
+    only = set(hf.get("mlp_only_layers") or ())
+    return tuple(i for i in range(num_layers) if i in only or (i + 1) % step)
+
+
+def _sliding_windows(hf: dict[str, Any], num_layers: int, is_qwen2: bool, arch: str) -> tuple[int | None, ...]:
     window = hf.get("sliding_window")
     layer_types = hf.get("layer_types")
+    if not layer_types and window and arch in ("Gemma2ForCausalLM", "Gemma3ForCausalLM"):
+        # configs from before layer_types: Gemma 2 alternates from a sliding layer, Gemma 3 has every
+        # sliding_window_pattern-th layer global
+        pattern = 2 if arch == "Gemma2ForCausalLM" else int(hf.get("sliding_window_pattern", 6))
+        layer_types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers)]
     if layer_types:
         return tuple(window if t == "sliding_attention" else None for t in layer_types)
     if is_qwen2:

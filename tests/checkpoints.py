@@ -56,6 +56,67 @@ FAMILIES: dict[str, tuple[type, type, dict]] = {
         transformers.MixtralForCausalLM,
         dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=64),
     ),
+    # head_dim 32 with 4 heads over hidden 64: not hidden / heads
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, dict(head_dim=32)),
+    "qwen3-moe": (
+        transformers.Qwen3MoeConfig,
+        transformers.Qwen3MoeForCausalLM,
+        dict(
+            head_dim=32,
+            num_hidden_layers=3,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            norm_topk_prob=True,
+            mlp_only_layers=[1],  # a dense layer between two sparse ones
+        ),
+    ),
+    "qwen3-moe-unnormalized": (
+        transformers.Qwen3MoeConfig,
+        transformers.Qwen3MoeForCausalLM,
+        dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=False),
+    ),
+    "gemma2": (  # alternating windowed / global layers; caps low enough that these random weights exceed them
+        transformers.Gemma2Config,
+        transformers.Gemma2ForCausalLM,
+        dict(
+            head_dim=16,
+            sliding_window=16,
+            num_hidden_layers=4,
+            query_pre_attn_scalar=24,
+            attn_logit_softcapping=2.0,
+            final_logit_softcapping=3.0,
+            initializer_range=0.25,  # raw scores and logits well past the caps (tests/models/test_families.py)
+            attn_implementation="eager",  # transformers' sdpa path leaves the attention soft cap out
+        ),
+    ),
+    "gemma3": (  # 5 windowed layers : 1 global, a local RoPE base, linear scaling on the global layer
+        transformers.Gemma3TextConfig,
+        transformers.Gemma3ForCausalLM,
+        dict(
+            head_dim=16,
+            sliding_window=16,
+            num_hidden_layers=6,
+            query_pre_attn_scalar=16,
+            rope_parameters={
+                "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1000000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            },
+        ),
+    ),
+    "phi3": (  # fused qkv / gate_up; longrope with a 32-token original context (the long prompt is past it)
+        transformers.Phi3Config,
+        transformers.Phi3ForCausalLM,
+        dict(
+            pad_token_id=0,
+            original_max_position_embeddings=32,
+            rope_scaling={
+                "type": "longrope",
+                "short_factor": [1.0 + 0.05 * i for i in range(8)],
+                "long_factor": [1.5 + 0.3 * i for i in range(8)],
+            },
+        ),
+    ),
 }
 
 

@@ -2,7 +2,8 @@
 
 The engine's batch builder produces an :class:`AttentionLayout` (numpy, on the host). The backend chosen at
 startup turns it into its own metadata with ``plan(layout)`` (host side, once per step, for all layers), and the
-model calls ``backend.attend(q, kv, metadata)`` in every layer (device side); ``kv`` is the layer's
+model calls ``backend.attend(q, kv, metadata, sm_scale=..., sliding_window=..., soft_cap=...)`` in every layer
+(device side; the window and the logit soft cap are the layer's static constants); ``kv`` is the layer's
 ``(k_pages, v_pages)``, or ``(k_pages, v_pages, k_scales, v_scales)`` for an int8 / fp8 cache. Metadata shapes
 depend only on the step's token bucket, so the backend never adds a compiled program.
 """
@@ -80,8 +81,13 @@ class AttentionBackend:
         *,
         sm_scale: float,
         sliding_window: int | None,
+        soft_cap: float | None = None,
     ) -> jax.Array:
-        """q [T, N, H] against the paged cache (this step's K/V already written) -> [T, N, H]."""
+        """q [T, N, H] against the paged cache (this step's K/V already written) -> [T, N, H].
+
+        ``sliding_window``: a query sees keys less than this many positions back (None: all). ``soft_cap``:
+        scores become ``soft_cap * tanh(scores / soft_cap)`` after ``sm_scale`` (Gemma 2's logit soft-capping).
+        """
         raise NotImplementedError
 
     @staticmethod

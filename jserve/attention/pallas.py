@@ -23,7 +23,7 @@ class PallasBackend(AttentionBackend):
     kernel = ""  # pallas_kernels backend name
     interpret = False
 
-    def attend(self, q, kv, metadata, *, sm_scale, sliding_window):
+    def attend(self, q, kv, metadata, *, sm_scale, sliding_window, soft_cap=None):
         def kernel(q, kv, kv_lens, block_tables, cu_q_lens, num_seqs):
             return pallas_kernels.ragged_paged_attention(
                 q,
@@ -35,6 +35,7 @@ class PallasBackend(AttentionBackend):
                 num_seqs,
                 sm_scale=sm_scale,
                 sliding_window=sliding_window,
+                logit_soft_cap=soft_cap,
                 backend=self.kernel,
                 interpret=self.interpret,
                 **self.scales(kv),

@@ -9,7 +9,6 @@ import jax.numpy as jnp
 
 from jserve.attention.base import AttentionBackend
 from jserve.attention.pallas import PallasGpuBackend, PallasTpuBackend, PallasTpuInterpretBackend
-from jserve.attention.xla_page_loop import XlaPageLoopBackend
 from jserve.attention.xla_work_items import XlaWorkItemsBackend
 from jserve.engine.shapes import StepShapes
 from pallas_kernels.checks import GPU_MIN_QUANTIZED_PAGE_SIZE
@@ -80,8 +79,9 @@ def select_backend(
     platform: str | None = None,
     quantized_kv: bool = False,
 ) -> AttentionBackend:
-    """The backend object for this engine. On the XLA path: work items when every layer has the same sliding
-    window (a plan skips pages for one window), else the page loop."""
+    """The backend object for this engine. On the XLA path: work items, which plan once per distinct sliding
+    window of the layers (``sliding_windows``: one entry per layer, None for full attention) and fall back to
+    the page loop at run time where it is faster."""
     kernel = resolve_kernel(
         choice, head_dim=head_dim, page_size=shapes.page_size, dtype=dtype, platform=platform, quantized_kv=quantized_kv
     )
@@ -91,7 +91,4 @@ def select_backend(
         return PallasTpuBackend(shapes)
     if kernel == "tpu-interpret":
         return PallasTpuInterpretBackend(shapes)
-    windows = set(sliding_windows)
-    if len(windows) == 1:
-        return XlaWorkItemsBackend(shapes, sliding_window=windows.pop())
-    return XlaPageLoopBackend(shapes)
+    return XlaWorkItemsBackend(shapes, sliding_windows=sliding_windows)

@@ -1,7 +1,9 @@
 """XLA page loop: every token row walks its context in 64-key steps (``pallas_kernels/xla.py``).
 
 The loop's trip count is a runtime value (the longest context in the step), so one program serves every page
-count. Used where work items cannot be: models whose layers have different sliding windows.
+count, and the window is applied by masking alone (no host plan), so any mix of per-layer windows works. It is
+the runtime fallback inside ``XlaWorkItemsBackend`` (decode-only steps with near-uniform contexts, short
+speculative steps) and stays a backend of its own for tests and benchmarks.
 """
 
 from __future__ import annotations
@@ -12,7 +14,15 @@ from jserve.attention.base import AttentionBackend, AttentionLayout
 from pallas_kernels import xla as pallas_xla
 
 
-def page_loop(q, kv, layout: AttentionLayout, *, sm_scale, sliding_window) -> jax.Array:
+def page_loop(
+    q: jax.Array,
+    kv: tuple[jax.Array, ...],
+    layout: AttentionLayout,
+    *,
+    sm_scale: float,
+    sliding_window: int | None,
+    soft_cap: float | None = None,
+) -> jax.Array:
     return pallas_xla.ragged_paged_attention(
         q,
         kv[0],
@@ -23,6 +33,7 @@ def page_loop(q, kv, layout: AttentionLayout, *, sm_scale, sliding_window) -> ja
         layout.num_seqs,
         sm_scale=sm_scale,
         sliding_window=sliding_window,
+        logit_soft_cap=soft_cap,
         **AttentionBackend.scales(kv),
     )
 
@@ -30,5 +41,5 @@ def page_loop(q, kv, layout: AttentionLayout, *, sm_scale, sliding_window) -> ja
 class XlaPageLoopBackend(AttentionBackend):
     name = "xla-page-loop"
 
-    def attend(self, q, kv, metadata, *, sm_scale, sliding_window):
-        return page_loop(q, kv, metadata, sm_scale=sm_scale, sliding_window=sliding_window)
+    def attend(self, q, kv, metadata, *, sm_scale, sliding_window, soft_cap=None):
+        return page_loop(q, kv, metadata, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)

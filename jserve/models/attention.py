@@ -10,7 +10,7 @@ from flax import nnx
 
 from jserve.attention import AttentionBackend
 from jserve.config import ModelConfig
-from jserve.models.layers import apply_rope, linear_weight, param
+from jserve.models.layers import RMSNorm, apply_rope, linear_weight, param
 from jserve.quant.weights import einsum
 
 
@@ -33,14 +33,19 @@ class Attention(nnx.Module):
             self.v_bias = param(rngs, (k, h), ("kv_heads", "head_dim"), dtype, zeros)
         if cfg.o_bias:
             self.o_bias_param = param(rngs, (d,), ("embed",), dtype, nnx.initializers.zeros)
-        self.sm_scale = h**-0.5
+        if cfg.qk_norm:  # Qwen3 / Gemma 3: each head normalised over head_dim before RoPE
+            norm = dict(eps=cfg.rms_norm_eps, unit_offset=cfg.norm_unit_offset, dtype=dtype, rngs=rngs)
+            self.q_norm = RMSNorm(h, **norm, axis="head_dim")
+            self.k_norm = RMSNorm(h, **norm, axis="head_dim")
+        self.qk_norm = cfg.qk_norm
+        self.sm_scale = cfg.sm_scale
+        self.soft_cap = cfg.attn_logit_softcap
         self.sliding_window = cfg.sliding_windows[layer_idx]
 
     def __call__(
         self,
         x: jax.Array,  # [T, D]
-        positions: jax.Array,  # [T]
-        inv_freq: jax.Array,  # [H/2]
+        rope: tuple[jax.Array, jax.Array],  # this layer's (cos, sin) [T, H/2]
         kv: tuple[jax.Array, ...],  # this layer's pages [K, P, L, H] (+ scales [K, P, L] when quantized)
         meta,  # the backend's metadata for this step (AttentionBackend.plan)
         backend: AttentionBackend,
@@ -50,10 +55,14 @@ class Attention(nnx.Module):
         v = einsum("td,dkh->tkh", x, self.v_proj)
         if self.qkv_bias:
             q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
-        q = apply_rope(q, positions, inv_freq)
-        k = apply_rope(k, positions, inv_freq)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q, *rope)
+        k = apply_rope(k, *rope)
         kv = backend.write_kv(kv, k, v, meta)
-        out = backend.attend(q, kv, meta, sm_scale=self.sm_scale, sliding_window=self.sliding_window)
+        out = backend.attend(
+            q, kv, meta, sm_scale=self.sm_scale, sliding_window=self.sliding_window, soft_cap=self.soft_cap
+        )
         out = einsum("tnh,nhd->td", out, self.o_proj)
         if self.o_bias:
             out = out + self.o_bias_param[...]

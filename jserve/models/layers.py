@@ -47,9 +47,9 @@ def linear_weight(
 class RMSNorm(nnx.Module):
     """Root-mean-square norm; Gemma scales by (1 + w) and keeps the multiply in float32."""
 
-    def __init__(self, dim: int, eps: float, *, unit_offset: bool, dtype, rngs: nnx.Rngs):
+    def __init__(self, dim: int, eps: float, *, unit_offset: bool, dtype, rngs: nnx.Rngs, axis: str = "embed"):
         init = nnx.initializers.zeros if unit_offset else nnx.initializers.ones
-        self.weight = param(rngs, (dim,), ("embed",), dtype, init)
+        self.weight = param(rngs, (dim,), (axis,), dtype, init)
         self.eps = eps
         self.unit_offset = unit_offset
 
@@ -79,11 +79,34 @@ def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling) 
     return inv_freq
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    """Rotates x [T, heads, H] by position (HF "rotate_half" layout: first half pairs with second half)."""
-    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, H/2]
-    cos = jnp.cos(angles)[:, None, :]
-    sin = jnp.sin(angles)[:, None, :]
+def _longrope_frequencies(head_dim: int, theta: float, factors: tuple[float, ...]) -> jax.Array:
+    exponents = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
+    return 1.0 / (jnp.asarray(factors, jnp.float32) * theta**exponents)
+
+
+def rope_tables(
+    positions: jax.Array, seq_lens: jax.Array | None, head_dim: int, theta: float, scaling: RopeScaling
+) -> tuple[jax.Array, jax.Array]:
+    """(cos, sin) [T, H/2] of each token's rotation. longrope (Phi-3) rotates a token with its long factors when
+    its sequence, this step included (``seq_lens`` [T]), is longer than the original context (transformers' rule
+    for the sequence being run), and scales cos/sin by the attention factor."""
+    pos = positions.astype(jnp.float32)[:, None]
+    if scaling.rope_type != "longrope":
+        angles = pos * rope_inverse_frequencies(head_dim, theta, scaling)[None, :]
+        return jnp.cos(angles), jnp.sin(angles)
+    short = _longrope_frequencies(head_dim, theta, scaling.short_factor)
+    long = _longrope_frequencies(head_dim, theta, scaling.long_factor)
+    use_long = (seq_lens > scaling.original_max_position_embeddings)[:, None]
+    angles = pos * jnp.where(use_long, long[None, :], short[None, :])
+    factor = 1.0 if scaling.attention_factor is None else scaling.attention_factor
+    return jnp.cos(angles) * factor, jnp.sin(angles) * factor
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotates x [T, heads, H] by the per-token tables [T, H/2] (HF "rotate_half" layout: first half pairs with
+    second half)."""
+    cos = cos[:, None, :]
+    sin = sin[:, None, :]
     x32 = x.astype(jnp.float32)
     first, second = jnp.split(x32, 2, axis=-1)
     rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
@@ -101,8 +124,8 @@ def activation(name: str):
 class MLP(nnx.Module):
     """Gated MLP: down(act(gate(x)) * up(x)) — SwiGLU for Llama, GeGLU-tanh for Gemma."""
 
-    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
-        d, f = cfg.hidden_size, cfg.intermediate_size
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs, width: int | None = None):
+        d, f = cfg.hidden_size, width or cfg.intermediate_size
         quant = cfg.weight_quant
         self.gate_proj = linear_weight(rngs, (d, f), ("embed", "mlp"), dtype, quant, name="gate_proj")
         self.up_proj = linear_weight(rngs, (d, f), ("embed", "mlp"), dtype, quant, name="up_proj")

@@ -1,4 +1,5 @@
-"""The Llama family as one decoder configured by flags: Llama 2/3, Mistral, Qwen2, Gemma, and Mixtral (MoE MLP).
+"""The Llama family as one decoder configured by flags: Llama 2/3, Mistral, Qwen2/3, Gemma 1-3, Phi-3, and the
+MoE models (Mixtral, Qwen3-MoE).
 
 A forward pass runs a ragged batch of new tokens (prefill chunks and decode tokens of many sequences, packed
 into [T]) through all layers, writing their K/V into each layer's pages. Layers are unrolled: each keeps its own
@@ -14,7 +15,7 @@ from flax import nnx
 from jserve.attention import AttentionBackend
 from jserve.config import ModelConfig
 from jserve.models.attention import Attention
-from jserve.models.layers import MLP, Embedding, RMSNorm, param, rope_inverse_frequencies
+from jserve.models.layers import MLP, Embedding, RMSNorm, param, rope_tables
 from jserve.models.mixtral import MoE
 from jserve.quant.kv import kv_bytes_per_token
 
@@ -23,18 +24,33 @@ KVCache = list[tuple[jax.Array, ...]]
 
 
 class DecoderLayer(nnx.Module):
+    """Pre-norm residual block. ``post_attn_norm`` is the norm before the MLP (HF's ``post_attention_layernorm``
+    for Llama, ``pre_feedforward_layernorm`` for Gemma 2/3); Gemma's sandwich norms also normalise the attention
+    and MLP outputs before each residual add (``attn_out_norm``, ``mlp_out_norm``)."""
+
     def __init__(self, cfg: ModelConfig, layer_idx: int, *, dtype, rngs: nnx.Rngs):
         norm = dict(eps=cfg.rms_norm_eps, unit_offset=cfg.norm_unit_offset, dtype=dtype, rngs=rngs)
         self.input_norm = RMSNorm(cfg.hidden_size, **norm)
         self.attn = Attention(cfg, layer_idx, dtype=dtype, rngs=rngs)
         self.post_attn_norm = RMSNorm(cfg.hidden_size, **norm)
-        self.mlp = MoE(cfg, dtype=dtype, rngs=rngs) if cfg.is_moe else MLP(cfg, dtype=dtype, rngs=rngs)
+        self.sandwich = cfg.sandwich_norms
+        if cfg.sandwich_norms:
+            self.attn_out_norm = RMSNorm(cfg.hidden_size, **norm)
+            self.mlp_out_norm = RMSNorm(cfg.hidden_size, **norm)
+        if cfg.is_moe_layer(layer_idx):
+            self.mlp = MoE(cfg, dtype=dtype, rngs=rngs)
+        else:
+            self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, positions, inv_freq, kv, meta, backend):
-        attn_out, kv = self.attn(self.input_norm(x), positions, inv_freq, kv, meta, backend)
+    def __call__(self, x, rope, kv, meta, backend):
+        attn_out, kv = self.attn(self.input_norm(x), rope, kv, meta, backend)
+        if self.sandwich:
+            attn_out = self.attn_out_norm(attn_out)
         x = x + attn_out
-        x = x + self.mlp(self.post_attn_norm(x))
-        return x, kv
+        mlp_out = self.mlp(self.post_attn_norm(x))
+        if self.sandwich:
+            mlp_out = self.mlp_out_norm(mlp_out)
+        return x + mlp_out, kv
 
 
 class CausalLM(nnx.Module):
@@ -74,17 +90,32 @@ class CausalLM(nnx.Module):
     ) -> tuple[jax.Array, KVCache]:
         """Runs a contiguous range of layers (a pipeline stage); kv_cache holds exactly those layers' pages."""
         cfg = self.config
-        inv_freq = rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)  # folded by XLA
+        ropes = {cfg.layer_rope(i) for i in layers}
+        seq_lens = None
+        if any(scaling.rope_type == "longrope" for _, scaling in ropes):
+            seq_lens = _token_sequence_lengths(backend.layout_of(meta), positions.shape[0])
+        tables = {rope: rope_tables(positions, seq_lens, cfg.head_dim, *rope) for rope in ropes}  # once per step
         new_cache = []
         for i, kv in zip(layers, kv_cache, strict=True):
-            x, kv = self.layers[i](x, positions, inv_freq, kv, meta, backend)
+            x, kv = self.layers[i](x, tables[cfg.layer_rope(i)], kv, meta, backend)
             new_cache.append(kv)
         return x, new_cache
 
     def logits(self, hidden: jax.Array) -> jax.Array:  # [B, D] -> [B, V] float32
         if self.config.tie_word_embeddings:
-            return self.embed.attend(hidden)
-        return jnp.einsum("bd,dv->bv", hidden, self.lm_head[...], preferred_element_type=jnp.float32)
+            logits = self.embed.attend(hidden)
+        else:
+            logits = jnp.einsum("bd,dv->bv", hidden, self.lm_head[...], preferred_element_type=jnp.float32)
+        cap = self.config.final_logit_softcap
+        return logits if cap is None else cap * jnp.tanh(logits / cap)
+
+
+def _token_sequence_lengths(layout, num_tokens: int) -> jax.Array:
+    """[T] the length of each token's sequence with this step's tokens (its row's kv_len; padding: 0)."""
+    token = jnp.arange(num_tokens, dtype=jnp.int32)
+    row = jnp.searchsorted(layout.cu_q_lens[1:], token, side="right")
+    real = token < layout.cu_q_lens[layout.num_seqs[0]]
+    return jnp.where(real, layout.kv_lens[jnp.minimum(row, layout.kv_lens.shape[0] - 1)], 0)
 
 
 def kv_cache_shape(cfg: ModelConfig, num_pages: int, page_size: int) -> tuple[int, int, int, int]:

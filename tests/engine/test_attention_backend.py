@@ -8,7 +8,6 @@ import pytest
 
 from jserve.attention import select as attention_select
 from jserve.attention import select_backend
-from jserve.attention.xla_page_loop import XlaPageLoopBackend
 from jserve.attention.xla_work_items import XlaWorkItemsBackend
 from jserve.engine.shapes import StepShapes
 from pallas_kernels import dispatch
@@ -74,7 +73,7 @@ def test_cpu_and_tpu():
 
 
 def test_backend_objects():
-    """One object per path; the XLA path takes work items unless layers have different sliding windows."""
+    """One object per path; the XLA path takes work items, planned once per distinct sliding window."""
     shapes = StepShapes.from_limits(
         max_num_batched_tokens=64, max_num_seqs=4, max_model_len=128, page_size=16, banned_len=2
     )
@@ -85,7 +84,10 @@ def test_backend_objects():
         )
 
     assert isinstance(pick("auto"), XlaWorkItemsBackend)
-    assert pick("auto", windows=(32, 32)).sliding_window == 32
-    assert isinstance(pick("auto", windows=(32, None)), XlaPageLoopBackend)
+    assert pick("auto").sliding_windows == (None,)
+    assert pick("auto", windows=(32, 32)).sliding_windows == (32,)
+    mixed = pick("auto", windows=(32, None, 32, None))  # Gemma-style alternation: one plan per distinct window
+    assert isinstance(mixed, XlaWorkItemsBackend) and mixed.sliding_windows == (32, None)
+    assert pick("auto", windows=()).sliding_windows == (None,)
     assert pick("pallas").name == "pallas-tpu-interpret"
     assert pick("auto", platform="tpu").name == "pallas-tpu"

@@ -109,8 +109,10 @@ def test_unsupported_architecture_is_a_clear_error(llama_dir, tmp_path):
     config = json.loads((other / "config.json").read_text())
     config["architectures"] = ["GPT2LMHeadModel"]
     (other / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"architectures: 'GPT2LMHeadModel' is not supported; supported: Llama"):
+    with pytest.raises(ValueError, match=r"architectures: 'GPT2LMHeadModel' is not supported; supported: Llama") as e:
         ModelConfig.from_pretrained(other)
+    for family in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3"):
+        assert family in str(e.value)
 
 
 def test_orbax_round_trip_gives_identical_logits(llama_dir, tmp_path):

@@ -124,6 +124,20 @@ def test_moe_experts_are_quantized(tmp_path):
     np.testing.assert_allclose(_prompt_logprobs(llm), reference, atol=MATCH_TOL, rtol=0)
 
 
+@pytest.mark.parametrize("family", ["qwen3", "qwen3-moe", "gemma2", "phi3"])
+def test_newer_families_quantize_on_load(tmp_path, family):
+    """int8 on load for Qwen3 (q/k norms), Qwen3-MoE (experts), Gemma 2 and Phi-3 (fused qkv / gate_up split on
+    load, then quantized per output channel, which splitting does not change)."""
+    extra = {}
+    if family == "phi3":  # head_dim 32 here: longrope needs 16 factors
+        factors = [1.0 + 0.05 * i for i in range(16)]
+        extra["rope_scaling"] = {"type": "longrope", "short_factor": factors, "long_factor": factors[::-1]}
+    path, model = make_checkpoint(family, tmp_path / family, initializer_range=0.05, **SHAPE, **extra)
+    llm = LLM(model=path, quantization="int8", **ENGINE)
+    reference = _hf_prompt_logprobs(_fake_quantized_model(model, "int8", None))
+    np.testing.assert_allclose(_prompt_logprobs(llm), reference, atol=MATCH_TOL, rtol=0)
+
+
 def test_int4_tensor_parallel_matches_single_device(dense):
     path, _ = dense
     one = LLM(model=path, quantization="int4", quantization_group_size=32, **ENGINE)

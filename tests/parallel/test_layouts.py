@@ -111,6 +111,21 @@ def test_mixtral_expert_parallel_matches_single_device(mixtral_dir, prompts, tp)
     assert shard_shape(params["layers/0/mlp/down_proj"]) == (4 // tp, 64, 64)
 
 
+@pytest.mark.parametrize("family", ["qwen3", "qwen3-moe"])
+def test_qwen3_tensor_parallel_matches_single_device(family, prompts, tmp_path):
+    """Qwen3's q/k norms and head_dim != hidden / heads split over tp=2; Qwen3-MoE's experts go one half per
+    device (expert parallel) while its dense layer splits on mlp."""
+    path, _ = make_checkpoint(family, tmp_path / family, initializer_range=0.1)
+    _, reference = _run(path, prompts)
+    llm, tokens = _run(path, prompts, tensor_parallel_size=2)
+    assert tokens == reference
+    params = llm.engine.runner.params()
+    assert shard_shape(params["layers/0/attn/q_proj"]) == (64, 2, 32)  # 4 heads of 32 -> 2 per device
+    if family == "qwen3-moe":
+        assert shard_shape(params["layers/0/mlp/gate_proj"]) == (2, 64, 32)  # experts split over devices
+        assert shard_shape(params["layers/1/mlp/gate_proj"]) == (64, 64)  # the dense layer: mlp 128 split
+
+
 @pytest.mark.parametrize(
     ("layout", "message"),
     [
