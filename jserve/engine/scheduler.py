@@ -334,8 +334,9 @@ class Scheduler:
 
     @staticmethod
     def _awaits_grammar(request: Request) -> bool:
-        """Structured outputs: its next mask follows from its last token, which is still on the device (async
-        scheduling), so it sits this step out; the mask is computed while the other requests' step runs."""
+        """Structured outputs: its next mask follows from its last token, so it never runs with that token still
+        on the device (the engine steps synchronously while constrained requests live; this covers the step in
+        flight when one arrives)."""
         return request.grammar is not None and request.num_pending_tokens > 0
 
     def _make_chunk(self, request: Request, num_new: int, num_drafts: int = 0) -> ScheduledChunk:
