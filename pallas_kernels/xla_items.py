@@ -372,7 +372,8 @@ def ragged_paged_attention_items(
     logit_soft_cap: float | None = None,
     chunk_bytes: int = CHUNK_BYTES,
 ) -> jax.Array:
-    """``reference.ragged_paged_attention`` for the step ``plan`` was built from (one plan serves all layers).
+    """``reference.ragged_paged_attention`` for the step ``plan`` was built from (one plan serves every layer
+    with the sliding window it was planned for).
 
     q [T, N, H]; k_pages, v_pages [K, P, L, H] (float, or int8 / fp8 with ``k_scales``/``v_scales`` [K, P, L]);
     -> [T, N, H] in q's dtype. ``chunk_bytes``: a group whose working set exceeds it runs as a loop over
