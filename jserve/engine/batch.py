@@ -95,6 +95,8 @@ class StepPlan:
     reads_previous: bool = False  # some token or history entry comes from the previous step's outputs
     proposal: ProposalInput | None = None  # device-drafted speculation: the drafter's inputs
     num_drafts: list[int] = dataclasses.field(default_factory=list)  # per sampled row (verification steps)
+    # device-drafted steps with constrained rows: fills their later positions' masks from the drafts
+    fill_draft_masks: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
 
     @property
     def bucket(self) -> int:
@@ -157,12 +159,14 @@ def build_sampling(
     previous_rows: dict[str, int] | None = None,
     num_rows: int | None = None,
     verifying: bool = False,
+    device_drafts: bool = False,
 ) -> tuple[SamplingTensors, np.ndarray, list[str], np.ndarray, np.ndarray]:
     """Sampling settings of the chunks that sample, their logits rows, their request ids (row order), and for
     each row where its pending token goes in the penalty history (source row in the previous step, column).
     ``num_rows``: the sampled rows' padding (default max_num_seqs; verification steps: spec_rows).
     Constrained rows (structured outputs) get their grammar's bitmask; ``verifying``: one per verified position,
-    each after the drafts before it."""
+    each after the drafts before it (``device_drafts``: position 0 only; ``draft_mask_filler`` does the rest once
+    the device drafter's tokens are known)."""
     num_rows = shapes.max_num_seqs if num_rows is None else num_rows
     logits_indices = np.zeros(shapes.max_num_seqs, np.int32)
     history_src = np.full(num_rows, -1, np.int32)
@@ -203,7 +207,11 @@ def build_sampling(
         positions_per_row=positions,
     )
     constrained = [
-        (request.grammar, row * positions, chunk.token_ids[len(chunk.token_ids) - chunk.num_drafts :])
+        (
+            request.grammar,
+            row * positions,
+            [] if device_drafts else chunk.token_ids[len(chunk.token_ids) - chunk.num_drafts :],
+        )
         for row, (chunk, request) in enumerate(sampled)
         if request.grammar is not None
     ]
@@ -261,6 +269,7 @@ def build_step(
         previous_rows,
         shapes.spec_rows if verifying else None,
         verifying,
+        device_drafts,
     )
     spec = build_verification(chunks, shapes, t_pad) if verifying else None
     proposal = build_proposal(chunks, shapes) if verifying and device_drafts else None
@@ -297,7 +306,38 @@ def build_step(
         reads_previous=bool((token_src >= 0).any() or (history_src >= 0).any()),
         proposal=proposal,
         num_drafts=[c.num_drafts for c in chunks if c.sample] if verifying else [],
+        fill_draft_masks=draft_mask_filler(chunks, requests, shapes) if proposal is not None else None,
     )
+
+
+def draft_mask_filler(
+    chunks: Sequence[ScheduledChunk], requests: dict[str, Request], shapes: StepShapes
+) -> Callable[[np.ndarray, np.ndarray], np.ndarray] | None:
+    """Device-drafted verification with constrained rows: a host function from (bitmask, the drafter's tokens
+    [S, k] in drafting order) to the bitmask with each constrained row's verified positions filled, each after
+    the drafts before it. The drafts reach the host between drafting and verifying (one sync); None when no
+    drafting row is constrained."""
+    positions = shapes.num_spec_tokens + 1
+    rows: list[tuple] = []
+    row = drafting = 0
+    for chunk in chunks:
+        if not chunk.sample:
+            continue
+        if chunk.num_drafts:
+            grammar = requests[chunk.request_id].grammar
+            if grammar is not None:
+                rows.append((grammar, row * positions, drafting, chunk.num_drafts))
+            drafting += 1
+        row += 1
+    if not rows:
+        return None
+
+    def fill(bitmask: np.ndarray, drafts: np.ndarray) -> np.ndarray:
+        out = np.array(bitmask, copy=True)
+        fill_bitmask_rows([(g, base, drafts[r, :d].tolist()) for g, base, r, d in rows], out)
+        return out
+
+    return fill
 
 
 def build_verification(chunks: Sequence[ScheduledChunk], shapes: StepShapes, num_tokens_padded: int) -> SpecInput:

@@ -395,11 +395,9 @@ class Engine:
 
     def _may_draft(self, request: Request) -> bool:
         """Decoding, every token on the host, past min_tokens (whose banned ids plain steps apply), and not
-        opted out. Constrained requests draft on the host only (n-gram): a device drafter's tokens would reach
-        the host after verification, too late for the grammar's masks of the positions after them."""
+        opted out."""
         return (
             request.sampling_params.speculative
-            and (request.grammar is None or not self.speculative.samples_drafts)
             and request.draft_synced
             and request.status == RequestStatus.RUNNING
             and not request.num_pending_tokens

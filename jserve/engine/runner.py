@@ -690,7 +690,11 @@ class ModelRunner:
         verification step, all on the device (no host round trip between drafting and verifying)."""
         args = (stage.param_leaves, stage.kv_cache, self.draft_leaves, self.draft_kv, plan.proposal, inputs.sampling)
         stage.kv_cache, self.draft_kv, (drafts, q) = self._propose_program(args)(*args)
-        return dataclasses.replace(inputs, spec=dataclasses.replace(inputs.spec, draft_tokens=drafts, draft_probs=q))
+        inputs = dataclasses.replace(inputs, spec=dataclasses.replace(inputs.spec, draft_tokens=drafts, draft_probs=q))
+        if plan.fill_draft_masks is not None:  # structured outputs: the masks after each draft, on the host
+            mask = plan.fill_draft_masks(np.asarray(inputs.sampling.token_bitmask), np.asarray(drafts))
+            inputs = dataclasses.replace(inputs, sampling=dataclasses.replace(inputs.sampling, token_bitmask=mask))
+        return inputs
 
     def dispatch(
         self, plans: list[StepPlan], previous: PendingStep | None = None, *, planned: bool = False

@@ -25,8 +25,9 @@ _DRAFT_STREAM = 0xD4AF  # fold_in tag of the drafter's draws (independent of the
 
 
 def drafting_tensors(t: SamplingTensors) -> SamplingTensors:
-    """The drafter samples with the row's temperature and filters, without penalties or banned ids (any q keeps
-    verification lossless; these keep q close to the target's p)."""
+    """The drafter samples with the row's temperature and filters, without penalties, banned ids or grammar
+    masks (any q keeps verification lossless; these keep q close to the target's p, and a verification step's
+    masks are per verified position, computed on the host from these very drafts)."""
     return dataclasses.replace(
         t,
         repetition_penalty=jnp.ones_like(t.repetition_penalty),
@@ -35,6 +36,7 @@ def drafting_tensors(t: SamplingTensors) -> SamplingTensors:
         banned_token_ids=t.banned_token_ids[:, :0],
         token_history=t.token_history[:, :0],
         history_is_output=t.history_is_output[:, :0],
+        token_bitmask=t.token_bitmask[:, :0],
     )
 
 

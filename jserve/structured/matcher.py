@@ -28,16 +28,17 @@ class GrammarState:
         self._matcher.unsafe_compute_mask_ptr(target.ctypes.data, target.nbytes)
 
     def fill_with_drafts(self, bitmask: np.ndarray, first_row: int, drafts: Sequence[int]) -> None:
-        """Rows first_row + j, j = 0..len(drafts): the mask after the first j drafts (verification positions).
-        The matcher ends where it started."""
-        consumed = 0
-        for j in range(len(drafts) + 1):
+        """Rows first_row + j, j = 0..n: the mask after the first j drafts (verification positions), n being how
+        many drafts the grammar accepts; the rows past n are never read, since verification rejects draft n
+        (its mask excludes it). Drafts past n are never consumed (a rejected token would put the matcher in its
+        error state for good), and the matcher ends where it started."""
+        valid = self.valid_prefix(drafts)
+        for j in range(valid + 1):
             self.fill(bitmask, first_row + j)
-            if j == len(drafts) or not self._matcher.consume_token(int(drafts[j])):
-                break
-            consumed += 1
-        if consumed:
-            self._matcher.rollback(consumed)
+            if j < valid:
+                self._matcher.consume_token(int(drafts[j]))
+        if valid:
+            self._matcher.rollback(valid)
 
     def valid_prefix(self, tokens: Sequence[int]) -> int:
         """How many leading ``tokens`` the grammar accepts from here (drafts past them are dropped)."""

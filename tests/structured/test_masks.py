@@ -72,3 +72,16 @@ def test_sampler_applies_the_bitmask_and_skips_open_rows():
     # an all-open mask changes nothing
     t = dataclasses.replace(base, temperature=np.zeros(b, np.float32), token_bitmask=np.full_like(mask, -1))
     assert np.array_equal(np.asarray(sample(logits, t).token_ids), np.argmax(np.asarray(logits), axis=-1))
+
+
+def test_invalid_drafts_leave_the_matcher_usable(compiler):
+    """Device drafters propose anything: masks stop at the first draft the grammar rejects, which is never
+    consumed (llguidance's matcher would stay in its error state for good)."""
+    tok, c = compiler
+    state = c.compile(StructuredOutputsParams(regex=r"(foo|bar)=[0-9]{1,2};")).new_state()
+    good, bad = tok.encode("foo=", add_special_tokens=False), tok.encode("zzz", add_special_tokens=False)
+    mask = np.full((len(good) + len(bad) + 1, bitmask_words(VOCAB)), -1, np.int32)
+    state.fill_with_drafts(mask, 0, good + bad)
+    assert bad[0] not in _allowed(mask[len(good)])  # verification rejects the bad draft at its position
+    assert not state.error and state.accept(good) and state.accept(tok.encode("7;", add_special_tokens=False))
+    assert state.is_terminated
