@@ -125,6 +125,11 @@ class ModelConfig:
             raise ValueError("sliding_windows needs one entry per layer")
         if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
             raise ValueError("num_experts_per_tok must be in [1, num_experts]")
+        if self.fused_projections and self.checkpoint_quant_format is not None:
+            raise ValueError(
+                "quantization_config: compressed-tensors checkpoints with fused projections (Phi-3's qkv_proj / "
+                "gate_up_proj) are not supported; load the dense checkpoint with quantization= instead"
+            )
         for scaling in (self.rope_scaling, self.local_rope_scaling):
             if scaling is not None and scaling.rope_type == "longrope":
                 half = self.head_dim // 2

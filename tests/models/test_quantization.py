@@ -221,6 +221,13 @@ def test_unsupported_quantization_config_is_a_clear_error(dense, tmp_path, qc, m
         LLM(model=path, **ENGINE)
 
 
+def test_fused_projection_checkpoints_must_quantize_on_load(tmp_path):
+    path, _ = make_checkpoint("phi3", tmp_path / "phi3")
+    bad = _with_quantization_config(path, tmp_path / "bad", _qc())
+    with pytest.raises(ValueError, match="fused projections"):
+        LLM(model=bad, **ENGINE)
+
+
 def test_bad_combinations_are_clear_errors(dense, tmp_path):
     path, _ = dense
     with pytest.raises(ValueError, match="quantization must be"):
