@@ -76,11 +76,10 @@ class LLM:
         enqueued (one that fails raises ValueError and nothing runs)."""
         if all(p.structured_outputs is None for p in params):
             return [None] * len(params)
-        if self.engine.grammar is None:
-            raise ValueError("structured_outputs: this model has no tokenizer, which grammars are compiled over")
+        compiler = self.engine.grammar_compiler()
         for p in params:
             if p.structured_outputs is not None:
-                self.engine.grammar.submit(p.structured_outputs)
+                compiler.submit(p.structured_outputs)
         return [None if p.structured_outputs is None else self.engine.compile_grammar(p) for p in params]
 
     def generate(

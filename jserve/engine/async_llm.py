@@ -117,10 +117,7 @@ class AsyncLLM:
         params = sampling_params or SamplingParams()
         grammar = None
         if params.structured_outputs is not None:  # compiled in the engine's pool; this loop only awaits it
-            compiler = self.engine.grammar
-            if compiler is None:
-                raise ValueError("structured_outputs: this model has no tokenizer, which grammars are compiled over")
-            grammar = await compiler.compile_async(params.structured_outputs)
+            grammar = await self.engine.grammar_compiler().compile_async(params.structured_outputs)
         request_id = request_id or f"async-{next(self._ids)}"
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:

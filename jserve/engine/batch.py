@@ -306,29 +306,24 @@ def build_step(
         reads_previous=bool((token_src >= 0).any() or (history_src >= 0).any()),
         proposal=proposal,
         num_drafts=[c.num_drafts for c in chunks if c.sample] if verifying else [],
-        fill_draft_masks=draft_mask_filler(chunks, requests, shapes) if proposal is not None else None,
+        fill_draft_masks=draft_mask_filler(chunks, requests, shapes, spec) if proposal is not None else None,
     )
 
 
 def draft_mask_filler(
-    chunks: Sequence[ScheduledChunk], requests: dict[str, Request], shapes: StepShapes
+    chunks: Sequence[ScheduledChunk], requests: dict[str, Request], shapes: StepShapes, spec: SpecInput
 ) -> Callable[[np.ndarray, np.ndarray], np.ndarray] | None:
     """Device-drafted verification with constrained rows: a host function from (bitmask, the drafter's tokens
-    [S, k] in drafting order) to the bitmask with each constrained row's verified positions filled, each after
-    the drafts before it. The drafts reach the host between drafting and verifying (one sync); None when no
-    drafting row is constrained."""
+    [S, k] in drafting order, placed as ``spec.draft_rows`` says) to the bitmask with each constrained row's
+    verified positions filled, each after the drafts before it. The drafts reach the host between drafting and
+    verifying (one sync); None when no drafting row is constrained."""
     positions = shapes.num_spec_tokens + 1
-    rows: list[tuple] = []
-    row = drafting = 0
-    for chunk in chunks:
-        if not chunk.sample:
-            continue
-        if chunk.num_drafts:
-            grammar = requests[chunk.request_id].grammar
-            if grammar is not None:
-                rows.append((grammar, row * positions, drafting, chunk.num_drafts))
-            drafting += 1
-        row += 1
+    sampled = [requests[c.request_id] for c in chunks if c.sample]
+    rows = [
+        (request.grammar, row * positions, int(spec.draft_rows[row]), int(spec.num_drafts[row]))
+        for row, request in enumerate(sampled)
+        if request.grammar is not None and spec.num_drafts[row]
+    ]
     if not rows:
         return None
 

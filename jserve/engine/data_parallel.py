@@ -50,9 +50,8 @@ class DataParallelEngine:
     def runner(self):
         return self.replicas[0].runner
 
-    @property
-    def grammar(self):
-        return self.replicas[0].grammar  # one compiler serves every replica
+    def grammar_compiler(self):
+        return self.replicas[0].grammar_compiler()  # one compiler serves every replica
 
     def compile_grammar(self, params: SamplingParams):
         return self.replicas[0].compile_grammar(params)

@@ -198,9 +198,10 @@ class Engine:
     def compile_grammar(self, params: SamplingParams) -> CompiledGrammar:
         """The compiled grammar of ``params.structured_outputs``, waiting at most the compiler's timeout;
         ValueError naming ``structured_outputs`` if it cannot be compiled."""
-        return self._grammar_compiler().compile(params.structured_outputs)
+        return self.grammar_compiler().compile(params.structured_outputs)
 
-    def _grammar_compiler(self) -> GrammarCompiler:
+    def grammar_compiler(self) -> GrammarCompiler:
+        """The structured-outputs compiler; ValueError when the model has no tokenizer to compile over."""
         if self.grammar is None:
             raise ValueError("structured_outputs: this model has no tokenizer, which grammars are compiled over")
         return self.grammar
@@ -249,7 +250,7 @@ class Engine:
             with self._ids_lock:
                 compiled = self._compiled.pop(add.request_id, None)
             if compiled is None:  # a multi-host follower: the leader checked it compiles
-                compiled = self._grammar_compiler().compile(add.params.structured_outputs)
+                compiled = self.compile_grammar(add.params)
         for i in range(add.params.n):
             seq_id = add.request_id if add.params.n == 1 else f"{add.request_id}-{i}"
             request = Request(
@@ -353,8 +354,9 @@ class Engine:
     def _constrained(self) -> bool:
         """Some live request has structured outputs. Its next mask needs its last token on the host, so while
         one runs the engine steps synchronously: measured on the bundled model at batch 16, that decodes
-        constrained requests at 0.97x plain async speed, where keeping the lookahead (constrained rows sitting
-        out every other step) gave 0.43-0.53x (scripts/benchmark_structured.py)."""
+        constrained requests at 0.87-0.90x plain async speed, where keeping the lookahead (constrained rows
+        sitting out every other step) gave 0.43-0.53x (scripts/benchmark_structured.py). So a constrained
+        request never has a pending token when it is scheduled."""
         return self.grammar is not None and any(r.grammar is not None for r in self._sequences.values())
 
     def _draft(self) -> None:
@@ -393,7 +395,8 @@ class Engine:
                     drafts = drafts[: request.grammar.valid_prefix(drafts)]
                 request.draft_token_ids = drafts
 
-    def _may_draft(self, request: Request) -> bool:
+    @staticmethod
+    def _may_draft(request: Request) -> bool:
         """Decoding, every token on the host, past min_tokens (whose banned ids plain steps apply), and not
         opted out."""
         return (

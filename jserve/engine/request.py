@@ -100,7 +100,7 @@ class Request:
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
         # Structured outputs: the grammar's state (a jserve.structured.GrammarState) over this sequence's output
-        # tokens; None when unconstrained. Its masks need every token on the host (see Scheduler).
+        # tokens; None when unconstrained. Its masks need every token on the host (see Engine._constrained).
         self.grammar = None
         # Chained hashes of the full pages of all_token_ids, filled lazily by the KVCacheManager (one page
         # size per engine). Kept here, not in the pool, so a waiting request that is looked up every step is

@@ -192,7 +192,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            if self._awaits_last_token(request) or self._awaits_verification(request) or self._awaits_grammar(request):
+            if self._awaits_last_token(request) or self._awaits_verification(request):
                 i += 1
                 continue
             remaining = request.num_tokens - request.num_computed_tokens
@@ -331,13 +331,6 @@ class Scheduler:
         if request.awaiting_verification:
             return True
         return self.speculating and request.num_pending_tokens > 0 and request.sampling_params.speculative
-
-    @staticmethod
-    def _awaits_grammar(request: Request) -> bool:
-        """Structured outputs: its next mask follows from its last token, so it never runs with that token still
-        on the device (the engine steps synchronously while constrained requests live; this covers the step in
-        flight when one arrives)."""
-        return request.grammar is not None and request.num_pending_tokens > 0
 
     def _make_chunk(self, request: Request, num_new: int, num_drafts: int = 0) -> ScheduledChunk:
         start = request.num_computed_tokens

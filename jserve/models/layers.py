@@ -80,8 +80,8 @@ def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling) 
 
 
 def _longrope_frequencies(head_dim: int, theta: float, factors: tuple[float, ...]) -> jax.Array:
-    exponents = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
-    return 1.0 / (jnp.asarray(factors, jnp.float32) * theta**exponents)
+    """The unscaled frequencies, each divided by its longrope factor."""
+    return rope_inverse_frequencies(head_dim, theta, RopeScaling()) / jnp.asarray(factors, jnp.float32)
 
 
 def rope_tables(
@@ -124,8 +124,8 @@ def activation(name: str):
 class MLP(nnx.Module):
     """Gated MLP: down(act(gate(x)) * up(x)) — SwiGLU for Llama, GeGLU-tanh for Gemma."""
 
-    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs, width: int | None = None):
-        d, f = cfg.hidden_size, width or cfg.intermediate_size
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
         quant = cfg.weight_quant
         self.gate_proj = linear_weight(rngs, (d, f), ("embed", "mlp"), dtype, quant, name="gate_proj")
         self.up_proj = linear_weight(rngs, (d, f), ("embed", "mlp"), dtype, quant, name="up_proj")

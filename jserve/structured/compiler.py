@@ -62,7 +62,6 @@ class GrammarCompiler:
         self._cache: collections.OrderedDict[tuple[str, str], concurrent.futures.Future] = collections.OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
-        self.num_compiled = 0
 
     def _vocabulary(self) -> llguidance.LLTokenizer:
         with self._lock:
@@ -79,7 +78,6 @@ class GrammarCompiler:
             raise ValueError(f"structured_outputs.{spec.kind}: {matcher.get_error()}")
         mask = llg_numpy.allocate_token_bitmask(1, self.vocab_size)
         llg_numpy.fill_next_token_bitmask(matcher.deep_copy(), mask, 0)
-        self.num_compiled += 1
         return CompiledGrammar(spec.key(), matcher)
 
     def submit(self, spec: StructuredOutputsParams) -> concurrent.futures.Future:
