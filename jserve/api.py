@@ -190,6 +190,7 @@ def _merge(acc: RequestOutput | None, delta: RequestOutput) -> RequestOutput:
     acc.prompt_logprobs = delta.prompt_logprobs if delta.prompt_logprobs is not None else acc.prompt_logprobs
     acc.finished = delta.finished
     acc.metrics = delta.metrics
+    acc.error = delta.error or acc.error
     return acc
 
 

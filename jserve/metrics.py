@@ -126,6 +126,11 @@ class _EngineCollector(Collector):
                 s["prompt_tokens_computed"],
             ),
             (
+                "engine_step_failures",
+                "Engine steps that raised; their requests were recomputed, and any that failed alone refused.",
+                s.get("num_step_failures", 0),
+            ),
+            (
                 "programs_lowered_while_serving",
                 "XLA programs lowered after the engine was ready (should stay 0: serving never compiles).",
                 s["programs_lowered_while_serving"],

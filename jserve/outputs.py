@@ -38,7 +38,7 @@ class CompletionOutput:
     text: str
     token_ids: list[int]
     logprobs: Logprobs | None = None
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" (see RequestOutput.error)
     stop_reason: int | str | None = None
 
     @property
@@ -57,3 +57,6 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics | None = field(default=None, repr=False)
+    # Why the engine refused the request (its samples' finish_reason is "error"): a step it was in kept failing
+    # on its own. None for every request that ran normally.
+    error: str | None = None

@@ -13,6 +13,15 @@ from typing import Any
 
 STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar")
 
+# The ranges a step can represent (docs/api.md, "Ranges"): every integer field fits int64 and every float is a
+# finite float32; the sampler's arrays are int32 / float32, and the host narrows what it must (top_k past the
+# vocabulary means no limit, seeds fold to 32 bits) only after these checks.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+UINT64_MAX = 2**64 - 1
+FLOAT32_MAX = 3.4028234663852886e38
+MIN_TEMPERATURE = 1e-2  # vLLM's floor: logits / a smaller temperature overflow float32
+FLOAT32_TINY = 1.1754943508222875e-38  # the smallest normal float32: a positive penalty below it rounds to 0
+
 
 @dataclass(kw_only=True)
 class StructuredOutputsParams:
@@ -111,32 +120,40 @@ class SamplingParams:
         self.validate()
 
     def validate(self) -> None:
-        """Raises ValueError naming the first invalid field."""
+        """Raises ValueError naming the first invalid field.
+
+        Every number is checked against the range the step can represent (``docs/api.md``, "Ranges"), so no
+        value a client sends reaches the device unchecked: integers fit int64 (seeds: 64 unsigned bits), floats
+        are finite in float32. Two values are normalised as vLLM does: ``top_k=-1`` means "no limit" (as does 0,
+        and any value past the vocabulary, which the sampler reads as the whole vocabulary), and a positive
+        ``temperature`` below ``MIN_TEMPERATURE`` is raised to it (dividing logits by less overflows float32)."""
         _check_int("n", self.n, minimum=1)
         _check_int("max_tokens", self.max_tokens, minimum=1)
         _check_int("min_tokens", self.min_tokens, minimum=0)
         if self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens must be <= max_tokens, got {self.min_tokens} > {self.max_tokens}")
-        _check_float("temperature", self.temperature)
-        if self.temperature < 0.0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        _check_float("temperature", self.temperature, minimum=0.0)
+        if 0.0 < self.temperature < MIN_TEMPERATURE:
+            self.temperature = MIN_TEMPERATURE
         _check_float("top_p", self.top_p)
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        _check_int("top_k", self.top_k, minimum=0)
+        _check_int("top_k", self.top_k, minimum=-1)
+        if self.top_k == -1:
+            self.top_k = 0
         _check_float("min_p", self.min_p)
         if not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         _check_float("repetition_penalty", self.repetition_penalty)
-        if self.repetition_penalty <= 0.0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.repetition_penalty < FLOAT32_TINY:
+            raise ValueError(f"repetition_penalty must be > 0 in float32, got {self.repetition_penalty}")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             _check_float(name, value)
             if not -2.0 <= value <= 2.0:
                 raise ValueError(f"{name} must be in [-2, 2], got {value}")
         if self.seed is not None:
-            _check_int("seed", self.seed, minimum=0)
+            _check_int("seed", self.seed, minimum=0, maximum=UINT64_MAX)
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None:
@@ -145,35 +162,44 @@ class SamplingParams:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
         for t in self.stop_token_ids:
-            if t < 0:
-                raise ValueError(f"stop_token_ids must be non-negative, got {t}")
-        _check_int("priority", self.priority, minimum=None)
-        if self.structured_outputs is not None:
-            if isinstance(self.structured_outputs, dict):
-                unknown = sorted(set(self.structured_outputs) - set(STRUCTURED_KINDS))
-                if unknown:
-                    raise ValueError(f"structured_outputs: unknown field(s) {unknown}; known: {list(STRUCTURED_KINDS)}")
-                self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
-            if not isinstance(self.structured_outputs, StructuredOutputsParams):
-                raise ValueError(
-                    f"structured_outputs must be StructuredOutputsParams, got {type(self.structured_outputs).__name__}"
-                )
-            self.structured_outputs.validate()
+            _check_int("stop_token_ids", t, minimum=0)  # the upper bound is the engine's vocabulary
+        _check_int("priority", self.priority, minimum=INT64_MIN)
+        self._validate_structured()
+
+    def _validate_structured(self) -> None:
+        if self.structured_outputs is None:
+            return
+        if isinstance(self.structured_outputs, dict):
+            unknown = sorted(set(self.structured_outputs) - set(STRUCTURED_KINDS))
+            if unknown:
+                raise ValueError(f"structured_outputs: unknown field(s) {unknown}; known: {list(STRUCTURED_KINDS)}")
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+        if not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise ValueError(
+                f"structured_outputs must be StructuredOutputsParams, got {type(self.structured_outputs).__name__}"
+            )
+        self.structured_outputs.validate()
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
 
-def _check_int(name: str, value: object, *, minimum: int | None) -> None:
+def _check_int(name: str, value: object, *, minimum: int | None, maximum: int = INT64_MAX) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name} must be an integer, got {value!r}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
 
 
-def _check_float(name: str, value: object) -> None:
+def _check_float(name: str, value: object, *, minimum: float | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be a number, got {value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value}")
+    if isinstance(value, int) and abs(value) > FLOAT32_MAX:  # math.isfinite would overflow on a huge int
+        raise ValueError(f"{name} must be a finite float32 number, got {value}")
+    if not math.isfinite(value) or abs(value) > FLOAT32_MAX:
+        raise ValueError(f"{name} must be a finite float32 number, got {value}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")

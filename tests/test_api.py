@@ -28,8 +28,16 @@ def test_bundled_model_generates_text(llm):
         (dict(temperature=-0.5), "temperature"),
         (dict(top_p=0.0), "top_p"),
         (dict(top_p=1.5), "top_p"),
-        (dict(top_k=-1), "top_k"),
+        (dict(top_k=-2), "top_k"),
+        (dict(top_k=2**63), "top_k"),
         (dict(max_tokens=0), "max_tokens"),
+        (dict(max_tokens=2**63), "max_tokens"),
+        (dict(temperature=1e39), "temperature"),
+        (dict(temperature=10**400), "temperature"),
+        (dict(repetition_penalty=1e-46), "repetition_penalty"),
+        (dict(seed=2**64), "seed"),
+        (dict(priority=-(2**63) - 1), "priority"),
+        (dict(stop_token_ids=[2**63]), "stop_token_ids"),
         (dict(n=0), "n"),
         (dict(min_p=2.0), "min_p"),
         (dict(repetition_penalty=0.0), "repetition_penalty"),
@@ -43,6 +51,15 @@ def test_bundled_model_generates_text(llm):
 def test_invalid_sampling_params_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=rf"^{field}\b"):
         SamplingParams(**kwargs)
+
+
+def test_sampling_params_normalise_as_vllm_does():
+    """top_k -1 means no limit (as 0 does); a positive temperature below 0.01 is raised to it (vLLM's floor);
+    the widest seed and top_k are accepted (top_k past the vocabulary is no limit, seeds fold to 32 bits)."""
+    assert SamplingParams(top_k=-1).top_k == 0
+    assert SamplingParams(temperature=1e-30).temperature == 0.01
+    assert SamplingParams(temperature=0.0).temperature == 0.0
+    assert SamplingParams(seed=2**64 - 1, top_k=2**63 - 1).seed == 2**64 - 1
 
 
 def test_invalid_prompts_name_the_field_and_leave_the_engine_working(llm):

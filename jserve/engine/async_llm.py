@@ -2,7 +2,9 @@
 
 Hand-off 1 (loop -> engine thread): ``Engine.add_request`` / ``abort_request`` enqueue into the engine's inbox, and
 a ``threading.Event`` wakes the idle engine thread. Hand-off 2 (engine thread -> loop): each delta goes to its
-request's ``asyncio.Queue`` via ``loop.call_soon_threadsafe``. If a step raises, every in-flight request receives
+request's ``asyncio.Queue`` via ``loop.call_soon_threadsafe``. A request the engine refused (its final delta
+carries ``error``) raises ``RequestFailedError`` in its consumer alone. If ``Engine.step`` itself raises (the
+engine isolates failures inside a step, so this means the engine is broken), every in-flight request receives
 the exception, the engine is marked dead (``errored``), and later calls fail fast instead of hanging.
 """
 
@@ -20,8 +22,17 @@ from jserve.outputs import RequestOutput
 from jserve.sampling_params import SamplingParams
 
 
-class EngineDeadError(RuntimeError):
+class EngineError(RuntimeError):
+    """The engine could not serve this request; the server reports INTERNAL (HTTP 500)."""
+
+
+class EngineDeadError(EngineError):
     """The engine thread failed; the server reports INTERNAL and turns health NOT_SERVING."""
+
+
+class RequestFailedError(EngineError):
+    """The engine refused this request alone (a step it was in kept failing; ``RequestOutput.error``); the
+    engine goes on serving the others."""
 
 
 class QueueFullError(RuntimeError):
@@ -138,6 +149,9 @@ class AsyncLLM:
                 item = await stream.queue.get()
                 if isinstance(item, BaseException):
                     raise item
+                if item.error is not None:
+                    finished = True
+                    raise RequestFailedError(item.error)
                 finished = item.finished
                 yield item
         finally:

@@ -16,16 +16,26 @@ on the device, its sampled tokens pending (``Scheduler.advance``); the device re
 ``finish_step`` then waits for N, resolves its tokens (``Scheduler.resolve``) and builds N's deltas while N+1
 computes. A request that a late-found stop ends has computed one token too many, which is discarded. While a
 structured-outputs request is live the engine steps synchronously: its grammar mask needs its last token.
+
+Failure isolation: an exception while building, dispatching or collecting a step does not end the engine.
+Every running request goes back to waiting to be recomputed (tokens still on the device are dropped, the
+prefix cache is cleared, KV pages a failed device step left unusable are allocated anew), and the requests of
+the failed step become suspects, each run alone in a step of its own (synchronously) until it passes one. A
+request that fails a step alone, or is in ``MAX_STEP_FAILURES`` failed steps, is refused: its samples finish
+with "error" and ``RequestOutput.error`` says why (HTTP 500 / gRPC INTERNAL for it alone). A request whose own
+host work (detokenizing, stop strings, grammar) raises is refused at once. ``num_step_failures`` counts the
+failed steps. An exception outside a step (the scheduler itself) still ends the engine.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -47,6 +57,14 @@ if TYPE_CHECKING:
     from jserve.structured import CompiledGrammar, GrammarCompiler
     from jserve.tokenizer import Tokenizer
 
+logger = logging.getLogger(__name__)
+
+MAX_STEP_FAILURES = 3  # a request in this many failed steps is refused, even if it never failed one alone
+
+FaultInjector = Callable[[str, list[str]], None]
+"""Test hook: called as ``hook(phase, sequence_ids)`` with phase "dispatch" (before the step goes to the device)
+or "collect" (before its results are read); raising there fails the step as a real fault would."""
+
 
 @dataclass
 class _Step:
@@ -56,6 +74,7 @@ class _Step:
     plans: list[StepPlan] | None = None
     pending: PendingStep | None = None
     advanced: bool = False  # async scheduling: the scheduler counts its tokens as pending until it is finished
+    failure: Exception | None = None  # building or dispatching it raised (see Engine._recover)
 
 
 _NOTHING = SchedulerOutput(chunks=[], num_batched_tokens=0)
@@ -124,6 +143,8 @@ class Engine:
         # grammar here for _admit (multi-host followers, which have none, compile it from the specification)
         self.grammar = grammar
         self._compiled: dict[str, CompiledGrammar] = {}
+        self.num_step_failures = 0
+        self.fault_injector: FaultInjector | None = None
         compile_watch.install()
         self._lowered_at_ready = compile_watch.programs_lowered()
 
@@ -315,9 +336,9 @@ class Engine:
         this step is scheduled with them pending, and reads them from that step's outputs on the device.
         """
         self._drain_inbox()
-        lookahead = self.async_scheduling and not self._constrained()
+        lookahead = self.async_scheduling and not self._constrained() and not self.scheduler.suspects
         if self.async_scheduling and not lookahead and self._in_flight is not None:
-            return _Step(_NOTHING)  # structured outputs arrived: let the step in flight finish first (see below)
+            return _Step(_NOTHING)  # structured outputs (or suspects) arrived: let the step in flight finish first
         self._draft()
         sched = self.scheduler.schedule()
         if self.speculative is not None and not self._verifiable(sched):
@@ -325,6 +346,13 @@ class Engine:
         self._finished_by_scheduler(sched.finished_ids)
         if not sched.chunks:
             return _Step(sched)
+        try:
+            return self._dispatch(sched, lookahead)
+        except Exception as exc:  # noqa: BLE001 - a failed step fails its requests, never the engine
+            return _Step(sched, failure=exc)
+
+    def _dispatch(self, sched: SchedulerOutput, lookahead: bool) -> _Step:
+        """Builds the step's inputs and queues it on the device."""
         previous = self._in_flight
         previous_rows = None
         if previous is not None:
@@ -345,6 +373,8 @@ class Engine:
         if self.speculative is not None and self.speculative.method == DRAFT and not self.scheduler.speculating:
             for chunk in sched.chunks:  # computed without the draft model: its K/V for them are missing
                 self._sequences[chunk.request_id].draft_synced = False
+        if self.fault_injector is not None:
+            self.fault_injector("dispatch", [c.request_id for c in sched.chunks])
         step = _Step(sched, plans, self.runner.dispatch(plans, previous.pending if previous else None))
         if lookahead:
             self.scheduler.advance(sched)  # the next schedule sees this step's tokens as pending
@@ -420,20 +450,68 @@ class Engine:
 
     def finish_step(self, step: _Step) -> list[RequestOutput]:
         """Reports the oldest step on the device: waits for its tokens, updates the scheduler, builds the
-        deltas. Synchronous: that is ``step`` itself. Async: the previous step, while ``step`` computes."""
+        deltas. Synchronous: that is ``step`` itself. Async: the previous step, while ``step`` computes.
+        A step that failed (here, or in ``begin_step``) is recovered from (see the module docstring)."""
+        if step.failure is not None:  # its building or dispatch raised: the step in flight (if any) is fine
+            outputs = self.finish_step(_Step(_NOTHING)) if self._in_flight is not None else []
+            self._recover([c.request_id for c in step.sched.chunks], step.failure)
+            return outputs + self._emit(_Step(_NOTHING), [])
         if not self.async_scheduling or (step.pending is not None and not step.advanced):
-            return self._emit(step, self._complete(step))
-        done, self._in_flight = self._in_flight, step if step.pending is not None else None
-        if done is None:
+            done = step
+        else:
+            done, self._in_flight = self._in_flight, step if step.pending is not None else None
+            if done is None:
+                return self._emit(_Step(_NOTHING), [])
+        try:
+            updated = self._complete(done)
+        except Exception as exc:  # noqa: BLE001 - the device part failed: so does the step queued behind it
+            self._recover([c.request_id for c in done.sched.chunks], exc)
             return self._emit(_Step(_NOTHING), [])
-        return self._emit(done, self._complete(done))
+        return self._emit(done, updated)
+
+    def _recover(self, failed_ids: list[str], exc: Exception) -> None:
+        """After a failed step: everyone is recomputed from the host's tokens; the failed step's requests become
+        suspects (each runs alone next), or are refused if they already failed alone or too often."""
+        self.num_step_failures += 1
+        alone = len(failed_ids) == 1 and failed_ids[0] in self.scheduler.suspects
+        logger.error("step failed (%d requests%s): %r", len(failed_ids), ", alone" if alone else "", exc)
+        self._in_flight = None  # its results read the failed step's outputs: never collected
+        self.scheduler.requeue_all()
+        self.kv_cache.reset_prefix_cache()  # pages the failed step registered may hold garbage
+        if not self.runner.kv_cache_usable():
+            self.runner.reset_kv_cache()
+        for seq_id in failed_ids:
+            request = self.scheduler.get_request(seq_id)
+            if request is None:
+                continue  # finished meanwhile
+            request.num_step_failures += 1
+            if alone or request.num_step_failures >= MAX_STEP_FAILURES:
+                self._refuse(self._seq_to_group[seq_id], f"engine step failed: {exc!r}")
+            else:
+                self.scheduler.suspects.add(seq_id)
+
+    def _refuse(self, group_id: str, message: str) -> None:
+        """Ends every unfinished sample of the request with "error"; its final delta carries ``message``."""
+        group = self._groups.get(group_id)
+        if group is None:
+            return
+        group.error = message
+        for seq_id, sample in group.samples.items():
+            self.scheduler.suspects.discard(seq_id)
+            if sample.finish_reason is None:
+                self.scheduler.finish_request(seq_id, "error")
+                sample.finish_reason = "error"
+        self._late.setdefault(group_id, set()).update(group.samples)
 
     def _complete(self, step: _Step) -> list[tuple[Request, StepResult, int, int]]:
         """Device part: wait for the results, record prompt logprobs, hand the tokens to the scheduler."""
         if step.pending is None:
             return []
+        if self.fault_injector is not None:
+            self.fault_injector("collect", [c.request_id for c in step.sched.chunks])
         results = self.runner.collect(step.pending)
         self.num_steps += 1
+        self.scheduler.suspects.difference_update(c.request_id for c in step.sched.chunks)  # they passed
         rows: dict[str, tuple[StepResult, int]] = {}
         sampled: dict[str, int] = {}
         verified: dict[str, list[int]] = {}
@@ -469,8 +547,13 @@ class Engine:
         """Host part: detokenize, check stop strings, build the deltas."""
         touched: dict[str, list[str]] = {}
         for request, result, row, num_new in updated:
-            self._on_tokens(request, result, row, num_new)
-            touched.setdefault(self._seq_to_group[request.request_id], []).append(request.request_id)
+            group_id = self._seq_to_group[request.request_id]
+            try:
+                self._on_tokens(request, result, row, num_new)
+            except Exception as exc:  # noqa: BLE001 - this request's own host work failed: it alone ends
+                logger.error("request %s failed on the host: %r", group_id, exc)
+                self._refuse(group_id, f"request failed: {exc!r}")
+            touched.setdefault(group_id, []).append(request.request_id)
         for chunk in step.sched.chunks:  # prompt logprobs may be ready before any token
             group_id = self._seq_to_group.get(chunk.request_id)
             if chunk.prompt_logprobs and group_id is not None and group_id not in touched:
@@ -611,6 +694,7 @@ class Engine:
             "prefix_cache_queries": cache.num_queried_tokens,
             "prefix_cache_hits": cache.num_hit_tokens,
             "num_steps": self.num_steps,
+            "num_step_failures": self.num_step_failures,
             "num_programs": self.runner.num_programs,
             "weight_bytes": self.runner.weight_bytes,
             "kv_bytes_per_token": self.runner.kv_bytes_per_token,

@@ -68,6 +68,7 @@ class RequestGroup:
     prompt_logprobs: list[dict[int, float] | None] | None = None
     prompt_logprobs_sent: bool = False
     stream: bool = True  # False: the engine reports the group once, when every sample has finished
+    error: str | None = None  # the engine refused it (finish_reason "error"): the cause
 
     @property
     def finished(self) -> bool:
@@ -152,6 +153,7 @@ class RequestGroup:
             outputs=completions,
             finished=self.finished,
             metrics=self.metrics(requests),
+            error=self.error if self.finished else None,
         )
 
     def metrics(self, requests: dict[str, Request]) -> RequestMetrics:

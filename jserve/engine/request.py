@@ -27,6 +27,7 @@ class RequestStatus(enum.Enum):
     FINISHED_STOPPED = enum.auto()  # eos, a stop token id, or a stop string (engine side)
     FINISHED_LENGTH = enum.auto()  # max_tokens, max_model_len, or the KV cache cannot hold it
     FINISHED_ABORTED = enum.auto()  # client cancelled
+    FINISHED_ERROR = enum.auto()  # refused by the engine: its steps kept failing (Engine step-failure isolation)
 
     @property
     def is_finished(self) -> bool:
@@ -34,7 +35,7 @@ class RequestStatus(enum.Enum):
 
     @property
     def finish_reason(self) -> str | None:
-        """The API's finish_reason string ("stop" | "length" | "abort"), None while unfinished."""
+        """The API's finish_reason string ("stop" | "length" | "abort" | "error"), None while unfinished."""
         return _FINISH_REASON.get(self)
 
     @classmethod
@@ -49,6 +50,7 @@ _FINISH_REASON = {
     RequestStatus.FINISHED_STOPPED: "stop",
     RequestStatus.FINISHED_LENGTH: "length",
     RequestStatus.FINISHED_ABORTED: "abort",
+    RequestStatus.FINISHED_ERROR: "error",
 }
 
 
@@ -90,6 +92,7 @@ class Request:
         self.first_token_time: float | None = None
         self.finished_time: float | None = None
         self.num_preemptions = 0
+        self.num_step_failures = 0  # failed steps this request was in (Engine step-failure isolation)
         # Speculative decoding: tokens drafted for the next step (device-drafted methods hold placeholders until
         # the device fills them), whether a verification step is on the device, and per-request counters.
         self.draft_token_ids: list[int] = []

@@ -376,6 +376,26 @@ class ModelRunner:
         ones = jax.jit(functools.partial(jnp.ones, shape[:3], jnp.float32), out_shardings=stage.kv_scale_sharding)
         stage.kv_cache = [(zeros(), zeros(), ones(), ones()) for _ in stage.layers]
 
+    def kv_cache_usable(self) -> bool:
+        """False when a failed step left the KV pages (or the draft's) deleted or holding a device error."""
+        leaves = jax.tree.leaves([stage.kv_cache for stage in self.stages] + [self.draft_kv])
+        try:
+            jax.block_until_ready(leaves)
+        except Exception:  # noqa: BLE001 - the error of the step that produced them
+            return False
+        return not any(leaf.is_deleted() for leaf in leaves)
+
+    def reset_kv_cache(self) -> None:
+        """Fresh zeroed pages for every stage (and the draft), after a failure made the old ones unusable; every
+        request is recomputed anyway. Raises if the device cannot allocate them (then the engine is dead)."""
+        for stage in self.stages:
+            self._allocate_kv_cache(stage, self.kv_dtype)
+        if self.draft_kv:
+            sharding = self._draft_kv_sharding
+            shape = kv_cache_shape(self.draft_config, self.num_pages, self.page_size)
+            zeros = jax.jit(functools.partial(jnp.zeros, shape, self.kv_dtype), out_shardings=sharding)
+            self.draft_kv = [(zeros(), zeros()) for _ in range(self.draft_config.num_layers)]
+
     def _jit_step(self, stage: _Stage, graphdef: nnx.GraphDef) -> None:
         backend = self.backend.with_mesh(stage.mesh if stage.mesh.devices.size > 1 else None)
         # NOTE: params travel as a flat tuple of arrays; re-flattening an nnx.State per call costs ms.

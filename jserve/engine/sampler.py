@@ -49,6 +49,7 @@ __all__ = [
 ]
 
 _NEG_INF = float("-inf")
+_INT32_MAX = 2**31 - 1
 
 
 @jax.tree_util.register_dataclass
@@ -331,7 +332,7 @@ def make_sampling_tensors(
     )
     return SamplingTensors(
         temperature=column([p.temperature for p in params], np.float32, 0.0),
-        top_k=column([p.top_k for p in params], np.int32, 0),
+        top_k=column([min(p.top_k, _INT32_MAX) for p in params], np.int32, 0),  # past V: the whole V
         top_p=column([p.top_p for p in params], np.float32, 1.0),
         min_p=column([p.min_p for p in params], np.float32, 0.0),
         repetition_penalty=repetition,

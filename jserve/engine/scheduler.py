@@ -27,6 +27,11 @@ prefill passes the shared part or the leader leaves running, so nothing is defer
 Requests that can never fit (their tokens need more pages than the whole pool) are finished with "length"
 instead of waiting forever; so is a running request that is alone and still cannot get a page.
 
+Failure isolation: after a step fails, the engine calls ``requeue_all()`` (every running request back to
+waiting, to be recomputed) and names the requests of the failed step ``suspects``. While there are suspects,
+each step runs one suspect alone (``_schedule_isolated``), so a request that makes steps fail is found and
+refused without failing the others.
+
 This module imports no jax. Not thread-safe: only the engine thread calls it.
 """
 
@@ -109,6 +114,7 @@ class Scheduler:
         self.prompt_tokens_computed = 0
         self.prompt_tokens_recomputed = 0  # of which after a preemption
         self.speculating = False  # the engine speculates this step (set before schedule(); see _awaits_verification)
+        self.suspects: set[str] = set()  # in a failed step: each runs alone until it passes a step (or is refused)
 
     # ---- queries ---------------------------------------------------------------------------------
     @property
@@ -182,8 +188,29 @@ class Scheduler:
         self.num_preemptions += 1
         bisect.insort(self.waiting, request, key=self._waiting_rank)
 
+    def requeue_all(self) -> list[Request]:
+        """Every running request back to waiting to be recomputed, tokens still on the device dropped (a failed
+        step's results never arrive). Returns them; their pages are free (refcount 0) afterwards."""
+        requeued = list(self.running)
+        self.running.clear()
+        for request in requeued:
+            self._reset_in_flight(request)
+            self._preempt(request)
+        for request in self.waiting:  # preempted earlier while a token was on the way
+            self._reset_in_flight(request)
+        return requeued
+
+    @staticmethod
+    def _reset_in_flight(request: Request) -> None:
+        request.drop_pending_tokens()
+        request.awaiting_verification = False
+        request.draft_token_ids = []
+
     # ---- one step --------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
+        self.suspects.intersection_update(self._requests)  # finished meanwhile (aborted, refused)
+        if self.suspects:
+            return self._schedule_isolated()
         budget = self.config.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
         preempted: list[Request] = []
@@ -215,6 +242,43 @@ class Scheduler:
         return SchedulerOutput(
             chunks=chunks,
             num_batched_tokens=self.config.max_num_batched_tokens - budget,
+            preempted_ids=[r.request_id for r in preempted],
+            finished_ids=finished_ids,
+        )
+
+    def _schedule_isolated(self) -> SchedulerOutput:
+        """A step of one suspect alone: its next chunk, admitted from waiting if needed (no leader waits, no
+        other admissions). Running requests that are not suspects sit it out, and give up their pages (or
+        their sequence slot) when the suspect needs them."""
+        budget = self.config.max_num_batched_tokens
+        request = min((self._requests[r] for r in self.suspects), key=self._rank)
+        chunks: list[ScheduledChunk] = []
+        preempted: list[Request] = []
+        if request.status == RequestStatus.RUNNING:
+            num_new = self._chunk_len(request.num_tokens - request.num_computed_tokens, budget)
+            if num_new > 0 and self._make_room(request, num_new, preempted):
+                chunks.append(self._make_chunk(request, num_new))
+        else:
+            cached_pages, num_cached = self.kv_cache.find_cached_prefix(request)
+            num_new = self._chunk_len(request.num_tokens - num_cached, budget)
+            while len(self.running) >= self.config.max_num_seqs or not self.kv_cache.allocate(
+                request, num_new, cached_pages
+            ):
+                if not self.running:  # the whole pool cannot hold it
+                    self.waiting.remove(request)
+                    self._finish(request, RequestStatus.FINISHED_LENGTH)
+                    self._finished_ids.append(request.request_id)
+                    break
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted.append(victim)
+            else:
+                self.waiting.remove(request)
+                chunks.append(self._start(request, num_cached, num_new))
+        finished_ids, self._finished_ids = self._finished_ids, []
+        return SchedulerOutput(
+            chunks=chunks,
+            num_batched_tokens=sum(len(c.token_ids) for c in chunks),
             preempted_ids=[r.request_id for r in preempted],
             finished_ids=finished_ids,
         )
@@ -260,6 +324,7 @@ class Scheduler:
         return budget if self.config.enable_chunked_prefill else 0
 
     def _admit(self, budget: int, chunks: list[ScheduledChunk]) -> int:
+        """Admits waiting requests in order; returns the budget left."""
         kv = self.kv_cache
         # Leaders that finished their prompt (or left running) no longer hold anyone back.
         self._leaders = {
@@ -290,17 +355,21 @@ class Scheduler:
             self.waiting.pop(0)
             if lead_key is not None and lead_key not in self._leaders:
                 self._leaders[lead_key] = request
-            if request.first_scheduled_time is None:
-                request.first_scheduled_time = time.time()
-                request.num_cached_tokens = num_cached
-            request.num_computed_tokens = num_cached
-            request.status = RequestStatus.RUNNING
-            bisect.insort(self.running, request, key=self._rank)
-            chunks.append(self._make_chunk(request, num_new))
+            chunks.append(self._start(request, num_cached, num_new))
             budget -= num_new
         for request in deferred:
             bisect.insort(self.waiting, request, key=self._waiting_rank)
         return budget
+
+    def _start(self, request: Request, num_cached: int, num_new: int) -> ScheduledChunk:
+        """Moves an admitted request (pages allocated) from waiting to running; returns its first chunk."""
+        if request.first_scheduled_time is None:
+            request.first_scheduled_time = time.time()
+            request.num_cached_tokens = num_cached
+        request.num_computed_tokens = num_cached
+        request.status = RequestStatus.RUNNING
+        bisect.insort(self.running, request, key=self._rank)
+        return self._make_chunk(request, num_new)
 
     def _must_wait_for_leader(self, request: Request, first_page: bytes) -> bool:
         """Prefix sharing: True while the leader of this first page has not computed the pages we share.

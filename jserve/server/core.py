@@ -11,7 +11,8 @@ ValueError             INVALID_ARGUMENT    400
 RequestTooLargeError   RESOURCE_EXHAUSTED  400  (a ValueError: no retry can help)
 QueueFullError         RESOURCE_EXHAUSTED  429
 Unavailable            UNAVAILABLE         503
-EngineDeadError        INTERNAL            500
+EngineDeadError        INTERNAL            500  (health turns NOT_SERVING)
+RequestFailedError     INTERNAL            500  (this request alone; the engine serves on)
 TimeoutError           DEADLINE_EXCEEDED   504
 =====================  ==================  ====
 """
@@ -25,7 +26,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
-from jserve.engine.async_llm import AsyncLLM, EngineDeadError, QueueFullError
+from jserve.engine.async_llm import AsyncLLM, EngineDeadError, EngineError, QueueFullError, RequestFailedError
 from jserve.limits import RequestLimits, RequestTooLargeError, check_prompt_chars, check_token_count
 from jserve.metrics import ServerMetrics
 from jserve.outputs import RequestMetrics, RequestOutput
@@ -35,7 +36,16 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_STALL_TIMEOUT = 60.0  # seconds in one engine step before health turns NOT_SERVING
 
-__all__ = ["EngineDeadError", "ModelCard", "QueueFullError", "RequestTooLargeError", "ServingCore", "Unavailable"]
+__all__ = [
+    "EngineDeadError",
+    "EngineError",
+    "ModelCard",
+    "QueueFullError",
+    "RequestFailedError",
+    "RequestTooLargeError",
+    "ServingCore",
+    "Unavailable",
+]
 
 
 class Unavailable(RuntimeError):
@@ -212,6 +222,9 @@ class ServingCore:
                     yield out
         except QueueFullError:
             outcome = "queue_full"
+            raise
+        except RequestFailedError:
+            outcome = "error"
             raise
         except EngineDeadError:
             outcome = "error"

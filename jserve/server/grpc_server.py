@@ -24,7 +24,7 @@ from grpc_reflection.v1alpha import reflection
 
 from jserve.sampling_params import SamplingParams
 from jserve.server.auth import ApiKeyInterceptor
-from jserve.server.core import EngineDeadError, QueueFullError, RequestTooLargeError, ServingCore, Unavailable
+from jserve.server.core import EngineError, QueueFullError, RequestTooLargeError, ServingCore, Unavailable
 from jserve.server.gen import jetstream_pb2, jetstream_pb2_grpc, jserve_pb2, jserve_pb2_grpc
 from jserve.server.protocol import ResponseBuilder, sampling_from_proto
 
@@ -61,7 +61,7 @@ async def _status_errors(context: grpc.aio.ServicerContext, core: ServingCore) -
         await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server is at capacity: {e}")
     except Unavailable as e:
         await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
-    except EngineDeadError as e:
+    except EngineError as e:
         await context.abort(grpc.StatusCode.INTERNAL, str(e))
     except TimeoutError:
         await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded; the request was aborted")

@@ -31,7 +31,7 @@ from jserve.outputs import CompletionOutput, RequestOutput
 from jserve.sampling_params import SamplingParams, StructuredOutputsParams
 from jserve.server.auth import key_from_headers, key_matches
 from jserve.server.body_limit import BodySizeLimit
-from jserve.server.core import EngineDeadError, QueueFullError, ServingCore, Unavailable
+from jserve.server.core import EngineError, QueueFullError, ServingCore, Unavailable
 from jserve.server.openai_protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -53,7 +53,7 @@ _ERRORS: list[tuple[type[BaseException], int, str]] = [
     (ValueError, 400, "invalid_request_error"),
     (QueueFullError, 429, "rate_limit_error"),
     (Unavailable, 503, "service_unavailable"),
-    (EngineDeadError, 500, "internal_error"),
+    (EngineError, 500, "internal_error"),
 ]
 
 
@@ -232,7 +232,7 @@ class OpenAIApp:
             for i, (text, ids) in enumerate(encoded):
                 self.core.validate(ids, params)
                 jobs.append(_Job(text, ids, i * params.n, self._shown(text, ids, params) if body.echo else ""))
-        except (ValueError, Unavailable, EngineDeadError) as e:
+        except (ValueError, Unavailable, EngineError) as e:
             return _error_response(e, self.core)
         return await self._respond(request, body, jobs, params, chat=False)
 
@@ -272,7 +272,7 @@ class OpenAIApp:
             if tools.mode == "auto" and get_tool_parser(self.tool_call_parser).needs_special_tokens:
                 params = dataclasses.replace(params, skip_special_tokens=False)  # its tags may be special tokens
             self.core.validate(ids, params)
-        except (ValueError, Unavailable, EngineDeadError) as e:
+        except (ValueError, Unavailable, EngineError) as e:
             return _error_response(e, self.core)
         return await self._respond(request, body, [_Job(None, ids, 0)], params, chat=True, tools=tools)
 
@@ -341,7 +341,7 @@ class OpenAIApp:
                 async with contextlib.aclosing(stream):
                     async for job, out in stream:
                         formatter.add(job, out)
-            except (ValueError, QueueFullError, Unavailable, EngineDeadError) as e:
+            except (ValueError, QueueFullError, Unavailable, EngineError) as e:
                 return _error_response(e, self.core)
             return formatter.final()
 
@@ -382,7 +382,7 @@ async def _first_or_error(stream: AsyncIterator) -> tuple | BaseException | None
         return await anext(stream)
     except StopAsyncIteration:
         return None
-    except (ValueError, QueueFullError, Unavailable, EngineDeadError) as e:
+    except (ValueError, QueueFullError, Unavailable, EngineError) as e:
         await stream.aclose()
         return e
 
@@ -638,7 +638,7 @@ class _Formatter:
                 async for job, out in stream:
                     for chunk in self._chunks(job, out):
                         yield chunk
-            except (ValueError, QueueFullError, Unavailable, EngineDeadError) as e:
+            except (ValueError, QueueFullError, Unavailable, EngineError) as e:
                 yield f"data: {json.dumps(error_body(str(e), 'internal_error', 500))}\n\n"
                 return
         if include_usage:
