@@ -4,6 +4,8 @@ the engine keeps serving. The fault is injected through ``Engine.fault_injector`
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from jserve import LLM, SamplingParams
@@ -115,4 +117,32 @@ def test_a_request_failing_only_in_company_is_refused_after_max_failures(llm, pr
         engine.fault_injector = None
     assert all(o.finished for o in outs)
     assert outs[0].outputs[0].finish_reason == "error"
+    assert_no_leak(llm)
+
+
+def test_async_llm_raises_for_the_refused_request_only(llm, prompts, clean):
+    """What the servers see: the refused request's consumer gets RequestFailedError (HTTP 500 / gRPC INTERNAL),
+    the others their tokens, and the engine is not marked dead (health stays SERVING)."""
+    from jserve.engine.async_llm import AsyncLLM, RequestFailedError
+
+    _inject(llm, "collect", prompts[2])
+    async_llm = AsyncLLM(llm.engine)
+
+    async def run(prompt):
+        tokens = []
+        async for out in async_llm.generate(prompt, GREEDY):
+            tokens += out.outputs[0].token_ids
+        return tokens
+
+    async def main():
+        return await asyncio.gather(*(run(p) for p in prompts[:6]), return_exceptions=True)
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        async_llm.shutdown()
+        llm.engine.fault_injector = None
+    assert isinstance(results[2], RequestFailedError) and "injected at collect" in str(results[2])
+    assert [r for i, r in enumerate(results) if i != 2] == [c for i, c in enumerate(clean[:6]) if i != 2]
+    assert async_llm.errored is None
     assert_no_leak(llm)
