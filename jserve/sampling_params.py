@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,9 +115,9 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        self.stop = list(self.stop) if self.stop else []
-        self.stop_token_ids = [int(t) for t in self.stop_token_ids] if self.stop_token_ids else []
+            self.stop = [self.stop] if self.stop else []
+        self.stop = _as_list("stop", self.stop, "strings")
+        self.stop_token_ids = _as_list("stop_token_ids", self.stop_token_ids, "integers")
         self.validate()
 
     def validate(self) -> None:
@@ -127,43 +128,41 @@ class SamplingParams:
         are finite in float32. Two values are normalised as vLLM does: ``top_k=-1`` means "no limit" (as does 0,
         and any value past the vocabulary, which the sampler reads as the whole vocabulary), and a positive
         ``temperature`` below ``MIN_TEMPERATURE`` is raised to it (dividing logits by less overflows float32)."""
-        _check_int("n", self.n, minimum=1)
-        _check_int("max_tokens", self.max_tokens, minimum=1)
-        _check_int("min_tokens", self.min_tokens, minimum=0)
+        self._int("n", minimum=1)
+        self._int("max_tokens", minimum=1)
+        self._int("min_tokens", minimum=0)
         if self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens must be <= max_tokens, got {self.min_tokens} > {self.max_tokens}")
-        _check_float("temperature", self.temperature, minimum=0.0)
+        self._float("temperature", minimum=0.0)
         if 0.0 < self.temperature < MIN_TEMPERATURE:
             self.temperature = MIN_TEMPERATURE
-        _check_float("top_p", self.top_p)
+        self._float("top_p")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        _check_int("top_k", self.top_k, minimum=-1)
+        self._int("top_k", minimum=-1)
         if self.top_k == -1:
             self.top_k = 0
-        _check_float("min_p", self.min_p)
+        self._float("min_p")
         if not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        _check_float("repetition_penalty", self.repetition_penalty)
+        self._float("repetition_penalty")
         if self.repetition_penalty < FLOAT32_TINY:
             raise ValueError(f"repetition_penalty must be > 0 in float32, got {self.repetition_penalty}")
         for name in ("presence_penalty", "frequency_penalty"):
-            value = getattr(self, name)
-            _check_float(name, value)
-            if not -2.0 <= value <= 2.0:
-                raise ValueError(f"{name} must be in [-2, 2], got {value}")
+            self._float(name)
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
         if self.seed is not None:
-            _check_int("seed", self.seed, minimum=0, maximum=UINT64_MAX)
+            self._int("seed", minimum=0, maximum=UINT64_MAX)
         for name in ("logprobs", "prompt_logprobs"):
-            value = getattr(self, name)
-            if value is not None:
-                _check_int(name, value, minimum=0)  # the upper bound is the engine's max_logprobs
+            if getattr(self, name) is not None:
+                self._int(name, minimum=0)  # the upper bound is the engine's max_logprobs
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
-        for t in self.stop_token_ids:
-            _check_int("stop_token_ids", t, minimum=0)  # the upper bound is the engine's vocabulary
-        _check_int("priority", self.priority, minimum=INT64_MIN)
+        # the upper bound is the engine's vocabulary
+        self.stop_token_ids = [_check_int("stop_token_ids", t, minimum=0) for t in self.stop_token_ids]
+        self._int("priority", minimum=INT64_MIN)
         self._validate_structured()
 
     def _validate_structured(self) -> None:
@@ -184,22 +183,46 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    def _int(self, name: str, *, minimum: int, maximum: int = INT64_MAX) -> None:
+        setattr(self, name, _check_int(name, getattr(self, name), minimum=minimum, maximum=maximum))
 
-def _check_int(name: str, value: object, *, minimum: int | None, maximum: int = INT64_MAX) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
+    def _float(self, name: str, *, minimum: float | None = None) -> None:
+        setattr(self, name, _check_float(name, getattr(self, name), minimum=minimum))
+
+
+def _as_list(name: str, value: object, what: str) -> list:
+    """A list field as a list (None: empty); anything but a list or tuple is a ValueError naming it."""
+    if value is None:
+        return []
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{name} must be a list of {what}, got {value!r}")
+    return list(value)
+
+
+def _check_int(name: str, value: object, *, minimum: int, maximum: int = INT64_MAX) -> int:
+    """``value`` as an int (numpy integers included; bools, floats and strings are refused, never rounded)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name} must be an integer, got {value!r}")
-    if minimum is not None and value < minimum:
+    value = int(value)
+    if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     if value > maximum:
         raise ValueError(f"{name} must be <= {maximum}, got {value}")
+    return value
 
 
-def _check_float(name: str, value: object, *, minimum: float | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+def _check_float(name: str, value: object, *, minimum: float | None = None) -> float:
+    """``value`` as a float that float32 can hold (ints and numpy floats included)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name} must be a number, got {value!r}")
-    if isinstance(value, int) and abs(value) > FLOAT32_MAX:  # math.isfinite would overflow on a huge int
+    if isinstance(value, numbers.Integral) and abs(int(value)) > FLOAT32_MAX:  # float() would overflow
         raise ValueError(f"{name} must be a finite float32 number, got {value}")
+    try:
+        value = float(value)
+    except OverflowError:  # e.g. a Fraction past float64
+        raise ValueError(f"{name} must be a finite float32 number, got {value}") from None
     if not math.isfinite(value) or abs(value) > FLOAT32_MAX:
         raise ValueError(f"{name} must be a finite float32 number, got {value}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value

@@ -188,7 +188,11 @@ class OrchestratorServicer(jetstream_pb2_grpc.OrchestratorServicer):
                 text, ids = self.core.encode_prompt(None, request.token_content.token_ids)
                 if not ids:
                     raise ValueError("token_content.token_ids must not be empty")
+            if request.num_samples < 0:
+                raise ValueError(f"num_samples must be >= 0 (0 means 1), got {request.num_samples}")
             n = request.num_samples or 1
+            if n > self.core.limits.max_n:
+                raise ValueError(f"num_samples: got {n}; at most {self.core.limits.max_n} allowed (max_n)")
             params = SamplingParams(n=n, max_tokens=request.max_tokens, temperature=0.0 if n == 1 else 1.0)
             async with asyncio.timeout(_deadline(context)):
                 stream = self.core.generate(

@@ -25,6 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
 
 from jserve.limits import check_prompt_chars
 from jserve.outputs import CompletionOutput, RequestOutput
@@ -39,6 +40,7 @@ from jserve.server.openai_protocol import (
     finish_reason,
     logprob,
 )
+from jserve.server.openai_schema import document
 from jserve.server.tool_calls import (
     ToolChoice,
     ToolStream,
@@ -132,6 +134,7 @@ class OpenAIApp:
         self.tool_call_parser = tool_call_parser
         self.app = FastAPI(title="jserve", docs_url=None, redoc_url=None)
         self.app.add_exception_handler(RequestValidationError, self._validation_error)
+        self.app.add_exception_handler(HTTPException, _http_error)
         self.app.get("/health")(self.health)
         self.app.get("/v1/models")(self.models)
         self.app.post("/v1/completions")(self.completions)
@@ -140,18 +143,18 @@ class OpenAIApp:
         self.app.openapi = self._openapi
 
     def _openapi(self) -> dict:
-        """FastAPI's schema, with the required ``model`` narrowed to the one name this server serves (any other is
-        a 404), so that generated clients and API fuzzers see the real contract."""
+        """FastAPI's schema rewritten to the real contract (jserve.server.openai_schema): every status each
+        endpoint sends and its body, ``model`` narrowed to the served name, each field's accepted range."""
         if self.app.openapi_schema is None:
-            schema = get_openapi(title=self.app.title, version=self.app.version, routes=self.app.routes)
-            model = {"type": "string", "enum": [self.core.card.name], "title": "Model"}
-            for name in ("CompletionRequest", "ChatCompletionRequest"):
-                body = schema["components"]["schemas"][name]
-                body["properties"]["model"] = model
-                required = body.setdefault("required", [])
-                if "model" not in required:
-                    required.insert(0, "model")
-            self.app.openapi_schema = schema
+            card = self.core.card
+            self.app.openapi_schema = document(
+                get_openapi(title=self.app.title, version=self.app.version, routes=self.app.routes),
+                model=card.name,
+                vocab_size=card.vocab_size,
+                max_model_len=card.max_model_len,
+                limits=self.core.limits,
+                api_key=bool(self.api_key),
+            )
         return self.app.openapi_schema
 
     async def __call__(self, scope, receive, send) -> None:
@@ -175,8 +178,9 @@ class OpenAIApp:
             message = f"unsupported field(s): {', '.join(unsupported)}"
             return JSONResponse(error_body(message, "invalid_request_error", 400, unsupported[0]), 400)
         first = errors[0] if errors else {}
-        field = _field(first)
-        message = f"{field}: {first.get('msg', 'invalid')}" if field else str(exc)
+        # NOTE: not str(exc): FastAPI's text quotes the endpoint's source file and line
+        field = "" if first.get("type") == "json_invalid" else _field(first)  # its loc is a character offset
+        message = f"{field or 'body'}: {first.get('msg', 'invalid request body')}"
         return JSONResponse(error_body(message, "invalid_request_error", 400, field or None), 400)
 
     # ------------------------------------------------------------------ endpoints
@@ -271,6 +275,9 @@ class OpenAIApp:
             params = body.sampling_params(max(1, self.core.card.max_model_len - len(ids)), forced)
             if tools.mode == "auto" and get_tool_parser(self.tool_call_parser).needs_special_tokens:
                 params = dataclasses.replace(params, skip_special_tokens=False)  # its tags may be special tokens
+            if (body.top_logprobs or 0) > self.core.limits.max_logprobs:  # checked as "logprobs" below
+                limit = self.core.limits.max_logprobs
+                raise ValueError(f"top_logprobs: got {body.top_logprobs}; at most {limit} allowed (max_logprobs)")
             self.core.validate(ids, params)
         except (ValueError, Unavailable, EngineError) as e:
             return _error_response(e, self.core)
@@ -350,6 +357,15 @@ class OpenAIApp:
 
 
 _DISCONNECTED = object()
+
+_ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error"}
+
+
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    """Starlette's own errors (a body that is not UTF-8, an unknown path, a wrong method) in OpenAI's error
+    body too, so that every error a client can get has the one shape; headers (405's Allow) are kept."""
+    kind = _ERROR_TYPES.get(exc.status_code, "invalid_request_error" if exc.status_code < 500 else "internal_error")
+    return JSONResponse(error_body(str(exc.detail), kind, exc.status_code), exc.status_code, headers=exc.headers)
 
 
 def _field(error: dict) -> str:

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from jserve.sampling_params import SamplingParams, StructuredOutputsParams
+from jserve.sampling_params import INT64_MAX, SamplingParams, StructuredOutputsParams
 from jserve.server.openai_structured import StructuredFields
 from jserve.server.tool_calls import ToolChoice, resolve_tool_choice
 
@@ -211,13 +211,21 @@ class ChatCompletionRequest(_SamplingFields):
         for name in ("max_completion_tokens", "max_tokens"):
             value = getattr(self, name)
             if value is not None:
-                if value < 1:
-                    raise ValueError(f"{name} must be >= 1, got {value}")
+                _in_int64(name, value, minimum=1)  # here, or SamplingParams would name max_tokens
                 max_tokens = value
                 break
-        if self.top_logprobs is not None and not self.logprobs:
-            raise ValueError("top_logprobs requires logprobs=true")
+        if self.top_logprobs is not None:
+            if not self.logprobs:
+                raise ValueError("top_logprobs requires logprobs=true")
+            _in_int64("top_logprobs", self.top_logprobs, minimum=0)  # here, or SamplingParams would name logprobs
         return self._sampling(max_tokens, (self.top_logprobs or 0) if self.logprobs else None, forced=forced)
+
+
+def _in_int64(name: str, value: int, *, minimum: int) -> None:
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if value > INT64_MAX:
+        raise ValueError(f"{name} must be <= {INT64_MAX}, got {value}")
 
 
 FinishReason = Literal["stop", "length", "abort"] | None

@@ -48,6 +48,18 @@ class ServerProcess:
         return f"127.0.0.1:{self.grpc_port}"
 
     def start(self, timeout: float = 180.0) -> ServerProcess:
+        self.launch()
+        return self.wait_ready(timeout)
+
+    def wait_ready(self, timeout: float = 180.0) -> ServerProcess:
+        """Waits for ``jserve: ready``; kills the process and raises (with its log) if it does not come."""
+        if not self._ready.wait(timeout) or self.grpc_port is None:
+            self.kill()
+            raise RuntimeError(f"server did not become ready in {timeout}s:\n{self.log()}")
+        return self
+
+    def launch(self) -> ServerProcess:
+        """Starts the process without waiting for it to be ready (``wait_ready`` waits)."""
         cache = os.environ.get("JSERVE_TEST_JAX_CACHE", str(REPO_ROOT / ".jax_cache"))
         env = {
             **os.environ,
@@ -69,9 +81,6 @@ class ServerProcess:
             bufsize=1,
         )
         threading.Thread(target=self._read_stdout, daemon=True).start()
-        if not self._ready.wait(timeout) or self.grpc_port is None:
-            self.kill()
-            raise RuntimeError(f"server did not become ready in {timeout}s:\n{self.log()}")
         return self
 
     def _read_stdout(self) -> None:

@@ -115,7 +115,7 @@ def test_jetstream_num_samples_is_bounded(server):
         with pytest.raises(grpc.RpcError) as info:
             list(stub.Decode(request, timeout=30))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert info.value.details().startswith("n: got 100000000")
+    assert info.value.details().startswith("num_samples: got 100000000")
 
 
 HTTP_OVERSIZE = [
@@ -141,7 +141,7 @@ HTTP_OVERSIZE = [
     (
         "/v1/chat/completions",
         {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21},
-        "logprobs: got 21",
+        "top_logprobs: got 21",
     ),
 ]
 
