@@ -5,11 +5,13 @@ Layout of one step (T tokens, B = max_num_seqs sequence rows, Pmax = pages per s
 tokens    [T]  t0 t1 t2 t3 | t4 | t5 t6 | pad pad ...     row i owns tokens cu_q_lens[i]:cu_q_lens[i+1]
 positions [T]  p  p+1 ...                                  padding tokens: position 0, slot 0 (null page)
 block_tables [B, Pmax], kv_lens [B], cu_q_lens [B+1]       padding rows: 0 pages, 0 tokens
-logits_indices [B]   last token of each sampled row (others point at token 0 and are ignored)
+logits_indices [R]   last token of each sampled row (others point at token 0 and are ignored);
+                     R = min(T, B) sampled rows (a verification step: B, its rows are spec_rows)
 prompt_targets [T]   next prompt token of each prompt-logprob token, -1 elsewhere
 token_src [T]        async scheduling: row of the previous step's sampled ids that fills a pending token, or -1
-sampling             [B] settings, [B, max_model_len] penalty history, [B, Nb] banned ids (Nb fixed),
-                     [B, W] grammar bitmask (structured outputs; verification steps: one row per position)
+sampling             [R] settings, [R, max_model_len] penalty history, [R, Nb] banned ids (Nb fixed),
+                     [R, W] grammar bitmask (structured outputs; verification steps: one row per position)
+prev_tokens [B]      the previous step's sampled ids (padded to B whatever its R)
 ```
 Only T varies (a power-of-two bucket), so an engine has one program per bucket. Three builders fill the
 parts: ``build_layout`` (tokens, positions, the attention layout), ``build_sampling`` (sampled rows) and
@@ -163,12 +165,13 @@ def build_sampling(
 ) -> tuple[SamplingTensors, np.ndarray, list[str], np.ndarray, np.ndarray]:
     """Sampling settings of the chunks that sample, their logits rows, their request ids (row order), and for
     each row where its pending token goes in the penalty history (source row in the previous step, column).
-    ``num_rows``: the sampled rows' padding (default max_num_seqs; verification steps: spec_rows).
+    ``num_rows``: the sampled rows' padding (plain steps: ``shapes.sample_rows`` of the bucket; verification
+    steps: spec_rows, their logits_indices keep max_num_seqs rows).
     Constrained rows (structured outputs) get their grammar's bitmask; ``verifying``: one per verified position,
     each after the drafts before it (``device_drafts``: position 0 only; ``draft_mask_filler`` does the rest once
     the device drafter's tokens are known)."""
     num_rows = shapes.max_num_seqs if num_rows is None else num_rows
-    logits_indices = np.zeros(shapes.max_num_seqs, np.int32)
+    logits_indices = np.zeros(shapes.max_num_seqs if verifying else num_rows, np.int32)
     history_src = np.full(num_rows, -1, np.int32)
     history_col = np.zeros(num_rows, np.int32)
     rows: list[RowSpec] = []
@@ -267,7 +270,7 @@ def build_step(
         seed_of,
         banned_ids_of,
         previous_rows,
-        shapes.spec_rows if verifying else None,
+        shapes.spec_rows if verifying else shapes.sample_rows(t_pad),
         verifying,
         device_drafts,
     )

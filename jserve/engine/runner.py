@@ -290,15 +290,16 @@ class ModelRunner:
         )
         self.kv_bytes_per_token = kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, kv_dtype)
         self.compile_on_first_use = False  # EngineArgs.precompile=False: programs compile when first needed
-        # Resident all-padding penalty history, swapped in for steps without penalties (saves a [B, H] copy).
+        # Resident all-padding penalty history, swapped in for steps without penalties (saves a [R, H] copy), one
+        # per count of sampled rows R (see StepShapes.sample_rows).
         self._empty_history = [
-            jax.device_put(
-                (
-                    np.full((shapes.max_num_seqs, shapes.history_len), -1, np.int32),
-                    np.zeros((shapes.max_num_seqs, shapes.history_len), bool),
-                ),
-                rep,
-            )
+            {
+                rows: jax.device_put(
+                    (np.full((rows, shapes.history_len), -1, np.int32), np.zeros((rows, shapes.history_len), bool)),
+                    rep,
+                )
+                for rows in shapes.sample_row_counts
+            }
             for rep in self.replicated
         ]
         self._empty_history_spec = jax.device_put(
@@ -310,7 +311,10 @@ class ModelRunner:
         )
         # Resident all-ones grammar bitmasks, swapped in for steps without structured outputs.
         self._open_bitmask = [
-            jax.device_put(np.full((shapes.max_num_seqs, shapes.bitmask_words), -1, np.int32), rep)
+            {
+                rows: jax.device_put(np.full((rows, shapes.bitmask_words), -1, np.int32), rep)
+                for rows in shapes.sample_row_counts
+            }
             for rep in self.replicated
         ]
         self._open_bitmask_spec = jax.device_put(
@@ -614,7 +618,8 @@ class ModelRunner:
             tokens = _fill_pending(inputs.tokens, inputs.token_src, inputs.prev_tokens)
             if spec is not None:
                 tokens = _fill_drafts(tokens, spec)
-            x = model.embed(tokens)
+            with jax.named_scope("embed"):
+                x = model.embed(tokens)
         x, kv_cache = model.run_layers(x, inputs.positions, kv_cache, inputs.attention, backend, layers)
         # pages [K, P, L, H] and, for int8 / fp8 caches, their scales [K, P, L]
         kv_cache = [
@@ -637,9 +642,15 @@ class ModelRunner:
         hidden = model.final_norm(x)
         sampling = _fill_pending_history(inputs.sampling, inputs.history_src, inputs.history_col, inputs.prev_tokens)
         replicated = jax.sharding.NamedSharding(kv_sharding.mesh, jax.sharding.PartitionSpec())
-        prompt = _prompt_logprobs(model.logits, hidden, inputs.prompt_targets, max_logprobs)
+        with jax.named_scope("prompt_logprobs"):
+            prompt = _prompt_logprobs(model.logits, hidden, inputs.prompt_targets, max_logprobs)
         if spec is None:
-            sampled = sample(model.logits(hidden[inputs.logits_indices]), sampling, max_logprobs)
+            logits = model.logits(hidden[inputs.logits_indices])
+            with jax.named_scope("sampler"):
+                sampled = sample(logits, sampling, max_logprobs)
+            # the next step reads its pending tokens from [B] ids, whatever this bucket's R rows
+            padding = inputs.prev_tokens.shape[0] - sampled.token_ids.shape[0]
+            sampled = dataclasses.replace(sampled, token_ids=jnp.pad(sampled.token_ids, (0, padding)))
             # replicated results: every process of a multi-host mesh can read them
             return kv_cache, draft_kv, jax.lax.with_sharding_constraint((sampled, prompt), replicated)
         drafts, probs = spec.drafts_by_row()
@@ -697,11 +708,12 @@ class ModelRunner:
         if plan.uses_penalties and plan.uses_grammar:
             return inputs
         sampling = inputs.sampling
+        rows = len(sampling.temperature)
         if not plan.uses_penalties:
-            history, is_output = self._empty_history_spec if plan.is_verification else self._empty_history[s]
+            history, is_output = self._empty_history_spec if plan.is_verification else self._empty_history[s][rows]
             sampling = dataclasses.replace(sampling, token_history=history, history_is_output=is_output)
         if not plan.uses_grammar:
-            mask = self._open_bitmask_spec if plan.is_verification else self._open_bitmask[s]
+            mask = self._open_bitmask_spec if plan.is_verification else self._open_bitmask[s][rows]
             sampling = dataclasses.replace(sampling, token_bitmask=mask)
         return dataclasses.replace(inputs, sampling=sampling)
 

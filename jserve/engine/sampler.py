@@ -101,10 +101,10 @@ def switches(t: SamplingTensors) -> Switches:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class SamplerOutput:
-    token_ids: jax.Array  # [B] i32
-    logprobs: jax.Array  # [B] f32: chosen token's log-prob under log_softmax of the RAW logits
-    top_ids: jax.Array  # [B, k] i32, sorted by descending logprob (k = max_logprobs; zeros when nobody asked)
-    top_logprobs: jax.Array  # [B, k] f32 (raw-logit log_softmax)
+    token_ids: jax.Array  # [R] i32, one per sampled row (the runner pads a plain step's to the engine's B)
+    logprobs: jax.Array  # [R] f32: chosen token's log-prob under log_softmax of the RAW logits
+    top_ids: jax.Array  # [R, k] i32, sorted by descending logprob (k = max_logprobs; zeros when nobody asked)
+    top_logprobs: jax.Array  # [R, k] f32 (raw-logit log_softmax)
 
 
 # ----------------------------------------------------------------------------------------------------------

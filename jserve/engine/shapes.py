@@ -37,6 +37,17 @@ class StepShapes:
     num_spec_tokens: int = 0
     bitmask_words: int = 0  # structured outputs: ceil(vocab / 32) words per grammar bitmask row (0: no tokenizer)
 
+    def sample_rows(self, num_tokens_padded: int) -> int:
+        """Sampled rows of a plain step of this token bucket: each sampled row ends on one of the step's tokens,
+        so a bucket of T tokens samples at most T rows, and the LM head and sampler cost what the bucket holds,
+        not ``max_num_seqs``."""
+        return min(num_tokens_padded, self.max_num_seqs)
+
+    @property
+    def sample_row_counts(self) -> tuple[int, ...]:
+        """The distinct ``sample_rows`` of the plain buckets (the runner keeps a resident padding per count)."""
+        return tuple(sorted({self.sample_rows(b) for b in self.token_buckets}))
+
     @property
     def spec_token_buckets(self) -> tuple[int, ...]:
         """The token buckets of verification steps (none without speculation)."""

@@ -6,12 +6,13 @@ GQA/MQA never repeat K/V: the backend groups query heads per KV head.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from jserve.attention import AttentionBackend
 from jserve.config import ModelConfig
 from jserve.models.layers import RMSNorm, apply_rope, linear_weight, param
-from jserve.quant.weights import einsum
+from jserve.quant.weights import QuantizedWeight, einsum
 
 
 class Attention(nnx.Module):
@@ -50,20 +51,33 @@ class Attention(nnx.Module):
         meta,  # the backend's metadata for this step (AttentionBackend.plan)
         backend: AttentionBackend,
     ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-        q = einsum("td,dnh->tnh", x, self.q_proj)
-        k = einsum("td,dkh->tkh", x, self.k_proj)
-        v = einsum("td,dkh->tkh", x, self.v_proj)
-        if self.qkv_bias:
-            q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q, *rope)
-        k = apply_rope(k, *rope)
-        kv = backend.write_kv(kv, k, v, meta)
-        out = backend.attend(
-            q, kv, meta, sm_scale=self.sm_scale, sliding_window=self.sliding_window, soft_cap=self.soft_cap
-        )
-        out = einsum("tnh,nhd->td", out, self.o_proj)
-        if self.o_bias:
-            out = out + self.o_bias_param[...]
+        # NOTE: the named scopes label the step's parts for scripts/profile_step.py (XLA op metadata)
+        with jax.named_scope("qkv_proj"):
+            q = einsum("td,dnh->tnh", x, self.q_proj)
+            k = einsum("td,dkh->tkh", x, self.k_proj)
+            v = einsum("td,dkh->tkh", x, self.v_proj)
+            if self.qkv_bias:
+                q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
+            if self.qk_norm:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q = apply_rope(q, *rope)
+            k = apply_rope(k, *rope)
+        with jax.named_scope("kv_write"):
+            kv = backend.write_kv(kv, k, v, meta)
+        with jax.named_scope("attention"):
+            out = backend.attend(
+                q, kv, meta, sm_scale=self.sm_scale, sliding_window=self.sliding_window, soft_cap=self.soft_cap
+            )
+        with jax.named_scope("o_proj"):
+            out = self._project_out(out)
+            if self.o_bias:
+                out = out + self.o_bias_param[...]
         return out, kv
+
+    def _project_out(self, out: jax.Array) -> jax.Array:  # [T, N, H] -> [T, D]
+        """A dense o_proj runs as one [T, N*H] x [N*H, D] matmul: as a two-dim contraction XLA:CPU laid the
+        [N, H, D] weight out anew (a transposed copy of it) in every step."""
+        if isinstance(self.o_proj, QuantizedWeight):
+            return einsum("tnh,nhd->td", out, self.o_proj)
+        weight = self.o_proj[...]
+        return jnp.einsum("tm,md->td", out.reshape(out.shape[0], -1), weight.reshape(-1, weight.shape[-1]))

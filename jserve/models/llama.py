@@ -47,7 +47,8 @@ class DecoderLayer(nnx.Module):
         if self.sandwich:
             attn_out = self.attn_out_norm(attn_out)
         x = x + attn_out
-        mlp_out = self.mlp(self.post_attn_norm(x))
+        with jax.named_scope("mlp"):
+            mlp_out = self.mlp(self.post_attn_norm(x))
         if self.sandwich:
             mlp_out = self.mlp_out_norm(mlp_out)
         return x + mlp_out, kv
@@ -101,6 +102,7 @@ class CausalLM(nnx.Module):
             new_cache.append(kv)
         return x, new_cache
 
+    @jax.named_scope("lm_head")
     def logits(self, hidden: jax.Array) -> jax.Array:  # [B, D] -> [B, V] float32
         if self.config.tie_word_embeddings:
             logits = self.embed.attend(hidden)
