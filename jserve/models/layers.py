@@ -44,6 +44,21 @@ def linear_weight(
     )
 
 
+def fixed_order_sum(x: jax.Array) -> jax.Array:
+    """Sum over the last axis (keepdims) in an order fixed by that axis' length alone: halves added while the
+    length is even, then the rest left to right. XLA picks a reduction's order from the whole array's shape (on
+    CPU the rows of [T, D] sum differently for T <= 24 and T >= 32), so a token's sum moved by an ulp with the
+    other tokens of its step, and per-token rounding downstream (fp8 activations, an int8 / fp8 KV cache) turns
+    such an ulp into a whole quantization step now and then. Elementwise adds are the same on every shape."""
+    while x.shape[-1] % 2 == 0 and x.shape[-1] > 1:
+        half = x.shape[-1] // 2
+        x = x[..., :half] + x[..., half:]
+    total = x[..., :1]
+    for i in range(1, x.shape[-1]):
+        total = total + x[..., i : i + 1]
+    return total
+
+
 class RMSNorm(nnx.Module):
     """Root-mean-square norm; Gemma scales by (1 + w) and keeps the multiply in float32."""
 
@@ -55,7 +70,8 @@ class RMSNorm(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        # a fixed summation order: the mean of a token must not depend on the other tokens of its step
+        normed = x32 * jax.lax.rsqrt(fixed_order_sum(x32 * x32) / x.shape[-1] + self.eps)
         if self.unit_offset:
             return (normed * (1.0 + self.weight[...].astype(jnp.float32))).astype(x.dtype)
         return normed.astype(x.dtype) * self.weight[...]

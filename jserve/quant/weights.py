@@ -5,8 +5,8 @@ unquantized, else a ``QuantizedWeight`` (``values`` in int8 / int4 / float8_e4m3
 and logical axes, ``scale`` float32 with the contraction dims reduced to groups; int4 is stored as uint8 pairs).
 ``einsum`` and ``ragged_dot`` take either, so a quantized layer reads exactly like a dense one.
 
-The products go through ``qwix.einsum`` / ``qwix.ragged_dot`` on a ``qwix.QArray``: with a float left operand
-qwix dequantizes the weight right before the dot, which XLA fuses into the matmul (weights stay packed in HBM).
+Products dequantize a ``qwix.QArray`` right before the dot (``qwix.dequantize`` into ``jnp.einsum``, and
+``qwix.ragged_dot``), which XLA fuses into the matmul (weights stay packed in HBM).
 We use qwix's arrays and products, not its ``quantize_model`` interception (which rewrites ops while tracing the
 model with sample inputs): our forward takes a paged KV cache and backend metadata, pre-quantized checkpoints
 need explicit params with logical axes, and loading quantizes tensor by tensor on the host.
@@ -97,11 +97,16 @@ def fake_quantize_fp8_per_token(x: jax.Array) -> jax.Array:
 
 
 def einsum(equation: str, x: jax.Array, weight, **kwargs) -> jax.Array:
-    """``jnp.einsum(equation, x, weight)`` for a dense param or a QuantizedWeight."""
+    """``jnp.einsum(equation, x, weight)`` for a dense param or a QuantizedWeight. A quantized weight is
+    dequantized (``qwix.dequantize``, which XLA fuses into the dot: what ``qwix.einsum`` does for a float
+    operand) and multiplied by the same ``jnp.einsum`` as a dense one, activations on the left. ``qwix.einsum``
+    put [d, heads, head_dim] weights on the left of its dot, which XLA:CPU sums in an order that changes with
+    the number of tokens in the step: an ulp of batch dependence, which per-token fp8 activations round into
+    whole e4m3 steps downstream."""
     if isinstance(weight, QuantizedWeight):
         if weight.fp8_activations:
             x = fake_quantize_fp8_per_token(x)
-        return qwix.einsum(equation, x, weight.qarray(x.dtype), **kwargs)
+        return jnp.einsum(equation, x, qwix.dequantize(weight.qarray(x.dtype)), **kwargs)
     return jnp.einsum(equation, x, weight[...], **kwargs)
 
 
