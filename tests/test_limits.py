@@ -113,5 +113,5 @@ def test_limit_settings_are_validated():
 
 @pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
 def test_non_finite_floats_are_refused(value):
-    with pytest.raises(ValueError, match=r"^temperature must be a finite number"):
+    with pytest.raises(ValueError, match=r"^temperature must be a finite float32 number"):
         SamplingParams(temperature=value)
