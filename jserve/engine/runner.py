@@ -360,13 +360,16 @@ class ModelRunner:
         self._draft_graphdef = graphdef
         leaves, self._draft_treedef = jax.tree_util.tree_flatten(nnx.from_flat_state(flat))
         self.draft_leaves = leaves
-        sharding = NamedSharding(stage.mesh, shard_rules.kv_cache_spec(cfg, stage.mesh))
-        shape = kv_cache_shape(cfg, self.num_pages, self.page_size)
-        zeros = jax.jit(functools.partial(jnp.zeros, shape, self.kv_dtype), out_shardings=sharding)
         if is_quantized_kv(self.kv_dtype):
             raise ValueError("kv_cache_dtype: a draft model runs with an unquantized KV cache ('auto')")
-        self.draft_kv = [(zeros(), zeros()) for _ in range(cfg.num_layers)]
-        self._draft_kv_sharding = sharding
+        self._draft_kv_sharding = NamedSharding(stage.mesh, shard_rules.kv_cache_spec(cfg, stage.mesh))
+        self._allocate_draft_kv()
+
+    def _allocate_draft_kv(self) -> None:
+        """The draft model's zeroed pages: the target's page ids and page size, the draft's layers."""
+        shape = kv_cache_shape(self.draft_config, self.num_pages, self.page_size)
+        zeros = jax.jit(functools.partial(jnp.zeros, shape, self.kv_dtype), out_shardings=self._draft_kv_sharding)
+        self.draft_kv = [(zeros(), zeros()) for _ in range(self.draft_config.num_layers)]
 
     def _allocate_kv_cache(self, stage: _Stage, kv_dtype) -> None:
         stage.kv_sharding = NamedSharding(stage.mesh, shard_rules.kv_cache_spec(self.config, stage.mesh))
@@ -395,10 +398,7 @@ class ModelRunner:
         for stage in self.stages:
             self._allocate_kv_cache(stage, self.kv_dtype)
         if self.draft_kv:
-            sharding = self._draft_kv_sharding
-            shape = kv_cache_shape(self.draft_config, self.num_pages, self.page_size)
-            zeros = jax.jit(functools.partial(jnp.zeros, shape, self.kv_dtype), out_shardings=sharding)
-            self.draft_kv = [(zeros(), zeros()) for _ in range(self.draft_config.num_layers)]
+            self._allocate_draft_kv()
 
     def _jit_step(self, stage: _Stage, graphdef: nnx.GraphDef) -> None:
         backend = self.backend.with_mesh(stage.mesh if stage.mesh.devices.size > 1 else None)

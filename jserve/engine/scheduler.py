@@ -188,9 +188,9 @@ class Scheduler:
         self.num_preemptions += 1
         bisect.insort(self.waiting, request, key=self._waiting_rank)
 
-    def requeue_all(self) -> list[Request]:
+    def requeue_all(self) -> None:
         """Every running request back to waiting to be recomputed, tokens still on the device dropped (a failed
-        step's results never arrive). Returns them; their pages are free (refcount 0) afterwards."""
+        step's results never arrive); their pages are free (refcount 0) afterwards."""
         requeued = list(self.running)
         self.running.clear()
         for request in requeued:
@@ -198,7 +198,6 @@ class Scheduler:
             self._preempt(request)
         for request in self.waiting:  # preempted earlier while a token was on the way
             self._reset_in_flight(request)
-        return requeued
 
     @staticmethod
     def _reset_in_flight(request: Request) -> None:
@@ -247,34 +246,29 @@ class Scheduler:
         )
 
     def _schedule_isolated(self) -> SchedulerOutput:
-        """A step of one suspect alone: its next chunk, admitted from waiting if needed (no leader waits, no
-        other admissions). Running requests that are not suspects sit it out, and give up their pages (or
-        their sequence slot) when the suspect needs them."""
-        budget = self.config.max_num_batched_tokens
+        """A step of one suspect alone: its next chunk, admitted from waiting (no leader waits, no other
+        admissions). Suspects are always waiting here: ``requeue_all`` put them there, and one that passes its
+        step stops being a suspect. Running requests that are not suspects sit it out, and give up their pages
+        (or their sequence slot) when the suspect needs them."""
         request = min((self._requests[r] for r in self.suspects), key=self._rank)
         chunks: list[ScheduledChunk] = []
         preempted: list[Request] = []
-        if request.status == RequestStatus.RUNNING:
-            num_new = self._chunk_len(request.num_tokens - request.num_computed_tokens, budget)
-            if num_new > 0 and self._make_room(request, num_new, preempted):
-                chunks.append(self._make_chunk(request, num_new))
-        else:
-            cached_pages, num_cached = self.kv_cache.find_cached_prefix(request)
-            num_new = self._chunk_len(request.num_tokens - num_cached, budget)
-            while len(self.running) >= self.config.max_num_seqs or not self.kv_cache.allocate(
-                request, num_new, cached_pages
-            ):
-                if not self.running:  # the whole pool cannot hold it
-                    self.waiting.remove(request)
-                    self._finish(request, RequestStatus.FINISHED_LENGTH)
-                    self._finished_ids.append(request.request_id)
-                    break
-                victim = self.running.pop()
-                self._preempt(victim)
-                preempted.append(victim)
-            else:
+        cached_pages, num_cached = self.kv_cache.find_cached_prefix(request)
+        num_new = self._chunk_len(request.num_tokens - num_cached, self.config.max_num_batched_tokens)
+        while len(self.running) >= self.config.max_num_seqs or not self.kv_cache.allocate(
+            request, num_new, cached_pages
+        ):
+            if not self.running:  # the whole pool cannot hold it
                 self.waiting.remove(request)
-                chunks.append(self._start(request, num_cached, num_new))
+                self._finish(request, RequestStatus.FINISHED_LENGTH)
+                self._finished_ids.append(request.request_id)
+                break
+            victim = self.running.pop()
+            self._preempt(victim)
+            preempted.append(victim)
+        else:
+            self.waiting.remove(request)
+            chunks.append(self._start(request, num_cached, num_new))
         finished_ids, self._finished_ids = self._finished_ids, []
         return SchedulerOutput(
             chunks=chunks,
