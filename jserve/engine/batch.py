@@ -8,6 +8,7 @@ block_tables [B, Pmax], kv_lens [B], cu_q_lens [B+1]       padding rows: 0 pages
 logits_indices [R]   last token of each sampled row (others point at token 0 and are ignored);
                      R = min(T, B) sampled rows (a verification step: B, its rows are spec_rows)
 prompt_targets [T]   next prompt token of each prompt-logprob token, -1 elsewhere
+rope_lens [T]        the sequence length longrope (Phi-3) picks its factors by: max(prompt length, position + 1)
 token_src [T]        async scheduling: row of the previous step's sampled ids that fills a pending token, or -1
 sampling             [R] settings, [R, max_model_len] penalty history, [R, Nb] banned ids (Nb fixed),
                      [R, W] grammar bitmask (structured outputs; verification steps: one row per position)
@@ -49,6 +50,9 @@ class StepInput:
     logits_indices: jax.Array  # [B] i32
     sampling: SamplingTensors
     prompt_targets: jax.Array  # [T] i32 next prompt token per row (-1: none)
+    # [T] i32 max(prompt length, position + 1): longrope's (Phi-3) sequence length, which must not depend on how
+    # the prompt is chunked or batched (transformers: the prompt's length while prefilling, position + 1 after)
+    rope_lens: jax.Array
     # Async scheduling: a pending token (sampled by the previous step, not on the host yet) is read on the device
     # from that step's sampled ids. token_src [T] / history_src [B]: row of prev_tokens to read, -1 = none;
     # history_col [B]: the pending token's column in sampling.token_history.
@@ -244,6 +248,19 @@ def build_prompt_logprobs(
     return targets, prompt_rows
 
 
+def build_rope_lens(
+    chunks: Sequence[ScheduledChunk], requests: dict[str, Request], positions: np.ndarray
+) -> np.ndarray:
+    """[T] each token's longrope sequence length, max(its request's prompt length, position + 1); padding: 0."""
+    rope_lens = np.zeros_like(positions)
+    cursor = 0
+    for chunk in chunks:
+        span = slice(cursor, cursor + len(chunk.token_ids))
+        rope_lens[span] = np.maximum(positions[span] + 1, requests[chunk.request_id].num_prompt_tokens)
+        cursor = span.stop
+    return rope_lens
+
+
 def build_step(
     out: SchedulerOutput,
     requests: dict[str, Request],
@@ -285,6 +302,7 @@ def build_step(
         logits_indices=logits_indices,
         sampling=sampling,
         prompt_targets=prompt_targets,
+        rope_lens=build_rope_lens(chunks, requests, positions),
         token_src=token_src,
         history_src=history_src,
         history_col=history_col,

@@ -620,7 +620,9 @@ class ModelRunner:
                 tokens = _fill_drafts(tokens, spec)
             with jax.named_scope("embed"):
                 x = model.embed(tokens)
-        x, kv_cache = model.run_layers(x, inputs.positions, kv_cache, inputs.attention, backend, layers)
+        x, kv_cache = model.run_layers(
+            x, inputs.positions, kv_cache, inputs.attention, backend, layers, rope_lens=inputs.rope_lens
+        )
         # pages [K, P, L, H] and, for int8 / fp8 caches, their scales [K, P, L]
         kv_cache = [
             tuple(jax.lax.with_sharding_constraint(a, kv_sharding if a.ndim == 4 else kv_scale_sharding) for a in kv)
@@ -632,7 +634,13 @@ class ModelRunner:
 
             def mirrored(draft_kv):
                 _, draft_kv = drafter.run_layers(
-                    drafter.embed(tokens), inputs.positions, draft_kv, inputs.attention, backend, range(draft_layers)
+                    drafter.embed(tokens),
+                    inputs.positions,
+                    draft_kv,
+                    inputs.attention,
+                    backend,
+                    range(draft_layers),
+                    rope_lens=inputs.rope_lens,
                 )
                 return [tuple(jax.lax.with_sharding_constraint(a, draft_sharding) for a in kv) for kv in draft_kv]
 

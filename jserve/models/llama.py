@@ -88,13 +88,18 @@ class CausalLM(nnx.Module):
         meta,
         backend: AttentionBackend,
         layers: range,
+        rope_lens: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache]:
-        """Runs a contiguous range of layers (a pipeline stage); kv_cache holds exactly those layers' pages."""
+        """Runs a contiguous range of layers (a pipeline stage); kv_cache holds exactly those layers' pages.
+        ``rope_lens`` [T]: each token's sequence length for longrope (Phi-3); None: its row's length after this
+        step (drafting, where no prompt length is at hand)."""
         cfg = self.config
         ropes = {cfg.layer_rope(i) for i in layers}
         seq_lens = None
         if any(scaling.rope_type == "longrope" for _, scaling in ropes):
-            seq_lens = _token_sequence_lengths(backend.layout_of(meta), positions.shape[0])
+            seq_lens = rope_lens
+            if seq_lens is None:
+                seq_lens = _token_sequence_lengths(backend.layout_of(meta), positions.shape[0])
         tables = {rope: rope_tables(positions, seq_lens, cfg.head_dim, *rope) for rope in ropes}  # once per step
         new_cache = []
         for i, kv in zip(layers, kv_cache, strict=True):

@@ -232,15 +232,11 @@ def test_quantized_kv_cache(engines, config, batch):
     check_batch_invariance(engines, config, batch)
 
 
-# Phi-3's longrope picks short or long factors by the length of the sequence run so far, this step included: a
-# prompt prefilled in one step takes long factors for every token past a 32-token original context, the same
-# prompt chunked by a busy batch rotates its first chunk with the short ones (3.5e-3 here; the factors of real
-# checkpoints differ by up to 60x). The rule needs each request's prompt length in the step's inputs.
-PHI3_LONGROPE = pytest.mark.xfail(reason="longrope's factors depend on how the batch chunks the prompt", strict=False)
-
-
+# Phi-3's longrope picks short or long factors by a sequence length: the step's inputs carry max(prompt length,
+# position + 1) per token (transformers' rule), never the length the batch's chunking happens to reach, so a
+# prompt chunked by a busy batch rotates like the same prompt prefilled alone (this case failed by 3.5e-3 before).
 @slow
-@pytest.mark.parametrize("family", [pytest.param(f, marks=PHI3_LONGROPE) if f == "phi3" else f for f in FAMILIES])
+@pytest.mark.parametrize("family", FAMILIES)
 @EXAMPLES
 @given(batch=batches())
 def test_model_families(engines, family, batch):
