@@ -67,10 +67,10 @@ def test_eight_devices_are_visible():
         dict(tensor_parallel_size=2),
         dict(tensor_parallel_size=4),
         dict(pipeline_parallel_size=2),
-        dict(pipeline_parallel_size=4),
+        pytest.param(dict(pipeline_parallel_size=4), marks=pytest.mark.slow),  # 4-way: the 2-way cases cover CI
         dict(tensor_parallel_size=2, pipeline_parallel_size=2),
         dict(data_parallel_size=2, tensor_parallel_size=2),
-        dict(data_parallel_size=4),
+        pytest.param(dict(data_parallel_size=4), marks=pytest.mark.slow),
     ],
     ids=lambda d: "-".join(f"{k.split('_')[0]}{v}" for k, v in d.items()),
 )
@@ -101,7 +101,7 @@ def test_layout_matches_single_device(llama_dir, prompts, single, layout):
         assert all(r.stats()["prompt_tokens_computed"] > 0 for r in replicas)  # requests were spread
 
 
-@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("tp", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_mixtral_expert_parallel_matches_single_device(mixtral_dir, prompts, tp):
     _, reference = _run(mixtral_dir, prompts)
     llm, tokens = _run(mixtral_dir, prompts, tensor_parallel_size=tp)

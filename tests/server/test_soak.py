@@ -27,7 +27,7 @@ from tests.server.harness import REPO_ROOT, ServerProcess
 
 pytestmark = pytest.mark.xdist_group("soak")
 
-LOAD_SECONDS = 60.0
+LOAD_SECONDS = 30.0
 
 
 def _load_soak() -> ModuleType:
