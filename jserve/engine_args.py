@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import os
 import typing
 from dataclasses import dataclass, field
 
@@ -24,6 +25,14 @@ ENGINE_GROUP = "engine"
 SPEC_GROUP = "speculative decoding"
 STRUCTURED_GROUP = "structured outputs"
 LIMITS_GROUP = "admission limits (requests over them get INVALID_ARGUMENT / HTTP 400)"
+
+
+MIN_TOKEN_BUCKET_ENV = "JSERVE_MIN_TOKEN_BUCKET"
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value else None
 
 
 def setting(default, help: str, *, choices: tuple | None = None, group: str = ENGINE_GROUP, none: str | None = None):
@@ -44,6 +53,11 @@ class EngineArgs:
     max_num_seqs: int = setting(64, "sequences in the running batch")
     max_num_batched_tokens: int | None = setting(
         None, "tokens per step, the largest token bucket (default: min(2048, max_model_len))"
+    )
+    min_token_bucket: int | None = setting(
+        _env_int(MIN_TOKEN_BUCKET_ENV),
+        "smallest token bucket, a power of two (default: 1 on CPU, where a one-token decode step costs half of one "
+        f"padded to 8; 8 on GPU / TPU; ${MIN_TOKEN_BUCKET_ENV} sets the default)",
     )
     page_size: int = setting(16, "tokens per KV page")
     num_pages: int | None = setting(None, "KV pages (default: kv_cache_memory_fraction of free device memory)")
@@ -121,6 +135,11 @@ class EngineArgs:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if isinstance(self.max_num_seqs, bool) or not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be an integer >= 1, got {self.max_num_seqs!r}")
+        bucket = self.min_token_bucket
+        if bucket is not None and (
+            isinstance(bucket, bool) or not isinstance(bucket, int) or bucket < 1 or bucket & (bucket - 1)
+        ):
+            raise ValueError(f"min_token_bucket must be a power of two >= 1, got {bucket!r}")
         if self.max_n is not None and (
             isinstance(self.max_n, bool) or not isinstance(self.max_n, int) or not 1 <= self.max_n <= self.max_num_seqs
         ):

@@ -44,6 +44,7 @@ PARTS = (
 """Scope labels, most specific first (an op under ``lm_head`` inside ``prompt_logprobs`` counts as the latter)."""
 
 _OP_NAME = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?metadata=\{[^}]*op_name=\"([^\"]*)\"")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*\S+\s+[\w\-]+\(([^)]*)\)")
 
 
 def make_llama_159m(out_dir: Path) -> Path:
@@ -120,16 +121,37 @@ def run_steps(llm, args, count: int) -> list[float]:
     return times
 
 
-def op_parts(llm) -> dict[str, str]:
-    """hlo op name -> part, over every compiled step program (ops of one name share their label)."""
+def op_parts(llm, bucket: int) -> dict[str, str]:
+    """hlo op name -> part, over the step programs of the traced token bucket (op names repeat across programs,
+    so only the programs that ran may label them). Ops that XLA made without metadata (a [1, K] x [K, N] dot
+    rewritten for the one-token bucket, say) take the part of the op that consumes them."""
     parts: dict[str, str] = {}
+    users: dict[str, list[str]] = collections.defaultdict(list)
     for stage in llm.engine.runner.stages:
-        for program in stage.programs.values():
-            for line in program.as_text().splitlines():
-                m = _OP_NAME.match(line)
-                if m:
-                    parts.setdefault(m.group(1), _part_of(m.group(2)))
+        for line in stage.programs[bucket].as_text().splitlines():
+            m = _OP_NAME.match(line)
+            if m:
+                parts.setdefault(m.group(1), _part_of(m.group(2)))
+            inst = _INSTRUCTION.match(line)
+            if inst:
+                for operand in re.findall(r"%([\w.\-]+)", inst.group(2)):
+                    users[operand].append(inst.group(1))
+    for _ in range(8):  # a few hops: bitcasts and copies between an unlabeled op and a labeled user
+        for op, consumers in users.items():
+            if op not in parts:
+                labels = [parts[c] for c in consumers if c in parts and parts[c] != "other"]
+                if labels:
+                    parts[op] = labels[0]
     return parts
+
+
+def traced_bucket(llm, args) -> int:
+    """The token bucket of the traced steps."""
+    from jserve.engine.shapes import round_up
+
+    shapes = llm.engine.runner.shapes
+    tokens = args.batch if args.phase == "decode" else args.batch * args.prompt_len
+    return round_up(min(tokens, shapes.token_buckets[-1]), shapes.token_buckets)
 
 
 def _part_of(op_name: str) -> str:
@@ -150,7 +172,7 @@ def trace_steps(llm, args, trace_dir: Path) -> tuple[dict[str, float], float, in
     jax.profiler.stop_trace()
     (path,) = glob.glob(str(trace_dir / "**" / "*.trace.json.gz"), recursive=True)
     events = [e for e in json.load(gzip.open(path))["traceEvents"] if e.get("ph") == "X"]
-    parts = op_parts(llm)
+    parts = op_parts(llm, traced_bucket(llm, args))
     ops = [e for e in events if "hlo_op" in (e.get("args") or {}) and "stage_step" in e["args"].get("hlo_module", "")]
     per_op = _exclusive_times(ops)
     per_part: dict[str, float] = collections.defaultdict(float)
@@ -197,19 +219,44 @@ def _union_length(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-def report(args, wall_ms: float, per_part: dict[str, float], busy_ms: float) -> dict:
+def weight_read_ms(llm, repeats: int = 20) -> float:
+    """Median milliseconds of one jitted pass that reads every parameter once (a float32 sum of each): the floor
+    of a decode step that is bound by reading its weights."""
+    import jax
+    import jax.numpy as jnp
+
+    leaves = list(llm.engine.runner.params().values())
+    read_all = jax.jit(lambda xs: sum(jnp.sum(x, dtype=jnp.float32) for x in xs))
+    read_all(leaves).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        read_all(leaves).block_until_ready()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000
+
+
+def report(args, wall_ms: float, per_part: dict[str, float], busy_ms: float, weights_ms: float) -> dict:
     op_total = sum(per_part.values())
     rows = {part: ms / args.steps for part, ms in sorted(per_part.items(), key=lambda kv: -kv[1])}
     busy = busy_ms / args.steps
     host = max(wall_ms - busy, 0.0)
     print(f"{args.model}, {args.phase}, batch {args.batch}, prompt {args.prompt_len}, max_num_seqs {args.max_num_seqs}")
     print(f"step wall time (median, no profiler): {wall_ms:.2f} ms; device busy: {busy:.2f} ms")
+    ratio = wall_ms / weights_ms
+    print(f"weight read (one pass over the parameters): {weights_ms:.2f} ms; step / weight read: {ratio:.2f}")
     print(f"{'part':<28}{'ms/step':>10}{'share':>8}")
     for part, ms in rows.items():
         print(f"{part:<28}{ms:>10.3f}{ms * args.steps / op_total:>8.1%}")
     print(f"{'host on the critical path':<28}{host:>10.3f}{'':>8}")
     print("(op times are summed over the threads that ran them; shares are of that sum)")
-    return {"wall_ms": wall_ms, "device_busy_ms": busy, "host_critical_ms": host, "parts_ms": rows}
+    return {
+        "wall_ms": wall_ms,
+        "device_busy_ms": busy,
+        "host_critical_ms": host,
+        "weight_read_ms": weights_ms,
+        "parts_ms": rows,
+    }
 
 
 def main() -> None:
@@ -233,7 +280,7 @@ def main() -> None:
     wall = statistics.median(run_steps(llm, args, args.steps)) * 1000
     with tempfile.TemporaryDirectory() as tmp:
         per_part, busy, _ = trace_steps(llm, args, Path(tmp))
-    figures = report(args, wall, per_part, busy)
+    figures = report(args, wall, per_part, busy, weight_read_ms(llm))
     if args.json:
         args.json.write_text(json.dumps(vars(args) | {"json": None} | figures, indent=1, default=str))
 

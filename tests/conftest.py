@@ -6,6 +6,10 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Token buckets from 8, as on GPU / TPU: the CPU default (1, 2, 4, 8, ...) is three more programs per engine to
+# compile on a 2-core machine. Tests of the CPU default pass min_token_bucket=1 (test_fixed_programs,
+# test_batch_invariance).
+os.environ.setdefault("JSERVE_MIN_TOKEN_BUCKET", "8")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

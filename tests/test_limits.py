@@ -115,3 +115,32 @@ def test_limit_settings_are_validated():
 def test_non_finite_floats_are_refused(value):
     with pytest.raises(ValueError, match=r"^temperature must be a finite float32 number"):
         SamplingParams(temperature=value)
+
+
+@pytest.mark.parametrize("value", [0, 3, 12, True, 2.0])
+def test_min_token_bucket_must_be_a_power_of_two(value):
+    with pytest.raises(ValueError, match=r"^min_token_bucket must be a power of two >= 1"):
+        EngineArgs(model="m", min_token_bucket=value)
+
+
+def test_token_buckets_start_at_the_platforms_minimum():
+    from jserve.engine.factory import default_min_token_bucket
+    from jserve.engine.shapes import StepShapes
+
+    assert (default_min_token_bucket("cpu"), default_min_token_bucket("gpu"), default_min_token_bucket("tpu")) == (
+        1,
+        8,
+        8,
+    )
+    shapes = StepShapes.from_limits(
+        max_num_batched_tokens=64,
+        max_num_seqs=8,
+        max_model_len=64,
+        page_size=8,
+        banned_len=1,
+        min_tokens=1,
+        spec_rows=2,
+        num_spec_tokens=3,
+    )
+    assert shapes.token_buckets == (1, 2, 4, 8, 16, 32, 64)
+    assert shapes.spec_token_buckets == (2, 4, 8)  # a verification step holds a row and a draft at least

@@ -38,6 +38,13 @@ CPU_KV_BUDGET_BYTES = 1 << 30  # CPU devices report no memory stats: give the KV
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
 
 
+def default_min_token_bucket(platform: str) -> int:
+    """1 on CPU: XLA:CPU's matmuls cost what their padded rows cost, and a batch-1 decode step padded to 8 tokens
+    took 1.9x (bundled model) to 1.5x (159M Llama) the time of a one-token step (docs/benchmarks.md). 8 on GPU and
+    TPU, where a matmul of 1 row costs what one of 8 does and every extra bucket is one more program to compile."""
+    return 1 if platform == "cpu" else 8
+
+
 def _free_device_bytes(device: jax.Device) -> int:
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if not stats or "bytes_limit" not in stats:
@@ -181,6 +188,7 @@ def _build_replica(
         max_model_len=max_model_len,
         page_size=cache_config.page_size,
         banned_len=limits.max_stop_token_ids + len(eos),
+        min_tokens=args.min_token_bucket or default_min_token_bucket(meshes[0].devices.flat[0].platform),
         spec_rows=spec.max_batch_size if spec is not None else 0,
         num_spec_tokens=spec.num_tokens if spec is not None else 0,
         bitmask_words=bitmask_words(model_config.vocab_size) if grammar is not None else 0,

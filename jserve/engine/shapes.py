@@ -54,7 +54,7 @@ class StepShapes:
         if not self.spec_rows:
             return ()
         top = round_up(min(self.spec_rows * (self.num_spec_tokens + 1), self.token_buckets[-1]), self.token_buckets)
-        return tuple(b for b in self.token_buckets if b <= top)
+        return tuple(b for b in self.token_buckets if 2 <= b <= top)  # a verified row holds >= 2 tokens
 
     @classmethod
     def from_limits(

@@ -37,6 +37,7 @@ pytestmark = pytest.mark.xdist_group("batch_invariance")  # one worker builds th
 
 ENGINE = dict(
     dtype="float32",
+    min_token_bucket=1,  # the CPU default: a request alone decodes in one-token steps, batched in steps of 16
     max_model_len=96,
     page_size=8,
     num_pages=160,  # 16 requests of up to 88 tokens fit without preemption most of the time, not always

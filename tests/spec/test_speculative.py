@@ -215,12 +215,11 @@ def _tv(a: Counter, b: Counter) -> float:
 
 
 SAMPLES = 800
+NGRAM_IN_CI = ["ngram", *(pytest.param(m, marks=pytest.mark.slow) for m in ("early_exit", "draft"))]
 JOINT_TV_BOUND = 0.15
 
 
-@pytest.mark.parametrize(
-    "method", ["ngram", pytest.param("early_exit", marks=pytest.mark.slow), pytest.param("draft", marks=pytest.mark.slow)]
-)
+@pytest.mark.parametrize("method", NGRAM_IN_CI)
 def test_sampling_is_lossless(plain, method):
     """Temperature 1, top-k 3: the joint law of the first three tokens with speculation equals plain sampling's.
 
@@ -240,9 +239,7 @@ def test_sampling_is_lossless(plain, method):
     assert _tv(with_spec, without) < JOINT_TV_BOUND
 
 
-@pytest.mark.parametrize(
-    "method", ["ngram", pytest.param("early_exit", marks=pytest.mark.slow), pytest.param("draft", marks=pytest.mark.slow)]
-)
+@pytest.mark.parametrize("method", NGRAM_IN_CI)
 def test_tensor_and_data_parallel_layouts(plain, method):
     """dp=2 x tp=2: each replica drafts and verifies on its own two devices (device drafters: draft params and
     pages split by kv head like the target's); greedy outputs are plain decoding's. CI runs n-gram (the
