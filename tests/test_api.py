@@ -22,6 +22,23 @@ def test_bundled_model_generates_text(llm):
         assert o.metrics.num_prompt_tokens == len(o.prompt_token_ids)
 
 
+def test_final_only_text_equals_the_streamed_text(llm):
+    """generate() without stop strings decodes each sample's text once, at the end; streaming decodes it token by
+    token. Both must equal the tokenizer's decode of the tokens (sampled text: multi-byte characters, spaces)."""
+    params = SamplingParams(max_tokens=24, temperature=1.0, seed=7, n=2)
+    prompts = ["def parse(", "Ünïcode — ", "x = [1, 2"]
+    finals = llm.generate(prompts, params, use_tqdm=False)
+    for prompt, final in zip(prompts, finals, strict=True):
+        for sample in final.outputs:
+            assert sample.text == llm.tokenizer.decode(sample.token_ids)
+        streamed = "".join(
+            d.outputs[0].text
+            for d in llm.generate_stream(prompt, SamplingParams(max_tokens=24, temperature=1.0, seed=7))
+        )
+        one = llm.generate(prompt, SamplingParams(max_tokens=24, temperature=1.0, seed=7), use_tqdm=False)[0]
+        assert streamed == one.outputs[0].text
+
+
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [

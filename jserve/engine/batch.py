@@ -252,12 +252,11 @@ def build_rope_lens(
     chunks: Sequence[ScheduledChunk], requests: dict[str, Request], positions: np.ndarray
 ) -> np.ndarray:
     """[T] each token's longrope sequence length, max(its request's prompt length, position + 1); padding: 0."""
+    lengths = [len(c.token_ids) for c in chunks]
+    n = sum(lengths)
+    prompt_lens = np.repeat([requests[c.request_id].num_prompt_tokens for c in chunks], lengths)
     rope_lens = np.zeros_like(positions)
-    cursor = 0
-    for chunk in chunks:
-        span = slice(cursor, cursor + len(chunk.token_ids))
-        rope_lens[span] = np.maximum(positions[span] + 1, requests[chunk.request_id].num_prompt_tokens)
-        cursor = span.stop
+    rope_lens[:n] = np.maximum(positions[:n] + 1, prompt_lens)
     return rope_lens
 
 
