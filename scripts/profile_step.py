@@ -94,6 +94,7 @@ def to_decode_state(llm, args) -> None:
     """Every request past its prefill, decoding; a few decode steps run first (compiling the bucket)."""
     engine = llm.engine
     add_requests(llm, args, max_tokens=10_000)
+    engine._drain_inbox()  # the requests wait in the inbox until a step takes them
     while any(r.num_output_tokens < 4 for r in engine._sequences.values()):
         engine.step()
 
