@@ -32,6 +32,7 @@ import numpy as np
 MAX_MODEL_LEN = 512
 KV_CACHE_GIB = 1  # both engines get this much KV memory (vLLM: VLLM_CPU_KVCACHE_SPACE)
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 SECTION = "## jserve vs vLLM CPU (issue: decode at the peer's speed)"
 
 _VLLM_WORKER = textwrap.dedent(
@@ -48,8 +49,10 @@ _VLLM_WORKER = textwrap.dedent(
         from vllm.inputs import TokensPrompt
         job = json.load(open(sys.argv[1]))
         llm = LLM(model=job["model"], dtype="float32", max_model_len=job["max_model_len"],
-                  max_num_seqs=job["max_num_seqs"], seed=0, enable_prefix_caching=False)
-        params = SamplingParams(temperature=0.0, max_tokens=job["output_len"], ignore_eos=True)
+                  max_num_seqs=job["max_num_seqs"], seed=0, enable_prefix_caching=False,
+                  skip_tokenizer_init=job["no_tokenizer"])
+        params = SamplingParams(temperature=0.0, max_tokens=job["output_len"], ignore_eos=True,
+                                detokenize=not job["no_tokenizer"])
         prompts = [TokensPrompt(prompt_token_ids=p) for p in job["prompts"]]
         llm.generate(prompts[:1], params, use_tqdm=False)  # warm-up: vLLM's first call pays one-time costs
         start = time.perf_counter()
@@ -121,6 +124,8 @@ def run_vllm(python: str, model: str, prompts: list[list[int]], output_len: int)
                     "output_len": output_len,
                     "max_model_len": MAX_MODEL_LEN,
                     "max_num_seqs": len(prompts),
+                    # a checkpoint without tokenizer files (llama-159m): token ids in and out, as jserve runs it
+                    "no_tokenizer": not any(Path(model, f).exists() for f in TOKENIZER_FILES),
                 }
             )
         )
