@@ -31,8 +31,14 @@ MIN_TOKEN_BUCKET_ENV = "JSERVE_MIN_TOKEN_BUCKET"
 
 
 def _env_int(name: str) -> int | None:
+    """An integer setting's default from the environment (None when unset)."""
     value = os.environ.get(name)
-    return int(value) if value else None
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"${name} must be an integer, got {value!r}") from None
 
 
 def setting(default, help: str, *, choices: tuple | None = None, group: str = ENGINE_GROUP, none: str | None = None):
