@@ -274,6 +274,7 @@ class ModelRunner:
         self.draft_leaves: list = []
         self.draft_kv: KVCache = []
         self.verify_programs: dict[int, object] = {}  # token bucket -> compiled verification step
+        self._allocators: dict[tuple, Callable[[], jax.Array]] = {}  # see _filled
         self.propose_program = None  # the device drafter's k steps (early exit, draft model)
         for stage in self.stages:
             self._place_params(stage, state)
@@ -365,22 +366,31 @@ class ModelRunner:
         self._draft_kv_sharding = NamedSharding(stage.mesh, shard_rules.kv_cache_spec(cfg, stage.mesh))
         self._allocate_draft_kv()
 
+    def _filled(self, fill, shape: tuple[int, ...], dtype, sharding) -> Callable[[], jax.Array]:
+        """A jitted allocator of a filled, placed array, kept per (fill, shape, dtype, sharding): reallocating the
+        pages after a failed step (``reset_kv_cache``) reuses the program built at startup instead of lowering
+        a new one while serving."""
+        key = (fill, shape, jnp.dtype(dtype), sharding)
+        if key not in self._allocators:
+            self._allocators[key] = jax.jit(functools.partial(fill, shape, dtype), out_shardings=sharding)
+        return self._allocators[key]
+
     def _allocate_draft_kv(self) -> None:
         """The draft model's zeroed pages: the target's page ids and page size, the draft's layers."""
         shape = kv_cache_shape(self.draft_config, self.num_pages, self.page_size)
-        zeros = jax.jit(functools.partial(jnp.zeros, shape, self.kv_dtype), out_shardings=self._draft_kv_sharding)
+        zeros = self._filled(jnp.zeros, shape, self.kv_dtype, self._draft_kv_sharding)
         self.draft_kv = [(zeros(), zeros()) for _ in range(self.draft_config.num_layers)]
 
     def _allocate_kv_cache(self, stage: _Stage, kv_dtype) -> None:
         stage.kv_sharding = NamedSharding(stage.mesh, shard_rules.kv_cache_spec(self.config, stage.mesh))
         stage.kv_scale_sharding = NamedSharding(stage.mesh, shard_rules.kv_scale_spec(self.config, stage.mesh))
         shape = kv_cache_shape(self.config, self.num_pages, self.page_size)
-        zeros = jax.jit(functools.partial(jnp.zeros, shape, kv_dtype), out_shardings=stage.kv_sharding)
+        zeros = self._filled(jnp.zeros, shape, kv_dtype, stage.kv_sharding)
         if not is_quantized_kv(kv_dtype):
             stage.kv_cache = [(zeros(), zeros()) for _ in stage.layers]
             return
         # int8 / fp8 pages: plus one float32 scale per (kv head, token slot), split like the pages' kv heads
-        ones = jax.jit(functools.partial(jnp.ones, shape[:3], jnp.float32), out_shardings=stage.kv_scale_sharding)
+        ones = self._filled(jnp.ones, shape[:3], jnp.float32, stage.kv_scale_sharding)
         stage.kv_cache = [(zeros(), zeros(), ones(), ones()) for _ in stage.layers]
 
     def kv_cache_usable(self) -> bool:

@@ -10,6 +10,7 @@ import pytest
 
 from jserve import LLM, SamplingParams
 from tests.engine.workloads import assert_no_leak, random_prompts
+from tests.lowerings import count_lowerings
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 COMMON = dict(dtype="float32", max_model_len=160, page_size=8, max_num_seqs=32, precompile=False)
@@ -146,3 +147,13 @@ def test_async_llm_raises_for_the_refused_request_only(llm, prompts, clean):
     assert [r for i, r in enumerate(results) if i != 2] == [c for i, c in enumerate(clean[:6]) if i != 2]
     assert async_llm.errored is None
     assert_no_leak(llm)
+
+
+def test_reallocating_the_pages_after_a_device_failure_lowers_nothing(llm, prompts, clean):
+    """Recovery from a failed device step reallocates the KV pages with the allocators built at startup."""
+    with count_lowerings() as lowered:
+        llm.engine.runner.reset_kv_cache()
+    assert lowered == []
+    assert llm.engine.reset_prefix_cache()  # the zeroed pages hold no cached prefix any more
+    again = llm.generate(prompt_token_ids=prompts[:4], sampling_params=GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in again] == clean[:4]
