@@ -3,7 +3,7 @@
 
 XLA reads ``XLA_FLAGS`` once, when its CPU client starts, so every candidate runs in a fresh worker process
 (``--worker``): it builds ``LLM`` (float32, ``max_model_len`` 512, ``max_num_seqs`` = the largest workload) with
-``JSERVE_XLA_CPU_DEFAULTS=0`` (jserve's own choice off) and the candidate's flags, warms up, and times each
+the candidate's flags added to the user's ``XLA_FLAGS``, warms up, and times each
 workload's greedy generation (EOS ignored). Rounds alternate the candidates; the table reports the median
 tokens/s of the rounds and the ratio to the first candidate ("xla": XLA's defaults), and checks that every
 candidate's greedy tokens equal the first's.
@@ -11,7 +11,8 @@ candidate's greedy tokens equal the first's.
     python scripts/xla_cpu_flags.py [--model bundled|llama-159m|DIR] [--workloads 1x64,64x32] [--rounds 3]
                                     [--candidates xla,onednn,...]
 
-The winner goes into ``jserve.platform.XLA_CPU_DEFAULTS`` (docs/benchmarks.md, "XLA:CPU options").
+Measured on 2026-12-06 (docs/benchmarks.md, "XLA:CPU options"): no set beat XLA's defaults by more than the
+run-to-run spread, so jserve sets no XLA:CPU option; rerun this where the CPU or jaxlib differs.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def worker(model: str, workloads: list[tuple[int, int]]) -> dict:
 
 def run_candidate(name: str, args) -> dict:
     user = os.environ.get("XLA_FLAGS", "")
-    env = {**os.environ, "XLA_FLAGS": f"{user} {CANDIDATES[name]}".strip(), "JSERVE_XLA_CPU_DEFAULTS": "0"}
+    env = {**os.environ, "XLA_FLAGS": f"{user} {CANDIDATES[name]}".strip()}
     cmd = [sys.executable, __file__, "--worker", "--model", args.model_path, "--workloads", args.workloads]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
