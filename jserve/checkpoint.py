@@ -266,10 +266,22 @@ def checkpoint_dtype(cfg: ModelConfig) -> str:
     return {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}.get(cfg.dtype, "float32")
 
 
-def resolve_dtype(dtype: str, cfg: ModelConfig, platform: str | None = None) -> jnp.dtype:
-    """ "auto": the checkpoint's dtype on accelerators (float32 checkpoints run in bf16 there); float32 on CPU,
-    whose XLA path runs bf16 and fp16 ~20x slower than float32 (the bundled bf16 model: 16 s vs 0.8 s for 48
-    tokens on 2 cores)."""
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX-BF16 in /proc/cpuinfo's flags; False
+    where the file is missing)."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(dtype: str, cfg: ModelConfig, platform: str | None = None, native_bf16: bool | None = None):
+    """ "auto": the checkpoint's dtype on accelerators (float32 checkpoints run in bf16 there). On CPU a bf16
+    checkpoint runs in bf16 where the CPU multiplies bf16 natively (``native_bf16``, default: detected), which
+    measured as fast as float32 at batch 1 and 1.3-1.8x faster from batch 8 up on AVX512-BF16 (docs/benchmarks.md),
+    and everything else in float32 (XLA:CPU's float16 path is unmeasured and older CPUs emulate bf16)."""
     if dtype not in ("auto", "bfloat16", "float32", "float16"):
         raise ValueError(f"dtype must be one of 'auto', 'bfloat16', 'float32', 'float16', got {dtype!r}")
     if dtype != "auto":
@@ -277,7 +289,8 @@ def resolve_dtype(dtype: str, cfg: ModelConfig, platform: str | None = None) -> 
     platform = platform or jax.devices()[0].platform
     ckpt = checkpoint_dtype(cfg)
     if platform == "cpu":
-        return jnp.dtype("float32")
+        native = cpu_has_native_bf16() if native_bf16 is None else native_bf16
+        return jnp.dtype("bfloat16" if ckpt == "bfloat16" and native else "float32")
     return jnp.dtype("bfloat16" if ckpt == "float32" else ckpt)
 
 

@@ -37,6 +37,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from jserve.engine_args import add_engine_flags, engine_args_from_flags
+from jserve.quant.config import kv_value_dtype
 from jserve.server.tool_calls import TOOL_PARSERS
 
 EXIT_DRAIN_CUT_SHORT = 3
@@ -318,7 +319,7 @@ def _model_card(engine, args, name: str):
         num_devices=len(devices),
         platform=devices[0].platform,
         quantization=quant.describe() if quant is not None else "",
-        kv_cache_dtype=str(jax.numpy.dtype(runner.kv_dtype)),
+        kv_cache_dtype=str(kv_value_dtype(runner.kv_dtype)),
     )
 
 

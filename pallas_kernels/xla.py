@@ -13,6 +13,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.reference import pages_to_float32
+
 _NEG = -1e30
 KEYS_PER_STEP = 64
 
@@ -50,7 +52,7 @@ def ragged_paged_attention(
     qg = (q.astype(jnp.float32) * scale).reshape(num_tokens, num_kv_heads, group, head_dim)
 
     def load(pages_arr, scales, page_ids):  # page_ids [T, B] -> [K, T, B * L, H] float32
-        tile = pages_arr[:, page_ids].astype(jnp.float32)
+        tile = pages_to_float32(pages_arr[:, page_ids])
         if scales is not None:  # per-token scales [K, P, L]
             tile = tile * scales[:, page_ids][..., None].astype(jnp.float32)
         return tile.reshape(num_kv_heads, num_tokens, keys_per_step, head_dim)

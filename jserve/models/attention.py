@@ -6,13 +6,12 @@ GQA/MQA never repeat K/V: the backend groups query heads per KV head.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from jserve.attention import AttentionBackend
 from jserve.config import ModelConfig
 from jserve.models.layers import RMSNorm, apply_rope, linear_weight, param
-from jserve.quant.weights import QuantizedWeight, einsum
+from jserve.quant.weights import QuantizedWeight, dense_einsum, einsum
 
 
 class Attention(nnx.Module):
@@ -80,4 +79,4 @@ class Attention(nnx.Module):
         if isinstance(self.o_proj, QuantizedWeight):
             return einsum("tnh,nhd->td", out, self.o_proj)
         weight = self.o_proj[...]
-        return jnp.einsum("tm,md->td", out.reshape(out.shape[0], -1), weight.reshape(-1, weight.shape[-1]))
+        return dense_einsum("tm,md->td", out.reshape(out.shape[0], -1), weight.reshape(-1, weight.shape[-1]))

@@ -14,7 +14,7 @@ from flax import nnx
 
 from jserve.config import ModelConfig, RopeScaling
 from jserve.quant.config import WeightQuant
-from jserve.quant.weights import QuantizedWeight, einsum
+from jserve.quant.weights import QuantizedWeight, dense_einsum, einsum
 
 _INIT = nnx.initializers.normal(stddev=0.02)
 
@@ -176,4 +176,4 @@ class Embedding(nnx.Module):
         return x
 
     def attend(self, x: jax.Array) -> jax.Array:  # [B, D] -> [B, V] float32
-        return jnp.einsum("bd,vd->bv", x, self.embedding[...], preferred_element_type=jnp.float32)
+        return dense_einsum("bd,vd->bv", x, self.embedding[...], out_dtype=jnp.float32)

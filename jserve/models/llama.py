@@ -18,6 +18,7 @@ from jserve.models.attention import Attention
 from jserve.models.layers import MLP, Embedding, RMSNorm, param, rope_tables
 from jserve.models.mixtral import MoE
 from jserve.quant.kv import kv_bytes_per_token
+from jserve.quant.weights import dense_einsum
 
 KVCache = list[tuple[jax.Array, ...]]
 """Per layer: (k_pages, v_pages), each [K, P, L, H]; int8 / fp8 pages add (k_scales, v_scales), each [K, P, L]."""
@@ -112,7 +113,7 @@ class CausalLM(nnx.Module):
         if self.config.tie_word_embeddings:
             logits = self.embed.attend(hidden)
         else:
-            logits = jnp.einsum("bd,dv->bv", hidden, self.lm_head[...], preferred_element_type=jnp.float32)
+            logits = dense_einsum("bd,dv->bv", hidden, self.lm_head[...], out_dtype=jnp.float32)
         cap = self.config.final_logit_softcap
         return logits if cap is None else cap * jnp.tanh(logits / cap)
 

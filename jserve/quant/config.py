@@ -60,11 +60,26 @@ def weight_quant_from_args(quantization: str | None, group_size: int | None) -> 
     return WeightQuant("int4", DEFAULT_GROUP_SIZE if group_size is None else group_size)
 
 
-def kv_storage_dtype(kv_cache_dtype: str, model_dtype):
+def kv_storage_dtype(kv_cache_dtype: str, model_dtype, platform: str):
     """The page dtype: the model's for "auto", else int8 / float8_e4m3fn (with per-token-and-head scales).
-    ``kv_cache_dtype`` is one of KV_CACHE_DTYPES (EngineArgs and CacheConfig validate it)."""
+    A bfloat16 cache on CPU stores its values' bits as uint16 (``pallas_kernels.reference.BF16_BITS``: XLA:CPU
+    scatters uint16 in place but not bfloat16). ``kv_cache_dtype`` is one of KV_CACHE_DTYPES (EngineArgs and
+    CacheConfig validate it)."""
     import jax.numpy as jnp
 
+    from pallas_kernels.reference import BF16_BITS
+
     if kv_cache_dtype == "auto":
+        if platform == "cpu" and jnp.dtype(model_dtype) == jnp.dtype(jnp.bfloat16):
+            return BF16_BITS
         return jnp.dtype(model_dtype)
     return jnp.dtype({"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}[kv_cache_dtype])
+
+
+def kv_value_dtype(storage_dtype):
+    """The dtype a cache's values have (what users see): bfloat16 for pages stored as its bits."""
+    import jax.numpy as jnp
+
+    from pallas_kernels.reference import BF16_BITS
+
+    return jnp.dtype(jnp.bfloat16) if jnp.dtype(storage_dtype) == BF16_BITS else jnp.dtype(storage_dtype)

@@ -17,7 +17,7 @@ import torch
 from flax import nnx
 from safetensors.torch import load_file, save_file
 
-from jserve.checkpoint import load_params, resolve_dtype
+from jserve.checkpoint import cpu_has_native_bf16, load_params, resolve_dtype
 from jserve.config import ModelConfig
 from tests.checkpoints import make_checkpoint
 
@@ -73,10 +73,23 @@ def test_resolve_dtype():
     assert resolve_dtype("auto", cfg, platform="cpu") == jnp.float32
     assert resolve_dtype("auto", cfg, platform="gpu") == jnp.bfloat16
     bf16 = dataclasses.replace(cfg, dtype="bfloat16")
-    assert resolve_dtype("auto", bf16, platform="cpu") == jnp.float32  # CPU: bf16 runs ~20x slower
+    assert resolve_dtype("auto", bf16, platform="cpu", native_bf16=True) == jnp.bfloat16
+    assert resolve_dtype("auto", bf16, platform="cpu", native_bf16=False) == jnp.float32  # emulated bf16
+    assert resolve_dtype("auto", dataclasses.replace(cfg, dtype="float16"), platform="cpu", native_bf16=True) == (
+        jnp.float32
+    )
     assert resolve_dtype("auto", bf16, platform="tpu") == jnp.bfloat16
     with pytest.raises(ValueError, match="dtype"):
         resolve_dtype("int3", cfg)
+
+
+def test_cpu_bf16_detection(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 fma\n")
+    assert cpu_has_native_bf16(str(cpuinfo))
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f fma\nbugs\t\t: avx512_bf16\n")
+    assert not cpu_has_native_bf16(str(cpuinfo))
+    assert not cpu_has_native_bf16(str(tmp_path / "missing"))
 
 
 def _copy(src: Path, dst: Path) -> Path:
