@@ -19,7 +19,7 @@ from jserve.bundled import BUNDLED_MODEL
 from jserve.config import ParallelConfig
 from jserve.limits import DEFAULT_MAX_LOGPROBS, RequestLimits
 from jserve.quant.config import DEFAULT_GROUP_SIZE, KV_CACHE_DTYPES, WEIGHT_METHODS, WeightQuant, weight_quant_from_args
-from jserve.spec.config import SpeculativeConfig, speculative_config_from_args
+from jserve.speculative.config import SpeculativeConfig, speculative_config_from_args
 
 ENGINE_GROUP = "engine"
 SPEC_GROUP = "speculative decoding"

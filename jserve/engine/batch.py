@@ -34,7 +34,7 @@ from jserve.engine.request import PENDING_TOKEN, Request
 from jserve.engine.sampler import RowSpec, SamplingTensors, make_sampling_tensors
 from jserve.engine.scheduler import ScheduledChunk, SchedulerOutput
 from jserve.engine.shapes import StepShapes, round_up
-from jserve.spec.verify import SpecInput
+from jserve.speculative.verify import SpecInput
 from jserve.structured.matcher import fill_bitmask_rows
 
 
@@ -356,7 +356,7 @@ def draft_mask_filler(
 
 
 def build_verification(chunks: Sequence[ScheduledChunk], shapes: StepShapes, num_tokens_padded: int) -> SpecInput:
-    """Where each sampled row's verified positions and drafts sit in the step (see ``jserve.spec.verify``)."""
+    """Where each sampled row's verified positions and drafts sit in the step (see ``jserve.speculative.verify``)."""
     s, k = shapes.spec_rows, shapes.num_spec_tokens
     verify_indices = np.zeros((s, k + 1), np.int32)
     draft_tokens = np.zeros((s, k), np.int32)

@@ -50,8 +50,8 @@ from jserve.limits import RequestLimits, RequestTooLargeError, check_token_count
 from jserve.outputs import RequestOutput
 from jserve.parallel.multihost import STOP
 from jserve.sampling_params import SamplingParams
-from jserve.spec.config import DRAFT, SpeculativeConfig
-from jserve.spec.ngram import propose_ngram
+from jserve.speculative.config import DRAFT, SpeculativeConfig
+from jserve.speculative.ngram import propose_ngram
 
 if TYPE_CHECKING:
     from jserve.structured import CompiledGrammar, GrammarCompiler

@@ -30,7 +30,7 @@ from jserve.parallel.mesh import make_mesh, stage_mesh
 from jserve.parallel.sharding import param_shardings
 from jserve.quant.config import kv_storage_dtype
 from jserve.quant.kv import is_quantized_kv
-from jserve.spec.config import DRAFT, EARLY_EXIT, SpeculativeConfig
+from jserve.speculative.config import DRAFT, EARLY_EXIT, SpeculativeConfig
 from jserve.structured.compiler import GrammarCompiler
 from jserve.structured.matcher import bitmask_words
 

@@ -43,9 +43,9 @@ from jserve.engine.shapes import StepShapes
 from jserve.models.llama import KVCache, kv_cache_shape
 from jserve.parallel import sharding as shard_rules
 from jserve.quant.kv import is_quantized_kv, kv_bytes_per_token
-from jserve.spec.config import EARLY_EXIT, SpeculativeConfig
-from jserve.spec.propose import draft_tokens, drafting_tensors
-from jserve.spec.verify import SpecOutput, expand_rows, verify
+from jserve.speculative.config import EARLY_EXIT, SpeculativeConfig
+from jserve.speculative.propose import draft_tokens, drafting_tensors
+from jserve.speculative.verify import SpecOutput, expand_rows, verify
 
 
 @dataclass

@@ -17,7 +17,7 @@ import pytest
 from jserve import SamplingParams, StructuredOutputsParams
 from jserve.structured import GrammarCompiler
 from tests.engine.workloads import assert_no_leak
-from tests.spec.test_speculative import _speculative_engine, plain_engine
+from tests.speculative.test_speculative import _speculative_engine, plain_engine
 from tests.structured.schemas import HEAVY_SCHEMA
 
 pytestmark = pytest.mark.xdist_group("speculative")

@@ -1,4 +1,4 @@
-"""Verification on the device (jserve.spec.verify), directly: greedy acceptance and rejection sampling's law.
+"""Verification on the device (jserve.speculative.verify), directly: greedy acceptance and rejection sampling's law.
 
 Synthetic target distributions p_0, p_1, p_2 and draft distributions q_0, q_1 over 6 tokens, 20,000 rows with
 their own seeds, drafts sampled from q on the host. Speculative sampling must emit a first token distributed as
@@ -13,7 +13,7 @@ import pytest
 
 from jserve.engine.sampler import RowSpec, make_sampling_tensors
 from jserve.sampling_params import SamplingParams
-from jserve.spec.verify import expand_rows, verify
+from jserve.speculative.verify import expand_rows, verify
 
 P = np.array(
     [

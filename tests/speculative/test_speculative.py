@@ -225,7 +225,7 @@ def test_sampling_is_lossless(plain, method):
 
     The bound: two independent samples of 800 draws of the same law differ by TV ~0.06-0.09 on this prompt
     (~25 outcomes). Accepting drafts too often moves the law by far more: verifying with a q twice too small
-    (accepting min(1, 2p/q)) fails tests/spec/test_verify.py's bound of the same kind by 10x, and on this prompt
+    (accepting min(1, 2p/q)) fails tests/speculative/test_verify.py's bound of the same kind by 10x, and on this prompt
     accept-always (every draft kept) measured TV ~0.3 for early exit when we tried it. The draft model shares
     early exit's path (device drafts with their q); its run is the slow-marked variant.
     """

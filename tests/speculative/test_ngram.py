@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from jserve.spec.ngram import propose_ngram, propose_ngram_batch
+from jserve.speculative.ngram import propose_ngram, propose_ngram_batch
 
 
 def reference_ngram(tokens: list[int], k: int, min_n: int, max_n: int) -> list[int]:
