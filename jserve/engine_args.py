@@ -103,6 +103,12 @@ class EngineArgs:
         "speculate only in steps that sample at most this many sequences (larger batches decode plainly)",
         group=SPEC_GROUP,
     )
+    speculative_adaptive: bool = setting(
+        True,
+        "draft only where the measured step costs and each request's acceptance say it pays (never slower than "
+        "plain decoding); --no-speculative-adaptive drafts k tokens for every request in every step it can",
+        group=SPEC_GROUP,
+    )
     structured_output_timeout: float = setting(
         10.0,
         "structured outputs: seconds a request waits for its grammar to compile before it fails (HTTP 400 / "
@@ -169,6 +175,7 @@ class EngineArgs:
             prompt_lookup_min=self.prompt_lookup_min,
             prompt_lookup_max=self.prompt_lookup_max,
             max_batch_size=self.speculative_max_batch_size,
+            adaptive=self.speculative_adaptive,
         )
 
     @property

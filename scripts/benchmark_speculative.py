@@ -1,20 +1,21 @@
 #!/usr/bin/env python
 """Speculative decoding on the bundled trained model: output tok/s with and without each method, in one run.
 
-Two prompt sets from held-out standard-library functions (files the model never saw):
+Three prompt sets from held-out standard-library functions (files the model never saw):
 
 - input-grounded: a function, then a request to write it again under a new name, so the answer mostly copies
   the prompt (what prompt lookup is for);
-- free completion: a function's first three lines, which the model continues.
+- free completion: a function's first three lines, which the model continues;
+- mix: the two alternating.
 
-For each set and batch size (default 1, 8, 64) every engine (plain, then each method) generates --max-tokens
-greedy tokens for the same prompts; batch 1 runs --batch1-prompts prompts one after another. Each engine is
+For each set and batch size (default 1 and 16) every engine (plain, then each method with adaptive speculation,
+and with --compare-fixed each method drafting whenever it can) generates --max-tokens greedy tokens for the same prompts; batch 1 runs --batch1-prompts prompts one after another. Each engine is
 built once, before any timing (every program compiled), and runs one untimed warm-up batch; each row is
 --repeats rounds over all engines (prefix cache reset before each run), and the median run is reported.
 Prints output tok/s, the speedup over plain decoding in the same run, and the acceptance counters; --json
 writes them.
 
-    python scripts/benchmark_speculative.py [--max-tokens 96] [--batch-sizes 1 8 64] [--json out.json]
+    python scripts/benchmark_speculative.py [--max-tokens 96] [--batch-sizes 1 16] [--compare-fixed] [--json out.json]
 """
 
 from __future__ import annotations
@@ -32,17 +33,25 @@ from jserve.stdlib_corpus import function_sources, repeat_prompt
 
 def prompt_sets(n: int) -> dict[str, list[str]]:
     functions = list(itertools.islice(function_sources("heldout", min_lines=8, max_lines=24), n))
+    grounded = [repeat_prompt(name, source) for name, source in functions]
+    free = ["\n".join(source.splitlines()[:3]) + "\n" for _, source in functions]
     return {
-        "input-grounded": [repeat_prompt(name, source) for name, source in functions],
-        "free completion": ["\n".join(source.splitlines()[:3]) + "\n" for _, source in functions],
+        "input-grounded": grounded,
+        "free completion": free,
+        "mix": [grounded[i] if i % 2 == 0 else free[i] for i in range(n)],
     }
 
 
-def build(args, method: str | None, k: int) -> LLM:
+def build(args, method: str | None, k: int, adaptive: bool = True) -> LLM:
     spec = {}
     if method is not None:
         model = str(BUNDLED_DRAFT_MODEL) if method == "draft" else method
-        spec = dict(speculative_model=model, num_speculative_tokens=k, speculative_max_batch_size=args.max_batch_size)
+        spec = dict(
+            speculative_model=model,
+            num_speculative_tokens=k,
+            speculative_max_batch_size=args.max_batch_size,
+            speculative_adaptive=adaptive,
+        )
     return LLM(
         BUNDLED_MODEL,
         dtype=args.dtype,
@@ -80,7 +89,10 @@ def main() -> None:
     # bucket as a plain step; the device drafters pay for each draft step
     parser.add_argument("--k", type=int, nargs="+", default=[7, 3, 3], help="num_speculative_tokens per method")
     parser.add_argument("--repeats", type=int, default=3, help="rounds per row; the median run is reported")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 64])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
+    parser.add_argument(
+        "--compare-fixed", action="store_true", help="also run each method with --no-speculative-adaptive"
+    )
     parser.add_argument("--batch1-prompts", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--max-model-len", type=int, default=1024)
@@ -92,6 +104,8 @@ def main() -> None:
     engines = {"plain": build(args, None, 0)}
     for method, k in zip(args.methods, args.k, strict=True):
         engines[method] = build(args, method, k)
+        if args.compare_fixed:
+            engines[f"{method}-fixed"] = build(args, method, k, adaptive=False)
     for llm in engines.values():  # one untimed batch each: first-use costs outside the timings
         llm.generate(sets["free completion"][:2], SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)
 
@@ -124,7 +138,7 @@ def main() -> None:
                 )
                 rows.append(row)
                 print(
-                    f"{set_name:16s} batch {batch:3d} {name:10s} {rate:8.1f} tok/s  x{row['speedup']:.2f}"
+                    f"{set_name:16s} batch {batch:3d} {name:16s} {rate:8.1f} tok/s  x{row['speedup']:.2f}"
                     f"  acceptance {row['acceptance_rate']}  tokens/verification {row['mean_accepted_length']}",
                     flush=True,
                 )

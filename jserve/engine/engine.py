@@ -51,7 +51,7 @@ from jserve.outputs import RequestOutput
 from jserve.parallel.multihost import STOP
 from jserve.sampling_params import SamplingParams
 from jserve.speculative.config import DRAFT, SpeculativeConfig
-from jserve.speculative.ngram import propose_ngram
+from jserve.speculative.controller import SpeculationController
 
 if TYPE_CHECKING:
     from jserve.structured import CompiledGrammar, GrammarCompiler
@@ -136,6 +136,9 @@ class Engine:
         self.inbox_sync = None  # multi-host: set to jserve.parallel.multihost.broadcast_items
         self.stopped = False
         self.speculative = speculative
+        self._speculation = (
+            SpeculationController(speculative, runner.step_costs, max_model_len) if speculative is not None else None
+        )
         self.num_draft_tokens = 0  # speculative decoding: drafts verified, accepted, and rows that drafted
         self.num_accepted_tokens = 0
         self.num_drafting_rows = 0
@@ -345,6 +348,8 @@ class Engine:
             sched = self.scheduler.without_drafts(sched)
         self._finished_by_scheduler(sched.finished_ids)
         if not sched.chunks:
+            if self._speculation is not None and not self.scheduler.running:
+                self._speculation.idle()  # (a step everyone sits out belongs to the verification before it)
             return _Step(sched)
         try:
             return self._dispatch(sched, lookahead)
@@ -376,6 +381,9 @@ class Engine:
         if self.fault_injector is not None:
             self.fault_injector("dispatch", [c.request_id for c in sched.chunks])
         step = _Step(sched, plans, self.runner.dispatch(plans, previous.pending if previous else None))
+        if self._speculation is not None:
+            speculated = any(c.num_drafts for c in sched.chunks)
+            self._speculation.observe_dispatch(speculated, sched.num_batched_tokens)
         if lookahead:
             self.scheduler.advance(sched)  # the next schedule sees this step's tokens as pending
             step.advanced = True
@@ -390,53 +398,33 @@ class Engine:
         return self.grammar is not None and any(r.grammar is not None for r in self._sequences.values())
 
     def _draft(self) -> None:
-        """Speculative decoding: drafts for the running requests that can take them this step.
+        """Speculative decoding: which running requests draft this step, and their drafts (n-gram lookups here;
+        the device drafters' are placeholders the device fills in).
 
-        The policy: a step speculates only while at most ``max_batch_size`` sequences run; past that the k
-        extra tokens each sequence verifies cost more compute than the skipped steps save, so everyone decodes
-        plainly (and keeps async scheduling's one-step lookahead). While speculating, a request drafts only
-        with all its tokens on the host (its next draft needs them), so it skips a step whose previous one
-        still carries its token. n-gram drafts are looked up here; the device drafters' are placeholders the
-        device fills in.
+        The policy (``SpeculationController``, docs/speculative.md): a step may speculate only while at most
+        ``max_batch_size`` sequences run, and then drafts only for the requests whose acceptance estimates make
+        the step's expected tokens per second beat a plain step's, by the step costs measured at startup; when
+        no request should draft, the step is a plain one and keeps async scheduling's one-step lookahead.
         """
         spec = self.speculative
         if spec is None:
             return
         running = self.scheduler.running
-        self.scheduler.speculating = len(running) <= spec.max_batch_size
-        for request in running:
-            request.draft_token_ids = []
-            if not self.scheduler.speculating or not self._may_draft(request):
-                continue
-            limit = min(
-                spec.num_tokens,
-                request.sampling_params.max_tokens - request.num_sampled - 1,
-                self.max_model_len - request.num_tokens - 1,
-            )
-            if limit <= 0:
-                continue
-            if spec.samples_drafts:
-                request.draft_token_ids = [0] * limit
-            else:
-                drafts = propose_ngram(
-                    request.all_token_ids, k=limit, min_n=spec.prompt_lookup_min, max_n=spec.prompt_lookup_max
-                ).tolist()
-                if request.grammar is not None:  # drafts the grammar rejects could never be accepted
-                    drafts = drafts[: request.grammar.valid_prefix(drafts)]
-                request.draft_token_ids = drafts
+        self.scheduler.speculating = len(running) <= spec.max_batch_size and self._speculation.keeps_draft_model(
+            running
+        )  # (the draft model runs every step's tokens too while this holds)
+        self._speculation.plan(running, self._may_draft, allowed=self.scheduler.speculating)
 
     @staticmethod
     def _may_draft(request: Request) -> bool:
-        """Decoding, every token on the host, past min_tokens (whose banned ids plain steps apply), and not
-        opted out."""
+        """Decoding (its last token computed or in flight), past min_tokens (whose banned ids plain steps
+        apply), its draft K/V complete, and not opted out."""
         return (
             request.sampling_params.speculative
             and request.draft_synced
             and request.status == RequestStatus.RUNNING
-            and not request.num_pending_tokens
-            and not request.awaiting_verification
             and request.num_sampled > 0
-            and request.num_computed_tokens == request.num_tokens - 1
+            and (request.num_computed_tokens == request.num_tokens - 1 or request.awaiting_verification)
             and request.num_sampled >= request.sampling_params.min_tokens
         )
 
@@ -525,6 +513,8 @@ class Engine:
                     self.num_drafting_rows += 1
                     self.num_draft_tokens += plan.num_drafts[i]
                     self.num_accepted_tokens += len(tokens) - 1
+                    if rid in self._sequences:
+                        self._speculation.record(self._sequences[rid], len(tokens) - 1)
             for prompt_rows in plan.prompt_rows:
                 group = self._group_of(prompt_rows.request_id)
                 if group is not None:

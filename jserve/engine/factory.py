@@ -120,6 +120,8 @@ def compile_programs(runners: list[ModelRunner], *, progress: bool = True) -> No
             runner.compile_programs(bar.update)
     for runner in runners:
         runner.warm_up()
+        if runner.spec is not None and runner.spec.adaptive:
+            runner.measure_step_costs()  # what adaptive speculation weighs
 
 
 def _grammar_compiler(args: EngineArgs, cfg: ModelConfig, tokenizer) -> GrammarCompiler | None:

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterable
 
 from jserve.sampling_params import SamplingParams
+from jserve.speculative.policy import FIRST_PROBE, Acceptance
 
 PENDING_TOKEN = -1  # all_token_ids entry of a token sampled on the device that the host has not seen yet
 
@@ -102,6 +103,13 @@ class Request:
         self.draft_synced = True
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
+        # adaptive speculation (jserve.speculative.controller): the acceptance estimate, whether the policy chose
+        # the request to draft this step, how many drafts it was offered, and its probing schedule
+        self.acceptance = Acceptance()
+        self.wants_drafts = False
+        self.drafts_offered = 0
+        self.steps_without_drafts = 0
+        self.probe_interval = FIRST_PROBE
         # Structured outputs: the grammar's state (a jserve.structured.GrammarState) over this sequence's output
         # tokens; None when unconstrained. Its masks need every token on the host (see Engine._constrained).
         self.grammar = None

@@ -25,6 +25,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import statistics
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -44,6 +46,7 @@ from jserve.models.llama import KVCache, kv_cache_shape
 from jserve.parallel import sharding as shard_rules
 from jserve.quant.kv import is_quantized_kv, kv_bytes_per_token
 from jserve.speculative.config import EARLY_EXIT, SpeculativeConfig
+from jserve.speculative.policy import StepCosts
 from jserve.speculative.propose import draft_tokens, drafting_tensors
 from jserve.speculative.verify import SpecOutput, expand_rows, verify
 
@@ -276,6 +279,7 @@ class ModelRunner:
         self.verify_programs: dict[int, object] = {}  # token bucket -> compiled verification step
         self._allocators: dict[tuple, Callable[[], jax.Array]] = {}  # see _filled
         self.propose_program = None  # the device drafter's k steps (early exit, draft model)
+        self.step_costs = StepCosts(plain={}, verify={})  # filled by measure_step_costs (speculation's policy)
         for stage in self.stages:
             self._place_params(stage, state)
             self._allocate_kv_cache(stage, kv_dtype)
@@ -587,6 +591,26 @@ class ModelRunner:
             planned_proposal = self._planned(plain).proposal
             every = _every_verification_branch(plain, self.backend)
             self.collect(self.dispatch([dataclasses.replace(every, proposal=planned_proposal)], planned=True))
+
+    def measure_step_costs(self, repeats: int = 3) -> StepCosts:
+        """Times every compiled program (median of ``repeats`` all-padding runs, after ``warm_up``): a plain
+        step per token bucket and a verification step per verification bucket (the device drafter included),
+        which the speculation policy weighs. Padding steps attend to nothing; the engine corrects for that and
+        for the host's share with the wall time of real steps (``StepCosts.observe``)."""
+
+        def timed(plan: StepPlan) -> float:
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                self.collect(self.dispatch([plan]))
+                times.append(time.perf_counter() - start)
+            return statistics.median(times)
+
+        self.step_costs.plain = {b: timed(padding_step(self.shapes, b)) for b in self.shapes.token_buckets}
+        self.step_costs.verify = {
+            b: timed(padding_step(self.shapes, b, verification=True)) for b in self.shapes.spec_token_buckets
+        }
+        return self.step_costs
 
     # ------------------------------------------------------------------ the step
 

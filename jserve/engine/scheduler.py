@@ -389,11 +389,11 @@ class Scheduler:
         )
 
     def _awaits_verification(self, request: Request) -> bool:
-        """Speculative decoding: its verification step is on the device, or (while the engine speculates) its
-        last token is still pending; its next draft needs the tokens, so it sits this step out."""
+        """Speculative decoding: its verification step is on the device, or it should draft (the policy chose
+        it) while its last token is still pending; its next draft needs the tokens, so it sits this step out."""
         if request.awaiting_verification:
             return True
-        return self.speculating and request.num_pending_tokens > 0 and request.sampling_params.speculative
+        return self.speculating and request.num_pending_tokens > 0 and request.wants_drafts
 
     def _make_chunk(self, request: Request, num_new: int, num_drafts: int = 0) -> ScheduledChunk:
         start = request.num_computed_tokens

@@ -20,6 +20,8 @@ class SpeculativeConfig:
     and its own KV pages). ``num_tokens``: k, tokens drafted per step. ``max_batch_size``: the policy; a step
     speculates only while it samples at most this many sequences, since past that verifying k extra tokens
     per sequence costs more compute than the skipped decode steps save (see docs/speculative.md).
+    ``adaptive``: within that, draft only where it pays (``jserve.speculative.policy``); else every request
+    drafts k tokens whenever it can.
     """
 
     method: str
@@ -29,6 +31,7 @@ class SpeculativeConfig:
     prompt_lookup_min: int = 1
     prompt_lookup_max: int = 4
     max_batch_size: int = 4
+    adaptive: bool = True
 
     @property
     def samples_drafts(self) -> bool:
@@ -44,6 +47,7 @@ def speculative_config_from_args(
     prompt_lookup_min: int,
     prompt_lookup_max: int,
     max_batch_size: int,
+    adaptive: bool = True,
 ) -> SpeculativeConfig | None:
     """EngineArgs' speculative fields -> a config (None when speculation is off); ValueError names the field."""
     if speculative_model is None:
@@ -88,4 +92,5 @@ def speculative_config_from_args(
         prompt_lookup_min=prompt_lookup_min,
         prompt_lookup_max=prompt_lookup_max,
         max_batch_size=max_batch_size,
+        adaptive=bool(adaptive),
     )

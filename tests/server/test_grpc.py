@@ -10,6 +10,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from jserve.checkpoint import cpu_has_native_bf16
 from jserve.server.gen import jetstream_pb2, jetstream_pb2_grpc
 from jserve.server.gen import jserve_pb2 as pb
 from jserve.server.gen import jserve_pb2_grpc as pb_grpc
@@ -253,9 +254,11 @@ def test_tokenize_detokenize_model_info(stub):
     info = stub.GetModelInfo(pb.GetModelInfoRequest())
     assert (info.model_name, info.vocab_size, info.page_size) == ("tiny-pycoder", 4096, 16)
     assert info.max_model_len > 0 and info.pages_total > 0 and info.parallel.tensor_parallel_size == 1
-    assert (info.quantization, info.kv_cache_dtype) == ("", "float32")  # float32 compute on CPU
-    assert info.kv_bytes_per_token == 2 * 4 * 4 * 32 * 4  # K and V x 4 layers x 4 kv heads x head_dim 32 x fp32
-    assert info.weight_bytes > 4_000_000 * 4  # 4.2M params in float32
+    # the bf16 checkpoint runs in bf16 on CPUs that compute it natively, else in float32
+    dtype, size = ("bfloat16", 2) if cpu_has_native_bf16() else ("float32", 4)
+    assert (info.quantization, info.dtype, info.kv_cache_dtype) == ("", dtype, dtype)
+    assert info.kv_bytes_per_token == 2 * 4 * 4 * 32 * size  # K and V x 4 layers x 4 kv heads x head_dim 32
+    assert info.weight_bytes > 4_000_000 * size  # 4.2M params
 
 
 def test_health_and_reflection(server):

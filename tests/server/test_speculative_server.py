@@ -18,6 +18,7 @@ def server():
         "ngram",
         "--num-speculative-tokens",
         "3",
+        "--no-speculative-adaptive",  # the counters below need drafts in every step
         "--max-num-seqs",
         "4",
         "--max-num-batched-tokens",

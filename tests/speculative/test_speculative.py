@@ -56,6 +56,7 @@ def _speculative_engine(method: str) -> tuple[str, LLM, list]:
                 speculative_model=METHODS[method],
                 num_speculative_tokens=K,
                 speculative_max_batch_size=8,
+                speculative_adaptive=False,  # these tests verify drafts: every request drafts whenever it can
                 **SETTINGS,
             )
         _ENGINES[method] = (method, llm, lowered)
@@ -249,6 +250,7 @@ def test_tensor_and_data_parallel_layouts(plain, method):
         speculative_model=METHODS[method],
         num_speculative_tokens=K,
         speculative_max_batch_size=8,
+        speculative_adaptive=False,
         tensor_parallel_size=2,
         data_parallel_size=2,
         **SETTINGS,
@@ -288,3 +290,37 @@ def test_policy_turns_speculation_off_for_large_batches(speculative):
     assert all(n <= 2 for n, drafted in seen if drafted)
     assert any(drafted for _, drafted in seen) or method == "draft"
     assert_no_leak(llm)
+
+
+@pytest.fixture
+def adaptive(speculative):
+    """The method's engine with adaptive speculation on (as ``speculative_adaptive=True`` builds it: the step
+    costs measured once, from the compiled programs), restored afterwards."""
+    method, llm, lowered = speculative
+    controller = llm.engine._speculation
+    fixed = controller.config
+    controller.config = dataclasses.replace(fixed, adaptive=True)
+    llm.engine.runner.measure_step_costs()
+    yield method, llm
+    controller.config = fixed
+
+
+def test_adaptive_speculation_matches_plain_and_drafts_where_it_pays(plain, adaptive):
+    """Whatever the policy decides step by step (draft, sit out, decode plainly, probe), every token is plain
+    decoding's, nothing is lowered and nothing leaks; copying a function at batch 1 drafts and accepts."""
+    method, llm = adaptive
+    prompts = _prompts(16)
+    params = [_mixed_params(i) for i in range(16)]
+    expected = plain.generate(prompts, params, use_tqdm=False)
+    got = llm.generate(prompts, params, use_tqdm=False)
+    for a, b in zip(got, expected, strict=True):
+        _same(a, b)
+    name, source = next(iter(function_sources(min_lines=8, max_lines=14)))
+    copy = SamplingParams(temperature=0.0, max_tokens=64)
+    single = llm.generate([repeat_prompt(name, source)], copy, use_tqdm=False)[0]
+    _same(single, plain.generate([repeat_prompt(name, source)], copy, use_tqdm=False)[0])
+    if method == "ngram":  # a lookup of the copied text: accepted at ~90%, which pays at batch 1
+        assert single.metrics.num_accepted_tokens > 0
+    assert llm.stats()["programs_lowered_while_serving"] == 0
+    assert_no_leak(llm)
+    llm.engine.kv_cache.check_invariants()

@@ -1,0 +1,131 @@
+"""The engine's side of adaptive speculation: which running requests draft this step, and the evidence.
+
+Each step, before scheduling, ``plan`` asks the policy (``jserve.speculative.policy``) which of the requests
+that may draft should, and how many drafts each: by their acceptance estimates and the measured step costs.
+When none should, the step is a plain one and keeps async scheduling's lookahead. Requests chosen to draft
+need all their tokens on the host (the draft continues them), so one still carrying a pending token sits this
+step out (``Request.wants_drafts``) and drafts at the next.
+
+A request that has not drafted for a while is probed (drafts once whatever the policy says), with the interval
+doubling after each probe that did not pay (16 steps, then 32, ... up to 256): its estimate fades between
+probes, so text that turns repetitive is noticed, while the cost of probing stays a few percent at worst.
+"""
+
+from __future__ import annotations
+
+import time
+
+from jserve.engine.request import Request
+from jserve.speculative.config import DRAFT, SpeculativeConfig
+from jserve.speculative.ngram import propose_ngram
+from jserve.speculative.policy import FIRST_PROBE, MAX_PROBE, Candidate, StepCosts, choose_drafts
+
+DRAFT_MODEL_GIVE_UP = 2 * FIRST_PROBE  # steps without drafts after which a request stops keeping the draft model
+
+
+def _reproducible_draws(request: Request) -> bool:
+    """A seeded sampling request: its draws depend on which tokens were drafted (an accepted draft is the
+    drafter's draw, a plain step's token the target's), so it drafts whenever it can, whatever the timings,
+    and the same seed gives the same text (as before adaptive speculation) at a given batch policy."""
+    params = request.sampling_params
+    return params.seed is not None and params.temperature > 0
+
+
+class SpeculationController:
+    def __init__(self, config: SpeculativeConfig, costs: StepCosts, max_model_len: int):
+        self.config = config
+        self.costs = costs
+        self.max_model_len = max_model_len
+        self._last_dispatch: tuple[float, bool, int] | None = None  # (time, speculated, tokens) of the last step
+
+    def keeps_draft_model(self, running: list[Request]) -> bool:
+        """Draft-model speculation: the draft model's K/V follow every token the target computes (a cost in
+        every step) only while some running request may draft soon; a request that has not drafted for
+        ``DRAFT_MODEL_GIVE_UP`` steps (its probes kept failing) no longer keeps it, and once none does the draft
+        model stops and those requests decode plainly to the end (their draft K/V are then stale)."""
+        if self.config.method != DRAFT or not (self.config.adaptive and self.costs.measured):
+            return True
+        return any(
+            r.draft_synced and r.sampling_params.speculative and r.steps_without_drafts < DRAFT_MODEL_GIVE_UP
+            for r in running
+        )
+
+    def draft_limit(self, request: Request) -> int:
+        """Drafts the request can take: k, less near max_tokens or the model's length."""
+        return min(
+            self.config.num_tokens,
+            request.sampling_params.max_tokens - request.num_sampled - 1,
+            self.max_model_len - request.num_tokens - 1,
+        )
+
+    def plan(self, running: list[Request], may_draft, allowed: bool = True) -> bool:
+        """Sets each running request's ``draft_token_ids`` and ``wants_drafts`` for this step; returns whether
+        any request drafts (the step speculates). ``may_draft(request)``: the engine's eligibility check, all
+        but the pending-token one; ``allowed``: the step may speculate at all (the batch bound)."""
+        for request in running:
+            request.draft_token_ids = []
+            request.wants_drafts = False
+        if not allowed or len(running) > self.config.max_batch_size:
+            return False
+        eligible = [r for r in running if may_draft(r) and self.draft_limit(r) > 0]
+        candidates = [Candidate(r.request_id, r.acceptance.rate, self.draft_limit(r)) for r in eligible]
+        chosen = {c.request_id: c.max_drafts for c in candidates}  # costs unmeasured: everyone drafts all
+        adaptive = [c for c, r in zip(candidates, eligible, strict=True) if not _reproducible_draws(r)]
+        if self.config.adaptive and self.costs.measured and adaptive:
+            for c in adaptive:
+                del chosen[c.request_id]
+            others = len(running) - len(adaptive)
+            chosen.update(choose_drafts(adaptive, others, self.costs, self.config.num_tokens))
+        for request in eligible:
+            n = chosen.get(request.request_id, 0)
+            if not n and request.steps_without_drafts >= request.probe_interval:
+                n = self.draft_limit(request)  # a probe
+            if not n:
+                request.acceptance.skipped()
+                request.steps_without_drafts += 1
+                continue
+            request.wants_drafts = True
+            if request.num_pending_tokens or request.awaiting_verification:
+                continue  # drafts continue its last token: it sits this step out and drafts at the next
+            self._draft(request, n)
+        return any(r.wants_drafts for r in running)
+
+    def _draft(self, request: Request, num_drafts: int) -> None:
+        request.drafts_offered = num_drafts
+        if self.config.samples_drafts:
+            request.draft_token_ids = [0] * num_drafts  # placeholders the device drafter fills in
+            return
+        drafts = propose_ngram(
+            request.all_token_ids,
+            k=num_drafts,
+            min_n=self.config.prompt_lookup_min,
+            max_n=self.config.prompt_lookup_max,
+        ).tolist()
+        if request.grammar is not None:  # drafts the grammar rejects could never be accepted
+            drafts = drafts[: request.grammar.valid_prefix(drafts)]
+        request.draft_token_ids = drafts
+        if not drafts:  # nothing to look up: as good as a rejected draft
+            self.record(request, 0)
+
+    def record(self, request: Request, num_accepted: int) -> None:
+        """A verification of the request's drafts (or a lookup that found none): updates its estimate and its
+        probing schedule."""
+        offered = max(request.drafts_offered, num_accepted)
+        request.acceptance.record(offered, num_accepted)
+        request.drafts_offered = 0
+        paid = num_accepted > 0
+        request.probe_interval = FIRST_PROBE if paid else min(request.probe_interval * 2, MAX_PROBE)
+        request.steps_without_drafts = 0
+
+    def observe_dispatch(self, speculated: bool, num_tokens: int) -> None:
+        """Called as each step is dispatched: the time since the previous dispatch is that step's wall time
+        (the engine was busy in between), which corrects the startup costs by the host's share."""
+        now = time.perf_counter()
+        if self._last_dispatch is not None:
+            then, was_speculating, tokens = self._last_dispatch
+            self.costs.observe(was_speculating, tokens, now - then)
+        self._last_dispatch = (now, speculated, num_tokens)
+
+    def idle(self) -> None:
+        """The engine had nothing to run: the next interval is not a step's."""
+        self._last_dispatch = None

@@ -1,0 +1,145 @@
+"""Adaptive speculation: how many drafts each request verifies this step, 0 when drafting would not pay.
+
+Each request keeps an estimate of the chance that a draft is accepted (``Acceptance``: accepted drafts over
+draft trials, with a prior and a decay so it follows the text). A row that verifies k drafts accepted with
+probability a each yields ``1 + a + ... + a^k`` tokens on average. The step's cost comes from
+``StepCosts``: the compiled programs timed at startup (a plain step per token bucket, a verification step per
+token bucket, the device drafter), scaled by the wall time steps of each kind actually took (the host's share:
+a speculating step runs without async scheduling's lookahead). The policy picks the drafts that maximise the
+step's expected tokens per second and speculates only when that beats the plain step's rows per second.
+
+A request whose drafts keep failing stops drafting; while it does not draft its estimate decays back towards
+the prior, so it is tried again after a while (``RETRY_DECAY``).
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+PRIOR_ACCEPTED = 0.5  # the prior: half a draft accepted of one tried (a = 0.5 before any evidence)
+PRIOR_TRIALS = 1.0
+DECAY = 0.75  # per draft tried: evidence from a few verifications back hardly counts (text changes)
+RETRY_DECAY = 0.93  # per step without drafts: after ~20 such steps the evidence weighs a quarter of what it did
+OVERHEAD_EMA = 0.1  # weight of each step's wall time in the host-overhead estimates
+FIRST_PROBE = 16  # steps without drafts before a request is probed (jserve.speculative.controller)
+MAX_PROBE = 256
+
+
+@dataclass
+class Acceptance:
+    """A request's draft acceptance estimate (kept on the Request)."""
+
+    accepted: float = 0.0
+    trials: float = 0.0
+
+    @property
+    def rate(self) -> float:
+        return (self.accepted + PRIOR_ACCEPTED) / (self.trials + PRIOR_TRIALS)
+
+    def record(self, num_drafts: int, num_accepted: int) -> None:
+        """A verification: ``num_accepted`` of ``num_drafts`` accepted. Each accepted draft is a success; the
+        first rejected one (if any) a failure; drafts after it were never tried."""
+        tried = num_accepted + (1 if num_accepted < num_drafts else 0)
+        fade = DECAY**tried
+        self.accepted = self.accepted * fade + num_accepted
+        self.trials = self.trials * fade + tried
+
+    def skipped(self) -> None:
+        """A step without drafts: the evidence fades, so the request is tried again later."""
+        self.accepted *= RETRY_DECAY
+        self.trials *= RETRY_DECAY
+
+
+def expected_tokens(rate: float, num_drafts: int) -> float:
+    """Tokens a verification row yields on average: the accepted run of drafts plus the target's own token."""
+    return sum(rate**i for i in range(num_drafts + 1))
+
+
+def _bucket_cost(costs: dict[int, float], num_tokens: int) -> float:
+    buckets = sorted(costs)
+    i = bisect.bisect_left(buckets, num_tokens)
+    return costs[buckets[min(i, len(buckets) - 1)]] if buckets else 0.0
+
+
+@dataclass
+class StepCosts:
+    """Seconds per run of each compiled program (measured at startup on all-padding steps), and the measured
+    ratio of a step's wall time to its program time for plain and for speculating steps."""
+
+    plain: dict[int, float]  # token bucket -> seconds
+    verify: dict[int, float]  # verification token bucket -> seconds
+    propose: float = 0.0  # the device drafter's k steps (0: n-gram drafts are looked up on the host)
+    plain_overhead: float = 1.0
+    spec_overhead: float = 1.0
+    _seen: dict[str, bool] = field(default_factory=dict)
+
+    @property
+    def measured(self) -> bool:
+        return bool(self.plain and self.verify)
+
+    def plain_step(self, num_tokens: int) -> float:
+        return _bucket_cost(self.plain, num_tokens) * self.plain_overhead
+
+    def spec_step(self, num_tokens: int) -> float:
+        return (_bucket_cost(self.verify, num_tokens) + self.propose) * self.spec_overhead
+
+    def observe(self, speculated: bool, num_tokens: int, wall_seconds: float) -> None:
+        """A finished step's wall time (dispatch of this step to dispatch of the next): updates that kind's
+        overhead ratio (the first observation replaces the startup value of 1)."""
+        kind = "spec" if speculated else "plain"
+        base = (
+            _bucket_cost(self.verify, num_tokens) + self.propose if speculated else _bucket_cost(self.plain, num_tokens)
+        )
+        if base <= 0 or wall_seconds <= 0:
+            return
+        ratio = max(1.0, wall_seconds / base)
+        old = self.spec_overhead if speculated else self.plain_overhead
+        new = ratio if not self._seen.get(kind) else (1 - OVERHEAD_EMA) * old + OVERHEAD_EMA * ratio
+        self._seen[kind] = True
+        if speculated:
+            self.spec_overhead = new
+        else:
+            self.plain_overhead = new
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A running request that may draft: its acceptance rate and how many drafts it can take this step."""
+
+    request_id: str
+    rate: float
+    max_drafts: int
+
+
+def choose_drafts(candidates: list[Candidate], num_plain_rows: int, costs: StepCosts, max_k: int) -> dict[str, int]:
+    """Drafts per candidate (absent: none) for the step, or {} when plain decoding is expected to be faster.
+
+    ``num_plain_rows``: rows of the step that decode one token whatever happens (requests not drafting,
+    prefill chunks count their tokens). Tries every common draft length k = 1..max_k, each time adding
+    candidates best rate first while they raise the expected tokens per second, and keeps the best.
+    """
+    rows = num_plain_rows + len(candidates)
+    if not candidates or rows <= 0:
+        return {}
+    plain_rate = rows / costs.plain_step(rows)
+    best: tuple[float, dict[str, int]] = (plain_rate, {})
+    ordered = sorted(candidates, key=lambda c: -c.rate)
+    for k in range(1, max_k + 1):
+        chosen: dict[str, int] = {}
+        tokens_out = float(rows)
+        tokens_in = rows
+        current = 0.0
+        for c in ordered:
+            n = min(k, c.max_drafts)
+            if n <= 0:
+                continue
+            gain = tokens_out - 1 + expected_tokens(c.rate, n)
+            rate = gain / costs.spec_step(tokens_in + n)
+            if rate <= current:
+                break  # later candidates have lower rates: they would not pay either
+            chosen[c.request_id] = n
+            tokens_out, tokens_in, current = gain, tokens_in + n, rate
+        if chosen and current > best[0]:
+            best = (current, chosen)
+    return best[1]

@@ -1,0 +1,124 @@
+"""Adaptive speculation's policy (jserve/speculative/policy.py) and its engine side (controller.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from jserve.engine.request import Request, RequestStatus
+from jserve.sampling_params import SamplingParams
+from jserve.speculative.config import DRAFT, NGRAM, SpeculativeConfig
+from jserve.speculative.controller import DRAFT_MODEL_GIVE_UP, SpeculationController
+from jserve.speculative.policy import (
+    FIRST_PROBE,
+    Acceptance,
+    Candidate,
+    StepCosts,
+    choose_drafts,
+    expected_tokens,
+)
+
+
+def costs(plain_ms: float, verify_ms: float, per_token_ms: float = 0.0) -> StepCosts:
+    """Step costs over buckets 1..64: a fixed part plus a part per token (compute-bound steps)."""
+    buckets = [1, 2, 4, 8, 16, 32, 64]
+    return StepCosts(
+        plain={b: (plain_ms + per_token_ms * b) / 1e3 for b in buckets},
+        verify={b: (verify_ms + per_token_ms * b) / 1e3 for b in buckets},
+    )
+
+
+def test_expected_tokens():
+    assert expected_tokens(0.0, 4) == 1.0
+    assert expected_tokens(1.0, 4) == 5.0
+    assert expected_tokens(0.5, 2) == pytest.approx(1.75)
+
+
+def test_acceptance_follows_evidence_and_fades_back():
+    a = Acceptance()
+    assert a.rate == pytest.approx(0.5)  # the prior
+    for _ in range(10):
+        a.record(4, 4)
+    high = a.rate
+    assert high > 0.9
+    for _ in range(10):
+        a.record(4, 0)
+    assert a.rate < 0.2
+    low = a.rate
+    for _ in range(100):
+        a.skipped()
+    assert low < a.rate < 0.5 + 1e-6 and abs(a.rate - 0.5) < 0.05
+
+
+def test_plain_when_verification_costs_more_than_drafts_bring():
+    expensive = costs(plain_ms=1.0, verify_ms=3.0)
+    assert choose_drafts([Candidate("a", 0.3, 4)], 0, expensive, 4) == {}
+    assert choose_drafts([Candidate("a", 0.95, 4)], 0, expensive, 4) == {"a": 4}
+    # verification as cheap as a plain step: any acceptance pays, with every draft
+    assert choose_drafts([Candidate("a", 0.1, 4)], 0, costs(1.0, 1.0), 4) == {"a": 4}
+
+
+def test_picks_the_rows_and_length_that_pay():
+    mixed = costs(plain_ms=1.0, verify_ms=1.6, per_token_ms=0.05)
+    chosen = choose_drafts([Candidate("good", 0.9, 4), Candidate("bad", 0.05, 4)], 1, mixed, 4)
+    assert chosen.get("good", 0) >= 1 and "bad" not in chosen
+    # a request near its max_tokens takes what it can
+    assert choose_drafts([Candidate("a", 0.99, 2)], 0, costs(1.0, 1.0), 4) == {"a": 2}
+
+
+def test_compute_bound_batches_decode_plainly():
+    # every token costs the same: verifying k drafts costs k tokens' compute; at acceptance 0.6 it cannot pay
+    bound = costs(plain_ms=0.0, verify_ms=0.0, per_token_ms=1.0)
+    candidates = [Candidate(str(i), 0.6, 4) for i in range(8)]
+    assert choose_drafts(candidates, 0, bound, 4) == {}
+
+
+def test_observed_overheads_shift_the_choice():
+    c = costs(plain_ms=1.0, verify_ms=1.2)
+    assert choose_drafts([Candidate("a", 0.5, 4)], 0, c, 4)  # 1.94 tokens for 1.2x the time: pays
+    c.observe(speculated=True, num_tokens=5, wall_seconds=4e-3)  # speculating steps lose the lookahead
+    c.observe(speculated=False, num_tokens=1, wall_seconds=1e-3)
+    assert c.spec_overhead == pytest.approx(4 / 1.2) and c.plain_overhead == 1.0
+    assert choose_drafts([Candidate("a", 0.5, 4)], 0, c, 4) == {}
+
+
+def _request(i: int, **params) -> Request:
+    r = Request(f"r{i}", list(range(1, 40)), SamplingParams(max_tokens=100, **params))
+    r.status = RequestStatus.RUNNING
+    r.num_computed_tokens = r.num_tokens - 1
+    r.append_output_token(5)
+    r.num_computed_tokens = r.num_tokens - 1
+    return r
+
+
+def test_controller_stops_a_failing_request_and_probes_it_with_backoff():
+    config = SpeculativeConfig(method=NGRAM, num_tokens=4)
+    controller = SpeculationController(config, costs(plain_ms=1.0, verify_ms=3.0), max_model_len=512)
+    request = _request(0, temperature=0.0)
+    request.acceptance = Acceptance(accepted=0.0, trials=20.0)  # its drafts kept failing
+    drafted_at = []
+    for step in range(FIRST_PROBE * 3 + 2):
+        if controller.plan([request], lambda r: True):
+            drafted_at.append(step)
+            controller.record(request, 0)  # the probe failed
+    assert drafted_at == [FIRST_PROBE, FIRST_PROBE + 1 + 2 * FIRST_PROBE]
+
+
+def test_seeded_sampling_drafts_whatever_the_costs():
+    config = SpeculativeConfig(method=NGRAM, num_tokens=4)
+    controller = SpeculationController(config, costs(plain_ms=1.0, verify_ms=50.0), max_model_len=512)
+    seeded, greedy = _request(0, temperature=0.7, seed=3), _request(1, temperature=0.0)
+    assert controller.plan([seeded, greedy], lambda r: True)
+    assert seeded.wants_drafts and not greedy.wants_drafts
+
+
+def test_draft_model_stops_once_no_request_may_draft_soon():
+    config = SpeculativeConfig(method=DRAFT, num_tokens=3, draft_model="/draft")
+    controller = SpeculationController(config, costs(plain_ms=1.0, verify_ms=3.0), max_model_len=512)
+    fresh, stale = _request(0, temperature=0.0), _request(1, temperature=0.0)
+    stale.steps_without_drafts = DRAFT_MODEL_GIVE_UP
+    assert controller.keeps_draft_model([fresh, stale])
+    assert not controller.keeps_draft_model([stale])
+    fixed = SpeculationController(dataclasses.replace(config, adaptive=False), controller.costs, max_model_len=512)
+    assert fixed.keeps_draft_model([stale])  # without the policy every request keeps drafting
