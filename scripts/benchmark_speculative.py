@@ -9,9 +9,10 @@ Three prompt sets from held-out standard-library functions (files the model neve
 - mix: the two alternating.
 
 For each set and batch size (default 1 and 16) every engine (plain, then each method with adaptive speculation,
-and with --compare-fixed each method drafting whenever it can) generates --max-tokens greedy tokens for the same prompts; batch 1 runs --batch1-prompts prompts one after another. Each engine is
-built once, before any timing (every program compiled), and runs one untimed warm-up batch; each row is
---repeats rounds over all engines (prefix cache reset before each run), and the median run is reported.
+and with --compare-fixed each method drafting whenever it can) generates --max-tokens greedy tokens for the
+same prompts; batch 1 runs --batch1-prompts prompts one after another. Each engine is built once, before any
+timing (every program compiled), and runs one untimed warm-up batch; each row is --repeats rounds over all
+engines (prefix cache reset before each run), and the median run is reported.
 Prints output tok/s, the speedup over plain decoding in the same run, and the acceptance counters; --json
 writes them.
 
