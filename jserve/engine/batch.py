@@ -455,6 +455,7 @@ def padding_step(shapes: StepShapes, num_tokens_padded: int, *, verification: bo
     inputs = dataclasses.replace(
         plan.inputs,
         sampling=sampling,
+        logits_indices=np.zeros(shapes.max_num_seqs, np.int32),  # as build_sampling gives verification steps
         history_src=np.full(shapes.spec_rows, -1, np.int32),
         history_col=np.zeros(shapes.spec_rows, np.int32),
         spec=build_verification([], shapes, num_tokens_padded),

@@ -324,3 +324,25 @@ def test_adaptive_speculation_matches_plain_and_drafts_where_it_pays(plain, adap
     assert llm.stats()["programs_lowered_while_serving"] == 0
     assert_no_leak(llm)
     llm.engine.kv_cache.check_invariants()
+
+
+def test_more_sequences_than_a_verification_bucket_holds(plain):
+    """max_num_seqs above the smallest verification bucket's tokens (16 rows, buckets of 8 and 16): every
+    verification program takes all the engine's rows. (They were compiled for the bucket's rows, and every
+    verification step of such an engine failed.)"""
+    llm = LLM(
+        BUNDLED_MODEL,
+        speculative_model="ngram",
+        num_speculative_tokens=K,
+        speculative_adaptive=False,
+        **{**SETTINGS, "max_num_seqs": 16},
+    )
+    prompts = _prompts(6)
+    params = SamplingParams(temperature=0.0, max_tokens=24)
+    for a, b in zip(
+        llm.generate(prompts, params, use_tqdm=False), plain.generate(prompts, params, use_tqdm=False), strict=True
+    ):
+        _same(a, b)
+    stats = llm.stats()
+    assert stats["spec_num_drafting_rows"] > 0 and stats["num_step_failures"] == 0
+    assert stats["programs_lowered_while_serving"] == 0
