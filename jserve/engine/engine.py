@@ -348,8 +348,6 @@ class Engine:
             sched = self.scheduler.without_drafts(sched)
         self._finished_by_scheduler(sched.finished_ids)
         if not sched.chunks:
-            if self._speculation is not None and not self.scheduler.running:
-                self._speculation.idle()  # (a step everyone sits out belongs to the verification before it)
             return _Step(sched)
         try:
             return self._dispatch(sched, lookahead)
@@ -410,6 +408,8 @@ class Engine:
         if spec is None:
             return
         running = self.scheduler.running
+        if not running:
+            self._speculation.idle()  # the time since the last dispatch was no step's (the engine had no work)
         self.scheduler.speculating = len(running) <= spec.max_batch_size and self._speculation.keeps_draft_model(
             running
         )  # (the draft model runs every step's tokens too while this holds)

@@ -7,8 +7,9 @@ need all their tokens on the host (the draft continues them), so one still carry
 step out (``Request.wants_drafts``) and drafts at the next.
 
 A request that has not drafted for a while is probed (drafts once whatever the policy says), with the interval
-doubling after each probe that did not pay (16 steps, then 32, ... up to 256): its estimate fades between
-probes, so text that turns repetitive is noticed, while the cost of probing stays a few percent at worst.
+doubling after each probe that did not pay (16 steps, then 32, ... up to 256) and never shorter than what keeps
+probes under 3% of the request's time (a probe costs a speculating step where a plain one would have run): its
+estimate fades between probes, so text that turns repetitive is noticed at a bounded cost.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from jserve.speculative.ngram import propose_ngram
 from jserve.speculative.policy import FIRST_PROBE, MAX_PROBE, Candidate, StepCosts, choose_drafts
 
 DRAFT_MODEL_GIVE_UP = 2 * FIRST_PROBE  # steps without drafts after which a request stops keeping the draft model
+PROBE_COST_SHARE = 0.03  # probes may cost at most this share of a request's time
 
 
 def _reproducible_draws(request: Request) -> bool:
@@ -78,7 +80,7 @@ class SpeculationController:
             chosen.update(choose_drafts(adaptive, others, self.costs, self.config.num_tokens))
         for request in eligible:
             n = chosen.get(request.request_id, 0)
-            if not n and request.steps_without_drafts >= request.probe_interval:
+            if not n and request.steps_without_drafts >= max(request.probe_interval, self._probe_spacing()):
                 n = self.draft_limit(request)  # a probe
             if not n:
                 request.acceptance.skipped()
@@ -89,6 +91,15 @@ class SpeculationController:
                 continue  # drafts continue its last token: it sits this step out and drafts at the next
             self._draft(request, n)
         return any(r.wants_drafts for r in running)
+
+    def _probe_spacing(self) -> float:
+        """Steps between probes that keep their cost under PROBE_COST_SHARE of a lone request's time: a probe
+        costs a speculating step (k + 1 tokens) where a plain one-token step would have run."""
+        if not self.costs.measured:
+            return 0.0
+        k = self.config.num_tokens
+        extra = self.costs.spec_step(k + 1) / self.costs.plain_step(1) - 1.0
+        return max(0.0, extra) / PROBE_COST_SHARE
 
     def _draft(self, request: Request, num_drafts: int) -> None:
         request.drafts_offered = num_drafts

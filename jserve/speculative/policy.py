@@ -22,6 +22,7 @@ PRIOR_TRIALS = 1.0
 DECAY = 0.75  # per draft tried: evidence from a few verifications back hardly counts (text changes)
 RETRY_DECAY = 0.93  # per step without drafts: after ~20 such steps the evidence weighs a quarter of what it did
 OVERHEAD_EMA = 0.1  # weight of each step's wall time in the host-overhead estimates
+MAX_OVERHEAD = 20.0  # a step's wall time above this many times its program's is a pause, not a step
 FIRST_PROBE = 16  # steps without drafts before a request is probed (jserve.speculative.controller)
 MAX_PROBE = 256
 
@@ -91,8 +92,8 @@ class StepCosts:
         base = (
             _bucket_cost(self.verify, num_tokens) + self.propose if speculated else _bucket_cost(self.plain, num_tokens)
         )
-        if base <= 0 or wall_seconds <= 0:
-            return
+        if base <= 0 or wall_seconds <= 0 or wall_seconds > MAX_OVERHEAD * base:
+            return  # (a pause of the caller, not a step)
         ratio = max(1.0, wall_seconds / base)
         old = self.spec_overhead if speculated else self.plain_overhead
         new = ratio if not self._seen.get(kind) else (1 - OVERHEAD_EMA) * old + OVERHEAD_EMA * ratio

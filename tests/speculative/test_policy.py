@@ -80,6 +80,8 @@ def test_observed_overheads_shift_the_choice():
     c.observe(speculated=True, num_tokens=5, wall_seconds=4e-3)  # speculating steps lose the lookahead
     c.observe(speculated=False, num_tokens=1, wall_seconds=1e-3)
     assert c.spec_overhead == pytest.approx(4 / 1.2) and c.plain_overhead == 1.0
+    c.observe(speculated=False, num_tokens=1, wall_seconds=2.0)  # the caller paused between two steps
+    assert c.plain_overhead == 1.0
     assert choose_drafts([Candidate("a", 0.5, 4)], 0, c, 4) == {}
 
 
@@ -94,15 +96,25 @@ def _request(i: int, **params) -> Request:
 
 def test_controller_stops_a_failing_request_and_probes_it_with_backoff():
     config = SpeculativeConfig(method=NGRAM, num_tokens=4)
-    controller = SpeculationController(config, costs(plain_ms=1.0, verify_ms=3.0), max_model_len=512)
-    request = _request(0, temperature=0.0)
-    request.acceptance = Acceptance(accepted=0.0, trials=20.0)  # its drafts kept failing
-    drafted_at = []
-    for step in range(FIRST_PROBE * 3 + 2):
-        if controller.plan([request], lambda r: True):
-            drafted_at.append(step)
-            controller.record(request, 0)  # the probe failed
-    assert drafted_at == [FIRST_PROBE, FIRST_PROBE + 1 + 2 * FIRST_PROBE]
+
+    def probes(verify_ms: float, steps: int) -> list[int]:
+        controller = SpeculationController(config, costs(plain_ms=1.0, verify_ms=verify_ms), max_model_len=512)
+        request = _request(0, temperature=0.0)
+        request.acceptance = Acceptance(accepted=0.0, trials=20.0)  # its drafts kept failing
+        drafted_at = []
+        for step in range(steps):
+            if controller.plan([request], lambda r: True):
+                drafted_at.append(step)
+                controller.record(request, 0)  # the probe failed
+        return drafted_at
+
+    # cheap verification: probed after FIRST_PROBE steps, then tried now and then as the evidence fades
+    cheap = probes(1.3, 50)
+    assert cheap[0] == FIRST_PROBE and len(cheap) <= 3
+    # a probe that costs 2 plain steps more than the plain step it replaces comes every 2 / 3% = 67 steps
+    expensive = probes(3.0, 300)
+    gaps = [b - a for a, b in zip([-1, *expensive], expensive)]
+    assert len(expensive) >= 3 and all(gap >= 2 / 0.03 for gap in gaps), expensive
 
 
 def test_seeded_sampling_drafts_whatever_the_costs():
