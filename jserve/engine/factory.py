@@ -7,6 +7,7 @@ max_model_len capped by that pool, and the chunked-prefill token budget.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import sys
 from pathlib import Path
@@ -33,6 +34,8 @@ from jserve.quant.kv import is_quantized_kv
 from jserve.speculative.config import DRAFT, EARLY_EXIT, SpeculativeConfig
 from jserve.structured.compiler import GrammarCompiler
 from jserve.structured.matcher import bitmask_words
+
+logger = logging.getLogger(__name__)
 
 CPU_KV_BUDGET_BYTES = 1 << 30  # CPU devices report no memory stats: give the KV cache 1 GiB
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
@@ -252,6 +255,12 @@ def _speculative_config(args: EngineArgs, cfg: ModelConfig) -> SpeculativeConfig
         if not 1 <= layer < cfg.num_layers:
             raise ValueError(f"speculative_exit_layer must be in [1, {cfg.num_layers - 1}], got {layer}")
         spec = dataclasses.replace(spec, exit_layer=layer)
+    if spec.adaptive and jax.process_count() > 1:
+        # every process must schedule the same steps, and the policy decides by this process's timings
+        logger.warning(
+            "speculative_adaptive: off across %d processes (drafts whenever a request can)", jax.process_count()
+        )
+        spec = dataclasses.replace(spec, adaptive=False)
     return spec
 
 

@@ -134,3 +134,20 @@ def test_draft_model_stops_once_no_request_may_draft_soon():
     assert not controller.keeps_draft_model([stale])
     fixed = SpeculationController(dataclasses.replace(config, adaptive=False), controller.costs, max_model_len=512)
     assert fixed.keeps_draft_model([stale])  # without the policy every request keeps drafting
+
+
+def test_processes_in_lockstep_do_not_adapt(monkeypatch):
+    """Multi-host engines must all schedule the same steps; the policy decides by each process's timings, so it
+    is off there (every request drafts whenever it can)."""
+    import jax
+
+    from jserve import BUNDLED_MODEL
+    from jserve.config import ModelConfig
+    from jserve.engine import factory
+    from jserve.engine_args import EngineArgs
+
+    args = EngineArgs(model=str(BUNDLED_MODEL), speculative_model="ngram", num_speculative_tokens=2)
+    cfg = ModelConfig.from_pretrained(BUNDLED_MODEL)
+    assert factory._speculative_config(args, cfg).adaptive
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    assert not factory._speculative_config(args, cfg).adaptive
