@@ -216,24 +216,31 @@ class Scheduler:
 
         # 1. Running requests, most important first.
         i = 0
+        decoding: list[int] = []  # chunks of one-token decodes whose requests carry drafts
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             if self._awaits_last_token(request) or self._awaits_verification(request):
                 i += 1
                 continue
             remaining = request.num_tokens - request.num_computed_tokens
-            num_drafts = len(request.draft_token_ids) if remaining == 1 else 0
-            if num_drafts and (
-                remaining + num_drafts > budget or not self.kv_cache.allocate(request, remaining + num_drafts)
-            ):
-                num_drafts = 0  # no budget or free pages for the drafts: decode plainly (never preempt for them)
-            num_new = self._chunk_len(remaining + num_drafts, budget)
+            num_new = self._chunk_len(remaining, budget)
             if num_new > 0 and self._make_room(request, num_new, preempted):
-                chunks.append(self._make_chunk(request, num_new, num_drafts))
+                chunks.append(self._make_chunk(request, num_new))
                 budget -= num_new
+                if remaining == 1 and request.draft_token_ids:
+                    decoding.append(len(chunks) - 1)
             i += 1  # NOTE: _make_room only pops from the end, so running[:i] is untouched
 
-        # 2. Waiting requests, unless the pool was just too tight for the running ones.
+        # 2. Drafts, once every running request has its pages: only from budget and pages left over, so a draft
+        # never takes a page a plain decode needed (drafts never cause a preemption).
+        for index in decoding:
+            request = self._requests[chunks[index].request_id]
+            num_drafts = len(request.draft_token_ids)
+            if num_drafts <= budget and self.kv_cache.allocate(request, 1 + num_drafts):
+                chunks[index] = self._make_chunk(request, 1 + num_drafts, num_drafts)
+                budget -= num_drafts
+
+        # 3. Waiting requests, unless the pool was just too tight for the running ones.
         if not preempted:
             budget = self._admit(budget, chunks)
 

@@ -699,3 +699,25 @@ def test_async_advance_then_resolve():
     assert [r.request_id for r in sched.resolve(second, {"a": TOKEN, "b": TOKEN})] == ["b"]  # a's: discarded
     assert sched.resolve(third, {"a": TOKEN}) == []
     assert not sched.has_unfinished and kv.num_free_pages == kv.pages_total
+
+
+def test_drafts_take_only_pages_no_decode_needs():
+    """Speculative decoding: a request's drafts are allocated after every running request's plain decode has
+    its pages, so drafts never push another request out (here the drafts' pages would have preempted b)."""
+    sched, kv = make_scheduler(num_pages=5, page_size=4, max_num_seqs=2, max_num_batched_tokens=64)
+    a, b = make_request("a", 4, max_tokens=10), make_request("b", 4, max_tokens=10)
+    sched.add_request(a)
+    sched.add_request(b)
+    step(sched)  # both prompts (one page each); each sampled a 5th token, which needs a second page
+    a.draft_token_ids = [11, 12, 13, 14]  # would need a third page
+    out = sched.schedule()
+    assert not out.preempted_ids
+    assert {c.request_id: c.num_drafts for c in out.chunks} == {"a": 0, "b": 0}
+    sched.update(out, {"a": TOKEN, "b": TOKEN})
+    # with pages to spare, the drafts go in
+    sched2, _ = make_scheduler(num_pages=8, page_size=4, max_num_seqs=2, max_num_batched_tokens=64)
+    c = make_request("c", 4, max_tokens=10)
+    sched2.add_request(c)
+    step(sched2)
+    c.draft_token_ids = [11, 12, 13, 14]
+    assert [ch.num_drafts for ch in sched2.schedule().chunks] == [4]
