@@ -410,9 +410,10 @@ class Engine:
         running = self.scheduler.running
         if not running:
             self._speculation.idle()  # the time since the last dispatch was no step's (the engine had no work)
+        # (the draft model runs every step's tokens too while this holds; a waiting request needs its prompt)
         self.scheduler.speculating = len(running) <= spec.max_batch_size and self._speculation.keeps_draft_model(
-            running
-        )  # (the draft model runs every step's tokens too while this holds)
+            [*running, *self.scheduler.waiting]
+        )
         self._speculation.plan(running, self._may_draft, allowed=self.scheduler.speculating)
 
     @staticmethod

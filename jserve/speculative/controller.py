@@ -40,16 +40,16 @@ class SpeculationController:
         self.max_model_len = max_model_len
         self._last_dispatch: tuple[float, bool, int] | None = None  # (time, speculated, tokens) of the last step
 
-    def keeps_draft_model(self, running: list[Request]) -> bool:
+    def keeps_draft_model(self, requests: list[Request]) -> bool:
         """Draft-model speculation: the draft model's K/V follow every token the target computes (a cost in
-        every step) only while some running request may draft soon; a request that has not drafted for
+        every step) only while some running or waiting request may draft soon; a request that has not drafted for
         ``DRAFT_MODEL_GIVE_UP`` steps (its probes kept failing) no longer keeps it, and once none does the draft
         model stops and those requests decode plainly to the end (their draft K/V are then stale)."""
         if self.config.method != DRAFT or not (self.config.adaptive and self.costs.measured):
             return True
         return any(
             r.draft_synced and r.sampling_params.speculative and r.steps_without_drafts < DRAFT_MODEL_GIVE_UP
-            for r in running
+            for r in requests
         )
 
     def draft_limit(self, request: Request) -> int:
