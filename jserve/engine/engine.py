@@ -513,7 +513,6 @@ class Engine:
                     verified[rid] = tokens
                     self.num_drafting_rows += 1
                     self.num_draft_tokens += plan.num_drafts[i]
-                    self.num_accepted_tokens += len(tokens) - 1
                     if rid in self._sequences:
                         self._speculation.record(self._sequences[rid], len(tokens) - 1)
             for prompt_rows in plan.prompt_rows:
@@ -521,10 +520,13 @@ class Engine:
                 if group is not None:
                     group.record_prompt_logprobs(prompt_rows, result)
         before = {rid: self._sequences[rid].num_output_tokens for rid in verified if rid in self._sequences}
+        accepted_before = {rid: self._sequences[rid].num_accepted_tokens for rid in before}
         if step.advanced:
             updated = self.scheduler.resolve(step.sched, sampled, verified)
         else:
             updated = self.scheduler.update(step.sched, sampled, verified)
+        for rid, count in accepted_before.items():  # accepted drafts kept (a stop token drops those after it)
+            self.num_accepted_tokens += self._sequences[rid].num_accepted_tokens - count
         return [
             (
                 request,
@@ -616,6 +618,10 @@ class Engine:
             token = request.output_token_ids[first + j]
             if group.on_token(request, result, row, j, token, final=j == num_new - 1):  # a stop string ended it
                 request.truncate_output(first + j + 1)
+                if num_new > 1:  # inside a verified run: its accepted drafts after the stop do not count
+                    dropped = max(0, min(request.last_accepted, num_new) - (j + 1))
+                    request.num_accepted_tokens -= dropped
+                    self.num_accepted_tokens -= dropped
                 if not request.is_finished:
                     sample = group.samples[request.request_id]
                     self.scheduler.finish_request(request.request_id, "stop", sample.stop_reason)

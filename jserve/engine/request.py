@@ -103,6 +103,7 @@ class Request:
         self.draft_synced = True
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
+        self.last_accepted = 0  # accepted drafts the latest verification kept (a stop string may drop some)
         # adaptive speculation (jserve.speculative.controller): the acceptance estimate, whether the policy chose
         # the request to draft this step, how many drafts it was offered, and its probing schedule
         self.acceptance = Acceptance()

@@ -495,9 +495,10 @@ class Scheduler:
         the rejected drafts' slots go back (a page they alone used returns to the pool)."""
         request.awaiting_verification = False
         accepted = len(tokens) - 1
-        request.num_draft_tokens += chunk.num_drafts
-        request.num_accepted_tokens += accepted
         appended = request.append_verified_tokens(tokens, lambda r: self._check_stop(r)[0] is not None)
+        request.num_draft_tokens += chunk.num_drafts
+        request.last_accepted = min(accepted, appended)  # drafts after a stop token inside the run are dropped
+        request.num_accepted_tokens += request.last_accepted
         if request.status == RequestStatus.RUNNING:  # not preempted while the step ran
             request.num_computed_tokens += min(accepted, appended)
             self.kv_cache.trim(request, request.num_computed_tokens)

@@ -721,3 +721,17 @@ def test_drafts_take_only_pages_no_decode_needs():
     step(sched2)
     c.draft_token_ids = [11, 12, 13, 14]
     assert [ch.num_drafts for ch in sched2.schedule().chunks] == [4]
+
+
+def test_accepted_drafts_after_a_stop_token_are_not_counted():
+    sched, _ = make_scheduler(num_pages=8, page_size=4, max_num_seqs=1, max_num_batched_tokens=64)
+    request = make_request("a", 4, max_tokens=10)
+    sched.add_request(request)
+    step(sched)
+    request.draft_token_ids = [11, EOS, 13]
+    out = sched.schedule()
+    assert out.chunks[0].num_drafts == 3
+    # all three drafts accepted, plus the target's own token; EOS (the second draft) ends the request
+    sched.update(out, {"a": 14}, {"a": [11, EOS, 13, 14]})
+    assert request.output_token_ids == [TOKEN, 11, EOS]
+    assert (request.num_draft_tokens, request.num_accepted_tokens) == (3, 2)

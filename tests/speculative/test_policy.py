@@ -113,7 +113,7 @@ def test_controller_stops_a_failing_request_and_probes_it_with_backoff():
     assert cheap[0] == FIRST_PROBE and len(cheap) <= 3
     # a probe that costs 2 plain steps more than the plain step it replaces comes every 2 / 3% = 67 steps
     expensive = probes(3.0, 300)
-    gaps = [b - a for a, b in zip([-1, *expensive], expensive)]
+    gaps = [b - a for a, b in zip([-1, *expensive], expensive, strict=False)]
     assert len(expensive) >= 3 and all(gap >= 2 / 0.03 for gap in gaps), expensive
 
 

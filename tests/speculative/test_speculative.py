@@ -142,10 +142,15 @@ def test_max_tokens_and_stop_strings_inside_an_accepted_run(plain, speculative):
     cases = [SamplingParams(temperature=0.0, max_tokens=m) for m in (2, 3, 5, 7, 11)]
     cases += [SamplingParams(temperature=0.0, max_tokens=40, stop=[s]) for s in (word, "\n    ", ":", body[2][-3:])]
     expected = plain.generate([prompt] * len(cases), cases, use_tqdm=False)
+    before = llm.stats()["spec_num_accepted_tokens"]
     got = llm.generate([prompt] * len(cases), cases, use_tqdm=False)
     for a, b in zip(got, expected, strict=True):
         _same(a, b)
     assert sum(o.metrics.num_accepted_tokens for o in got) >= 5
+    # accepted drafts that a stop token, a stop string or max_tokens dropped are not counted: every counted one
+    # is in the output (whose first token came from the prompt's step, never a draft)
+    assert all(o.metrics.num_accepted_tokens <= len(o.outputs[0].token_ids) - 1 for o in got)
+    assert llm.stats()["spec_num_accepted_tokens"] - before == sum(o.metrics.num_accepted_tokens for o in got)
     assert_no_leak(llm)
 
 
