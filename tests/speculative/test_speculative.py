@@ -314,6 +314,7 @@ def test_adaptive_speculation_matches_plain_and_drafts_where_it_pays(plain, adap
     """Whatever the policy decides step by step (draft, sit out, decode plainly, probe), every token is plain
     decoding's, nothing is lowered and nothing leaks; copying a function at batch 1 drafts and accepts."""
     method, llm = adaptive
+    lowered_before = llm.stats()["programs_lowered_while_serving"]  # (other tests share the engine)
     prompts = _prompts(16)
     params = [_mixed_params(i) for i in range(16)]
     expected = plain.generate(prompts, params, use_tqdm=False)
@@ -326,7 +327,7 @@ def test_adaptive_speculation_matches_plain_and_drafts_where_it_pays(plain, adap
     _same(single, plain.generate([repeat_prompt(name, source)], copy, use_tqdm=False)[0])
     if method == "ngram":  # a lookup of the copied text: accepted at ~90%, which pays at batch 1
         assert single.metrics.num_accepted_tokens > 0
-    assert llm.stats()["programs_lowered_while_serving"] == 0
+    assert llm.stats()["programs_lowered_while_serving"] == lowered_before
     assert_no_leak(llm)
     llm.engine.kv_cache.check_invariants()
 
