@@ -69,8 +69,9 @@ class SpeculationController:
             request.wants_drafts = False
         if not allowed or len(running) > self.config.max_batch_size:
             return False
-        eligible = [r for r in running if may_draft(r) and self.draft_limit(r) > 0]
-        candidates = [Candidate(r.request_id, r.acceptance.rate, self.draft_limit(r)) for r in eligible]
+        limits = {r.request_id: self.draft_limit(r) for r in running if may_draft(r)}
+        eligible = [r for r in running if limits.get(r.request_id, 0) > 0]
+        candidates = [Candidate(r.request_id, r.acceptance.rate, limits[r.request_id]) for r in eligible]
         chosen = {c.request_id: c.max_drafts for c in candidates}  # costs unmeasured: everyone drafts all
         adaptive = [c for c, r in zip(candidates, eligible, strict=True) if not _reproducible_draws(r)]
         if self.config.adaptive and self.costs.measured and adaptive:
@@ -81,7 +82,7 @@ class SpeculationController:
         for request in eligible:
             n = chosen.get(request.request_id, 0)
             if not n and request.steps_without_drafts >= max(request.probe_interval, self._probe_spacing()):
-                n = self.draft_limit(request)  # a probe
+                n = limits[request.request_id]  # a probe
             if not n:
                 request.acceptance.skipped()
                 request.steps_without_drafts += 1

@@ -69,35 +69,35 @@ class StepCosts:
     ratio of a step's wall time to its program time for plain and for speculating steps."""
 
     plain: dict[int, float]  # token bucket -> seconds
-    verify: dict[int, float]  # verification token bucket -> seconds
-    propose: float = 0.0  # the device drafter's k steps (0: n-gram drafts are looked up on the host)
+    verify: dict[int, float]  # verification token bucket -> seconds (the device drafter's k steps included)
     plain_overhead: float = 1.0
     spec_overhead: float = 1.0
-    _seen: dict[str, bool] = field(default_factory=dict)
+    _observed: set[bool] = field(default_factory=set)  # kinds (speculated or not) with a real step seen
 
     @property
     def measured(self) -> bool:
         return bool(self.plain and self.verify)
 
+    def program(self, speculated: bool, num_tokens: int) -> float:
+        """The startup time of the program a step of this kind and size runs."""
+        return _bucket_cost(self.verify if speculated else self.plain, num_tokens)
+
     def plain_step(self, num_tokens: int) -> float:
-        return _bucket_cost(self.plain, num_tokens) * self.plain_overhead
+        return self.program(False, num_tokens) * self.plain_overhead
 
     def spec_step(self, num_tokens: int) -> float:
-        return (_bucket_cost(self.verify, num_tokens) + self.propose) * self.spec_overhead
+        return self.program(True, num_tokens) * self.spec_overhead
 
     def observe(self, speculated: bool, num_tokens: int, wall_seconds: float) -> None:
         """A finished step's wall time (dispatch of this step to dispatch of the next): updates that kind's
         overhead ratio (the first observation replaces the startup value of 1)."""
-        kind = "spec" if speculated else "plain"
-        base = (
-            _bucket_cost(self.verify, num_tokens) + self.propose if speculated else _bucket_cost(self.plain, num_tokens)
-        )
+        base = self.program(speculated, num_tokens)
         if base <= 0 or wall_seconds <= 0 or wall_seconds > MAX_OVERHEAD * base:
             return  # (a pause of the caller, not a step)
         ratio = max(1.0, wall_seconds / base)
         old = self.spec_overhead if speculated else self.plain_overhead
-        new = ratio if not self._seen.get(kind) else (1 - OVERHEAD_EMA) * old + OVERHEAD_EMA * ratio
-        self._seen[kind] = True
+        new = (1 - OVERHEAD_EMA) * old + OVERHEAD_EMA * ratio if speculated in self._observed else ratio
+        self._observed.add(speculated)
         if speculated:
             self.spec_overhead = new
         else:
