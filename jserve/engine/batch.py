@@ -64,6 +64,10 @@ class StepInput:
     # [] bool: the step also runs its tokens through the draft model (draft-model speculation, while the
     # engine speculates; off above the policy's batch size, where it would only cost time)
     run_draft: jax.Array = dataclasses.field(default_factory=lambda: np.asarray(True))
+    # [] bool: structured outputs under async scheduling: a constrained row's mask needs its pending token, so
+    # the step only computes its logits and a separate sampling program samples them once the host has the
+    # masks (``ModelRunner.sample_deferred``)
+    defer_sampling: jax.Array = dataclasses.field(default_factory=lambda: np.asarray(False))
 
 
 @jax.tree_util.register_dataclass
@@ -111,6 +115,10 @@ class StepPlan:
     @property
     def is_verification(self) -> bool:
         return self.inputs.spec is not None
+
+    @property
+    def defers_sampling(self) -> bool:
+        return bool(self.inputs.defer_sampling)
 
 
 def build_layout(
@@ -166,6 +174,7 @@ def build_sampling(
     num_rows: int | None = None,
     verifying: bool = False,
     device_drafts: bool = False,
+    defer_masks: bool = False,
 ) -> tuple[SamplingTensors, np.ndarray, list[str], np.ndarray, np.ndarray]:
     """Sampling settings of the chunks that sample, their logits rows, their request ids (row order), and for
     each row where its pending token goes in the penalty history (source row in the previous step, column).
@@ -173,7 +182,8 @@ def build_sampling(
     steps: spec_rows, their logits_indices keep max_num_seqs rows).
     Constrained rows (structured outputs) get their grammar's bitmask; ``verifying``: one per verified position,
     each after the drafts before it (``device_drafts``: position 0 only; ``draft_mask_filler`` does the rest once
-    the device drafter's tokens are known)."""
+    the device drafter's tokens are known). ``defer_masks``: the masks are filled later, when the step's
+    sampling is dispatched (``fill_deferred_masks``)."""
     num_rows = shapes.max_num_seqs if num_rows is None else num_rows
     logits_indices = np.zeros(shapes.max_num_seqs if verifying else num_rows, np.int32)
     history_src = np.full(num_rows, -1, np.int32)
@@ -222,7 +232,7 @@ def build_sampling(
         for row, (chunk, request) in enumerate(sampled)
         if request.grammar is not None
     ]
-    if constrained:
+    if constrained and not defer_masks:
         fill_bitmask_rows(constrained, sampling.token_bitmask)
     return sampling, logits_indices, sampled_ids, history_src, history_col
 
@@ -269,14 +279,17 @@ def build_step(
     previous_rows: dict[str, int] | None = None,
     device_drafts: bool = False,
     run_draft: bool = True,
+    defer_grammar: bool = False,
 ) -> StepPlan:
     """Packs one SchedulerOutput into padded numpy arrays (see the module docstring for the layout).
     ``previous_rows``: async scheduling's request id -> sampled row of the step still on the device.
     A step with drafts (speculative decoding) becomes a verification step; ``device_drafts``: the drafts are
-    placeholders that the device drafter fills (``ProposalInput``)."""
+    placeholders that the device drafter fills (``ProposalInput``). ``defer_grammar``: a plain step with a
+    constrained row whose last token is still pending defers its sampling (``StepInput.defer_sampling``)."""
     chunks = out.chunks
     num_tokens = sum(len(c.token_ids) for c in chunks)
     verifying = any(c.num_drafts for c in chunks)
+    defer = defer_grammar and not verifying and _awaits_pending_grammar(chunks, requests)
     t_pad = round_up(num_tokens, shapes.spec_token_buckets if verifying else shapes.token_buckets)
     tokens, token_src, positions, layout = build_layout(chunks, shapes, t_pad, previous_rows)
     sampling, logits_indices, sampled_ids, history_src, history_col = build_sampling(
@@ -289,6 +302,7 @@ def build_step(
         shapes.spec_rows if verifying else shapes.sample_rows(t_pad),
         verifying,
         device_drafts,
+        defer,
     )
     spec = build_verification(chunks, shapes, t_pad) if verifying else None
     proposal = build_proposal(chunks, shapes) if verifying and device_drafts else None
@@ -308,6 +322,7 @@ def build_step(
         prev_tokens=_no_previous(shapes.max_num_seqs),
         spec=spec,
         run_draft=np.asarray(run_draft),
+        defer_sampling=np.asarray(defer),
     )
     return StepPlan(
         inputs,
@@ -322,12 +337,35 @@ def build_step(
             ).any()
         ),
         wants_top_logprobs=bool((sampling.num_logprobs[:n] > 0).any()),
-        uses_grammar=bool((sampling.token_bitmask != -1).any()),
+        uses_grammar=defer or bool((sampling.token_bitmask != -1).any()),
         reads_previous=bool((token_src >= 0).any() or (history_src >= 0).any()),
         proposal=proposal,
         num_drafts=[c.num_drafts for c in chunks if c.sample] if verifying else [],
         fill_draft_masks=draft_mask_filler(chunks, requests, shapes, spec) if proposal is not None else None,
     )
+
+
+def _awaits_pending_grammar(chunks: Sequence[ScheduledChunk], requests: dict[str, Request]) -> bool:
+    """Some sampled row is constrained and its last token is still on the device."""
+    return any(
+        c.sample and requests[c.request_id].grammar is not None and requests[c.request_id].num_pending_tokens
+        for c in chunks
+    )
+
+
+def fill_deferred_masks(plan: StepPlan, requests: dict[str, Request], fill=fill_bitmask_rows) -> np.ndarray:
+    """A deferred step's bitmask, once every pending token has reached its grammar: each constrained row's mask
+    from its grammar's state now; rows of requests that ended meanwhile stay all ones (their token is
+    discarded)."""
+    mask = np.full(np.shape(plan.inputs.sampling.token_bitmask), -1, np.int32)
+    rows = [
+        (request.grammar, row, [])
+        for row, rid in enumerate(plan.sampled_ids)
+        if (request := requests.get(rid)) is not None and request.grammar is not None and not request.is_finished
+    ]
+    if rows:
+        fill(rows, mask)
+    return mask
 
 
 def draft_mask_filler(

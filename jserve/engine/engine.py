@@ -14,8 +14,11 @@ job ``inbox_sync`` makes every process apply the leader's inbox, so all of them 
 Async scheduling (the default with one pipeline stage): ``begin_step`` schedules step N+1 while step N is still
 on the device, its sampled tokens pending (``Scheduler.advance``); the device reads them from N's outputs, and
 ``finish_step`` then waits for N, resolves its tokens (``Scheduler.resolve``) and builds N's deltas while N+1
-computes. A request that a late-found stop ends has computed one token too many, which is discarded. While a
-structured-outputs request is live the engine steps synchronously: its grammar mask needs its last token.
+computes. A request that a late-found stop ends has computed one token too many, which is discarded.
+Structured outputs keep the lookahead: a step with a constrained row whose last token is pending runs its
+forward at once and defers its sampling, which ``finish_step`` queues once the previous step's tokens have
+reached the grammars and the masks are filled (the device computes the forward meanwhile); without deferred
+sampling (speculative decoding) the engine steps synchronously while a constrained request is live.
 
 Failure isolation: an exception while building, dispatching or collecting a step does not end the engine.
 Every running request goes back to waiting to be recomputed (tokens still on the device are dropped, the
@@ -40,7 +43,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from jserve import compile_watch
-from jserve.engine.batch import StepPlan, build_step
+from jserve.engine.batch import StepPlan, build_step, fill_deferred_masks
 from jserve.engine.kv_cache import KVCacheManager
 from jserve.engine.output import RequestGroup, SampleState
 from jserve.engine.request import Request, RequestStatus
@@ -74,6 +77,7 @@ class _Step:
     plans: list[StepPlan] | None = None
     pending: PendingStep | None = None
     advanced: bool = False  # async scheduling: the scheduler counts its tokens as pending until it is finished
+    sampling_deferred: bool = False  # its logits are queued, its sampling waits for grammar masks (see _sample)
     failure: Exception | None = None  # building or dispatching it raised (see Engine._recover)
 
 
@@ -132,6 +136,9 @@ class Engine:
         # async scheduling: the step dispatched last, whose tokens the host has not seen (one pipeline stage only:
         # a microbatched step has no single row order for the next step to read from)
         self.async_scheduling = async_scheduling and runner.num_stages == 1
+        # structured outputs keep the lookahead: a step whose constrained rows' last tokens are pending samples
+        # in a second program once the host has their masks (ModelRunner.defers_sampling)
+        self._defer_grammar = self.async_scheduling and runner.defers_sampling and speculative is None
         self._in_flight: _Step | None = None
         self.inbox_sync = None  # multi-host: set to jserve.parallel.multihost.broadcast_items
         self.stopped = False
@@ -339,7 +346,9 @@ class Engine:
         this step is scheduled with them pending, and reads them from that step's outputs on the device.
         """
         self._drain_inbox()
-        lookahead = self.async_scheduling and not self._constrained() and not self.scheduler.suspects
+        lookahead = (
+            self.async_scheduling and not self.scheduler.suspects and (self._defer_grammar or not self._constrained())
+        )
         if self.async_scheduling and not lookahead and self._in_flight is not None:
             return _Step(_NOTHING)  # structured outputs (or suspects) arrived: let the step in flight finish first
         self._draft()
@@ -359,6 +368,7 @@ class Engine:
         previous = self._in_flight
         previous_rows = None
         if previous is not None:
+            self._sample(previous)  # (already queued, unless a path skipped finish_step's)
             previous_rows = {rid: i for i, rid in enumerate(previous.plans[0].sampled_ids)}
         plans = [
             build_step(
@@ -370,6 +380,7 @@ class Engine:
                 previous_rows,
                 device_drafts=self.speculative is not None and self.speculative.samples_drafts,
                 run_draft=self.scheduler.speculating,
+                defer_grammar=self._defer_grammar and lookahead,
             )
             for part in self._microbatches(sched)
         ]
@@ -379,6 +390,7 @@ class Engine:
         if self.fault_injector is not None:
             self.fault_injector("dispatch", [c.request_id for c in sched.chunks])
         step = _Step(sched, plans, self.runner.dispatch(plans, previous.pending if previous else None))
+        step.sampling_deferred = any(plan.defers_sampling for plan in plans)
         if self._speculation is not None:
             speculated = any(c.num_drafts for c in sched.chunks)
             self._speculation.observe_dispatch(speculated, sched.num_batched_tokens)
@@ -388,12 +400,20 @@ class Engine:
         return step
 
     def _constrained(self) -> bool:
-        """Some live request has structured outputs. Its next mask needs its last token on the host, so while
-        one runs the engine steps synchronously: measured on the bundled model at batch 16, that decodes
-        constrained requests at 0.87-0.90x plain async speed, where keeping the lookahead (constrained rows
-        sitting out every other step) gave 0.43-0.53x (scripts/benchmark_structured.py). So a constrained
-        request never has a pending token when it is scheduled."""
+        """Some live request has structured outputs. Its next mask needs its last token on the host: without
+        deferred sampling (speculative decoding, pipeline stages, several processes) the engine then steps
+        synchronously, so a constrained request never has a pending token when it is scheduled."""
         return self.grammar is not None and any(r.grammar is not None for r in self._sequences.values())
+
+    def _sample(self, step: _Step | None) -> None:
+        """Queues a deferred step's sampling with its masks, filled from its requests' grammars, which have seen
+        every earlier token by now (the previous step was reported). The device ran the step's forward while
+        the host reported the previous step and filled these masks."""
+        if step is None or not step.sampling_deferred:
+            return
+        step.sampling_deferred = False
+        (plan,) = step.plans
+        self.runner.sample_deferred(step.pending, fill_deferred_masks(plan, self._sequences))
 
     def _draft(self) -> None:
         """Speculative decoding: which running requests draft this step, and their drafts (n-gram lookups here;
@@ -456,7 +476,13 @@ class Engine:
         except Exception as exc:  # noqa: BLE001 - the device part failed: so does the step queued behind it
             self._recover([c.request_id for c in done.sched.chunks], exc)
             return self._emit(_Step(_NOTHING), [])
-        return self._emit(done, updated)
+        outputs = self._emit(done, updated)
+        try:
+            self._sample(self._in_flight)  # its grammars have now seen every token before it
+        except Exception as exc:  # noqa: BLE001 - filling masks or queueing its sampling failed: that step fails
+            failed, self._in_flight = self._in_flight, None
+            self._recover([c.request_id for c in failed.sched.chunks], exc)
+        return outputs
 
     def _recover(self, failed_ids: list[str], exc: Exception) -> None:
         """After a failed step: everyone is recomputed from the host's tokens; the failed step's requests become
@@ -496,6 +522,7 @@ class Engine:
         """Device part: wait for the results, record prompt logprobs, hand the tokens to the scheduler."""
         if step.pending is None:
             return []
+        self._sample(step)
         if self.fault_injector is not None:
             self.fault_injector("collect", [c.request_id for c in step.sched.chunks])
         results = self.runner.collect(step.pending)

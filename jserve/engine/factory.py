@@ -222,6 +222,7 @@ def _build_replica(
         stage_meshes=meshes,
         spec=spec,
         draft=draft,
+        defer_sampling=args.async_scheduling and grammar is not None and spec is None,
     )
     return Engine(
         runner=runner,

@@ -139,6 +139,30 @@ def _fill_pending_history(t: SamplingTensors, src: jax.Array, col: jax.Array, pr
     )
 
 
+def _unsampled(rows: int, max_logprobs: int) -> SamplerOutput:
+    """A deferred step's placeholder samples (``sample_deferred`` replaces them)."""
+    return SamplerOutput(
+        token_ids=jnp.zeros(rows, jnp.int32),
+        logprobs=jnp.zeros(rows, jnp.float32),
+        top_ids=jnp.zeros((rows, max_logprobs), jnp.int32),
+        top_logprobs=jnp.zeros((rows, max_logprobs), jnp.float32),
+    )
+
+
+def _padded_ids(sampled: SamplerOutput, rows: int) -> SamplerOutput:
+    """The next step reads its pending tokens from [B] ids, whatever this bucket's R sampled rows."""
+    padding = rows - sampled.token_ids.shape[0]
+    return dataclasses.replace(sampled, token_ids=jnp.pad(sampled.token_ids, (0, padding)))
+
+
+def _sample_step(max_logprobs, replicated, logits, sampling, history_src, history_col, prev_tokens):
+    """A deferred step's sampling: its logits, and its masks from the host now that its pending tokens are."""
+    sampling = _fill_pending_history(sampling, history_src, history_col, prev_tokens)
+    with jax.named_scope("sampler"):
+        sampled = _padded_ids(sample(logits, sampling, max_logprobs), prev_tokens.shape[0])
+    return jax.lax.with_sharding_constraint(sampled, replicated)
+
+
 def _every_branch(plan: StepPlan, backend: AttentionBackend) -> StepPlan:
     """An all-padding step whose runtime switches are all on (row 0's settings, token 0's prompt target,
     the backend's alternative path)."""
@@ -167,6 +191,12 @@ def _every_branch(plan: StepPlan, backend: AttentionBackend) -> StepPlan:
         attention=backend.alternative(backend.plan(plan.inputs.attention)),
     )
     return dataclasses.replace(plan, inputs=inputs, uses_penalties=True, uses_grammar=True)
+
+
+def _deferred(plan: StepPlan) -> StepPlan:
+    """The plan with its sampling deferred (warm-up: the skipping branch and the sampling program)."""
+    inputs = dataclasses.replace(plan.inputs, defer_sampling=np.asarray(True))
+    return dataclasses.replace(plan, inputs=inputs, uses_grammar=True)
 
 
 def _every_verification_branch(plan: StepPlan, backend: AttentionBackend) -> StepPlan:
@@ -254,7 +284,10 @@ class ModelRunner:
         stage_meshes: list[Mesh] | None = None,
         spec: SpeculativeConfig | None = None,
         draft: tuple[ModelConfig, nnx.GraphDef, nnx.State] | None = None,
+        defer_sampling: bool = False,
     ):
+        """``defer_sampling``: also build the sampling programs of deferred steps (structured outputs under
+        async scheduling; one stage of one device, one process)."""
         self.config = cfg
         self.spec = spec
         self.draft_config = draft[0] if draft is not None else None
@@ -285,11 +318,24 @@ class ModelRunner:
             self._allocate_kv_cache(stage, kv_dtype)
         if draft is not None:
             self._place_draft(self.stages[0], *draft)
+        # (not with tensor parallelism: the logits would have to be gathered whole every step to be handed over)
+        self.defers_sampling = (
+            defer_sampling
+            and len(self.stages) == 1
+            and self.stages[0].mesh.devices.size == 1
+            and jax.process_count() == 1
+            and shapes.bitmask_words > 0
+        )
         for stage in self.stages:
             self._jit_step(stage, graphdef)
         if spec is not None:
             self._jit_speculation(self.stages[0], graphdef, draft[1] if draft is not None else None)
         self.replicated = [shard_rules.replicated(st.mesh) for st in self.stages]
+        self.sample_fn = jax.jit(
+            functools.partial(_sample_step, max_logprobs, self.replicated[-1]),
+            in_shardings=(None, *[self.replicated[-1]] * 4),
+        )
+        self.sample_programs: dict[int, object] = {}  # sampled rows -> compiled sampling of deferred steps
         self.weight_bytes = sum(leaf.nbytes for stage in self.stages for leaf in stage.param_leaves) + sum(
             leaf.nbytes for leaf in self.draft_leaves
         )
@@ -430,6 +476,7 @@ class ModelRunner:
                 stage.kv_scale_sharding,
                 self.max_logprobs,
                 self._mirror(),
+                self.defers_sampling,
             ),
             # (param_leaves, kv_cache, x, inputs, draft_leaves, draft_kv): the step's inputs are pinned
             # replicated, so numpy inputs passed straight in run exactly like device_put ones
@@ -532,6 +579,9 @@ class ModelRunner:
                     plan.inputs.sampling,
                 )
                 tasks.append((self.propose_fn, None, None, args))
+        if self.defers_sampling:
+            for rows in self.shapes.sample_row_counts:
+                tasks.append((self.sample_fn, self.sample_programs, rows, self._sample_args(rows)))
         workers = min(len(tasks), os.cpu_count() or 1)
 
         def build(task):
@@ -558,6 +608,13 @@ class ModelRunner:
             x = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shard_rules.replicated(stage.mesh))
         return (stage.param_leaves, stage.kv_cache, x, inputs, self.draft_leaves, self.draft_kv)
 
+    def _sample_args(self, rows: int) -> tuple:
+        """Example arguments of the deferred-sampling program for ``rows`` sampled rows."""
+        bucket = min(b for b in self.shapes.token_buckets if self.shapes.sample_rows(b) == rows)
+        inputs = padding_step(self.shapes, bucket).inputs
+        logits = jax.ShapeDtypeStruct((rows, self.config.vocab_size), jnp.float32, sharding=self.replicated[-1])
+        return (logits, inputs.sampling, inputs.history_src, inputs.history_col, inputs.prev_tokens)
+
     def _verification_inputs(self, plan: StepPlan) -> StepInput:
         """A verification step's inputs as the program sees them: device drafts come with their q."""
         inputs = plan.inputs
@@ -573,6 +630,7 @@ class ModelRunner:
             sum(len(stage.programs) for stage in self.stages)
             + len(self.verify_programs)
             + (self.propose_program is not None)
+            + len(self.sample_programs)
         )
 
     def warm_up(self) -> None:
@@ -583,6 +641,10 @@ class ModelRunner:
             plain = padding_step(self.shapes, bucket)
             self.collect(self.dispatch([plain]))
             self.collect(self.dispatch([_every_branch(plain, self.backend)], planned=True))
+            if self.defers_sampling:
+                deferred = _deferred(plain)
+                pending = self.dispatch([deferred])
+                self.collect(self.sample_deferred(pending, deferred.inputs.sampling.token_bitmask))
         if self.spec is None:
             return
         for bucket in self.shapes.spec_token_buckets:
@@ -639,6 +701,7 @@ class ModelRunner:
         kv_scale_sharding,
         max_logprobs,
         mirror,
+        defers_sampling,
         param_leaves,
         kv_cache,
         x,
@@ -689,12 +752,17 @@ class ModelRunner:
         if spec is None:
             logits = model.logits(hidden[inputs.logits_indices])
             with jax.named_scope("sampler"):
-                sampled = sample(logits, sampling, max_logprobs)
-            # the next step reads its pending tokens from [B] ids, whatever this bucket's R rows
-            padding = inputs.prev_tokens.shape[0] - sampled.token_ids.shape[0]
-            sampled = dataclasses.replace(sampled, token_ids=jnp.pad(sampled.token_ids, (0, padding)))
+                sampled = jax.lax.cond(
+                    inputs.defer_sampling,
+                    lambda logits, t: _unsampled(logits.shape[0], max_logprobs),
+                    functools.partial(sample, max_logprobs=max_logprobs),
+                    logits,
+                    sampling,
+                )
+            sampled = _padded_ids(sampled, inputs.prev_tokens.shape[0])
+            kept = logits if defers_sampling else None  # for a deferred step's sampling program
             # replicated results: every process of a multi-host mesh can read them
-            return kv_cache, draft_kv, jax.lax.with_sharding_constraint((sampled, prompt), replicated)
+            return kv_cache, draft_kv, jax.lax.with_sharding_constraint((sampled, prompt, kept), replicated)
         drafts, probs = spec.drafts_by_row()
         rows = expand_rows(sampling, drafts, spec.num_drafts, spec.history_base)
         logits = model.logits(hidden[spec.verify_indices.reshape(-1)])
@@ -809,13 +877,33 @@ class ModelRunner:
                     carried[m] = out
         return PendingStep(plans, outputs)
 
+    def sample_deferred(self, pending: PendingStep, bitmask: np.ndarray) -> PendingStep:
+        """Queues a deferred step's sampling (its logits are on the device, or being computed) with the masks
+        the host filled meanwhile; its sampled ids replace the step's placeholders, so ``collect`` and the next
+        step's pending tokens read them."""
+        (plan,) = pending.plans
+        if not plan.defers_sampling:
+            raise ValueError("sample_deferred: the step did not defer its sampling")
+        sampled, prompt, logits = pending.outputs[0]
+        inputs = self._with_history(plan, 0)
+        sampling = dataclasses.replace(inputs.sampling, token_bitmask=bitmask)
+        args = (logits, sampling, inputs.history_src, inputs.history_col, inputs.prev_tokens)
+        rows = int(logits.shape[0])
+        program = self.sample_programs.get(rows)
+        if program is None:
+            if not self.compile_on_first_use:
+                raise RuntimeError(f"no compiled sampling program for {rows} rows (compile_programs not run?)")
+            program = self.sample_programs[rows] = self.sample_fn.lower(*args).compile()
+        pending.outputs[0] = (program(*args), prompt, logits)
+        return pending
+
     def collect(self, pending: PendingStep) -> list[StepResult]:
         """Copies what the step's requests need to the host, in one transfer (the step's one sync)."""
         wanted = []
-        for plan, (sampled, prompt, *verified) in zip(pending.plans, pending.outputs, strict=True):
+        for plan, (sampled, prompt, extra) in zip(pending.plans, pending.outputs, strict=True):
             spec = None
-            if verified:
-                v = verified[0]
+            if plan.is_verification:
+                v = extra
                 spec = (
                     v.token_ids,
                     v.num_emitted,

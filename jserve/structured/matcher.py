@@ -22,6 +22,10 @@ class GrammarState:
     def __init__(self, matcher: llguidance.LLMatcher):
         self._matcher = matcher
 
+    @property
+    def matcher(self) -> llguidance.LLMatcher:
+        return self._matcher
+
     def fill(self, bitmask: np.ndarray, row: int) -> None:
         """The allowed next tokens into ``bitmask[row]`` (a C-contiguous int32 row)."""
         target = bitmask[row]
@@ -62,10 +66,30 @@ def bitmask_words(vocab_size: int) -> int:
     return (vocab_size + 31) // 32
 
 
+_EXECUTOR: llguidance.LLExecutor | None = None
+
+
+def _executor() -> llguidance.LLExecutor:
+    """llguidance's thread pool (one per process, made on first use)."""
+    global _EXECUTOR
+    if _EXECUTOR is None:
+        _EXECUTOR = llguidance.LLExecutor()
+    return _EXECUTOR
+
+
 def fill_bitmask_rows(rows: Sequence[tuple[GrammarState, int, Sequence[int]]], bitmask: np.ndarray) -> None:
-    """Fills each constrained row's masks: (state, first row, drafts) -> rows first row .. first row + drafts."""
+    """Fills each constrained row's masks: (state, first row, drafts) -> rows first row .. first row + drafts.
+    Rows without drafts are filled together by llguidance's parallel executor (it computes the masks in its
+    own threads, outside the GIL)."""
+    plain = [(state, row) for state, row, drafts in rows if not drafts]
     for state, row, drafts in rows:
         if drafts:
             state.fill_with_drafts(bitmask, row, drafts)
-        else:
-            state.fill(bitmask, row)
+    if len(plain) == 1:
+        state, row = plain[0]
+        state.fill(bitmask, row)
+    elif plain:
+        if not (bitmask.flags.c_contiguous and bitmask.dtype == np.int32):
+            raise ValueError("bitmask must be a C-contiguous int32 array")
+        matchers = [(state.matcher, row) for state, row in plain]
+        _executor().unsafe_compute_mask_ptr(matchers, bitmask.ctypes.data, bitmask[0].nbytes, bitmask.shape[0])

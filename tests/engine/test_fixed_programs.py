@@ -14,6 +14,8 @@ from jserve import BUNDLED_MODEL, LLM, SamplingParams, StructuredOutputsParams
 from tests.lowerings import count_lowerings
 
 DEFAULT_PROGRAMS = 12  # token buckets 1, 2, 4, ..., 2048 (max_num_batched_tokens), one pipeline stage
+# structured outputs' deferred sampling: one small program per count of sampled rows, 1, 2, 4, ..., 64 (max_num_seqs)
+DEFAULT_SAMPLING_PROGRAMS = 7
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +29,8 @@ def test_program_count_at_default_settings(built):
     llm, lowered = built
     steps = [name for name in lowered if "_stage_step" in name]
     assert len(steps) == DEFAULT_PROGRAMS <= 16
-    assert llm.stats()["num_programs"] == DEFAULT_PROGRAMS
+    assert len([name for name in lowered if "_sample_step" in name]) == DEFAULT_SAMPLING_PROGRAMS
+    assert llm.stats()["num_programs"] == DEFAULT_PROGRAMS + DEFAULT_SAMPLING_PROGRAMS
 
 
 def _random_params(rng: random.Random, max_logprobs: int) -> SamplingParams:

@@ -11,7 +11,7 @@ import pytest
 from jserve import BUNDLED_MODEL, StructuredOutputsParams
 from jserve.engine.sampler import sample
 from jserve.structured import GrammarCompiler
-from jserve.structured.matcher import bitmask_words
+from jserve.structured.matcher import bitmask_words, fill_bitmask_rows
 from jserve.tokenizer import Tokenizer
 from tests.engine.test_sampler import tensors
 
@@ -85,3 +85,21 @@ def test_invalid_drafts_leave_the_matcher_usable(compiler):
     assert bad[0] not in _allowed(mask[len(good)])  # verification rejects the bad draft at its position
     assert not state.error and state.accept(good) and state.accept(tok.encode("7;", add_special_tokens=False))
     assert state.is_terminated
+
+
+def test_parallel_fill_equals_row_by_row_fills(compiler):
+    """Several rows without drafts go through llguidance's parallel executor: each row gets exactly the mask
+    its own state gives, rows of other states and unconstrained rows are untouched."""
+    tok, c = compiler
+    grammars = [StructuredOutputsParams(regex=r"[0-9]{2,4}"), StructuredOutputsParams(json={"type": "boolean"})]
+    states = [c.compile(grammars[i % 2]).new_state() for i in range(4)]
+    states[2].accept(tok.encode("12", add_special_tokens=False))
+    rows = [(state, row, []) for state, row in zip(states, (0, 2, 3, 5), strict=True)]
+    together = np.full((6, bitmask_words(VOCAB)), -1, np.int32)
+    fill_bitmask_rows(rows, together)
+    for state, row, _ in rows:
+        alone = np.full((1, bitmask_words(VOCAB)), -1, np.int32)
+        state.fill(alone, 0)
+        np.testing.assert_array_equal(together[row], alone[0])
+    assert (together[[1, 4]] == -1).all()
+    assert _allowed(together[0]) != _allowed(together[2])

@@ -150,6 +150,31 @@ def test_composes_with_n_logprobs_stop_and_max_tokens(llm):
     assert_no_leak(llm)
 
 
+def test_constrained_requests_keep_the_lookahead(llm, monkeypatch):
+    """Under async scheduling a constrained row's next step runs its forward before the row's last token
+    reaches the host, and samples in a second program once the grammar has seen that token: outputs equal
+    those of synchronous stepping (greedy and seeded), and the steps did defer their sampling."""
+    engine = llm.engine
+    cases = [(name, i) for name in ("nested", "array") for i in range(3)]
+    prompts = [PROMPTS[i % len(PROMPTS)] for _, i in cases]
+    params = [_params(StructuredOutputsParams(json=SCHEMAS[name]), i) for name, i in cases]
+    params.append(SamplingParams(max_tokens=24, temperature=0.0))  # an unconstrained row in the same steps
+    prompts.append(PROMPTS[0])
+    deferred = []
+    sample_deferred = engine.runner.sample_deferred
+    monkeypatch.setattr(engine.runner, "sample_deferred", lambda *a: deferred.append(1) or sample_deferred(*a))
+    assert engine._defer_grammar
+    lookahead = llm.generate(prompts, params, use_tqdm=False)
+    assert len(deferred) >= 10
+    monkeypatch.setattr(engine, "_defer_grammar", False)  # the synchronous stepping of engines without it
+    synchronous = llm.generate(prompts, params, use_tqdm=False)
+    for a, b in zip(lookahead, synchronous, strict=True):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+    for (name, _), out in zip(cases, lookahead[:-1], strict=True):
+        jsonschema.validate(json.loads(out.outputs[0].text), SCHEMAS[name])
+    assert_no_leak(llm)
+
+
 def test_grammar_state_survives_preemption(llm):
     """32 constrained requests overflow the pool (preemption recomputes them); greedy outputs equal each
     request run alone, and every one is in the language."""
