@@ -71,6 +71,9 @@ class KVCacheManager:
         self._page_to_hash: dict[int, bytes] = {}
         self._tables: dict[str, list[int]] = {}
         self._num_registered: dict[str, int] = {}  # leading pages of a table already looked at for caching
+        # Draft-model speculation: cached pages computed without the draft model (its K/V in them are stale);
+        # a request whose prefix hit takes one cannot draft (Request.draft_synced)
+        self._without_draft: set[int] = set()
         self.num_queried_tokens = 0
         self.num_hit_tokens = 0
 
@@ -160,6 +163,8 @@ class KVCacheManager:
             if page not in self._page_to_hash and h not in self._hash_to_page:
                 self._hash_to_page[h] = page
                 self._page_to_hash[page] = h
+                if not request.draft_synced:
+                    self._without_draft.add(page)
         self._num_registered[request.request_id] = num_full
 
     def reset_prefix_cache(self) -> bool:
@@ -171,6 +176,7 @@ class KVCacheManager:
             return False
         self._hash_to_page.clear()
         self._page_to_hash.clear()
+        self._without_draft.clear()
         self._free.extend(self._evictable)
         self._evictable.clear()
         return True
@@ -204,6 +210,8 @@ class KVCacheManager:
                 del self._evictable[page]
             self._refcount[page] += 1
             table.append(page)
+            if page in self._without_draft:
+                request.draft_synced = False  # the draft model's K/V of this prefix were never computed
         if cached_pages:
             self._num_registered[rid] = len(cached_pages)
         for _ in range(max(num_fresh, 0)):
@@ -236,6 +244,7 @@ class KVCacheManager:
         else:
             page, _ = self._evictable.popitem(last=False)  # least recently freed
             del self._hash_to_page[self._page_to_hash.pop(page)]
+            self._without_draft.discard(page)
         self._refcount[page] = 1
         return page
 
@@ -275,6 +284,7 @@ class KVCacheManager:
         _require(len(self._free) == len(set(self._free)), "free list holds a page twice")
         inverse = {page: h for h, page in self._hash_to_page.items()}
         _require(inverse == self._page_to_hash, "hash map and page keys disagree")
+        _require(self._without_draft <= self._page_to_hash.keys(), "a page without draft K/V is not cached")
 
 
 def _require(condition: bool, message: str) -> None:

@@ -171,6 +171,35 @@ def test_lru_eviction_order():
     check_consistent(kv)
 
 
+def test_a_hit_on_pages_computed_without_the_draft_model_stops_drafting():
+    """Draft-model speculation: pages a request computed while the draft model did not run (draft_synced
+    False) hold stale draft K/V; a request whose prefix hit takes one of them must not draft, while hits on
+    pages computed with the draft model keep drafting. A page reused after eviction starts clean."""
+    kv = KVCacheManager(num_pages=7, page_size=PAGE)  # 6 usable pages
+    synced = make_request("synced", [1] * 8 + [0])
+    stale = make_request("stale", [2] * 8 + [0])
+    stale.draft_synced = False
+    admit(kv, synced)
+    admit(kv, stale)
+    stale_pages = set(kv.block_table("stale")[:2])
+    kv.free(synced)
+    kv.free(stale)
+    from_synced = make_request("from-synced", [1] * 8 + [5, 6])
+    from_stale = make_request("from-stale", [2] * 4 + [7, 7, 7, 7, 7])  # hits stale's first page only
+    assert admit(kv, from_synced)[1] == 8 and admit(kv, from_stale)[1] == 4
+    assert from_synced.draft_synced and not from_stale.draft_synced
+    check_consistent(kv)
+    kv.free(from_synced)
+    kv.free(from_stale)
+    fresh = make_request("fresh", [3] * 20)
+    assert kv.allocate(fresh, 20)  # every usable page but one: evicts the cached pages, stale's among them
+    assert stale_pages & set(kv.block_table("fresh")[:3])
+    compute(kv, fresh)
+    later = make_request("later", [3] * 12 + [4])
+    assert admit(kv, later)[1] == 12 and later.draft_synced
+    check_consistent(kv)
+
+
 def test_hit_takes_page_out_of_the_evictable_lru():
     kv = KVCacheManager(num_pages=4, page_size=PAGE)  # 3 usable pages
     a = make_request("a", [1] * 4 + [0])
