@@ -115,7 +115,11 @@ class _EngineCollector(Collector):
                 "Prompt tokens served from the prefix cache / prompt tokens looked up in it, since start.",
                 s["prefix_cache_hit_rate"],
             ),
-            ("compiled_programs", "Step programs compiled before ready.", s["num_programs"]),
+            (
+                "compiled_programs",
+                "Programs compiled before ready (steps, and their sampling when deferred).",
+                s["num_programs"],
+            ),
         ]
         counters = [
             ("num_preemptions", "Sequences preempted for lack of KV pages.", s["num_preemptions"]),
