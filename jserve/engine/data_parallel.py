@@ -125,7 +125,6 @@ class DataParallelEngine:
         hits = sum(e.kv_cache.num_hit_tokens for e in self.replicas)
         total["prefix_cache_hit_rate"] = hits / queried if queried else 0.0
         total["num_replicas"] = len(self.replicas)
-        total["programs_lowered_while_serving"] = per_replica[0]["programs_lowered_while_serving"]  # per process
         total["kv_bytes_per_token"] = per_replica[0]["kv_bytes_per_token"]  # a property of the layout, not summed
         return total
 

@@ -33,6 +33,7 @@ failed steps. An exception outside a step (the scheduler itself) still ends the 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import logging
 import queue
@@ -92,6 +93,17 @@ class _Add:
     params: SamplingParams
     arrival_time: float
     stream: bool = True
+
+
+def _charging_lowerings(method):
+    """Programs lowered inside the call count as this engine's (``programs_lowered_while_serving``)."""
+
+    @functools.wraps(method)
+    def charged(self, *args, **kwargs):
+        with self._lowerings.active():
+            return method(self, *args, **kwargs)
+
+    return charged
 
 
 class Engine:
@@ -155,12 +167,12 @@ class Engine:
         self._compiled: dict[str, CompiledGrammar] = {}
         self.num_step_failures = 0
         self.fault_injector: FaultInjector | None = None
-        compile_watch.install()
-        self._lowered_at_ready = compile_watch.programs_lowered()
+        self._lowerings = compile_watch.LoweringCounter()  # programs lowered inside this engine's steps
 
     def mark_ready(self) -> None:
-        """Every program is compiled: lowerings from now on count as ``programs_lowered_while_serving``."""
-        self._lowered_at_ready = compile_watch.programs_lowered()
+        """Every program is compiled: lowerings in its steps from now on count as
+        ``programs_lowered_while_serving``."""
+        self._lowerings.count = 0
 
     # ------------------------------------------------------------------ inbox (thread-safe)
 
@@ -338,6 +350,7 @@ class Engine:
         """One iteration; returns the deltas of every request that changed (see ``begin_step``)."""
         return self.finish_step(self.begin_step())
 
+    @_charging_lowerings
     def begin_step(self) -> _Step:
         """Inbox, schedule, build and dispatch; the device works while the caller does other things (e.g.
         dispatches the other data-parallel replicas) before ``finish_step``.
@@ -457,6 +470,7 @@ class Engine:
         rows = sum(1 for c in sched.chunks if c.sample)
         return rows <= shapes.spec_rows and sched.num_batched_tokens <= shapes.spec_token_buckets[-1]
 
+    @_charging_lowerings
     def finish_step(self, step: _Step) -> list[RequestOutput]:
         """Reports the oldest step on the device: waits for its tokens, updates the scheduler, builds the
         deltas. Synchronous: that is ``step`` itself. Async: the previous step, while ``step`` computes.
@@ -723,7 +737,7 @@ class Engine:
             "weight_bytes": self.runner.weight_bytes,
             "kv_bytes_per_token": self.runner.kv_bytes_per_token,
             **self.speculation_stats(),
-            "programs_lowered_while_serving": compile_watch.programs_lowered() - self._lowered_at_ready,
+            "programs_lowered_while_serving": self._lowerings.count,
         }
 
 

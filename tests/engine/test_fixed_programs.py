@@ -140,3 +140,18 @@ def test_quantized_engine_keeps_the_program_set_and_lowers_nothing():
         outputs = llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
     assert all(o.finished for o in outputs)
     assert lowered == [] and llm.stats()["programs_lowered_while_serving"] == 0
+
+
+def test_each_engine_counts_only_its_own_lowerings():
+    """``programs_lowered_while_serving`` charges a lowering to the engine whose step made it: two engines that
+    compile on first use, in one process and one thread, each count their own programs and none of the
+    other's (it used to count every lowering in the process since ready)."""
+    small = dict(dtype="float32", max_model_len=64, max_num_batched_tokens=8, max_num_seqs=2, precompile=False)
+    first, second = LLM(BUNDLED_MODEL, **small), LLM(BUNDLED_MODEL, **small, seed=1)
+    params = SamplingParams(max_tokens=2, temperature=0.0)
+    first.generate("def f(x):", params, use_tqdm=False)
+    lowered_by_first = first.stats()["programs_lowered_while_serving"]
+    assert lowered_by_first > 0 and second.stats()["programs_lowered_while_serving"] == 0
+    second.generate("import os", params, use_tqdm=False)
+    assert second.stats()["programs_lowered_while_serving"] > 0
+    assert first.stats()["programs_lowered_while_serving"] == lowered_by_first
