@@ -112,6 +112,17 @@ class SamplerOutput:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def greedy_ids(x: jax.Array) -> jax.Array:
+    """``jnp.argmax(x, axis=-1)`` as int32 (the first maximum of each row; a row holding NaN: its first NaN),
+    computed as a max and then the smallest index holding it: two plain reductions. XLA:CPU lowers argmax to a
+    variadic (value, index) reduction that it does not vectorize: 8.7 ms against 1.8 ms for [64, 32000]
+    float32, 0.15 against 0.03 ms for one row (2-core CPU)."""
+    top = jnp.max(x, axis=-1, keepdims=True)
+    hit = (x == top) | (jnp.isnan(x) & jnp.isnan(top))
+    index = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    return jnp.min(jnp.where(hit, index, x.shape[-1]), axis=-1)
+
+
 def _row_scatter_index(ids: jax.Array, vocab: int) -> tuple[jax.Array, jax.Array]:
     """(row index, column index) for a scatter over [B, V]; padding (-1) and out-of-range ids go to column V
     so that ``mode="drop"`` discards them (negative indices would otherwise wrap around to V-1)."""
@@ -262,9 +273,9 @@ def sample(logits: jax.Array, tensors: SamplingTensors, max_logprobs: int = 0) -
     on = switches(tensors)
     raw = logits.astype(jnp.float32)
     processed = process_logits(raw, tensors)
-    greedy_ids = jnp.argmax(processed, axis=-1).astype(jnp.int32)
-    sampled = jax.lax.cond(on.any_sampled, _draw, lambda p, t, f: greedy_ids, processed, tensors, on.use_filters)
-    token_ids = jnp.where(tensors.temperature.astype(jnp.float32) > 0, sampled, greedy_ids)
+    greedy = greedy_ids(processed)
+    sampled = jax.lax.cond(on.any_sampled, _draw, lambda p, t, f: greedy, processed, tensors, on.use_filters)
+    token_ids = jnp.where(tensors.temperature.astype(jnp.float32) > 0, sampled, greedy)
     logprobs_all = jax.nn.log_softmax(raw, axis=-1)
     chosen = jnp.take_along_axis(logprobs_all, token_ids[:, None], axis=-1)[:, 0]
     top_ids, top_lp = top_logprobs(logprobs_all, on.any_logprobs, int(max_logprobs))

@@ -30,6 +30,7 @@ from jserve.engine.sampler import (
     _maybe_filter,
     _row_keys,
     _scale,
+    greedy_ids,
     process_logits,
     switches,
     top_logprobs,
@@ -140,7 +141,7 @@ def verify(
     on = switches(tensors)
     raw = logits.astype(jnp.float32)
     processed = process_logits(raw, tensors)
-    greedy = jnp.argmax(processed, axis=-1).astype(jnp.int32).reshape(s, j)
+    greedy = greedy_ids(processed).reshape(s, j)
     temperature = tensors.temperature.reshape(s, j)[:, 0]
 
     def sampled(processed):

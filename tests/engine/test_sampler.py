@@ -21,6 +21,7 @@ from jserve.engine.sampler import (
     SamplerOutput,
     SamplingTensors,
     filtered_logits,
+    greedy_ids,
     make_sampling_tensors,
     process_logits,
     sample,
@@ -99,6 +100,28 @@ def test_greedy_equals_argmax(dtype):
     # Greedy rows with filters set stay greedy.
     out = run(logits, tensors(8, temperature=0.0, top_k=3, top_p=0.5))
     np.testing.assert_array_equal(out.token_ids, expected)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(
+    rows=st.lists(
+        st.lists(
+            st.sampled_from([0.0, 1.0, -1.5, 2.0, float("inf"), float("-inf"), float("nan")]), min_size=1, max_size=9
+        ),
+        min_size=1,
+        max_size=4,
+    ).filter(lambda rows: len({len(r) for r in rows}) == 1)
+)
+def test_greedy_ids_are_argmax_with_ties_infinities_and_nan(rows):
+    """The two-reduction argmax picks what jnp.argmax picks: the first maximum, the first NaN of a row with one,
+    index 0 of an all -inf row (rows drawn from a few values, so ties are common)."""
+    x = jnp.asarray(rows, jnp.float32)
+    got = np.asarray(_GREEDY_IDS(x))
+    np.testing.assert_array_equal(got, np.asarray(jnp.argmax(x, axis=-1)))
+    assert got.dtype == np.int32
+
+
+_GREEDY_IDS = jax.jit(greedy_ids)
 
 
 @pytest.mark.parametrize("top_k", [0, 5])
