@@ -353,7 +353,7 @@ def _awaits_pending_grammar(chunks: Sequence[ScheduledChunk], requests: dict[str
     )
 
 
-def fill_deferred_masks(plan: StepPlan, requests: dict[str, Request], fill=fill_bitmask_rows) -> np.ndarray:
+def fill_deferred_masks(plan: StepPlan, requests: dict[str, Request]) -> np.ndarray:
     """A deferred step's bitmask, once every pending token has reached its grammar: each constrained row's mask
     from its grammar's state now; rows of requests that ended meanwhile stay all ones (their token is
     discarded)."""
@@ -364,7 +364,7 @@ def fill_deferred_masks(plan: StepPlan, requests: dict[str, Request], fill=fill_
         if (request := requests.get(rid)) is not None and request.grammar is not None and not request.is_finished
     ]
     if rows:
-        fill(rows, mask)
+        fill_bitmask_rows(rows, mask)
     return mask
 
 
