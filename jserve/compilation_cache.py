@@ -77,15 +77,20 @@ class KillSafeCache(LRUCache):  # type: ignore[misc, valid-type]
 
     def put(self, key: str, value: bytes) -> None:
         entry = self.path / f"{key}{ENTRY_SUFFIX}"
-        if entry.exists():
-            return
-        # the writer's pid in the name: remove_stale_temporaries knows which writers are gone
-        tmp = self.path / f".{entry.name}.{os.getpid()}{TMP_SUFFIX}"
-        try:
-            tmp.write_bytes(value)
-            os.replace(tmp, entry)  # atomic: readers (this process or another) see the whole entry or none
-        finally:
-            tmp.unlink(missing_ok=True)
+        if not entry.exists():
+            write_atomically(entry, value)
+
+
+def write_atomically(entry: Path, value: bytes) -> None:
+    """Writes a temporary file beside ``entry`` and renames it into place: readers (this process or another)
+    see the whole entry or none. The writer's pid is in the temporary's name, so that
+    ``remove_stale_temporaries`` knows which writers are gone."""
+    tmp = entry.parent / f".{entry.name}.{os.getpid()}{TMP_SUFFIX}"
+    try:
+        tmp.write_bytes(value)
+        os.replace(tmp, entry)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _readable(value: bytes) -> bool:

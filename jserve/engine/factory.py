@@ -26,6 +26,7 @@ from jserve.engine.runner import ModelRunner
 from jserve.engine.scheduler import Scheduler, SchedulerConfig
 from jserve.engine.shapes import StepShapes
 from jserve.engine_args import EngineArgs
+from jserve.executable_cache import ExecutableCache
 from jserve.models.llama import kv_cache_bytes_per_page
 from jserve.parallel.mesh import make_mesh, stage_mesh
 from jserve.parallel.sharding import param_shardings
@@ -84,6 +85,9 @@ def build_engine(args: EngineArgs, devices: list[jax.Device] | None = None) -> E
         )
         for r in range(parallel.data_parallel_size)
     ]
+    executables = ExecutableCache.in_use()
+    for replica in engines:
+        replica.runner.executables = executables
     if args.precompile:
         compile_programs([e.runner for e in engines], progress=args.progress)
     else:
@@ -110,17 +114,16 @@ def _with_weight_quant(cfg: ModelConfig, args: EngineArgs, path: Path) -> ModelC
 
 
 def compile_programs(runners: list[ModelRunner], *, progress: bool = True) -> None:
-    """Compiles every step program of every replica, behind a progress bar, then runs each once: after this
-    no request within the engine's limits can compile anything."""
-    total = sum(
-        len(r.shapes.token_buckets) * r.num_stages
-        + len(r.shapes.spec_token_buckets)
-        + bool(r.spec is not None and r.spec.samples_drafts)
-        for r in runners
-    )
+    """Builds every step program of every replica (loaded from the executable cache, or compiled), behind a
+    progress bar, then runs each once: after this no request within the engine's limits can compile anything."""
+    total = sum(r.num_program_tasks for r in runners)
     with tqdm(total=total, desc="jserve: compiling", unit="program", disable=not progress, file=sys.stderr) as bar:
         for runner in runners:
             runner.compile_programs(bar.update)
+    cache = runners[0].executables  # one per engine, shared by its replicas
+    loaded = cache.loaded if cache is not None else 0
+    if cache is not None and progress:
+        print(f"jserve: {loaded} of {total} programs loaded from the executable cache", file=sys.stderr)
     for runner in runners:
         runner.warm_up()
         if runner.spec is not None and runner.spec.adaptive:

@@ -42,6 +42,7 @@ from jserve.config import ModelConfig
 from jserve.engine.batch import StepInput, StepPlan, padding_step
 from jserve.engine.sampler import SamplerOutput, SamplingTensors, sample, top_logprobs
 from jserve.engine.shapes import StepShapes
+from jserve.executable_cache import ExecutableCache
 from jserve.models.llama import KVCache, kv_cache_shape
 from jserve.parallel import sharding as shard_rules
 from jserve.quant.kv import is_quantized_kv, kv_bytes_per_token
@@ -311,7 +312,8 @@ class ModelRunner:
         self.draft_kv: KVCache = []
         self.verify_programs: dict[int, object] = {}  # token bucket -> compiled verification step
         self._allocators: dict[tuple, Callable[[], jax.Array]] = {}  # see _filled
-        self.propose_program = None  # the device drafter's k steps (early exit, draft model)
+        self.propose_programs: dict[int, object] = {}  # 0 -> the device drafter's k steps (early exit, draft model)
+        self.executables: ExecutableCache | None = None  # set by the factory: programs loaded, not rebuilt
         self.step_costs = StepCosts(plain={}, verify={})  # filled by measure_step_costs (speculation's policy)
         for stage in self.stages:
             self._place_params(stage, state)
@@ -578,7 +580,7 @@ class ModelRunner:
                     plan.proposal,
                     plan.inputs.sampling,
                 )
-                tasks.append((self.propose_fn, None, None, args))
+                tasks.append((self.propose_fn, self.propose_programs, 0, args))
         if self.defers_sampling:
             for rows in self.shapes.sample_row_counts:
                 tasks.append((self.sample_fn, self.sample_programs, rows, self._sample_args(rows)))
@@ -586,11 +588,7 @@ class ModelRunner:
 
         def build(task):
             fn, programs, bucket, args = task
-            compiled = fn.lower(*args).compile()
-            if programs is None:
-                self.propose_program = compiled
-            else:
-                programs[bucket] = compiled
+            programs[bucket] = self._compile(fn, args)
             if progress is not None:
                 progress(1)
 
@@ -625,11 +623,18 @@ class ModelRunner:
         return inputs
 
     @property
+    def num_program_tasks(self) -> int:
+        """How many programs ``compile_programs`` builds."""
+        spec = 0 if self.spec is None else len(self.shapes.spec_token_buckets) + bool(self.spec.samples_drafts)
+        sampling = len(self.shapes.sample_row_counts) if self.defers_sampling else 0
+        return len(self.shapes.token_buckets) * self.num_stages + spec + sampling
+
+    @property
     def num_programs(self) -> int:
         return (
             sum(len(stage.programs) for stage in self.stages)
             + len(self.verify_programs)
-            + (self.propose_program is not None)
+            + len(self.propose_programs)
             + len(self.sample_programs)
         )
 
@@ -778,14 +783,22 @@ class ModelRunner:
 
     def _program(self, stage: _Stage, plan: StepPlan, args: tuple):
         programs = self.verify_programs if plan.is_verification else stage.programs
-        program = programs.get(plan.bucket)
+        kind = "verification" if plan.is_verification else "step"
+        return self._first_use(programs, plan.bucket, stage.fn, args, f"{kind} program for token bucket {plan.bucket}")
+
+    def _compile(self, fn, args: tuple):
+        """``fn``'s program on ``args``: loaded from the executable cache when it holds it, else compiled."""
+        if self.executables is None:
+            return fn.lower(*args).compile()
+        return self.executables.build(fn, args)
+
+    def _first_use(self, programs: dict, key, fn, args: tuple, what: str):
+        """A program of ``programs``, built on first use only where ``compile_on_first_use`` allows it."""
+        program = programs.get(key)
         if program is None:
             if not self.compile_on_first_use:
-                kind = "verification" if plan.is_verification else "step"
-                raise RuntimeError(
-                    f"no compiled {kind} program for token bucket {plan.bucket} (compile_programs not run?)"
-                )
-            program = programs[plan.bucket] = stage.fn.lower(*args).compile()
+                raise RuntimeError(f"no compiled {what} (compile_programs not run?)")
+            program = programs[key] = self._compile(fn, args)
         return program
 
     def _planned(self, plan: StepPlan) -> StepPlan:
@@ -803,13 +816,6 @@ class ModelRunner:
             stacked = jax.tree.map(lambda *a: np.stack(a), *planned)
             proposal = dataclasses.replace(proposal, attention=stacked)
         return dataclasses.replace(plan, inputs=inputs, proposal=proposal)
-
-    def _propose_program(self, args: tuple):
-        if self.propose_program is None:
-            if not self.compile_on_first_use:
-                raise RuntimeError("no compiled drafting program (compile_programs not run?)")
-            self.propose_program = self.propose_fn.lower(*args).compile()
-        return self.propose_program
 
     def _with_history(self, plan: StepPlan, s: int) -> StepInput:
         """Steps without penalties read the resident all-padding history instead of copying theirs, and steps
@@ -831,7 +837,7 @@ class ModelRunner:
         """Device-drafted speculation: runs the drafter's k steps and hands its drafts (and their q) to the
         verification step, all on the device (no host round trip between drafting and verifying)."""
         args = (stage.param_leaves, stage.kv_cache, self.draft_leaves, self.draft_kv, plan.proposal, inputs.sampling)
-        stage.kv_cache, self.draft_kv, (drafts, q) = self._propose_program(args)(*args)
+        stage.kv_cache, self.draft_kv, (drafts, q) = self._first_use(self.propose_programs, 0, self.propose_fn, args, "drafting program")(*args)
         inputs = dataclasses.replace(inputs, spec=dataclasses.replace(inputs.spec, draft_tokens=drafts, draft_probs=q))
         if plan.fill_draft_masks is not None:  # structured outputs: the masks after each draft, on the host
             mask = plan.fill_draft_masks(np.asarray(inputs.sampling.token_bitmask), np.asarray(drafts))
@@ -889,11 +895,7 @@ class ModelRunner:
         sampling = dataclasses.replace(inputs.sampling, token_bitmask=bitmask)
         args = (logits, sampling, inputs.history_src, inputs.history_col, inputs.prev_tokens)
         rows = int(logits.shape[0])
-        program = self.sample_programs.get(rows)
-        if program is None:
-            if not self.compile_on_first_use:
-                raise RuntimeError(f"no compiled sampling program for {rows} rows (compile_programs not run?)")
-            program = self.sample_programs[rows] = self.sample_fn.lower(*args).compile()
+        program = self._first_use(self.sample_programs, rows, self.sample_fn, args, f"sampling program for {rows} rows")
         pending.outputs[0] = (program(*args), prompt, logits)
         return pending
 

@@ -1,14 +1,16 @@
 """kill -9 and restart: a server killed at any moment leaves a cache the next one starts from.
 
-Three servers share one persistent compilation cache directory of the test's own, all with ``--precompile``
-(every step program compiled, and written to the cache, before ready):
+Three servers share one compilation cache directory of the test's own, all with ``--precompile`` (every step
+program built, and written to jserve's executable cache, before ready):
 
-1. the first is SIGKILLed while it compiles and writes its cache (after its first entry appears, before ready);
-2. the second starts on what the first left, answers a greedy request, and is SIGKILLed in the middle of a gRPC
-   and an HTTP stream: both clients see an error at once rather than waiting for their deadline;
-3. two of the largest entries are then damaged as a kill mid-write by an older writer leaves them (one truncated,
-   one empty), next to a temporary file a killed KillSafeCache writer left; the third server must reach SERVING,
-   give the same greedy tokens as the second, and have rewritten the damaged entries (jserve/compilation_cache.py).
+1. the first is SIGKILLed in the middle of writing its first executable entry (a test hook writes half of it
+   to the writer's temporary file, then kills the process);
+2. the second starts on what the first left (it removes the dead writer's temporary file), answers a greedy
+   request, and is SIGKILLed in the middle of a gRPC and an HTTP stream: both clients see an error at once
+   rather than waiting for their deadline;
+3. two of the largest entries are then damaged as a writer without the rename would leave them (one truncated,
+   one empty); the third server must reach SERVING, load the intact entries, give the same greedy tokens as the
+   second, and have rewritten the damaged entries (jserve/executable_cache.py).
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ import grpc
 import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from jax._src import compilation_cache as jax_cache
 
 from jserve.compilation_cache import ENTRY_SUFFIX
+from jserve.executable_cache import KILL_MID_WRITE_ENV, entry_is_valid
 from jserve.server.gen import jserve_pb2 as pb
 from jserve.server.gen import jserve_pb2_grpc as pb_grpc
 from tests.server.harness import ServerProcess
@@ -38,7 +40,7 @@ LONG_TOKENS = 50  # at --debug-step-delay 0.05, a stream of ~2.5 s: the kill lan
 DEAD_PID = 2**22 + 1  # above any pid_max: no process has it
 
 
-def _server(cache: Path, *extra: str) -> ServerProcess:
+def _server(cache: Path, *extra: str, env: dict[str, str] | None = None) -> ServerProcess:
     return ServerProcess(
         "--http-port",
         "0",
@@ -52,12 +54,17 @@ def _server(cache: Path, *extra: str) -> ServerProcess:
         str(cache),
         *extra,
         precompile=True,
-        env={"JAX_COMPILATION_CACHE_DIR": str(cache)},
+        env={"JAX_COMPILATION_CACHE_DIR": str(cache), **(env or {})},
     )
 
 
 def _entries(cache: Path) -> list[Path]:
-    return sorted(cache.glob(f"*{ENTRY_SUFFIX}"), key=lambda p: p.stat().st_size, reverse=True)
+    """The executable cache's entries, largest first."""
+    return sorted((cache / "executables").glob(f"*{ENTRY_SUFFIX}"), key=lambda p: p.stat().st_size, reverse=True)
+
+
+def _temporaries(cache: Path) -> list[Path]:
+    return list((cache / "executables").glob(".*.tmp"))
 
 
 def _greedy_tokens(server: ServerProcess) -> list[int]:
@@ -66,15 +73,11 @@ def _greedy_tokens(server: ServerProcess) -> list[int]:
     return [t for r in responses for t in r.token_ids]
 
 
-def _kill_while_compiling(cache: Path) -> None:
-    server = _server(cache).launch()
-    try:
-        deadline = time.monotonic() + 240
-        while not _entries(cache) and time.monotonic() < deadline and server.proc.poll() is None:
-            time.sleep(0.05)
-        assert _entries(cache), f"no cache entry was written:\n{server.log()}"
-    finally:
-        server.kill()
+def _kill_mid_write(cache: Path) -> None:
+    server = _server(cache, env={KILL_MID_WRITE_ENV: "1"}).launch()
+    assert server.proc.wait(300) == -9, server.log()
+    assert not _entries(cache), "an entry was renamed into place"
+    assert _temporaries(cache), f"no half-written temporary file:\n{server.log()}"
     assert not any(line.startswith("jserve: ready") for line in server.stdout_lines), "killed too late"
 
 
@@ -107,28 +110,20 @@ def _kill_mid_stream(server: ServerProcess) -> None:
 
 
 def _damage(cache: Path) -> list[Path]:
-    """Truncates the largest entry, empties the second largest, and leaves a dead writer's temporary file."""
+    """Truncates the largest entry and empties the second largest."""
     largest, second = _entries(cache)[:2]
     largest.write_bytes(largest.read_bytes()[: largest.stat().st_size // 2])
     second.write_bytes(b"")
-    (cache / f".{largest.name}.{DEAD_PID}.tmp").write_bytes(b"partial")
     return [largest, second]
-
-
-def _readable(entry: Path) -> bool:
-    try:
-        jax_cache.decompress_executable(entry.read_bytes())
-    except Exception:  # noqa: BLE001
-        return False
-    return True
 
 
 def test_kill_9_anytime_then_restart_on_the_same_cache(tmp_path):
     cache = tmp_path / "xla"
-    _kill_while_compiling(cache)
+    _kill_mid_write(cache)
 
     second = _server(cache, "--debug-step-delay", "0.05").start(timeout=300)
     try:
+        assert not _temporaries(cache), "the killed writer's temporary file was left"
         before = _greedy_tokens(second)
         assert len(before) == 12
         _kill_mid_stream(second)
@@ -142,10 +137,11 @@ def test_kill_9_anytime_then_restart_on_the_same_cache(tmp_path):
             status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status
         assert status == health_pb2.HealthCheckResponse.SERVING
         assert _greedy_tokens(third) == before
-        assert all(_readable(entry) for entry in damaged), [(e.name, e.stat().st_size) for e in damaged]
-        assert not list(cache.glob("*.tmp")), os.listdir(cache)
+        assert all(entry_is_valid(entry) for entry in damaged), [(e.name, e.stat().st_size) for e in damaged]
+        assert not _temporaries(cache), os.listdir(cache / "executables")
         log = third.log()
-        assert "is damaged" in log
+        assert log.count("is damaged") == 2, log
+        assert "programs loaded" in log, log
         assert third.stop() == 0, log
     finally:
         third.kill()
