@@ -28,6 +28,7 @@ LIMITS_GROUP = "admission limits (requests over them get INVALID_ARGUMENT / HTTP
 
 
 MIN_TOKEN_BUCKET_ENV = "JSERVE_MIN_TOKEN_BUCKET"
+ALL, BACKGROUND = "all", "background"  # precompile's values besides True (= "all") and False
 
 
 def _env_int(name: str) -> int | None:
@@ -128,10 +129,14 @@ class EngineArgs:
         True, "schedule and dispatch step N+1 before step N's tokens reach the host (one pipeline stage)"
     )
     seed: int = setting(0, "engine seed (requests without a seed get distinct seeds derived from it)")
-    precompile: bool = setting(
+    precompile: bool | str = setting(
         True,
-        "compile every step program before ready; --no-precompile compiles each on first use instead, which "
-        "stalls that step (for development and tests; serving then compiles, and stats() counts it)",
+        "'all' (True): build every step program before ready; 'background': ready once the smallest decode "
+        "program and one prefill program are built, the rest built in a background thread and used once built; "
+        "--no-precompile (False) compiles each on first use instead, which stalls that step (for development "
+        "and tests; serving then compiles, and stats() counts it). default: 'all' for LLM(), 'background' for "
+        "python -m jserve.launch",
+        choices=(ALL, BACKGROUND),
     )
     progress: bool = setting(True, "show the compile progress bar")
 
@@ -157,6 +162,10 @@ class EngineArgs:
         ):
             raise ValueError(f"max_n must be an integer in [1, max_num_seqs={self.max_num_seqs}], got {self.max_n!r}")
         _ = self.limits  # validates max_logprobs
+        if self.precompile not in (True, False, ALL, BACKGROUND):
+            raise ValueError(f"precompile must be True, False, {ALL!r} or {BACKGROUND!r}, got {self.precompile!r}")
+        if self.precompile == ALL:
+            object.__setattr__(self, "precompile", True)
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
 
@@ -223,6 +232,10 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         kind = _field_type(f)
         help_text = meta["help"] if "default:" in meta["help"] else f"{meta['help']} (default: {f.default})"
+        if kind is bool and meta["choices"]:  # a word, or --no-flag for False (precompile)
+            group.add_argument(flag, choices=meta["choices"], default=f.default, help=help_text)
+            group.add_argument("--no-" + flag[2:], dest=f.name, action="store_false", help=argparse.SUPPRESS)
+            continue
         if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=meta["help"])
             continue

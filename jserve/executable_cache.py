@@ -194,8 +194,9 @@ def _describe_leaf(leaf) -> str:
         return "None;"
     sharding = getattr(leaf, "sharding", None)
     placed = _describe_sharding(sharding) if isinstance(sharding, jax.sharding.Sharding) else "host"
-    committed = getattr(leaf, "committed", None)
-    return f"{tuple(np.shape(leaf))}:{np.result_type(leaf.dtype) if hasattr(leaf, 'dtype') else type(leaf)}:{placed}:{committed};"
+    dtype = np.result_type(leaf.dtype) if hasattr(leaf, "dtype") else type(leaf).__name__
+    shape = tuple(leaf.shape) if hasattr(leaf, "shape") else np.shape(leaf)
+    return f"{shape}:{dtype}:{placed};"  # an array and its ShapeDtypeStruct describe alike
 
 
 def _describe_sharding(sharding) -> str:

@@ -1,11 +1,14 @@
-"""``python -m jserve.launch``: flags -> EngineArgs -> engine (all programs compiled) -> gRPC (+ HTTP) -> drain.
+"""``python -m jserve.launch``: flags -> EngineArgs -> engine (first programs built) -> gRPC (+ HTTP) -> drain.
 
-Lifecycle: the model is loaded and every step program compiled (behind a progress bar) before the port opens,
-so no client ever pays for compilation; the listening addresses are printed (stdout, one ``jserve: listening on`` line
-per endpoint, then ``jserve: ready``) only once serving. SIGTERM or SIGINT turns health NOT_SERVING, refuses
-new calls with UNAVAILABLE, lets in-flight calls finish for up to ``--drain-timeout`` seconds (a second signal
-cuts the wait short), cancels what is left (which aborts those requests), and exits. Whatever the engine
-thread is doing, the process is gone ``--drain-timeout`` + 5 s after the first signal.
+Lifecycle: the model is loaded and the first step programs built (behind a progress bar: the smallest decode
+program and one prefill program, loaded from the executable cache or compiled) before the port opens; the rest
+are built in a background thread and used once built (``--precompile all`` builds every one first). No
+request ever waits on a compile: steps use only programs that exist. The listening addresses are printed
+(stdout, one ``jserve: listening on`` line per endpoint, then ``jserve: ready``) only once serving. SIGTERM
+or SIGINT turns health NOT_SERVING, refuses new calls with UNAVAILABLE, lets in-flight calls finish for up
+to ``--drain-timeout`` seconds (a second signal cuts the wait short), cancels what is left (which aborts those
+requests), and exits. Whatever the engine thread is doing, the process is gone ``--drain-timeout`` + 5 s after
+the first signal.
 
 Liveness: if one engine step (or admission) runs longer than ``--engine-stall-timeout``, health turns
 NOT_SERVING and new calls get UNAVAILABLE until it returns, so a load balancer drains the replica.
@@ -36,7 +39,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from jserve.engine_args import add_engine_flags, engine_args_from_flags
+from jserve.engine_args import BACKGROUND, add_engine_flags, engine_args_from_flags
 from jserve.quant.config import kv_value_dtype
 from jserve.server.tool_calls import TOOL_PARSERS
 
@@ -57,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http-port", type=int, default=None, help="OpenAI-compatible HTTP port (off by default)")
     p.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port (off by default)")
     add_engine_flags(p)  # one flag per EngineArgs field (jserve/engine_args.py)
+    p.set_defaults(precompile=BACKGROUND)  # a server is ready in seconds; LLM() builds everything first
     serving = p.add_argument_group("serving")
     serving.add_argument(
         "--max-queue-size",

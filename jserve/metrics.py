@@ -117,8 +117,14 @@ class _EngineCollector(Collector):
             ),
             (
                 "compiled_programs",
-                "Programs compiled before ready (steps, and their sampling when deferred).",
+                "Step programs built (compiled or loaded; steps, and their sampling when deferred); below "
+                "compiled_programs_expected while precompile='background' builds the rest.",
                 s["num_programs"],
+            ),
+            (
+                "compiled_programs_expected",
+                "Step programs the engine uses once all are built.",
+                s["num_programs_total"],
             ),
         ]
         counters = [

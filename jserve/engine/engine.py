@@ -365,6 +365,7 @@ class Engine:
         if self.async_scheduling and not lookahead and self._in_flight is not None:
             return _Step(_NOTHING)  # structured outputs (or suspects) arrived: let the step in flight finish first
         self._draft()
+        self.scheduler.token_budget = self.runner.ready_shapes.token_buckets[-1]  # only programs that exist
         sched = self.scheduler.schedule()
         if self.speculative is not None and not self._verifiable(sched):
             sched = self.scheduler.without_drafts(sched)
@@ -387,7 +388,7 @@ class Engine:
             build_step(
                 part,
                 self._sequences,
-                self.runner.shapes,
+                self.runner.ready_shapes,
                 lambda r: self._seeds[r.request_id],
                 self._banned_ids,
                 previous_rows,
@@ -734,6 +735,7 @@ class Engine:
             "num_steps": self.num_steps,
             "num_step_failures": self.num_step_failures,
             "num_programs": self.runner.num_programs,
+            "num_programs_total": self.runner.num_program_tasks(),
             "weight_bytes": self.runner.weight_bytes,
             "kv_bytes_per_token": self.runner.kv_bytes_per_token,
             **self.speculation_stats(),

@@ -25,7 +25,7 @@ from jserve.engine.kv_cache import KVCacheManager, default_num_pages
 from jserve.engine.runner import ModelRunner
 from jserve.engine.scheduler import Scheduler, SchedulerConfig
 from jserve.engine.shapes import StepShapes
-from jserve.engine_args import EngineArgs
+from jserve.engine_args import BACKGROUND, EngineArgs
 from jserve.executable_cache import ExecutableCache
 from jserve.models.llama import kv_cache_bytes_per_page
 from jserve.parallel.mesh import make_mesh, stage_mesh
@@ -89,7 +89,12 @@ def build_engine(args: EngineArgs, devices: list[jax.Device] | None = None) -> E
     for replica in engines:
         replica.runner.executables = executables
     if args.precompile:
-        compile_programs([e.runner for e in engines], progress=args.progress)
+        runners = [e.runner for e in engines]
+        background = args.precompile == BACKGROUND and _can_build_in_background(runners)
+        compile_programs(runners, progress=args.progress, first_only=background)
+        if background:
+            for runner in runners:
+                runner.build_in_background()
     else:
         for replica in engines:
             replica.runner.compile_on_first_use = True
@@ -113,21 +118,36 @@ def _with_weight_quant(cfg: ModelConfig, args: EngineArgs, path: Path) -> ModelC
     return dataclasses.replace(cfg, weight_quant=quant)
 
 
-def compile_programs(runners: list[ModelRunner], *, progress: bool = True) -> None:
+def compile_programs(runners: list[ModelRunner], *, progress: bool = True, first_only: bool = False) -> None:
     """Builds every step program of every replica (loaded from the executable cache, or compiled), behind a
-    progress bar, then runs each once: after this no request within the engine's limits can compile anything."""
-    total = sum(r.num_program_tasks for r in runners)
+    progress bar, then runs each once: after this no request within the engine's limits can compile anything.
+    ``first_only``: only each runner's ``first_buckets`` (the rest are built in the background after ready)."""
+    firsts = [r.first_buckets() if first_only else None for r in runners]
+    total = sum(r.num_program_tasks(f) for r, f in zip(runners, firsts, strict=True))
     with tqdm(total=total, desc="jserve: compiling", unit="program", disable=not progress, file=sys.stderr) as bar:
-        for runner in runners:
-            runner.compile_programs(bar.update)
+        for runner, first in zip(runners, firsts, strict=True):
+            runner.compile_programs(bar.update, buckets=first)
     cache = runners[0].executables  # one per engine, shared by its replicas
     loaded = cache.loaded if cache is not None else 0
     if cache is not None and progress:
         print(f"jserve: {loaded} of {total} programs loaded from the executable cache", file=sys.stderr)
-    for runner in runners:
-        runner.warm_up()
+    for runner, first in zip(runners, firsts, strict=True):
+        runner.warm_up(first)
         if runner.spec is not None and runner.spec.adaptive:
             runner.measure_step_costs()  # what adaptive speculation weighs
+
+
+def _can_build_in_background(runners: list[ModelRunner]) -> bool:
+    """Background builds need one process (every process must schedule the same steps, with the same programs)
+    and no speculative decoding (its policy weighs the costs of every program, measured before ready)."""
+    reason = None
+    if jax.process_count() > 1:
+        reason = f"it runs across {jax.process_count()} processes"
+    elif runners[0].spec is not None:
+        reason = "speculative decoding is on"
+    if reason is not None:
+        logger.warning("precompile='background': building every program before ready, as %s", reason)
+    return reason is None
 
 
 def _grammar_compiler(args: EngineArgs, cfg: ModelConfig, tokenizer) -> GrammarCompiler | None:
@@ -141,7 +161,9 @@ def _grammar_compiler(args: EngineArgs, cfg: ModelConfig, tokenizer) -> GrammarC
 def _build_replica(
     args: EngineArgs, path: Path, model_config: ModelConfig, tokenizer, meshes: list, grammar: GrammarCompiler | None
 ) -> Engine:
-    dtype = resolve_dtype(args.dtype, model_config, meshes[0].devices.flat[0].platform)
+    """One replica: its weights on its meshes, a KV pool sized from free memory, its step shapes, its runner."""
+    platform = meshes[0].devices.flat[0].platform
+    dtype = resolve_dtype(args.dtype, model_config, platform)
     cache_config = CacheConfig(
         page_size=args.page_size,
         num_pages=args.num_pages,
@@ -149,36 +171,9 @@ def _build_replica(
         enable_prefix_caching=args.enable_prefix_caching,
         kv_cache_dtype=args.kv_cache_dtype,
     )
-    shardings = None
-    if len(meshes) == 1:  # load each param straight onto its shards (pipeline stages are placed by the runner)
-        _, abstract_state = abstract_model(model_config, dtype)
-        shardings = param_shardings(abstract_state, model_config, meshes[0])
-    graphdef, state = load_params(path, model_config, dtype, shardings)
-    kv_dtype = kv_storage_dtype(cache_config.kv_cache_dtype, dtype, meshes[0].devices.flat[0].platform)
-    bytes_per_page = kv_cache_bytes_per_page(model_config, cache_config.page_size, kv_dtype)
-    max_model_len = args.max_model_len or model_config.max_position_embeddings
-    pages_per_seq = cache_config.pages_for(max_model_len)
-    if cache_config.num_pages is not None:
-        num_pages = cache_config.num_pages
-    else:
-        tp = meshes[0].devices.size
-        local = [d for m in meshes for d in m.devices.flat if d.process_index == jax.process_index()]
-        free = min(_free_device_bytes(d) for d in local)  # multi-host: only local devices report memory
-        # a device holds its stage's layers, and 1/tp of each page when kv heads are split
-        kv_split = tp if model_config.num_kv_heads % tp == 0 else 1
-        per_device_page = max(1, bytes_per_page // (len(meshes) * kv_split))
-        num_pages = default_num_pages(free, per_device_page, cache_config.memory_fraction)
-        num_pages = min(num_pages, args.max_num_seqs * pages_per_seq + 1)  # more could never be used
-    if args.max_model_len is None:  # cap the default by what one sequence can hold
-        max_model_len = min(max_model_len, (num_pages - 1) * cache_config.page_size)
-    elif cache_config.pages_for(max_model_len) > num_pages - 1:
-        raise ValueError(
-            f"max_model_len {max_model_len} needs {cache_config.pages_for(max_model_len)} pages of "
-            f"{cache_config.page_size} tokens but the KV cache has {num_pages - 1}; raise num_pages or lower it"
-        )
-    if max_model_len < 2:
-        raise ValueError("num_pages: the KV cache is too small to hold a single sequence")
-
+    graphdef, state = _load_weights(path, model_config, dtype, meshes)
+    kv_dtype = kv_storage_dtype(cache_config.kv_cache_dtype, dtype, platform)
+    num_pages, max_model_len = _size_kv_pool(args, model_config, cache_config, kv_dtype, meshes)
     max_num_batched_tokens = args.max_num_batched_tokens or max(
         min(DEFAULT_MAX_NUM_BATCHED_TOKENS, max_model_len), args.max_num_seqs
     )
@@ -188,30 +183,17 @@ def _build_replica(
         max_model_len=max_model_len,
     )
     eos = list(tokenizer.eos_token_ids) if tokenizer is not None else list(model_config.eos_token_ids)
-    limits = args.limits
     spec = _speculative_config(args, model_config)
-    shapes = StepShapes.from_limits(
-        max_num_batched_tokens=max_num_batched_tokens,
-        max_num_seqs=args.max_num_seqs,
-        max_model_len=max_model_len,
-        page_size=cache_config.page_size,
-        banned_len=limits.max_stop_token_ids + len(eos),
-        min_tokens=args.min_token_bucket or default_min_token_bucket(meshes[0].devices.flat[0].platform),
-        spec_rows=spec.max_batch_size if spec is not None else 0,
-        num_spec_tokens=spec.num_tokens if spec is not None else 0,
-        bitmask_words=bitmask_words(model_config.vocab_size) if grammar is not None else 0,
-    )
-    draft = _load_draft(spec, model_config, dtype, meshes) if spec is not None else None
+    shapes = _step_shapes(args, scheduler_config, cache_config.page_size, model_config, platform, spec, grammar, eos)
     backend = select_backend(
         args.attention_backend,
         shapes,
         head_dim=model_config.head_dim,
         sliding_windows=model_config.sliding_windows,
         dtype=dtype,
-        platform=meshes[0].devices.flat[0].platform,
+        platform=platform,
         quantized_kv=is_quantized_kv(kv_dtype),
     )
-    kv_cache = KVCacheManager(num_pages, cache_config.page_size, cache_config.enable_prefix_caching)
     runner = ModelRunner(
         model_config,
         graphdef,
@@ -221,12 +203,13 @@ def _build_replica(
         kv_dtype=kv_dtype,
         shapes=shapes,
         backend=backend,
-        max_logprobs=limits.max_logprobs,
+        max_logprobs=args.limits.max_logprobs,
         stage_meshes=meshes,
         spec=spec,
-        draft=draft,
+        draft=_load_draft(spec, model_config, dtype, meshes) if spec is not None else None,
         defer_sampling=args.async_scheduling and grammar is not None and spec is None,
     )
+    kv_cache = KVCacheManager(num_pages, cache_config.page_size, cache_config.enable_prefix_caching)
     return Engine(
         runner=runner,
         scheduler=Scheduler(scheduler_config, kv_cache),
@@ -235,11 +218,73 @@ def _build_replica(
         eos_token_ids=eos,
         vocab_size=model_config.vocab_size,
         max_model_len=max_model_len,
-        limits=limits,
+        limits=args.limits,
         seed=args.seed,
         async_scheduling=args.async_scheduling,
         speculative=spec,
         grammar=grammar,
+    )
+
+
+def _load_weights(path: Path, cfg: ModelConfig, dtype, meshes: list):
+    """(graphdef, state): each param loaded straight onto its shards with one stage; pipeline stages are placed
+    by the runner."""
+    shardings = None
+    if len(meshes) == 1:
+        _, abstract_state = abstract_model(cfg, dtype)
+        shardings = param_shardings(abstract_state, cfg, meshes[0])
+    return load_params(path, cfg, dtype, shardings)
+
+
+def _size_kv_pool(args: EngineArgs, cfg: ModelConfig, cache: CacheConfig, kv_dtype, meshes: list) -> tuple[int, int]:
+    """(num_pages, max_model_len): pages from free device memory unless set (never more than max_num_seqs full
+    sequences could use), and the default max_model_len capped by what one sequence can hold."""
+    max_model_len = args.max_model_len or cfg.max_position_embeddings
+    if cache.num_pages is not None:
+        num_pages = cache.num_pages
+    else:
+        tp = meshes[0].devices.size
+        local = [d for m in meshes for d in m.devices.flat if d.process_index == jax.process_index()]
+        free = min(_free_device_bytes(d) for d in local)  # multi-host: only local devices report memory
+        # a device holds its stage's layers, and 1/tp of each page when kv heads are split
+        kv_split = tp if cfg.num_kv_heads % tp == 0 else 1
+        bytes_per_page = kv_cache_bytes_per_page(cfg, cache.page_size, kv_dtype)
+        per_device_page = max(1, bytes_per_page // (len(meshes) * kv_split))
+        num_pages = default_num_pages(free, per_device_page, cache.memory_fraction)
+        num_pages = min(num_pages, args.max_num_seqs * cache.pages_for(max_model_len) + 1)  # more could never be used
+    if args.max_model_len is None:
+        max_model_len = min(max_model_len, (num_pages - 1) * cache.page_size)
+    elif cache.pages_for(max_model_len) > num_pages - 1:
+        raise ValueError(
+            f"max_model_len {max_model_len} needs {cache.pages_for(max_model_len)} pages of "
+            f"{cache.page_size} tokens but the KV cache has {num_pages - 1}; raise num_pages or lower it"
+        )
+    if max_model_len < 2:
+        raise ValueError("num_pages: the KV cache is too small to hold a single sequence")
+    return num_pages, max_model_len
+
+
+def _step_shapes(
+    args: EngineArgs,
+    sched: SchedulerConfig,
+    page_size: int,
+    cfg: ModelConfig,
+    platform: str,
+    spec: SpeculativeConfig | None,
+    grammar: GrammarCompiler | None,
+    eos: list[int],
+) -> StepShapes:
+    """The static shapes of the replica's step programs."""
+    return StepShapes.from_limits(
+        max_num_batched_tokens=sched.max_num_batched_tokens,
+        max_num_seqs=sched.max_num_seqs,
+        max_model_len=sched.max_model_len,
+        page_size=page_size,
+        banned_len=args.limits.max_stop_token_ids + len(eos),
+        min_tokens=args.min_token_bucket or default_min_token_bucket(platform),
+        spec_rows=spec.max_batch_size if spec is not None else 0,
+        num_spec_tokens=spec.num_tokens if spec is not None else 0,
+        bitmask_words=bitmask_words(cfg.vocab_size) if grammar is not None else 0,
     )
 
 

@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 import statistics
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -50,6 +52,8 @@ from jserve.speculative.config import EARLY_EXIT, SpeculativeConfig
 from jserve.speculative.policy import StepCosts
 from jserve.speculative.propose import draft_tokens, drafting_tensors
 from jserve.speculative.verify import SpecOutput, expand_rows, verify
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -207,6 +211,26 @@ def _every_verification_branch(plan: StepPlan, backend: AttentionBackend) -> Ste
     return dataclasses.replace(plan, proposal=proposal)
 
 
+def _abstract(args):
+    """``args`` with every device array replaced by its shape, dtype and sharding (what lowering reads)."""
+    return jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding) if isinstance(a, jax.Array) else a, args
+    )
+
+
+def _make_stages(cfg: ModelConfig, meshes: list[Mesh] | None, spec: SpeculativeConfig | None) -> list[_Stage]:
+    """One stage per mesh, each with a contiguous range of layers (one device by default)."""
+    meshes = meshes or [Mesh(np.asarray(jax.devices()[:1]), ("tp",))]
+    layer_ranges = split_layers(cfg.num_layers, len(meshes))
+    stages = [
+        _Stage(layers, mesh, first=s == 0, last=s == len(meshes) - 1)
+        for s, (mesh, layers) in enumerate(zip(meshes, layer_ranges, strict=True))
+    ]
+    if spec is not None and (len(stages) > 1 or jax.process_count() > 1):
+        raise ValueError("speculative_model: speculative decoding runs with pipeline_parallel_size 1, in one process")
+    return stages
+
+
 def _local_copy(array: jax.Array) -> jax.Array:
     """A replicated result's local piece (multi-host: the global array is not fully addressable here)."""
     return array if array.is_fully_addressable else array.addressable_data(0)
@@ -295,89 +319,84 @@ class ModelRunner:
         self.num_pages = num_pages
         self.page_size = page_size
         self.shapes = shapes
+        self.ready_shapes = shapes  # the shapes of the buckets whose programs are built (see build_in_background)
         self.backend = backend
         self.max_logprobs = max_logprobs
         self.kv_dtype = kv_dtype
-        meshes = stage_meshes or [Mesh(np.asarray(jax.devices()[:1]), ("tp",))]
-        self.stages = [
-            _Stage(layers, mesh, first=s == 0, last=s == len(meshes) - 1)
-            for s, (mesh, layers) in enumerate(zip(meshes, split_layers(cfg.num_layers, len(meshes)), strict=True))
-        ]
-        if spec is not None and (len(self.stages) > 1 or jax.process_count() > 1):
-            raise ValueError(
-                "speculative_model: speculative decoding runs with pipeline_parallel_size 1, in one process"
-            )
-        self._draft_treedef = self._draft_graphdef = self._draft_kv_sharding = None
-        self.draft_leaves: list = []
-        self.draft_kv: KVCache = []
-        self.verify_programs: dict[int, object] = {}  # token bucket -> compiled verification step
-        self._allocators: dict[tuple, Callable[[], jax.Array]] = {}  # see _filled
-        self.propose_programs: dict[int, object] = {}  # 0 -> the device drafter's k steps (early exit, draft model)
-        self.executables: ExecutableCache | None = None  # set by the factory: programs loaded, not rebuilt
-        self.step_costs = StepCosts(plain={}, verify={})  # filled by measure_step_costs (speculation's policy)
-        for stage in self.stages:
-            self._place_params(stage, state)
-            self._allocate_kv_cache(stage, kv_dtype)
-        if draft is not None:
-            self._place_draft(self.stages[0], *draft)
+        self.stages = _make_stages(cfg, stage_meshes, spec)
+        self.replicated = [shard_rules.replicated(st.mesh) for st in self.stages]
+        # NOTE: in one process the step's numpy inputs go straight into the compiled call, which places them
+        # by its pinned in_shardings (~0.3 ms a step); jax.device_put of the same ~20 small arrays costs
+        # ~1.5 ms of host time. A multi-host mesh needs global arrays, so there they are put explicitly.
+        self._multiprocess = jax.process_count() > 1
+        self._place_weights_and_pages(state, draft)
         # (not with tensor parallelism: the logits would have to be gathered whole every step to be handed over)
         self.defers_sampling = (
             defer_sampling
             and len(self.stages) == 1
             and self.stages[0].mesh.devices.size == 1
-            and jax.process_count() == 1
+            and not self._multiprocess
             and shapes.bitmask_words > 0
         )
+        self._jit_programs(graphdef, draft[1] if draft is not None else None)
+        self._place_resident_padding()
+
+    def _place_weights_and_pages(self, state: nnx.State, draft) -> None:
+        """Each stage's params and zeroed KV pages on its mesh (and the draft model's), and their sizes."""
+        self._draft_treedef = self._draft_graphdef = self._draft_kv_sharding = None
+        self.draft_leaves: list = []
+        self.draft_kv: KVCache = []
+        self._allocators: dict[tuple, Callable[[], jax.Array]] = {}  # see _filled
+        for stage in self.stages:
+            self._place_params(stage, state)
+            self._allocate_kv_cache(stage, self.kv_dtype)
+        if draft is not None:
+            self._place_draft(self.stages[0], *draft)
+        leaves = [leaf for stage in self.stages for leaf in stage.param_leaves] + self.draft_leaves
+        self.weight_bytes = sum(leaf.nbytes for leaf in leaves)
+        cfg = self.config
+        self.kv_bytes_per_token = kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.kv_dtype)
+
+    def _jit_programs(self, graphdef: nnx.GraphDef, draft_graphdef) -> None:
+        """The jitted functions (each stage's step, speculation's, deferred sampling) and their program tables,
+        which ``compile_programs`` fills."""
+        self.verify_programs: dict[int, object] = {}  # token bucket -> compiled verification step
+        self.propose_programs: dict[int, object] = {}  # 0 -> the device drafter's k steps (early exit, draft model)
+        self.sample_programs: dict[int, object] = {}  # sampled rows -> compiled sampling of deferred steps
+        self.executables: ExecutableCache | None = None  # set by the factory: programs loaded, not rebuilt
+        self.compile_on_first_use = False  # EngineArgs.precompile=False: programs compile when first needed
+        self.step_costs = StepCosts(plain={}, verify={})  # filled by measure_step_costs (speculation's policy)
         for stage in self.stages:
             self._jit_step(stage, graphdef)
-        if spec is not None:
-            self._jit_speculation(self.stages[0], graphdef, draft[1] if draft is not None else None)
-        self.replicated = [shard_rules.replicated(st.mesh) for st in self.stages]
+        if self.spec is not None:
+            self._jit_speculation(self.stages[0], graphdef, draft_graphdef)
         self.sample_fn = jax.jit(
-            functools.partial(_sample_step, max_logprobs, self.replicated[-1]),
+            functools.partial(_sample_step, self.max_logprobs, self.replicated[-1]),
             in_shardings=(None, *[self.replicated[-1]] * 4),
         )
-        self.sample_programs: dict[int, object] = {}  # sampled rows -> compiled sampling of deferred steps
-        self.weight_bytes = sum(leaf.nbytes for stage in self.stages for leaf in stage.param_leaves) + sum(
-            leaf.nbytes for leaf in self.draft_leaves
-        )
-        self.kv_bytes_per_token = kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, kv_dtype)
-        self.compile_on_first_use = False  # EngineArgs.precompile=False: programs compile when first needed
-        # Resident all-padding penalty history, swapped in for steps without penalties (saves a [R, H] copy), one
-        # per count of sampled rows R (see StepShapes.sample_rows).
+
+    def _place_resident_padding(self) -> None:
+        """All-padding penalty histories and all-ones grammar bitmasks kept on the device, one per count of
+        sampled rows R (see StepShapes.sample_rows), swapped in for steps without penalties (saves an [R, H]
+        copy) or without structured outputs."""
+        shapes = self.shapes
+
+        def history(rows: int) -> tuple[np.ndarray, np.ndarray]:
+            return np.full((rows, shapes.history_len), -1, np.int32), np.zeros((rows, shapes.history_len), bool)
+
+        def bitmask(rows: int) -> np.ndarray:
+            return np.full((rows, shapes.bitmask_words), -1, np.int32)
+
         self._empty_history = [
-            {
-                rows: jax.device_put(
-                    (np.full((rows, shapes.history_len), -1, np.int32), np.zeros((rows, shapes.history_len), bool)),
-                    rep,
-                )
-                for rows in shapes.sample_row_counts
-            }
-            for rep in self.replicated
+            {rows: jax.device_put(history(rows), rep) for rows in shapes.sample_row_counts} for rep in self.replicated
         ]
-        self._empty_history_spec = jax.device_put(
-            (
-                np.full((shapes.spec_rows, shapes.history_len), -1, np.int32),
-                np.zeros((shapes.spec_rows, shapes.history_len), bool),
-            ),
-            self.replicated[0],
-        )
-        # Resident all-ones grammar bitmasks, swapped in for steps without structured outputs.
         self._open_bitmask = [
-            {
-                rows: jax.device_put(np.full((rows, shapes.bitmask_words), -1, np.int32), rep)
-                for rows in shapes.sample_row_counts
-            }
-            for rep in self.replicated
+            {rows: jax.device_put(bitmask(rows), rep) for rows in shapes.sample_row_counts} for rep in self.replicated
         ]
+        self._empty_history_spec = jax.device_put(history(shapes.spec_rows), self.replicated[0])
         self._open_bitmask_spec = jax.device_put(
-            np.full((shapes.spec_rows * (shapes.num_spec_tokens + 1), shapes.bitmask_words), -1, np.int32),
-            self.replicated[0],
+            bitmask(shapes.spec_rows * (shapes.num_spec_tokens + 1)), self.replicated[0]
         )
-        # NOTE: in one process the step's numpy inputs go straight into the compiled call, which places them
-        # by its pinned in_shardings (~0.3 ms a step); jax.device_put of the same ~20 small arrays costs
-        # ~1.5 ms of host time. A multi-host mesh needs global arrays, so there they are put explicitly.
-        self._multiprocess = jax.process_count() > 1
 
     # ------------------------------------------------------------------ construction steps
 
@@ -552,59 +571,112 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ programs
 
-    def compile_programs(self, progress: Callable[[int], None] | None = None) -> int:
-        """Lowers and compiles every (stage, token bucket) program; returns how many. ``progress(n)`` is
-        called as each finishes. XLA compiles in worker threads (it releases the GIL), tracing stays serial."""
-        tasks = []
-        for bucket in self.shapes.token_buckets:
-            x = None
-            for stage in self.stages:
-                args = self._example_args(stage, bucket, x)
-                if not stage.last:
-                    x = jax.eval_shape(stage.fn, *args)[2]
-                tasks.append((stage.fn, stage.programs, bucket, args))
-        if self.spec is not None:
-            stage = self.stages[0]
-            for bucket in self.shapes.spec_token_buckets:
-                plan = self._planned(padding_step(self.shapes, bucket, verification=True))
-                inputs = self._verification_inputs(plan)
-                args = (stage.param_leaves, stage.kv_cache, None, inputs, self.draft_leaves, self.draft_kv)
-                tasks.append((stage.fn, self.verify_programs, bucket, args))
-            if self.spec.samples_drafts:
-                plan = self._planned(padding_step(self.shapes, self.shapes.spec_token_buckets[0], verification=True))
-                args = (
-                    stage.param_leaves,
-                    stage.kv_cache,
-                    self.draft_leaves,
-                    self.draft_kv,
-                    plan.proposal,
-                    plan.inputs.sampling,
-                )
-                tasks.append((self.propose_fn, self.propose_programs, 0, args))
-        if self.defers_sampling:
-            for rows in self.shapes.sample_row_counts:
-                tasks.append((self.sample_fn, self.sample_programs, rows, self._sample_args(rows)))
-        workers = min(len(tasks), os.cpu_count() or 1)
+    def compile_programs(
+        self,
+        progress: Callable[[int], None] | None = None,
+        buckets: Sequence[int] | None = None,
+        *,
+        publish_each: bool = False,
+    ) -> int:
+        """Builds (compiles, or loads from the executable cache) the programs of ``buckets`` (None: every token
+        bucket, and speculation's programs); returns how many. ``progress(n)`` is called as each finishes.
+        XLA compiles in worker threads (it releases the GIL), tracing stays serial. ``publish_each``: a bucket
+        becomes usable (``ready_shapes``) as soon as its programs are built, not once all are."""
+        tasks = self._bucket_tasks(self.shapes.token_buckets if buckets is None else buckets)
+        if buckets is None and self.spec is not None:
+            tasks += self._speculation_tasks()
 
         def build(task):
-            fn, programs, bucket, args = task
-            programs[bucket] = self._compile(fn, args)
+            fn, programs, key, args = task
+            programs[key] = self._compile(fn, args)
+            if publish_each:
+                self._publish_ready_buckets()
             if progress is not None:
                 progress(1)
 
+        workers = min(len(tasks), os.cpu_count() or 1)
         if workers <= 1:
             for task in tasks:
                 build(task)
         else:
             with ThreadPoolExecutor(workers) as pool:
                 list(pool.map(build, tasks))
+        self._publish_ready_buckets()
         return len(tasks)
 
+    def _bucket_tasks(self, buckets: Sequence[int]) -> list[tuple]:
+        """(fn, programs, key, abstract args) of each stage's step program of ``buckets``, and of the sampling
+        programs their deferred steps need (not yet built)."""
+        tasks, rows_needed = [], set()
+        for bucket in buckets:
+            x = None
+            for stage in self.stages:
+                args = self._example_args(stage, bucket, x)
+                if not stage.last:
+                    x = jax.eval_shape(stage.fn, *args)[2]
+                tasks.append((stage.fn, stage.programs, bucket, args))
+            rows_needed.add(self.shapes.sample_rows(bucket))
+        if self.defers_sampling:
+            for rows in sorted(rows_needed - set(self.sample_programs)):
+                tasks.append((self.sample_fn, self.sample_programs, rows, self._sample_args(rows)))
+        return tasks
+
+    def _speculation_tasks(self) -> list[tuple]:
+        """The verification programs of every verification bucket, and the device drafter's."""
+        stage, tasks = self.stages[0], []
+        for bucket in self.shapes.spec_token_buckets:
+            plan = self._planned(padding_step(self.shapes, bucket, verification=True))
+            inputs = self._verification_inputs(plan)
+            args = _abstract((stage.param_leaves, stage.kv_cache, None, inputs, self.draft_leaves, self.draft_kv))
+            tasks.append((stage.fn, self.verify_programs, bucket, args))
+        if self.spec.samples_drafts:
+            plan = self._planned(padding_step(self.shapes, self.shapes.spec_token_buckets[0], verification=True))
+            kv, drafts = stage.kv_cache, self.draft_kv
+            args = _abstract((stage.param_leaves, kv, self.draft_leaves, drafts, plan.proposal, plan.inputs.sampling))
+            tasks.append((self.propose_fn, self.propose_programs, 0, args))
+        return tasks
+
+    def _bucket_ready(self, bucket: int) -> bool:
+        """Whether every program a plain step of ``bucket`` may run is built (each stage's, and its sampling's)."""
+        if not all(bucket in stage.programs for stage in self.stages):
+            return False
+        return not self.defers_sampling or self.shapes.sample_rows(bucket) in self.sample_programs
+
+    def _publish_ready_buckets(self) -> None:
+        """Sets ``ready_shapes`` to the buckets built so far (one assignment: the engine thread reads it)."""
+        ready = tuple(b for b in self.shapes.token_buckets if self._bucket_ready(b))
+        if ready:
+            self.ready_shapes = dataclasses.replace(self.shapes, token_buckets=ready)
+
+    def first_buckets(self) -> list[int]:
+        """What ``precompile="background"`` builds before ready: the smallest bucket (one-token decode) and one
+        prefill bucket, the smallest that holds 256 tokens and a full batch of decodes (or the largest)."""
+        buckets = self.shapes.token_buckets
+        prefill = next((b for b in buckets if b >= max(256, self.shapes.max_num_seqs)), buckets[-1])
+        return sorted({buckets[0], prefill})
+
+    def build_in_background(self) -> threading.Thread:
+        """Builds the buckets not yet built in a daemon thread (compiles in parallel as at start); each becomes
+        usable (in ``ready_shapes``) once built. Smaller buckets first: a missing one pads decode steps to a
+        larger one, while a missing large bucket only chunks long prefills more finely."""
+        rest = [b for b in self.shapes.token_buckets if not self._bucket_ready(b)]
+
+        def run() -> None:
+            try:
+                self.compile_programs(buckets=rest, publish_each=True)
+            except Exception:  # noqa: BLE001 - serving goes on with the programs it has
+                logger.exception("background build failed; serving with the programs built so far")
+
+        thread = threading.Thread(target=run, name="jserve-background-build", daemon=True)
+        thread.start()
+        return thread
+
     def _example_args(self, stage: _Stage, bucket: int, x) -> tuple:
+        """A padding step's arguments, abstract (the pages may be donated meanwhile: builds run in threads)."""
         inputs = self._planned(padding_step(self.shapes, bucket)).inputs
         if x is not None:
             x = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shard_rules.replicated(stage.mesh))
-        return (stage.param_leaves, stage.kv_cache, x, inputs, self.draft_leaves, self.draft_kv)
+        return _abstract((stage.param_leaves, stage.kv_cache, x, inputs, self.draft_leaves, self.draft_kv))
 
     def _sample_args(self, rows: int) -> tuple:
         """Example arguments of the deferred-sampling program for ``rows`` sampled rows."""
@@ -622,12 +694,14 @@ class ModelRunner:
             inputs = dataclasses.replace(inputs, spec=spec)
         return inputs
 
-    @property
-    def num_program_tasks(self) -> int:
-        """How many programs ``compile_programs`` builds."""
-        spec = 0 if self.spec is None else len(self.shapes.spec_token_buckets) + bool(self.spec.samples_drafts)
-        sampling = len(self.shapes.sample_row_counts) if self.defers_sampling else 0
-        return len(self.shapes.token_buckets) * self.num_stages + spec + sampling
+    def num_program_tasks(self, buckets: Sequence[int] | None = None) -> int:
+        """How many programs ``compile_programs(buckets=buckets)`` builds now; None: the engine's whole set."""
+        if buckets is None:
+            spec = 0 if self.spec is None else len(self.shapes.spec_token_buckets) + bool(self.spec.samples_drafts)
+            sampling = len(self.shapes.sample_row_counts) if self.defers_sampling else 0
+            return len(self.shapes.token_buckets) * self.num_stages + spec + sampling
+        rows = {self.shapes.sample_rows(b) for b in buckets} - set(self.sample_programs)
+        return len(buckets) * self.num_stages + (len(rows) if self.defers_sampling else 0)
 
     @property
     def num_programs(self) -> int:
@@ -638,11 +712,12 @@ class ModelRunner:
             + len(self.sample_programs)
         )
 
-    def warm_up(self) -> None:
+    def warm_up(self, buckets: Sequence[int] | None = None) -> None:
         """Runs each program on all-padding steps (they write only the null page), once with every optional
         stage switched off and once with every one switched on (sampling, filters, penalties, logprobs, prompt
-        logprobs, the backend's alternative path), so first-use costs of each branch are paid before serving."""
-        for bucket in self.shapes.token_buckets:
+        logprobs, the backend's alternative path), so first-use costs of each branch are paid before serving.
+        ``buckets``: only these token buckets' programs, and no verification programs (None: all)."""
+        for bucket in self.shapes.token_buckets if buckets is None else buckets:
             plain = padding_step(self.shapes, bucket)
             self.collect(self.dispatch([plain]))
             self.collect(self.dispatch([_every_branch(plain, self.backend)], planned=True))
@@ -650,7 +725,7 @@ class ModelRunner:
                 deferred = _deferred(plain)
                 pending = self.dispatch([deferred])
                 self.collect(self.sample_deferred(pending, deferred.inputs.sampling.token_bitmask))
-        if self.spec is None:
+        if self.spec is None or buckets is not None:
             return
         for bucket in self.shapes.spec_token_buckets:
             plain = padding_step(self.shapes, bucket, verification=True)
@@ -837,7 +912,9 @@ class ModelRunner:
         """Device-drafted speculation: runs the drafter's k steps and hands its drafts (and their q) to the
         verification step, all on the device (no host round trip between drafting and verifying)."""
         args = (stage.param_leaves, stage.kv_cache, self.draft_leaves, self.draft_kv, plan.proposal, inputs.sampling)
-        stage.kv_cache, self.draft_kv, (drafts, q) = self._first_use(self.propose_programs, 0, self.propose_fn, args, "drafting program")(*args)
+        stage.kv_cache, self.draft_kv, (drafts, q) = self._first_use(
+            self.propose_programs, 0, self.propose_fn, args, "drafting program"
+        )(*args)
         inputs = dataclasses.replace(inputs, spec=dataclasses.replace(inputs.spec, draft_tokens=drafts, draft_probs=q))
         if plan.fill_draft_masks is not None:  # structured outputs: the masks after each draft, on the host
             mask = plan.fill_draft_masks(np.asarray(inputs.sampling.token_bitmask), np.asarray(drafts))

@@ -101,6 +101,9 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager) -> None:
         self.config = config
         self.kv_cache = kv_cache
+        # tokens a step may hold: max_num_batched_tokens, or less while larger programs are still being built
+        # (precompile="background"; the engine sets it each step)
+        self.token_budget = config.max_num_batched_tokens
         # NOTE: both lists stay sorted by _rank / _waiting_rank, so the least important running request is
         # always running[-1] and the next to admit is waiting[0].
         self.running: list[Request] = []
@@ -210,7 +213,7 @@ class Scheduler:
         self.suspects.intersection_update(self._requests)  # finished meanwhile (aborted, refused)
         if self.suspects:
             return self._schedule_isolated()
-        budget = self.config.max_num_batched_tokens
+        budget = self.token_budget
         chunks: list[ScheduledChunk] = []
         preempted: list[Request] = []
 
@@ -247,7 +250,7 @@ class Scheduler:
         finished_ids, self._finished_ids = self._finished_ids, []
         return SchedulerOutput(
             chunks=chunks,
-            num_batched_tokens=self.config.max_num_batched_tokens - budget,
+            num_batched_tokens=self.token_budget - budget,
             preempted_ids=[r.request_id for r in preempted],
             finished_ids=finished_ids,
         )
@@ -261,7 +264,7 @@ class Scheduler:
         chunks: list[ScheduledChunk] = []
         preempted: list[Request] = []
         cached_pages, num_cached = self.kv_cache.find_cached_prefix(request)
-        num_new = self._chunk_len(request.num_tokens - num_cached, self.config.max_num_batched_tokens)
+        num_new = self._chunk_len(request.num_tokens - num_cached, self.token_budget)
         while len(self.running) >= self.config.max_num_seqs or not self.kv_cache.allocate(
             request, num_new, cached_pages
         ):

@@ -135,8 +135,9 @@ def test_quantized_engine_keeps_the_program_set_and_lowers_nothing():
             max_num_seqs=8,
             progress=False,
         )
-    steps = [name for name in built_lowered if "_stage_step" in name]
-    assert len(steps) + llm.engine.runner.executables.loaded == 4  # buckets 8, 16, 32, 64 (built or loaded)
+    assert sorted(llm.engine.runner.stages[0].programs) == [8, 16, 32, 64]
+    built = [name for name in built_lowered if "_stage_step" in name or "_sample_step" in name]
+    assert len(built) + llm.engine.runner.executables.loaded == llm.stats()["num_programs"]  # the rest: loaded
     rng = random.Random(7)
     prompts = [[rng.randrange(1, llm.engine.vocab_size) for _ in range(rng.randint(1, 200))] for _ in range(12)]
     params = [_random_params(rng, llm.engine.limits.max_logprobs) for _ in prompts]

@@ -30,10 +30,16 @@ _LISTEN = re.compile(r"jserve: listening on (?:https?://)?([\d.]+):(\d+)(/v1|/me
 class ServerProcess:
     """Starts the server, waits for ``jserve: ready``, and knows its gRPC / HTTP / metrics ports."""
 
-    def __init__(self, *args: str, precompile: bool = False, env: dict[str, str] | None = None):
+    def __init__(self, *args: str, precompile: bool | str = False, env: dict[str, str] | None = None):
         """``precompile=False`` (most tests): programs compile on first use, as tests only need the ones they
-        run; the tests of what a ready server guarantees pass True."""
-        self.args = ["--port", "0", *([] if precompile else ["--no-precompile"]), *args]
+        run; the tests of what a ready server guarantees pass True (every program built before ready) or
+        "background"."""
+        mode = (
+            ["--no-precompile"]
+            if precompile is False
+            else ["--precompile", "all" if precompile is True else precompile]
+        )
+        self.args = ["--port", "0", *mode, *args]
         self.env = env or {}
         self.grpc_port: int | None = None
         self.http_port: int | None = None

@@ -16,6 +16,7 @@ STATS = {
     "prefix_cache_hit_rate": 0.25,
     "prompt_tokens_computed": 900,
     "num_programs": 9,
+    "num_programs_total": 12,  # precompile="background": 3 still being built
     "programs_lowered_while_serving": 0,
 }
 
@@ -44,6 +45,7 @@ def test_engine_state_is_exported_under_vllm_names_with_the_model_label():
     assert _value(samples, "jserve:num_preemptions_total") == 1
     assert _value(samples, "jserve:prompt_tokens_computed_total") == 900
     assert _value(samples, "jserve:compiled_programs") == 9
+    assert _value(samples, "jserve:compiled_programs_expected") == 12
     for outcome in OUTCOMES:  # zeros exported before any event
         assert _value(samples, "jserve:requests_total", outcome=outcome) == 0
     # counters the engine does not report yet are left out rather than faked
