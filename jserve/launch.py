@@ -174,7 +174,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         engine = build_engine(args)
     except ValueError as e:
         return _fail(str(e))
-    print(f"jserve: loaded and compiled in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
+    stats, took = engine.stats(), time.perf_counter() - start
+    if stats["num_programs"] < stats["num_programs_total"]:
+        built = f"{stats['num_programs']} of {stats['num_programs_total']} programs built, the rest building"
+        print(f"jserve: loaded in {took:.1f}s; {built} in the background", file=sys.stderr, flush=True)
+    else:
+        print(f"jserve: loaded and compiled in {took:.1f}s", file=sys.stderr, flush=True)
     if multihost is not None:
         engine.inbox_sync = multihost.broadcast_items
         if not multihost.is_leader():  # followers serve nothing: they replay process 0's steps until it stops

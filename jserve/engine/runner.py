@@ -22,6 +22,7 @@ M = pp when it has enough sequences. Hidden states move between stages with ``ja
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import functools
 import logging
@@ -29,8 +30,8 @@ import os
 import statistics
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import jax
@@ -211,6 +212,44 @@ def _every_verification_branch(plan: StepPlan, backend: AttentionBackend) -> Ste
     return dataclasses.replace(plan, proposal=proposal)
 
 
+_BUILDING: weakref.WeakSet[ModelRunner] = weakref.WeakSet()  # runners that started a background build
+
+
+@atexit.register
+def _stop_background_builds() -> None:
+    """At exit, background builds stop starting programs and finish the ones in flight (see stop_background_build)."""
+    for runner in list(_BUILDING):
+        runner.stop_background_build()
+
+
+def _run_in_threads(work: Callable, items: list, workers: int, stop: threading.Event) -> None:
+    """``work(item)`` for each item on ``workers`` daemon threads (XLA compiles outside the GIL), skipping what
+    is left once ``stop`` is set; re-raises the first error. Not a ThreadPoolExecutor: the interpreter joins
+    its workers at exit, which would keep a stopped server alive until every background program is built."""
+    pending = iter(list(items))
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        while not stop.is_set() and not errors:
+            with lock:
+                item = next(pending, None)
+            if item is None:
+                return
+            try:
+                work(item)
+            except BaseException as err:  # noqa: BLE001 - handed to the caller
+                errors.append(err)
+
+    threads = [threading.Thread(target=worker, daemon=True, name="jserve-build") for _ in range(max(1, workers))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+
+
 def _abstract(args):
     """``args`` with every device array replaced by its shape, dtype and sharding (what lowering reads)."""
     return jax.tree.map(
@@ -365,6 +404,8 @@ class ModelRunner:
         self.sample_programs: dict[int, object] = {}  # sampled rows -> compiled sampling of deferred steps
         self.executables: ExecutableCache | None = None  # set by the factory: programs loaded, not rebuilt
         self.compile_on_first_use = False  # EngineArgs.precompile=False: programs compile when first needed
+        self._background: threading.Thread | None = None  # precompile="background"'s builder
+        self._stop_building = threading.Event()
         self.step_costs = StepCosts(plain={}, verify={})  # filled by measure_step_costs (speculation's policy)
         for stage in self.stages:
             self._jit_step(stage, graphdef)
@@ -594,13 +635,7 @@ class ModelRunner:
             if progress is not None:
                 progress(1)
 
-        workers = min(len(tasks), os.cpu_count() or 1)
-        if workers <= 1:
-            for task in tasks:
-                build(task)
-        else:
-            with ThreadPoolExecutor(workers) as pool:
-                list(pool.map(build, tasks))
+        _run_in_threads(build, tasks, min(len(tasks), os.cpu_count() or 1), self._stop_building)
         self._publish_ready_buckets()
         return len(tasks)
 
@@ -667,9 +702,17 @@ class ModelRunner:
             except Exception:  # noqa: BLE001 - serving goes on with the programs it has
                 logger.exception("background build failed; serving with the programs built so far")
 
-        thread = threading.Thread(target=run, name="jserve-background-build", daemon=True)
-        thread.start()
-        return thread
+        self._background = threading.Thread(target=run, name="jserve-background-build", daemon=True)
+        _BUILDING.add(self)
+        self._background.start()
+        return self._background
+
+    def stop_background_build(self, timeout: float = 30.0) -> None:
+        """Starts no further program and waits (up to ``timeout``) for the ones compiling: a process must not
+        exit while XLA compiles in one of its threads."""
+        self._stop_building.set()
+        if self._background is not None:
+            self._background.join(timeout)
 
     def _example_args(self, stage: _Stage, bucket: int, x) -> tuple:
         """A padding step's arguments, abstract (the pages may be donated meanwhile: builds run in threads)."""
