@@ -20,8 +20,13 @@ _INIT = nnx.initializers.normal(stddev=0.02)
 
 
 def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], dtype, init=_INIT) -> nnx.Param:
-    """A parameter with logical axis names; values come from a checkpoint, the init only fixes shape/dtype."""
-    return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=axes, eager_sharding=False)
+    """A parameter with logical axis names; values come from a checkpoint, the init only fixes shape/dtype.
+
+    Models are only ever built abstractly (``nnx.eval_shape``), so the init draws from a constant key instead of
+    advancing ``rngs``: each advance of an nnx RNG stream under tracing looked up the traced counter's origin
+    through every op traced so far, O(params x ops), 8.5 s per abstract build of a 32-layer model."""
+    del rngs  # kept in the signature: nnx modules thread it through their constructors
+    return nnx.Param(init(jax.random.key(0), shape, dtype), out_sharding=axes, eager_sharding=False)
 
 
 def linear_weight(
