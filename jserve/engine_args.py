@@ -138,6 +138,11 @@ class EngineArgs:
         "python -m jserve.launch",
         choices=(ALL, BACKGROUND),
     )
+    scan_layers: bool = setting(
+        False,
+        "run the layers in a loop over stacked params: a step program traces and compiles one period of layers "
+        "whatever the depth (a deep model starts in a fraction of the time)",
+    )
     progress: bool = setting(True, "show the compile progress bar")
 
     def __post_init__(self) -> None:

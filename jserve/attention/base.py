@@ -3,13 +3,17 @@
 The engine's batch builder produces an :class:`AttentionLayout` (numpy, on the host). The backend chosen at
 startup turns it into its own metadata with ``plan(layout)`` (host side, once per step, for all layers), and the
 model calls ``backend.attend(q, kv, metadata, sm_scale=..., sliding_window=..., soft_cap=...)`` in every layer
-(device side; the window and the logit soft cap are the layer's static constants); ``kv`` is the layer's
-``(k_pages, v_pages)``, or ``(k_pages, v_pages, k_scales, v_scales)`` for an int8 / fp8 cache. Metadata shapes
-depend only on the step's token bucket, so the backend never adds a compiled program.
+(device side; the window and the logit soft cap are the layer's static constants); ``kv`` is the cache of all
+the stage's layers, ``(k_pages, v_pages)``, or ``(k_pages, v_pages, k_scales, v_scales)`` for an int8 / fp8
+cache, with layer-major page ids: layer j of the buffer owns pages [j * P, (j + 1) * P). The model hands each
+layer ``for_layer(metadata, j * P)``, whose page ids point into that layer's pages (a traced offset when the
+layers run in a loop). Metadata shapes depend only on the step's token bucket, so the backend never adds a
+compiled program.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import jax
@@ -34,6 +38,15 @@ class AttentionLayout:
     block_tables: jax.Array
     cu_q_lens: jax.Array
     num_seqs: jax.Array
+
+
+def offset_layout(layout: AttentionLayout, page_offset: jax.Array | int, page_size: int) -> AttentionLayout:
+    """``layout`` with its slots and block tables moved ``page_offset`` pages on."""
+    return dataclasses.replace(
+        layout,
+        slot_mapping=layout.slot_mapping + page_offset * page_size,
+        block_tables=layout.block_tables + page_offset,
+    )
 
 
 class AttentionBackend:
@@ -67,6 +80,11 @@ class AttentionBackend:
 
     def layout_of(self, metadata) -> AttentionLayout:
         return metadata
+
+    def for_layer(self, metadata, page_offset: jax.Array | int):
+        """The metadata with every page id moved ``page_offset`` pages on: one layer's pages in the stacked cache.
+        (Page 0 of each layer is that layer's null page, so padding stays on a null page.)"""
+        return offset_layout(metadata, page_offset, self.shapes.page_size)
 
     def write_kv(self, kv: tuple[jax.Array, ...], k: jax.Array, v: jax.Array, metadata) -> tuple[jax.Array, ...]:
         """Scatters this step's K/V [T, K, H] into the layer's pages [K, P, L, H] (quantizing them per token and

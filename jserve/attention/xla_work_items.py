@@ -23,10 +23,11 @@ from dataclasses import dataclass
 import jax
 import numpy as np
 
-from jserve.attention.base import AttentionBackend, AttentionLayout
+from jserve.attention.base import AttentionBackend, AttentionLayout, offset_layout
 from jserve.attention.xla_page_loop import page_loop
 from jserve.engine.shapes import StepShapes
 from pallas_kernels.xla_items import (
+    ItemSet,
     WorkPlan,
     fixed_plan_sizes,
     plan_work,
@@ -113,6 +114,16 @@ class XlaWorkItemsBackend(AttentionBackend):
 
     def layout_of(self, metadata: WorkItemsMetadata) -> AttentionLayout:
         return metadata.layout
+
+    def for_layer(self, metadata: WorkItemsMetadata, page_offset) -> WorkItemsMetadata:
+        def moved(items: ItemSet) -> ItemSet:
+            return dataclasses.replace(items, item_pages=items.item_pages + page_offset)
+
+        plans = tuple(
+            dataclasses.replace(plan, decode=moved(plan.decode), chunks=moved(plan.chunks)) for plan in metadata.plans
+        )
+        layout = offset_layout(metadata.layout, page_offset, self.shapes.page_size)
+        return dataclasses.replace(metadata, layout=layout, plans=plans)
 
     def plan_for(self, metadata: WorkItemsMetadata, sliding_window: int | None) -> WorkPlan:
         """The plan built for this layer's window (trace time: the window is a per-layer constant)."""

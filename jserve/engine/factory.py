@@ -208,6 +208,7 @@ def _build_replica(
         spec=spec,
         draft=_load_draft(spec, model_config, dtype, meshes) if spec is not None else None,
         defer_sampling=args.async_scheduling and grammar is not None and spec is None,
+        scan_layers=args.scan_layers,
     )
     kv_cache = KVCacheManager(num_pages, cache_config.page_size, cache_config.enable_prefix_caching)
     return Engine(

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jserve.attention import AttentionBackend
 from jserve.config import ModelConfig
@@ -46,6 +46,7 @@ from jserve.engine.batch import StepInput, StepPlan, padding_step
 from jserve.engine.sampler import SamplerOutput, SamplingTensors, sample, top_logprobs
 from jserve.engine.shapes import StepShapes
 from jserve.executable_cache import ExecutableCache
+from jserve.models.layer_stack import StackedLayers, plan_stack, stack_states
 from jserve.models.llama import KVCache, kv_cache_shape
 from jserve.parallel import sharding as shard_rules
 from jserve.quant.kv import is_quantized_kv, kv_bytes_per_token
@@ -270,6 +271,11 @@ def _make_stages(cfg: ModelConfig, meshes: list[Mesh] | None, spec: SpeculativeC
     return stages
 
 
+def _constrain_pages(kv: KVCache, page_sharding, scale_sharding) -> KVCache:
+    """The pages [K, N * P, L, H] (and the scales [K, N * P, L] of int8 / fp8 caches) kept on their shardings."""
+    return tuple(jax.lax.with_sharding_constraint(a, page_sharding if a.ndim == 4 else scale_sharding) for a in kv)
+
+
 def _local_copy(array: jax.Array) -> jax.Array:
     """A replicated result's local piece (multi-host: the global array is not fully addressable here)."""
     return array if array.is_fully_addressable else array.addressable_data(0)
@@ -282,6 +288,38 @@ def split_layers(num_layers: int, num_stages: int) -> list[range]:
     for s in range(num_stages):
         bounds.append(bounds[-1] + base + (1 if s < extra else 0))
     return [range(bounds[s], bounds[s + 1]) for s in range(num_stages)]
+
+
+def _stub_layers(state: nnx.State, layers: range) -> nnx.State:
+    """``state`` with the params of ``layers`` as scalar stubs (they live stacked; the graph stays whole)."""
+    flat = nnx.to_flat_state(state)
+    for path, var in flat:
+        if str(path[0]) == "layers" and int(path[1]) in layers:
+            var.set_value(jnp.zeros((), var.get_value().dtype))
+    return nnx.from_flat_state(flat)
+
+
+def _place_stacked(stacked: StackedLayers, shardings: dict, mesh: Mesh) -> StackedLayers:
+    """The stacks on ``mesh``, each split like its layers' own param (the stacking axis whole)."""
+    states = []
+    for position, state in enumerate(stacked.states):
+        first = stacked.stack.members(position)[0]
+        flat = nnx.to_flat_state(state)
+        for path, var in flat:
+            spec = shardings["/".join(str(p) for p in ("layers", first, *path))].spec
+            var.set_value(jax.device_put(var.get_value(), NamedSharding(mesh, PartitionSpec(None, *spec))))
+        states.append(nnx.from_flat_state(flat))
+    return StackedLayers(tuple(states), stacked.stack)
+
+
+def _param_name(path: tuple, first_layer: int) -> str:
+    """'embed/embedding', 'layers/0/attn/q_proj', or 'stacked/2/attn/q_proj': the stack whose first member is
+    layer 2 (``first_layer``: the first layer of the stage's stack)."""
+    keys = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+    keys = [k for k in keys if k not in ("value", "states")]
+    if keys[0] == "0":
+        return "/".join(keys[1:])
+    return "/".join(["stacked", str(first_layer + int(keys[1])), *keys[2:]])
 
 
 def _stage_state(state: nnx.State, layers: range, first: bool, last: bool, tied: bool) -> nnx.State:
@@ -322,8 +360,9 @@ class _Stage:
     first: bool
     last: bool
     param_leaves: list = field(default_factory=list)
+    treedef: object = None  # of (nnx state, StackedLayers or None), flattened to param_leaves
     param_names: list[str] = field(default_factory=list)
-    kv_cache: KVCache = field(default_factory=list)
+    kv_cache: KVCache = ()
     kv_sharding: NamedSharding | None = None
     kv_scale_sharding: NamedSharding | None = None  # of the scales of int8 / fp8 pages
     fn: object = None  # the jitted stage step (lowered and compiled per bucket by compile_programs)
@@ -349,9 +388,12 @@ class ModelRunner:
         spec: SpeculativeConfig | None = None,
         draft: tuple[ModelConfig, nnx.GraphDef, nnx.State] | None = None,
         defer_sampling: bool = False,
+        scan_layers: bool = False,
     ):
         """``defer_sampling``: also build the sampling programs of deferred steps (structured outputs under
-        async scheduling; one stage of one device, one process)."""
+        async scheduling; one stage of one device, one process). ``scan_layers``: run each stage's layers in a loop
+        over stacked params (``layer_stack``: trace and compile cost independent of depth) instead of unrolled."""
+        self.scan_layers = scan_layers
         self.config = cfg
         self.spec = spec
         self.draft_config = draft[0] if draft is not None else None
@@ -368,7 +410,7 @@ class ModelRunner:
         # by its pinned in_shardings (~0.3 ms a step); jax.device_put of the same ~20 small arrays costs
         # ~1.5 ms of host time. A multi-host mesh needs global arrays, so there they are put explicitly.
         self._multiprocess = jax.process_count() > 1
-        self._place_weights_and_pages(state, draft)
+        self._place_weights_and_pages(state, draft, graphdef)
         # (not with tensor parallelism: the logits would have to be gathered whole every step to be handed over)
         self.defers_sampling = (
             defer_sampling
@@ -380,14 +422,14 @@ class ModelRunner:
         self._jit_programs(graphdef, draft[1] if draft is not None else None)
         self._place_resident_padding()
 
-    def _place_weights_and_pages(self, state: nnx.State, draft) -> None:
+    def _place_weights_and_pages(self, state: nnx.State, draft, graphdef: nnx.GraphDef) -> None:
         """Each stage's params and zeroed KV pages on its mesh (and the draft model's), and their sizes."""
         self._draft_treedef = self._draft_graphdef = self._draft_kv_sharding = None
         self.draft_leaves: list = []
-        self.draft_kv: KVCache = []
+        self.draft_kv: KVCache = ()
         self._allocators: dict[tuple, Callable[[], jax.Array]] = {}  # see _filled
         for stage in self.stages:
-            self._place_params(stage, state)
+            self._place_params(stage, state, graphdef)
             self._allocate_kv_cache(stage, self.kv_dtype)
         if draft is not None:
             self._place_draft(self.stages[0], *draft)
@@ -441,25 +483,27 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ construction steps
 
-    def _place_params(self, stage: _Stage, state: nnx.State) -> None:
-        """Puts this stage's params on its mesh (other stages' params as scalar stubs) as a flat leaf list."""
+    def _place_params(self, stage: _Stage, state: nnx.State, graphdef: nnx.GraphDef) -> None:
+        """Puts this stage's params on its mesh (other stages' params as scalar stubs) as a flat leaf list; with
+        ``scan_layers`` its layers' params are stacked (``layer_stack``) and their per-layer copies stubs."""
         st_state = jax.tree.map(lambda x: x, state)  # a copy: placement below must not touch the caller's
         if len(self.stages) > 1:
             st_state = _stage_state(st_state, stage.layers, stage.first, stage.last, self.config.tie_word_embeddings)
         shardings = shard_rules.param_shardings(st_state, self.config, stage.mesh)
+        stacked = None
+        if self.scan_layers:
+            stack = plan_stack(nnx.merge(graphdef, st_state), stage.layers)
+            stacked = StackedLayers(stack_states(lambda i: st_state["layers"][i], stack), stack)
+            st_state = _stub_layers(st_state, stage.layers)
+            stacked = _place_stacked(stacked, shardings, stage.mesh)
         flat = nnx.to_flat_state(st_state)
         for path, var in flat:
             name = "/".join(str(p) for p in path)
             target = shardings[name] if var.get_value().ndim else shard_rules.replicated(stage.mesh)
             var.set_value(jax.device_put(var.get_value(), target))
-        with_paths, self._treedef = jax.tree_util.tree_flatten_with_path(nnx.from_flat_state(flat))
+        with_paths, stage.treedef = jax.tree_util.tree_flatten_with_path((nnx.from_flat_state(flat), stacked))
         stage.param_leaves = [leaf for _, leaf in with_paths]
-        stage.param_names = [
-            "/".join(
-                str(getattr(k, "key", getattr(k, "idx", k))) for k in path if not str(getattr(k, "name", "")) == "value"
-            )
-            for path, _ in with_paths
-        ]
+        stage.param_names = [_param_name(path, stage.layers.start) for path, _ in with_paths]
 
     def _place_draft(self, stage: _Stage, cfg: ModelConfig, graphdef: nnx.GraphDef, state: nnx.State) -> None:
         """The draft model's params on the stage's mesh (sharded by the same rules) and its own KV pages, with
@@ -471,7 +515,7 @@ class ModelRunner:
             target = shardings[name] if var.get_value().ndim else shard_rules.replicated(stage.mesh)
             var.set_value(jax.device_put(var.get_value(), target))
         self._draft_graphdef = graphdef
-        leaves, self._draft_treedef = jax.tree_util.tree_flatten(nnx.from_flat_state(flat))
+        leaves, self._draft_treedef = jax.tree_util.tree_flatten((nnx.from_flat_state(flat), None))  # unrolled
         self.draft_leaves = leaves
         if is_quantized_kv(self.kv_dtype):
             raise ValueError("kv_cache_dtype: a draft model runs with an unquantized KV cache ('auto')")
@@ -489,21 +533,21 @@ class ModelRunner:
 
     def _allocate_draft_kv(self) -> None:
         """The draft model's zeroed pages: the target's page ids and page size, the draft's layers."""
-        shape = kv_cache_shape(self.draft_config, self.num_pages, self.page_size)
+        shape = kv_cache_shape(self.draft_config, self.num_pages, self.page_size, self.draft_config.num_layers)
         zeros = self._filled(jnp.zeros, shape, self.kv_dtype, self._draft_kv_sharding)
-        self.draft_kv = [(zeros(), zeros()) for _ in range(self.draft_config.num_layers)]
+        self.draft_kv = (zeros(), zeros())
 
     def _allocate_kv_cache(self, stage: _Stage, kv_dtype) -> None:
         stage.kv_sharding = NamedSharding(stage.mesh, shard_rules.kv_cache_spec(self.config, stage.mesh))
         stage.kv_scale_sharding = NamedSharding(stage.mesh, shard_rules.kv_scale_spec(self.config, stage.mesh))
-        shape = kv_cache_shape(self.config, self.num_pages, self.page_size)
+        shape = kv_cache_shape(self.config, self.num_pages, self.page_size, len(stage.layers))
         zeros = self._filled(jnp.zeros, shape, kv_dtype, stage.kv_sharding)
         if not is_quantized_kv(kv_dtype):
-            stage.kv_cache = [(zeros(), zeros()) for _ in stage.layers]
+            stage.kv_cache = (zeros(), zeros())
             return
         # int8 / fp8 pages: plus one float32 scale per (kv head, token slot), split like the pages' kv heads
         ones = self._filled(jnp.ones, shape[:3], jnp.float32, stage.kv_scale_sharding)
-        stage.kv_cache = [(zeros(), zeros(), ones(), ones()) for _ in stage.layers]
+        stage.kv_cache = (zeros(), zeros(), ones(), ones())
 
     def kv_cache_usable(self) -> bool:
         """False when a failed step left the KV pages (or the draft's) deleted or holding a device error."""
@@ -529,7 +573,7 @@ class ModelRunner:
             functools.partial(
                 self._stage_step,
                 graphdef,
-                self._treedef,
+                stage.treedef,
                 backend,
                 stage.layers,
                 stage.first,
@@ -559,10 +603,10 @@ class ModelRunner:
         if not self.spec.samples_drafts:
             return
         if self.spec.method == EARLY_EXIT:
-            drafter = (graphdef, self._treedef, range(self.spec.exit_layer), True)
+            drafter = (graphdef, stage.treedef, range(self.spec.exit_layer), stage.layers)
             shardings = (stage.kv_sharding, stage.kv_scale_sharding)
         else:
-            drafter = (draft_graphdef, self._draft_treedef, range(self.draft_config.num_layers), False)
+            drafter = (draft_graphdef, self._draft_treedef, range(self.draft_config.num_layers), None)
             shardings = (self._draft_kv_sharding, None)
         self.propose_fn = jax.jit(
             functools.partial(self._propose, drafter, backend, *shardings),
@@ -591,20 +635,26 @@ class ModelRunner:
         sampling,
     ):
         """k draft steps: early exit over the target's first layers and pages, or the draft model over its own."""
-        graphdef, treedef, layers, early_exit = drafter
-        leaves = param_leaves if early_exit else draft_leaves
-        model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+        graphdef, treedef, layers, kv_layers = drafter  # kv_layers: early exit's (the target's pages), else None
+        early_exit = kv_layers is not None
+        state, stacked = jax.tree.unflatten(treedef, param_leaves if early_exit else draft_leaves)
+        model = nnx.merge(graphdef, state)
         rows = jax.tree.map(lambda a: a[proposal.verify_rows], drafting_tensors(sampling))
-        pages = kv_cache[: len(layers)] if early_exit else draft_kv
         pages, drafts, q = draft_tokens(
-            model, layers, pages, proposal.tokens, proposal.positions, proposal.attention, backend, rows
+            model,
+            layers,
+            kv_cache if early_exit else draft_kv,
+            proposal.tokens,
+            proposal.positions,
+            proposal.attention,
+            backend,
+            rows,
+            kv_layers=kv_layers,
+            stacked=stacked,
         )
-        pages = [
-            tuple(jax.lax.with_sharding_constraint(a, kv_sharding if a.ndim == 4 else kv_scale_sharding) for a in kv)
-            for kv in pages
-        ]
+        pages = _constrain_pages(pages, kv_sharding, kv_scale_sharding)
         if early_exit:
-            kv_cache = pages + list(kv_cache[len(layers) :])
+            kv_cache = pages
         else:
             draft_kv = pages
         replicated = jax.sharding.NamedSharding(kv_sharding.mesh, jax.sharding.PartitionSpec())
@@ -808,9 +858,9 @@ class ModelRunner:
         return self.stages[0].param_leaves
 
     @property
-    def kv_cache(self) -> KVCache:
-        """All layers' pages, in layer order (across stages)."""
-        return [kv for stage in self.stages for kv in stage.kv_cache]
+    def kv_cache(self) -> list[KVCache]:
+        """Each stage's pages (its layers', layer-major), in stage order."""
+        return [stage.kv_cache for stage in self.stages]
 
     @staticmethod
     def _stage_step(
@@ -832,7 +882,8 @@ class ModelRunner:
         draft_leaves,
         draft_kv,
     ):
-        model = nnx.merge(graphdef, jax.tree.unflatten(treedef, param_leaves))
+        state, stacked = jax.tree.unflatten(treedef, param_leaves)
+        model = nnx.merge(graphdef, state)
         spec = inputs.spec
         if first:
             tokens = _fill_pending(inputs.tokens, inputs.token_src, inputs.prev_tokens)
@@ -841,16 +892,20 @@ class ModelRunner:
             with jax.named_scope("embed"):
                 x = model.embed(tokens)
         x, kv_cache = model.run_layers(
-            x, inputs.positions, kv_cache, inputs.attention, backend, layers, rope_lens=inputs.rope_lens
+            x,
+            inputs.positions,
+            kv_cache,
+            inputs.attention,
+            backend,
+            layers,
+            rope_lens=inputs.rope_lens,
+            stacked=stacked,
         )
-        # pages [K, P, L, H] and, for int8 / fp8 caches, their scales [K, P, L]
-        kv_cache = [
-            tuple(jax.lax.with_sharding_constraint(a, kv_sharding if a.ndim == 4 else kv_scale_sharding) for a in kv)
-            for kv in kv_cache
-        ]
+        kv_cache = _constrain_pages(kv_cache, kv_sharding, kv_scale_sharding)
         if mirror is not None:  # the draft model's K/V of every token the target computes (one stage only)
             draft_graphdef, draft_treedef, draft_layers, draft_sharding = mirror
-            drafter = nnx.merge(draft_graphdef, jax.tree.unflatten(draft_treedef, draft_leaves))
+            draft_state, draft_stacked = jax.tree.unflatten(draft_treedef, draft_leaves)
+            drafter = nnx.merge(draft_graphdef, draft_state)
 
             def mirrored(draft_kv):
                 _, draft_kv = drafter.run_layers(
@@ -861,8 +916,9 @@ class ModelRunner:
                     backend,
                     range(draft_layers),
                     rope_lens=inputs.rope_lens,
+                    stacked=draft_stacked,
                 )
-                return [tuple(jax.lax.with_sharding_constraint(a, draft_sharding) for a in kv) for kv in draft_kv]
+                return _constrain_pages(draft_kv, draft_sharding, None)
 
             draft_kv = jax.lax.cond(inputs.run_draft, mirrored, lambda kv: kv, draft_kv)
         if not last:

@@ -134,12 +134,20 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return rotated.astype(x.dtype)
 
 
+def _gelu_tanh(x: jax.Array) -> jax.Array:
+    return jax.nn.gelu(x, approximate=True)
+
+
+def _gelu_exact(x: jax.Array) -> jax.Array:
+    return jax.nn.gelu(x, approximate=False)
+
+
 def activation(name: str):
+    """The same function object for the same name: it is a static attribute of each layer's graph, and layers
+    with equal graphs share a stack (``layer_stack``)."""
     if name == "silu":
         return jax.nn.silu
-    if name == "gelu_pytorch_tanh":
-        return lambda x: jax.nn.gelu(x, approximate=True)
-    return lambda x: jax.nn.gelu(x, approximate=False)
+    return _gelu_tanh if name == "gelu_pytorch_tanh" else _gelu_exact
 
 
 class MLP(nnx.Module):

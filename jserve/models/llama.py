@@ -2,8 +2,10 @@
 MoE models (Mixtral, Qwen3-MoE).
 
 A forward pass runs a ragged batch of new tokens (prefill chunks and decode tokens of many sequences, packed
-into [T]) through all layers, writing their K/V into each layer's pages. Layers are unrolled: each keeps its own
-KV buffers, which the jitted step donates and XLA updates in place.
+into [T]) through all layers, writing their K/V into each layer's pages. The pages of all layers of a stage
+are one buffer (layer-major page ids, see ``AttentionBackend.for_layer``), which the jitted step donates and
+XLA updates in place. Layers run unrolled, or in a loop over stacked params (``layer_stack``), which makes a
+program's trace and compile cost independent of depth.
 """
 
 from __future__ import annotations
@@ -15,13 +17,15 @@ from flax import nnx
 from jserve.attention import AttentionBackend
 from jserve.config import ModelConfig
 from jserve.models.attention import Attention
+from jserve.models.layer_stack import StackedLayers, run_stacked
 from jserve.models.layers import MLP, Embedding, RMSNorm, param, rope_tables
 from jserve.models.mixtral import MoE
 from jserve.quant.kv import kv_bytes_per_token
 from jserve.quant.weights import dense_einsum
 
-KVCache = list[tuple[jax.Array, ...]]
-"""Per layer: (k_pages, v_pages), each [K, P, L, H]; int8 / fp8 pages add (k_scales, v_scales), each [K, P, L]."""
+KVCache = tuple[jax.Array, ...]
+"""(k_pages, v_pages), each [K, N * P, L, H] for N layers of P pages (layer j: pages j * P ... (j + 1) * P - 1);
+int8 / fp8 pages add (k_scales, v_scales), each [K, N * P, L]."""
 
 
 class DecoderLayer(nnx.Module):
@@ -76,7 +80,7 @@ class CausalLM(nnx.Module):
         meta,
         backend: AttentionBackend,
     ) -> tuple[jax.Array, KVCache]:
-        """Returns final hidden states [T, D] and the updated per-layer pages."""
+        """Returns final hidden states [T, D] and the updated pages."""
         x = self.embed(tokens)
         x, kv_cache = self.run_layers(x, positions, kv_cache, meta, backend, range(self.config.num_layers))
         return self.final_norm(x), kv_cache
@@ -90,11 +94,19 @@ class CausalLM(nnx.Module):
         backend: AttentionBackend,
         layers: range,
         rope_lens: jax.Array | None = None,
+        *,
+        kv_layers: range | None = None,
+        stacked: StackedLayers | None = None,
     ) -> tuple[jax.Array, KVCache]:
-        """Runs a contiguous range of layers (a pipeline stage); kv_cache holds exactly those layers' pages.
+        """Runs a contiguous range of layers (a pipeline stage, or early exit's first layers).
+
+        ``kv_cache`` holds the pages of ``kv_layers`` (default: ``layers``). ``stacked``: the layers' params
+        stacked (run in a loop; this model's own layers are then stubs), else the layers run unrolled.
         ``rope_lens`` [T]: each token's sequence length for longrope (Phi-3); None: its row's length after this
         step (drafting, where no prompt length is at hand)."""
         cfg = self.config
+        kv_layers = layers if kv_layers is None else kv_layers
+        pages_per_layer = kv_cache[0].shape[1] // len(kv_layers)
         ropes = {cfg.layer_rope(i) for i in layers}
         seq_lens = None
         if any(scaling.rope_type == "longrope" for _, scaling in ropes):
@@ -102,11 +114,19 @@ class CausalLM(nnx.Module):
             if seq_lens is None:
                 seq_lens = _token_sequence_lengths(backend.layout_of(meta), positions.shape[0])
         tables = {rope: rope_tables(positions, seq_lens, cfg.head_dim, *rope) for rope in ropes}  # once per step
-        new_cache = []
-        for i, kv in zip(layers, kv_cache, strict=True):
-            x, kv = self.layers[i](x, tables[cfg.layer_rope(i)], kv, meta, backend)
-            new_cache.append(kv)
-        return x, new_cache
+
+        def run_layer(layer, i, like: int, carry):
+            x, kv = carry
+            layer_meta = backend.for_layer(meta, (i - kv_layers.start) * pages_per_layer)
+            return layer(x, tables[cfg.layer_rope(like)], kv, layer_meta, backend)
+
+        if stacked is None:
+            carry = (x, tuple(kv_cache))
+            for i in layers:
+                carry = run_layer(self.layers[i], i, i, carry)
+            return carry
+        graphdefs = [nnx.graphdef(self.layers[stacked.stack.start + r]) for r in range(stacked.stack.period)]
+        return run_stacked(graphdefs, stacked, layers, (x, tuple(kv_cache)), run_layer)
 
     @jax.named_scope("lm_head")
     def logits(self, hidden: jax.Array) -> jax.Array:  # [B, D] -> [B, V] float32
@@ -126,8 +146,9 @@ def _token_sequence_lengths(layout, num_tokens: int) -> jax.Array:
     return jnp.where(real, layout.kv_lens[jnp.minimum(row, layout.kv_lens.shape[0] - 1)], 0)
 
 
-def kv_cache_shape(cfg: ModelConfig, num_pages: int, page_size: int) -> tuple[int, int, int, int]:
-    return (cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
+def kv_cache_shape(cfg: ModelConfig, num_pages: int, page_size: int, num_layers: int) -> tuple[int, int, int, int]:
+    """The K (or V) pages of ``num_layers`` layers of ``num_pages`` pages each, in one buffer."""
+    return (cfg.num_kv_heads, num_layers * num_pages, page_size, cfg.head_dim)
 
 
 def kv_cache_bytes_per_page(cfg: ModelConfig, page_size: int, dtype) -> int:

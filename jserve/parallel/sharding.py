@@ -119,7 +119,7 @@ def print_plan(state: nnx.State, cfg: ModelConfig, mesh: Mesh, file=None) -> str
         axes = var.get_metadata().get("out_sharding")
         lines.append(f"{name:40s} {str(shape):22s} {str(axes):45s} {str(specs[name]):28s} shard {shard}")
     spec = kv_cache_spec(cfg, mesh)
-    lines.append(f"{'kv_cache (per layer, k and v)':40s} {'[K, P, L, H]':22s} {'':45s} {str(spec):28s}")
+    lines.append(f"{'kv_cache (k and v, all layers)':40s} {'[K, layers * P, L, H]':22s} {'':45s} {str(spec):28s}")
     text = "\n".join(lines)
     print(text, file=file)
     return text

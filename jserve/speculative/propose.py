@@ -43,20 +43,25 @@ def drafting_tensors(t: SamplingTensors) -> SamplingTensors:
 def draft_tokens(
     model,
     layers: range,
-    kv_cache: list,
+    kv_cache: tuple,
     tokens: jax.Array,  # [S] last token of each drafting row (padding rows: anything)
     positions: jax.Array,  # [S] its position
     metadata,  # the backend's metadata for each of the k steps, stacked on a leading axis
     backend,
     tensors: SamplingTensors,  # [S] rows (drafting_tensors)
-) -> tuple[list, jax.Array, jax.Array]:
-    """Returns the drafter's updated pages, drafts [S, k] and their distributions q [S, k, V]."""
+    *,
+    kv_layers: range | None = None,
+    stacked=None,
+) -> tuple[tuple, jax.Array, jax.Array]:
+    """Returns the drafter's updated pages, drafts [S, k] and their distributions q [S, k, V]. ``kv_layers``: the
+    layers ``kv_cache`` holds (early exit: the target's), ``stacked``: the drafter's stacked layers, if any
+    (``CausalLM.run_layers``)."""
     greedy_rows = tensors.temperature <= 0
 
     def step(carry, meta):
         tok, pos, kv, i = carry
         x = model.embed(tok)
-        x, kv = model.run_layers(x, pos, kv, meta, backend, layers)
+        x, kv = model.run_layers(x, pos, kv, meta, backend, layers, kv_layers=kv_layers, stacked=stacked)
         logits = model.logits(model.final_norm(x)).astype(jnp.float32)
         row_tensors = dataclasses.replace(tensors, steps=tensors.steps + i)
         x_filtered = filtered_logits(logits, row_tensors)

@@ -33,9 +33,7 @@ def _hf_prompt_logprobs(model: torch.nn.Module, prompt: list[int]) -> np.ndarray
     return np.array([float(logprobs[i - 1, prompt[i]]) for i in range(1, len(prompt))])
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_family_matches_transformers(family, tmp_path):
-    ckpt, hf_model = make_checkpoint(family, tmp_path / family)
+def _check_against_transformers(ckpt, hf_model, **engine_args) -> LLM:
     rng = np.random.default_rng(1)
     prompts = [rng.integers(3, VOCAB, size=PROMPT_LEN).tolist(), rng.integers(3, VOCAB, size=7).tolist()]
     llm = LLM(
@@ -47,6 +45,7 @@ def test_family_matches_transformers(family, tmp_path):
         max_num_batched_tokens=64,
         page_size=8,
         precompile=False,
+        **engine_args,
     )
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, prompt_logprobs=1)
     outs = llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
@@ -56,6 +55,32 @@ def test_family_matches_transformers(family, tmp_path):
         np.testing.assert_allclose(ours, _hf_prompt_logprobs(hf_model, prompt), atol=LOGPROB_TOL, rtol=0)
         assert out.outputs[0].token_ids == _hf_greedy(hf_model, prompt, NEW_TOKENS)
         assert out.outputs[0].finish_reason == "length"
+    return llm
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_family_matches_transformers(family, tmp_path):
+    _check_against_transformers(*make_checkpoint(family, tmp_path / family))
+
+
+@pytest.mark.parametrize(
+    ("family", "layers", "period"),
+    [
+        ("gemma2", 5, 2),  # windowed / global alternate: two stacks, two whole periods and one layer after
+        ("gemma3", 8, 6),  # 5 windowed (local RoPE) : 1 global; one whole period and two layers after
+        ("qwen3-moe", 3, 2),  # sparse, dense, sparse
+        pytest.param("phi3", 2, 1, marks=pytest.mark.slow),  # longrope's per-token lengths inside the loop
+    ],
+)
+def test_scanned_layers_match_transformers(family, layers, period, tmp_path):
+    """scan_layers=True: layers that look alike share a stack and the loop runs whole periods of them; the
+    tokens and prompt logprobs are transformers' as with unrolled layers."""
+    llm = _check_against_transformers(
+        *make_checkpoint(family, tmp_path / family, num_hidden_layers=layers), scan_layers=True
+    )
+    stage = llm.engine.runner.stages[0]
+    assert stage.treedef is not None and stage.param_names.count(f"stacked/{period - 1}/input_norm/weight") == 1
+    assert f"stacked/{period}/input_norm/weight" not in stage.param_names  # exactly ``period`` stacks
 
 
 def test_bfloat16_matches_transformers_bfloat16(tmp_path):

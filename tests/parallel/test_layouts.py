@@ -93,12 +93,30 @@ def test_layout_matches_single_device(llama_dir, prompts, single, layout):
     assert shard_shape(params["layers/0/mlp/down_proj"]) == (128 // tp, 64)
     assert shard_shape(params["embed/embedding"]) == (512 // tp, 64)
     kv_heads_per_device = 2 // tp if tp <= 2 else 2  # tp=4 > 2 kv heads: replicated
-    assert shard_shape(runner.kv_cache[0][0]) == (kv_heads_per_device, 96, 8, 16)
-    for stage in runner.stages:  # each stage holds only its own layers' pages, on its own devices
-        assert len(stage.kv_cache) == 4 // pp
-        assert {d for d in stage.kv_cache[0][0].devices()} == set(stage.mesh.devices.flat)
+    for stage in runner.stages:  # each stage holds only its own layers' pages (96 each), on its own devices
+        k_pages, v_pages = stage.kv_cache
+        assert shard_shape(k_pages) == shard_shape(v_pages) == (kv_heads_per_device, 96 * 4 // pp, 8, 16)
+        assert {d for d in k_pages.devices()} == set(stage.mesh.devices.flat)
     if dp > 1:
         assert all(r.stats()["prompt_tokens_computed"] > 0 for r in replicas)  # requests were spread
+
+
+@pytest.mark.parametrize("layout", [dict(tensor_parallel_size=2), dict(pipeline_parallel_size=2)])
+def test_scanned_layers_match_single_device(llama_dir, prompts, single, layout):
+    """Stacked layer params (scan_layers) split like the per-layer ones, the stacking axis whole; each pipeline
+    stage stacks its own layers."""
+    llm, tokens = _run(llama_dir, prompts, scan_layers=True, **layout)
+    assert tokens == single
+    tp = layout.get("tensor_parallel_size", 1)
+    pp = layout.get("pipeline_parallel_size", 1)
+    for stage in llm.engine.runner.stages:
+        stacked = {n: a for n, a in zip(stage.param_names, stage.param_leaves, strict=True) if n.startswith("stacked")}
+        first = stage.layers.start  # a Llama's layers all look alike: one stack per stage
+        assert shard_shape(stacked[f"stacked/{first}/attn/q_proj"]) == (4 // pp, 64, 4 // tp, 16)
+        assert shard_shape(stacked[f"stacked/{first}/mlp/down_proj"]) == (4 // pp, 128 // tp, 64)
+        assert {d for d in stacked[f"stacked/{first}/attn/q_proj"].devices()} == set(stage.mesh.devices.flat)
+        per_layer = [a for n, a in zip(stage.param_names, stage.param_leaves, strict=True) if n.startswith("layers/")]
+        assert all(a.ndim == 0 for a in per_layer)  # the per-layer copies are stubs
 
 
 @pytest.mark.parametrize("tp", [2, pytest.param(4, marks=pytest.mark.slow)])
