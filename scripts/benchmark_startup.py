@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """Time to ready: ``python -m jserve.launch`` (bundled model) from process start to its ``jserve: ready`` line,
 and to every program built (``/metrics``), with a cold and then a warm cache (a fresh temporary directory),
-and the README's one-line ``LLM().generate(...)`` example with the warm cache.
+and the README's one-line ``LLM().generate(...)`` example with the warm cache. ``--depths``: also ``LLM()`` of
+random Llamas at those depths, with unrolled and with scanned layers (``scan_layers``), and scanned layers'
+decode speed against unrolled on the bundled model.
 
     python scripts/benchmark_startup.py [--runs 2] [--depths 4 32] [-- extra launch flags]
 """
@@ -13,6 +15,7 @@ import json
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -74,14 +77,45 @@ def one_liner(cache: str) -> float:
 
 DEPTH_PROBE = (
     "import sys, time; t = time.perf_counter(); from jserve import LLM; "
-    "LLM(sys.argv[1], dtype='float32', max_model_len=256, max_num_seqs=8, progress=False); "
+    "LLM(sys.argv[1], dtype='float32', max_model_len=256, max_num_seqs=8, progress=False, "
+    "scan_layers=sys.argv[2] == 'scan'); "
     "print(time.perf_counter() - t)"
 )
 
 
-def depth_costs(layers: list[int]) -> dict[int, tuple[float, float]]:
+def scan_decode_ratios(repeats: int = 5) -> dict[int, float]:
+    """{batch: decode tokens/s with scan_layers over unrolled} on the bundled model (float32, greedy, 32-token
+    prompts; both engines in this process, runs alternating, median of ``repeats``)."""
+    import numpy as np
+
+    from jserve import LLM, SamplingParams
+
+    engines = {
+        scan: LLM(dtype="float32", max_model_len=512, max_num_seqs=16, progress=False, scan_layers=scan)
+        for scan in (False, True)
+    }
+    rng = np.random.default_rng(0)
+
+    def tokens_per_s(llm, batch: int, new_tokens: int) -> float:
+        ids = [rng.integers(5, 2000, 32).tolist() for _ in range(batch)]
+        params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+        start = time.perf_counter()
+        llm.generate(prompt_token_ids=ids, sampling_params=params, use_tqdm=False)
+        return batch * new_tokens / (time.perf_counter() - start)
+
+    ratios = {}
+    for batch, new_tokens in ((1, 192), (16, 64)):
+        runs = {False: [], True: []}
+        for _ in range(repeats):
+            for scan, llm in engines.items():
+                runs[scan].append(tokens_per_s(llm, batch, new_tokens))
+        ratios[batch] = statistics.median(runs[True]) / statistics.median(runs[False])
+    return ratios
+
+
+def depth_costs(layers: list[int], mode: str) -> dict[int, tuple[float, float]]:
     """{layers: (cold, warm) seconds of ``LLM()``} for random Llamas of hidden size 64 that differ only in depth
-    (each with its own fresh cache); imports included."""
+    (each with its own fresh cache); imports included. ``mode``: 'scan' (scan_layers) or 'unrolled'."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -96,7 +130,7 @@ def depth_costs(layers: list[int]) -> dict[int, tuple[float, float]]:
             torch.manual_seed(0)
             LlamaForCausalLM(config).save_pretrained(path)
             env = {**os.environ, "JSERVE_COMPILATION_CACHE_DIR": str(Path(root) / f"cache-{n}")}
-            run = [sys.executable, "-c", DEPTH_PROBE, str(path)]
+            run = [sys.executable, "-c", DEPTH_PROBE, str(path), mode]
             cold, warm = (
                 float(subprocess.run(run, env=env, check=True, capture_output=True, text=True).stdout) for _ in range(2)
             )
@@ -124,9 +158,13 @@ def main() -> None:
         f"README one-liner (warm): {result['one_liner_warm_s']:.1f} s"
     )
     if args.depths:
-        result["depth_s"] = depth_costs(args.depths)
-        for n, (cold, warm) in result["depth_s"].items():
-            print(f"LLM(), {n} layers (hidden 64): cold {cold:.1f} s, warm {warm:.1f} s")
+        result["depth_s"] = {mode: depth_costs(args.depths, mode) for mode in ("unrolled", "scan")}
+        for mode, costs in result["depth_s"].items():
+            for n, (cold, warm) in costs.items():
+                print(f"LLM(), {n} layers (hidden 64), {mode}: cold {cold:.1f} s, warm {warm:.1f} s")
+        result["scan_decode_ratio"] = scan_decode_ratios()
+        for batch, ratio in result["scan_decode_ratio"].items():
+            print(f"decode tokens/s with scan_layers / unrolled, bundled model, batch {batch}: {ratio:.3f}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
 
