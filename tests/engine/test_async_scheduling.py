@@ -12,8 +12,6 @@ import pytest
 
 from jserve import LLM, SamplingParams
 
-pytestmark = pytest.mark.xdist_group("async_scheduling")  # the module's shared engine is built on one worker
-
 COMMON = dict(dtype="float32", max_model_len=160, page_size=8, max_num_seqs=16, max_num_batched_tokens=64)
 
 

@@ -11,8 +11,6 @@ import pytest
 from jserve import BUNDLED_MODEL, LLM, SamplingParams
 from jserve.engine.runner import ModelRunner
 
-pytestmark = pytest.mark.xdist_group("background_build")
-
 SETTINGS = dict(dtype="float32", max_model_len=256, max_num_batched_tokens=64, max_num_seqs=4, progress=False)
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
 

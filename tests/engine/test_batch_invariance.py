@@ -33,8 +33,6 @@ from jserve import LLM, RequestOutput, SamplingParams, StructuredOutputsParams
 from tests.checkpoints import FAMILIES, VOCAB, make_checkpoint
 from tests.models.test_quantization import COMPRESSED_SCHEMES, compressed_checkpoint, dense_checkpoint
 
-pytestmark = pytest.mark.xdist_group("batch_invariance")  # one worker builds the engines once (--dist loadgroup)
-
 ENGINE = dict(
     dtype="float32",
     min_token_bucket=1,  # the CPU default: a request alone decodes in one-token steps, batched in steps of 16

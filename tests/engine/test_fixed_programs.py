@@ -13,8 +13,6 @@ import pytest
 from jserve import BUNDLED_MODEL, LLM, SamplingParams, StructuredOutputsParams
 from tests.lowerings import count_lowerings
 
-pytestmark = pytest.mark.xdist_group("fixed_programs")  # the module's shared engine is built on one worker
-
 DEFAULT_PROGRAMS = 12  # token buckets 1, 2, 4, ..., 2048 (max_num_batched_tokens), one pipeline stage
 # structured outputs' deferred sampling: one small program per count of sampled rows, 1, 2, 4, ..., 64 (max_num_seqs)
 DEFAULT_SAMPLING_PROGRAMS = 7

@@ -15,8 +15,6 @@ from tests.lowerings import count_lowerings
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 COMMON = dict(dtype="float32", max_model_len=160, page_size=8, max_num_seqs=32, precompile=False)
 
-pytestmark = pytest.mark.xdist_group("step_failures")
-
 
 class Fault(RuntimeError):
     pass

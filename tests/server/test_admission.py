@@ -24,8 +24,6 @@ from jserve.server.gen import jserve_pb2 as pb
 from jserve.server.gen import jserve_pb2_grpc as pb_grpc
 from tests.server.harness import ServerProcess
 
-pytestmark = pytest.mark.xdist_group("admission")  # the module's shared engine is built on one worker
-
 MAX_NUM_SEQS = 4
 MAX_MODEL_LEN = 128
 NUM_PAGES = 25  # 24 usable pages of 16 tokens

@@ -6,14 +6,11 @@ from __future__ import annotations
 
 import time
 
-import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from jserve.server.gen import jserve_pb2 as pb
 from jserve.server.gen import jserve_pb2_grpc as pb_grpc
 from tests.server.harness import ServerProcess, metric_value, scrape
-
-pytestmark = pytest.mark.xdist_group("background_start")
 
 GREEDY = pb.GenerateRequest(
     token_ids=[1, 20, 30, 40], sampling=pb.SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)

@@ -29,8 +29,6 @@ from jserve.sampling_params import FLOAT32_MAX, FLOAT32_TINY
 from jserve.server.gen import jetstream_pb2, jetstream_pb2_grpc, jserve_pb2, jserve_pb2_grpc
 from tests.server.harness import ServerProcess, metric_value, scrape
 
-pytestmark = pytest.mark.xdist_group("extreme_values")
-
 MAX_MODEL_LEN = 64
 VOCAB = 4096  # the bundled model's
 EXAMPLES = 40

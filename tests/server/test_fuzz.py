@@ -27,8 +27,6 @@ import pytest
 
 from tests.server.harness import ServerProcess
 
-pytestmark = pytest.mark.xdist_group("fuzz")  # the runs share one server, in order
-
 EXAMPLES_PER_OPERATION = 60
 MEMORY_GROWTH_BOUND = 512 << 20  # bytes of RSS over the idle server's, during and after the runs
 RUNS = [(0, "examples,coverage,fuzzing"), (1, "examples,fuzzing"), (2, "examples,fuzzing")]

@@ -16,8 +16,6 @@ from jserve.server.gen import jserve_pb2 as pb
 from jserve.server.gen import jserve_pb2_grpc as pb_grpc
 from tests.server.harness import ServerProcess, metric_value, scrape
 
-pytestmark = pytest.mark.xdist_group("grpc")  # the module's shared engine is built on one worker
-
 PROMPTS = ["The quick brown fox", "Once upon a time, in a land far away,"]
 
 

@@ -31,8 +31,6 @@ from jserve.server.gen import jserve_pb2 as pb
 from jserve.server.gen import jserve_pb2_grpc as pb_grpc
 from tests.server.harness import ServerProcess
 
-pytestmark = pytest.mark.xdist_group("kill_restart")
-
 GREEDY = pb.GenerateRequest(
     token_ids=[1, 20, 30, 40], sampling=pb.SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 )

@@ -20,8 +20,6 @@ import pytest
 from jserve.bundled import BUNDLED_MODEL
 from tests.server.harness import ServerProcess
 
-pytestmark = pytest.mark.xdist_group("lm_eval")
-
 MODEL = "tiny-pycoder"
 TASK = "jserve_tiny_mc"
 DOCS = [

@@ -14,8 +14,6 @@ from jserve.server.gen import jserve_pb2_grpc as pb_grpc
 from jserve.server.openai_protocol import NOOP_FIELDS
 from tests.server.harness import ServerProcess, metric_value, scrape
 
-pytestmark = pytest.mark.xdist_group("openai_http")  # one server; the metrics test needs it to itself
-
 MODEL = "tiny-pycoder"
 MAX_MODEL_LEN = 128
 PROMPT = "def fibonacci(n):\n"

@@ -19,13 +19,9 @@ import threading
 import time
 from types import ModuleType
 
-import pytest
-
 from jserve import BUNDLED_MODEL
 from jserve.tokenizer import Tokenizer
 from tests.server.harness import REPO_ROOT, ServerProcess
-
-pytestmark = pytest.mark.xdist_group("soak")
 
 LOAD_SECONDS = 30.0
 

@@ -29,14 +29,13 @@ SETTINGS = dict(
 )
 K = 3
 METHODS = {"ngram": "ngram", "early_exit": "early_exit", "draft": str(BUNDLED_DRAFT_MODEL)}
-pytestmark = pytest.mark.xdist_group("speculative")  # one worker builds the four engines once (--dist loadgroup)
 
 
 _ENGINES: dict[str, tuple] = {}
 
 
 def plain_engine() -> LLM:
-    """The plain engine, shared with tests/structured (same xdist group, so the same worker process)."""
+    """The plain engine, shared with tests/structured when both modules run in one worker process."""
     if "plain" not in _ENGINES:
         _ENGINES["plain"] = LLM(BUNDLED_MODEL, **SETTINGS)
     return _ENGINES["plain"]

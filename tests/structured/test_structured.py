@@ -1,8 +1,9 @@
 """Structured outputs end to end on the bundled trained model: every kind's outputs are in its language, and
 constraints compose with n, seeds, logprobs, stop strings, max_tokens, preemption and speculative decoding.
 
-The engines are the speculative-decoding tests' (same xdist group, so the same worker builds them once): a
-plain one, n-gram and early exit, all with a pool small enough that a few dozen requests preempt.
+The engines are the speculative-decoding tests' (built once per process: shared when both modules run on the same
+xdist worker): a plain one, n-gram and early exit, all with a pool small enough that a few dozen requests
+preempt.
 """
 
 from __future__ import annotations
@@ -19,8 +20,6 @@ from jserve.structured import GrammarCompiler
 from tests.engine.workloads import assert_no_leak
 from tests.speculative.test_speculative import _speculative_engine, plain_engine
 from tests.structured.schemas import HEAVY_SCHEMA
-
-pytestmark = pytest.mark.xdist_group("speculative")
 
 SCHEMAS = {
     "nested": {
