@@ -45,7 +45,7 @@ from jserve.config import ModelConfig
 from jserve.engine.batch import StepInput, StepPlan, padding_step
 from jserve.engine.sampler import SamplerOutput, SamplingTensors, sample, top_logprobs
 from jserve.engine.shapes import StepShapes
-from jserve.executable_cache import ExecutableCache
+from jserve.executable_cache import ExecutableCache, compile_lowered
 from jserve.models.layer_stack import StackedLayers, plan_stack, stack_states
 from jserve.models.llama import KVCache, kv_cache_shape
 from jserve.parallel import sharding as shard_rules
@@ -963,7 +963,7 @@ class ModelRunner:
     def _compile(self, fn, args: tuple):
         """``fn``'s program on ``args``: loaded from the executable cache when it holds it, else compiled."""
         if self.executables is None:
-            return fn.lower(*args).compile()
+            return compile_lowered(fn.lower(*args))
         return self.executables.build(fn, args)
 
     def _first_use(self, programs: dict, key, fn, args: tuple, what: str):
