@@ -2,9 +2,9 @@
 
 With one pipeline stage (the common case) a step is one program: forward -> logits of the sampled rows ->
 sampler (and, under a runtime ``lax.cond``, prompt logprobs), KV pages donated, then one device-to-host copy.
-Every program is compiled ahead of time by ``compile_programs`` (before the engine is ready, in parallel
-threads, through jax's persistent compilation cache); ``dispatch`` only ever calls those executables, so a
-serving engine cannot compile: a step shape outside the set is a bug and raises.
+Every program is built ahead of time by ``compile_programs`` (before the engine is ready, or in the background
+for ``precompile="background"``; loaded from jserve's executable cache when it holds it); ``dispatch`` only ever
+calls those executables, so a serving engine cannot compile: a step shape outside the set is a bug and raises.
 
 With ``pp`` stages, each stage owns a contiguous range of layers and those layers' pages on its own
 tensor-parallel slice of devices; the engine splits a step into microbatches (disjoint sets of sequences) and
@@ -671,8 +671,9 @@ class ModelRunner:
     ) -> int:
         """Builds (compiles, or loads from the executable cache) the programs of ``buckets`` (None: every token
         bucket, and speculation's programs); returns how many. ``progress(n)`` is called as each finishes.
-        XLA compiles in worker threads (it releases the GIL), tracing stays serial. ``publish_each``: a bucket
-        becomes usable (``ready_shapes``) as soon as its programs are built, not once all are."""
+        Worker threads trace and lower (under the GIL) while XLA compiles (outside it; one compile at a time on
+        CPU, ``compile_lowered``). ``publish_each``: a bucket becomes usable (``ready_shapes``) as soon as its
+        programs are built, not once all are."""
         tasks = self._bucket_tasks(self.shapes.token_buckets if buckets is None else buckets)
         if buckets is None and self.spec is not None:
             tasks += self._speculation_tasks()
@@ -741,7 +742,7 @@ class ModelRunner:
         return sorted({buckets[0], prefill})
 
     def build_in_background(self) -> threading.Thread:
-        """Builds the buckets not yet built in a daemon thread (compiles in parallel as at start); each becomes
+        """Builds the buckets not yet built in a daemon thread (in worker threads as at start); each becomes
         usable (in ``ready_shapes``) once built. Smaller buckets first: a missing one pads decode steps to a
         larger one, while a missing large bucket only chunks long prefills more finely."""
         rest = [b for b in self.shapes.token_buckets if not self._bucket_ready(b)]
