@@ -290,13 +290,19 @@ def split_layers(num_layers: int, num_stages: int) -> list[range]:
     return [range(bounds[s], bounds[s + 1]) for s in range(num_stages)]
 
 
-def _stub_layers(state: nnx.State, layers: range) -> nnx.State:
-    """``state`` with the params of ``layers`` as scalar stubs (they live stacked; the graph stays whole)."""
+def _stubbed(state: nnx.State, stub: Callable[[tuple], bool]) -> nnx.State:
+    """``state`` with the params whose path ``stub`` picks as scalar zeros: the nnx graph stays whole
+    (``nnx.merge`` needs every variable) while those params are never read or are held elsewhere."""
     flat = nnx.to_flat_state(state)
     for path, var in flat:
-        if str(path[0]) == "layers" and int(path[1]) in layers:
+        if stub(path):
             var.set_value(jnp.zeros((), var.get_value().dtype))
     return nnx.from_flat_state(flat)
+
+
+def _stub_layers(state: nnx.State, layers: range) -> nnx.State:
+    """``state`` with the params of ``layers`` as stubs (they live stacked)."""
+    return _stubbed(state, lambda path: str(path[0]) == "layers" and int(path[1]) in layers)
 
 
 def _place_stacked(stacked: StackedLayers, shardings: dict, mesh: Mesh) -> StackedLayers:
@@ -323,9 +329,7 @@ def _param_name(path: tuple, first_layer: int) -> str:
 
 
 def _stage_state(state: nnx.State, layers: range, first: bool, last: bool, tied: bool) -> nnx.State:
-    """This stage's params; params of other stages become scalar stubs.
-
-    NOTE: the stubs keep the nnx graph whole (``nnx.merge`` needs every variable) and are never read: a stage
+    """This stage's params; params of other stages become scalar stubs (``_stubbed``), never read: a stage
     only calls its own layers, plus the embedding (first stage, and the last one when embeddings are tied) and
     the final norm / LM head (last stage).
     """
@@ -338,11 +342,7 @@ def _stage_state(state: nnx.State, layers: range, first: bool, last: bool, tied:
             return first or (last and tied)
         return last  # final_norm, lm_head
 
-    flat = nnx.to_flat_state(state)
-    for path, var in flat:
-        if not keep(path):
-            var.set_value(jnp.zeros((), var.get_value().dtype))
-    return nnx.from_flat_state(flat)
+    return _stubbed(state, lambda path: not keep(path))
 
 
 @dataclass
