@@ -5,6 +5,7 @@ scheduler) and the server's validation stay importable without jax.
 """
 
 from jserve.bundled import BUNDLED_DRAFT_MODEL, BUNDLED_MODEL
+from jserve.lora.request import LoRARequest
 from jserve.outputs import CompletionOutput, RequestOutput
 from jserve.sampling_params import SamplingParams, StructuredOutputsParams
 
@@ -14,6 +15,7 @@ __all__ = [
     "LLM",
     "AsyncLLM",
     "CompletionOutput",
+    "LoRARequest",
     "RequestOutput",
     "SamplingParams",
     "StructuredOutputsParams",

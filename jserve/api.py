@@ -13,6 +13,7 @@ from jserve.engine.engine import Engine
 from jserve.engine.factory import build_engine
 from jserve.engine_args import EngineArgs, llm_signature
 from jserve.limits import check_prompt_chars
+from jserve.lora.request import LoRARequest
 from jserve.outputs import CompletionOutput, RequestOutput
 from jserve.sampling_params import SamplingParams
 
@@ -54,7 +55,7 @@ class LLM:
             out.append((text, self.tokenizer.encode(text)))
         return out
 
-    def _add_all(self, prompts, sampling_params, *, stream: bool = True) -> list[str]:
+    def _add_all(self, prompts, sampling_params, *, stream: bool = True, lora_request=None) -> list[str]:
         if sampling_params is None:
             sampling_params = SamplingParams()
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
@@ -65,10 +66,15 @@ class LLM:
                 raise ValueError("sampling_params must be SamplingParams or a list of them")
         for (_, ids), p in zip(prompts, params, strict=True):
             self.engine.validate(ids, p)
+        adapters = lora_request if isinstance(lora_request, list) else [lora_request] * len(prompts)
+        if len(adapters) != len(prompts):
+            raise ValueError(f"lora_request: got {len(adapters)} for {len(prompts)} prompts")
+        for adapter in dict.fromkeys(a for a in adapters if a is not None):  # each read (and checked) once
+            self.engine.register_adapter(adapter)
         grammars = self._compile_grammars(params)
         return [
-            self.engine.add_request(ids, p, prompt=text, stream=stream, grammar=g)
-            for (text, ids), p, g in zip(prompts, params, grammars, strict=True)
+            self.engine.add_request(ids, p, prompt=text, stream=stream, grammar=g, lora_request=a)
+            for (text, ids), p, g, a in zip(prompts, params, grammars, adapters, strict=True)
         ]
 
     def _compile_grammars(self, params: list[SamplingParams]) -> list:
@@ -88,10 +94,13 @@ class LLM:
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
         prompt_token_ids: Sequence[Sequence[int]] | None = None,
         use_tqdm: bool = True,
+        lora_request: LoRARequest | list[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
-        """Generates for every prompt with continuous batching; returns outputs in prompt order."""
+        """Generates for every prompt with continuous batching; returns outputs in prompt order.
+        ``lora_request``: one adapter for every prompt, or one per prompt (None: the base model)."""
         # final outputs only: nobody reads per-step deltas here (see Engine.add_request)
-        request_ids = self._add_all(self._prompts(prompts, prompt_token_ids), sampling_params, stream=False)
+        prompts = self._prompts(prompts, prompt_token_ids)
+        request_ids = self._add_all(prompts, sampling_params, stream=False, lora_request=lora_request)
         final: dict[str, RequestOutput] = {}
         with tqdm(total=len(request_ids), desc="Generating", disable=not use_tqdm, unit="req") as bar:
             try:
@@ -111,14 +120,17 @@ class LLM:
         return [final[rid] for rid in request_ids]
 
     def generate_stream(
-        self, prompt: str | list[int], sampling_params: SamplingParams | None = None
+        self,
+        prompt: str | list[int],
+        sampling_params: SamplingParams | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> Iterator[RequestOutput]:
         """Yields RequestOutput deltas (new text/tokens only) for one prompt as they are generated."""
         if isinstance(prompt, str):
             prompts = self._prompts(prompt, None)
         else:
             prompts = self._prompts(None, [prompt])
-        (request_id,) = self._add_all(prompts, sampling_params)
+        (request_id,) = self._add_all(prompts, sampling_params, lora_request=lora_request)
         finished = False
         try:
             while not finished:
@@ -138,6 +150,7 @@ class LLM:
         use_tqdm: bool = True,
         chat_template: str | None = None,
         tools: list[dict] | None = None,
+        lora_request: LoRARequest | list[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Applies the checkpoint's chat template, then generates (one conversation or a list of them).
         ``tools``: OpenAI function definitions the template shows the model (vLLM's ``LLM.chat(tools=...)``)."""
@@ -152,7 +165,9 @@ class LLM:
             )
             for c in conversations
         ]
-        return self.generate(prompt_token_ids=token_ids, sampling_params=sampling_params, use_tqdm=use_tqdm)
+        return self.generate(
+            prompt_token_ids=token_ids, sampling_params=sampling_params, use_tqdm=use_tqdm, lora_request=lora_request
+        )
 
     def stats(self) -> dict[str, float | int]:
         """Engine state: page counts, queue lengths, preemptions, prefix-cache hit rate (docs/api.md)."""

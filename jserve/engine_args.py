@@ -18,12 +18,14 @@ from dataclasses import dataclass, field
 from jserve.bundled import BUNDLED_MODEL
 from jserve.config import ParallelConfig
 from jserve.limits import DEFAULT_MAX_LOGPROBS, RequestLimits
+from jserve.lora.request import ALL_TARGETS as LORA_TARGETS
 from jserve.quant.config import DEFAULT_GROUP_SIZE, KV_CACHE_DTYPES, WEIGHT_METHODS, WeightQuant, weight_quant_from_args
 from jserve.speculative.config import SpeculativeConfig, speculative_config_from_args
 
 ENGINE_GROUP = "engine"
 SPEC_GROUP = "speculative decoding"
 STRUCTURED_GROUP = "structured outputs"
+LORA_GROUP = "LoRA adapters"
 LIMITS_GROUP = "admission limits (requests over them get INVALID_ARGUMENT / HTTP 400)"
 
 
@@ -143,6 +145,20 @@ class EngineArgs:
         "run the layers in a loop over stacked params: a step program traces and compiles one period of layers "
         "whatever the depth (a deep model starts in a fraction of the time)",
     )
+    enable_lora: bool = setting(
+        False, "serve PEFT LoRA adapters (per request: lora_request / the model name)", group=LORA_GROUP
+    )
+    max_loras: int = setting(1, "adapters resident on the device at once (adapter slots)", group=LORA_GROUP)
+    max_lora_rank: int = setting(16, "largest adapter rank served (smaller ranks are zero-padded)", group=LORA_GROUP)
+    max_cpu_loras: int | None = setting(
+        None, "adapters kept loaded in host memory (default: max_loras)", group=LORA_GROUP
+    )
+    lora_target_modules: str | None = setting(
+        None,
+        "comma-separated projections that take adapters, of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,"
+        "down_proj (default: all of them; fewer cost less per step, adapters adapting others are refused)",
+        group=LORA_GROUP,
+    )
     progress: bool = setting(True, "show the compile progress bar")
 
     def __post_init__(self) -> None:
@@ -173,6 +189,31 @@ class EngineArgs:
             object.__setattr__(self, "precompile", True)
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        self._check_lora()
+
+    def _check_lora(self) -> None:
+        for name in ("max_loras", "max_lora_rank", "max_cpu_loras"):
+            value = getattr(self, name)
+            if value is None and name == "max_cpu_loras":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
+        _ = self.lora_targets
+
+    @property
+    def lora_targets(self) -> tuple[str, ...] | None:
+        """The projections adapters may adapt (None: all)."""
+        if self.lora_target_modules is None:
+            return None
+        raw = self.lora_target_modules
+        parts = raw if isinstance(raw, (list, tuple)) else str(raw).split(",")
+        targets = tuple(str(t).strip() for t in parts if str(t).strip())
+        unknown = sorted(set(targets) - set(LORA_TARGETS))
+        if unknown or not targets:
+            raise ValueError(f"lora_target_modules must name some of {list(LORA_TARGETS)}, got {raw!r}")
+        return targets
 
     @property
     def weight_quant(self) -> WeightQuant | None:

@@ -95,6 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="require this key (gRPC 'authorization: Bearer KEY' metadata, HTTP "
         "Authorization header); default: $JSERVE_API_KEY",
     )
+    serving.add_argument(
+        "--lora-modules",
+        nargs="+",
+        default=[],
+        metavar="NAME=PATH",
+        help="PEFT adapters to serve from the start, each selected by its NAME in the OpenAI 'model' field, "
+        "gRPC lora_name or JetStream lora_adapter_id (needs --enable-lora)",
+    )
     multi = p.add_argument_group("multi-host")
     multi.add_argument("--coordinator-address", default=None, help="HOST:PORT of process 0")
     multi.add_argument("--num-processes", type=int, default=1)
@@ -125,6 +133,12 @@ def _check_serving_flags(ns: argparse.Namespace) -> None:
     for path in (ns.tls_cert, ns.tls_key):
         if path and not Path(path).is_file():
             raise ValueError(f"TLS file {path!r} does not exist")
+    if ns.lora_modules and not ns.enable_lora:
+        raise ValueError("--lora-modules needs --enable-lora")
+    for module in ns.lora_modules:
+        name, _, path = module.partition("=")
+        if not name or not path:
+            raise ValueError(f"--lora-modules: expected NAME=PATH, got {module!r}")
 
 
 def _inject_step_failure(engine, after_steps: int) -> None:
@@ -187,11 +201,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             multihost.follow(engine)
             print("jserve: stopped", file=sys.stderr, flush=True)
             return 0
+    try:
+        adapters = _load_adapters(engine, ns, ns.served_model_name or Path(args.model).name)
+    except ValueError as e:
+        return _fail(str(e))
     if ns.debug_fail_after_steps is not None:
         _inject_step_failure(engine, ns.debug_fail_after_steps)
     if ns.debug_step_delay is not None:
         _inject_step_delay(engine, ns.debug_step_delay)
-    code, engine_stopped = asyncio.run(serve(engine, ns, args))
+    code, engine_stopped = asyncio.run(serve(engine, ns, args, adapters))
     if not engine_stopped:  # the engine thread is stuck inside a step: nothing would end it but the exit
         print("jserve: engine thread did not stop; exiting without waiting for it", file=sys.stderr, flush=True)
         sys.stdout.flush()
@@ -214,7 +232,20 @@ def _exit_deadline(seconds: float) -> threading.Timer:
     return timer
 
 
-async def serve(engine, ns: argparse.Namespace, args) -> tuple[int, bool]:
+def _load_adapters(engine, ns: argparse.Namespace, base_name: str):
+    """The served adapters (``--enable-lora``), with ``--lora-modules`` loaded; None without LoRA."""
+    if not ns.enable_lora:
+        return None
+    from jserve.lora.registry import AdapterRegistry
+
+    adapters = AdapterRegistry(engine, base_name)
+    for module in ns.lora_modules:
+        name, _, path = module.partition("=")
+        adapters.load(name, path)
+    return adapters
+
+
+async def serve(engine, ns: argparse.Namespace, args, adapters=None) -> tuple[int, bool]:
     """Serves until a signal, then drains; returns the exit code and whether the engine thread stopped."""
     from jserve.engine.async_llm import AsyncLLM
     from jserve.metrics import ServerMetrics
@@ -225,7 +256,7 @@ async def serve(engine, ns: argparse.Namespace, args) -> tuple[int, bool]:
     card = _model_card(engine, args, ns.served_model_name or Path(args.model).name)
     llm = AsyncLLM(engine, max_queue_size=ns.max_queue_size)
     metrics = ServerMetrics(engine.stats, model_name=card.name)
-    core = ServingCore(llm, card, metrics, stall_timeout=ns.engine_stall_timeout)
+    core = ServingCore(llm, card, metrics, stall_timeout=ns.engine_stall_timeout, adapters=adapters)
     try:
         server, health, port = build_grpc_server(
             core,

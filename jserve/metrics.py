@@ -157,6 +157,22 @@ class _EngineCollector(Collector):
             ("prefix_cache_hits", "Prompt tokens found in the prefix cache.", "prefix_cache_hits"),
         ]
         counters += [(name, doc, s[key]) for name, doc, key in optional if key in s]
+        if "lora_slots" in s:  # multi-LoRA (--enable-lora)
+            gauges += [
+                ("lora_slots", "Adapter slots on the device (max_loras).", s["lora_slots"]),
+                ("lora_adapters_resident", "Adapters in device slots.", s["lora_resident"]),
+                ("lora_adapters_on_host", "Adapters loaded in host memory (max_cpu_loras).", s["lora_on_host"]),
+            ]
+            counters += [
+                ("lora_loads", "Adapters written into a device slot.", s["lora_loads"]),
+                ("lora_evictions", "Resident adapters replaced in their slot by another.", s["lora_evictions"]),
+                ("lora_slot_waits", "Requests that waited for an adapter slot.", s["lora_slot_waits"]),
+                (
+                    "lora_slot_wait_seconds",
+                    "Seconds requests spent waiting for an adapter slot.",
+                    s["lora_slot_wait_seconds"],
+                ),
+            ]
         for name, doc, value in gauges:
             yield self._family(GaugeMetricFamily, name, doc, value)
         for name, doc, value in counters:

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from jserve.engine.engine import Engine
+from jserve.lora.request import LoRARequest
 from jserve.outputs import RequestOutput
 from jserve.sampling_params import SamplingParams
 
@@ -121,14 +122,18 @@ class AsyncLLM:
         *,
         request_id: str | None = None,
         prompt: str | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Yields deltas until the request finishes; cancelling the consumer aborts the request."""
+        """Yields deltas until the request finishes; cancelling the consumer aborts the request.
+        ``lora_request``: the adapter to run with; a new adapter is read from disk off this loop."""
         if self.errored is not None:
             raise EngineDeadError(f"engine is dead: {self.errored!r}")
         params = sampling_params or SamplingParams()
         grammar = None
         if params.structured_outputs is not None:  # compiled in the engine's pool; this loop only awaits it
             grammar = await self.engine.grammar_compiler().compile_async(params.structured_outputs)
+        if lora_request is not None:
+            await asyncio.to_thread(self.engine.register_adapter, lora_request)
         request_id = request_id or f"async-{next(self._ids)}"
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:
@@ -139,7 +144,14 @@ class AsyncLLM:
             self._streams[request_id] = stream
         finished = False
         try:
-            self.engine.add_request(prompt_token_ids, params, request_id=request_id, prompt=prompt, grammar=grammar)
+            self.engine.add_request(
+                prompt_token_ids,
+                params,
+                request_id=request_id,
+                prompt=prompt,
+                grammar=grammar,
+                lora_request=lora_request,
+            )
             self._wake.set()
             # NOTE: the engine may have died after the check above and snapshotted _streams before this
             # stream was in it; errored is set before that snapshot, so this check means nobody waits forever.

@@ -13,6 +13,7 @@ token_src [T]        async scheduling: row of the previous step's sampled ids th
 sampling             [R] settings, [R, max_model_len] penalty history, [R, Nb] banned ids (Nb fixed),
                      [R, W] grammar bitmask (structured outputs; verification steps: one row per position)
 prev_tokens [B]      the previous step's sampled ids (padded to B whatever its R)
+lora_slots [T]       multi-LoRA: each token's adapter slot (0: the base model; padding: 0); None without LoRA
 ```
 Only T varies (a power-of-two bucket), so an engine has one program per bucket. Three builders fill the
 parts: ``build_layout`` (tokens, positions, the attention layout), ``build_sampling`` (sampled rows) and
@@ -68,6 +69,7 @@ class StepInput:
     # the step only computes its logits and a separate sampling program samples them once the host has the
     # masks (``ModelRunner.sample_deferred``)
     defer_sampling: jax.Array = dataclasses.field(default_factory=lambda: np.asarray(False))
+    lora_slots: jax.Array | None = None  # [T] i32 each token's adapter slot (multi-LoRA engines only)
 
 
 @jax.tree_util.register_dataclass
@@ -270,6 +272,17 @@ def build_rope_lens(
     return rope_lens
 
 
+def build_lora_slots(chunks: Sequence[ScheduledChunk], requests: dict[str, Request], num_tokens_padded: int):
+    """[T] each token's adapter slot (its request's ``lora_slot``), in the layout's token order."""
+    slots = np.zeros(num_tokens_padded, np.int32)
+    cursor = 0
+    for chunk in chunks:
+        n = len(chunk.token_ids)
+        slots[cursor : cursor + n] = requests[chunk.request_id].lora_slot
+        cursor += n
+    return slots
+
+
 def build_step(
     out: SchedulerOutput,
     requests: dict[str, Request],
@@ -323,6 +336,7 @@ def build_step(
         spec=spec,
         run_draft=np.asarray(run_draft),
         defer_sampling=np.asarray(defer),
+        lora_slots=build_lora_slots(chunks, requests, t_pad) if shapes.lora else None,
     )
     return StepPlan(
         inputs,

@@ -85,6 +85,15 @@ class DataParallelEngine:
             self._pending[id(engine)] += 1
         return request_id
 
+    def register_adapter(self, lora_request) -> None:
+        """Reads an adapter into every replica's host tier (each replica has its own slots)."""
+        for engine in self.replicas:
+            engine.register_adapter(lora_request)
+
+    def unload_adapter(self, lora_int_id: int) -> None:
+        for engine in self.replicas:
+            engine.unload_adapter(lora_int_id)
+
     def abort_request(self, request_id: str) -> None:
         with self._lock:
             engine = self._owner.get(request_id)

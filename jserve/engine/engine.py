@@ -51,6 +51,7 @@ from jserve.engine.request import Request, RequestStatus
 from jserve.engine.runner import ModelRunner, PendingStep, StepResult
 from jserve.engine.scheduler import Scheduler, SchedulerOutput
 from jserve.limits import RequestLimits, RequestTooLargeError, check_token_count, pages_needed
+from jserve.lora.request import LoRARequest
 from jserve.outputs import RequestOutput
 from jserve.parallel.multihost import STOP
 from jserve.sampling_params import SamplingParams
@@ -93,6 +94,7 @@ class _Add:
     params: SamplingParams
     arrival_time: float
     stream: bool = True
+    lora_request: LoRARequest | None = None
 
 
 def _charging_lowerings(method):
@@ -214,6 +216,7 @@ class Engine:
         arrival_time: float | None = None,
         stream: bool = True,
         grammar: CompiledGrammar | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> str:
         """Validates and enqueues a request; returns its id. Safe to call from any thread.
 
@@ -222,9 +225,13 @@ class Engine:
 
         ``stream=False``: no per-step deltas, one RequestOutput holding everything when the request finishes
         (vLLM's FINAL_ONLY; offline ``LLM.generate`` uses it: building 64 deltas a step costs ~10% of a small
-        model's step on CPU)."""
+        model's step on CPU).
+
+        ``lora_request``: run with this PEFT adapter (``enable_lora``); it is read (and checked) here, on the
+        caller's thread, unless the engine holds it already."""
         params.validate()
         self.validate(prompt_token_ids, params)
+        self.register_adapter(lora_request)
         if params.structured_outputs is not None and grammar is None:
             grammar = self.compile_grammar(params)  # this thread waits (bounded), never the engine's
         request_id = request_id if request_id is not None else f"req-{next(self._auto_ids)}"
@@ -235,8 +242,25 @@ class Engine:
             if grammar is not None:
                 self._compiled[request_id] = grammar
         arrival = time.time() if arrival_time is None else arrival_time
-        self._inbox.put(_Add(request_id, prompt, [int(t) for t in prompt_token_ids], params, arrival, stream))
+        self._inbox.put(
+            _Add(request_id, prompt, [int(t) for t in prompt_token_ids], params, arrival, stream, lora_request)
+        )
         return request_id
+
+    def register_adapter(self, lora_request: LoRARequest | None) -> None:
+        """Reads an adapter into the host tier; ValueError when it cannot be served. Any thread."""
+        if lora_request is None:
+            return
+        if not isinstance(lora_request, LoRARequest):
+            raise ValueError(f"lora_request must be a jserve.LoRARequest, got {type(lora_request).__name__}")
+        if self.scheduler.adapters is None:
+            raise ValueError("lora_request: this engine serves no adapters (start it with enable_lora=True)")
+        self.scheduler.adapters.register(lora_request)
+
+    def unload_adapter(self, lora_int_id: int) -> None:
+        """Drops an adapter from the host tier and its device slot; requests running with it finish. Any thread."""
+        if self.scheduler.adapters is not None:
+            self.scheduler.adapters.forget(lora_int_id)
 
     def compile_grammar(self, params: SamplingParams) -> CompiledGrammar:
         """The compiled grammar of ``params.structured_outputs``, waiting at most the compiler's timeout;
@@ -302,6 +326,7 @@ class Engine:
                 add.params,
                 eos_token_ids=self.eos_token_ids,
                 arrival_time=add.arrival_time,
+                lora_request=add.lora_request,
             )
             if compiled is not None:
                 request.grammar = compiled.new_state()
@@ -403,6 +428,9 @@ class Engine:
                 self._sequences[chunk.request_id].draft_synced = False
         if self.fault_injector is not None:
             self.fault_injector("dispatch", [c.request_id for c in sched.chunks])
+        if self.scheduler.adapters is not None:  # adapters the scheduler gave slots to: queued before the step
+            for slot, adapter in self.scheduler.adapters.take_loads():
+                self.runner.write_lora_slot(slot, adapter)
         step = _Step(sched, plans, self.runner.dispatch(plans, previous.pending if previous else None))
         step.sampling_deferred = any(plan.defers_sampling for plan in plans)
         if self._speculation is not None:
@@ -739,7 +767,25 @@ class Engine:
             "weight_bytes": self.runner.weight_bytes,
             "kv_bytes_per_token": self.runner.kv_bytes_per_token,
             **self.speculation_stats(),
+            **self.lora_stats(),
             "programs_lowered_while_serving": self._lowerings.count,
+        }
+
+    def lora_stats(self) -> dict[str, float | int]:
+        """Multi-LoRA counters (empty without ``enable_lora``)."""
+        adapters = self.scheduler.adapters
+        if adapters is None:
+            return {}
+        c = adapters.counters
+        return {
+            "lora_slots": adapters.num_slots,
+            "lora_resident": len(adapters.resident),
+            "lora_on_host": adapters.num_on_host,
+            "lora_loads": c.loads,
+            "lora_evictions": c.evictions,
+            "lora_disk_loads": c.disk_loads,
+            "lora_slot_waits": c.waits,
+            "lora_slot_wait_seconds": c.wait_seconds,
         }
 
 

@@ -7,6 +7,7 @@ max_model_len capped by that pool, and the chunked-prefill token budget.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import sys
@@ -27,6 +28,9 @@ from jserve.engine.scheduler import Scheduler, SchedulerConfig
 from jserve.engine.shapes import StepShapes
 from jserve.engine_args import BACKGROUND, EngineArgs
 from jserve.executable_cache import ExecutableCache
+from jserve.lora.peft_adapter import load_peft_adapter
+from jserve.lora.slots import AdapterSlots
+from jserve.lora.targets import LoRASpec
 from jserve.models.llama import kv_cache_bytes_per_page
 from jserve.parallel.mesh import make_mesh, stage_mesh
 from jserve.parallel.sharding import param_shardings
@@ -185,6 +189,8 @@ def _build_replica(
     eos = list(tokenizer.eos_token_ids) if tokenizer is not None else list(model_config.eos_token_ids)
     spec = _speculative_config(args, model_config)
     shapes = _step_shapes(args, scheduler_config, cache_config.page_size, model_config, platform, spec, grammar, eos)
+    lora = _lora_spec(args, model_config)
+    shapes = dataclasses.replace(shapes, lora=lora is not None)
     backend = select_backend(
         args.attention_backend,
         shapes,
@@ -209,11 +215,16 @@ def _build_replica(
         draft=_load_draft(spec, model_config, dtype, meshes) if spec is not None else None,
         defer_sampling=args.async_scheduling and grammar is not None and spec is None,
         scan_layers=args.scan_layers,
+        lora=lora,
     )
     kv_cache = KVCacheManager(num_pages, cache_config.page_size, cache_config.enable_prefix_caching)
+    scheduler = Scheduler(scheduler_config, kv_cache)
+    if lora is not None:
+        load = functools.partial(load_peft_adapter, cfg=model_config, spec=lora, dtype=dtype)
+        scheduler.adapters = AdapterSlots(lora.max_loras, args.max_cpu_loras or lora.max_loras, load)
     return Engine(
         runner=runner,
-        scheduler=Scheduler(scheduler_config, kv_cache),
+        scheduler=scheduler,
         kv_cache=kv_cache,
         tokenizer=tokenizer,
         eos_token_ids=eos,
@@ -225,6 +236,13 @@ def _build_replica(
         speculative=spec,
         grammar=grammar,
     )
+
+
+def _lora_spec(args: EngineArgs, cfg: ModelConfig) -> LoRASpec | None:
+    """The adapter slots (None without ``enable_lora``)."""
+    if not args.enable_lora:
+        return None
+    return LoRASpec.for_model(cfg, args.max_loras, args.max_lora_rank, args.lora_targets)
 
 
 def _load_weights(path: Path, cfg: ModelConfig, dtype, meshes: list):

@@ -11,6 +11,8 @@ module only decides which page ids a request may write to. It imports no jax.
 
 Prefix caching: once a page is full of computed tokens it is keyed by a hash chained over its tokens and the
 hash of the page before it, so two requests whose first k pages hold equal tokens map to the same k pages.
+The chain starts from the request's ``hash_root``: empty for the base model, the adapter's own key for a
+LoRA request (K/V computed under one adapter are never served to another).
 When a request ends, its cached pages keep their content and stay findable until a fresh page is needed and
 they are evicted, least recently freed first.
 """
@@ -22,8 +24,6 @@ from array import array
 from collections import OrderedDict, deque
 
 from jserve.engine.request import Request
-
-_ROOT_HASH = b""
 
 
 def hash_page(parent_hash: bytes, token_ids: list[int]) -> bytes:
@@ -111,7 +111,7 @@ class KVCacheManager:
         if len(hashes) < num_pages:
             tokens = request.all_token_ids
             assert num_pages * self.page_size <= len(tokens), "only full pages have a hash"
-            parent = hashes[-1] if hashes else _ROOT_HASH
+            parent = hashes[-1] if hashes else request.hash_root
             for i in range(len(hashes), num_pages):
                 parent = hash_page(parent, tokens[i * self.page_size : (i + 1) * self.page_size])
                 hashes.append(parent)

@@ -71,6 +71,7 @@ class Request:
         *,
         eos_token_ids: Iterable[int] = (),
         arrival_time: float | None = None,
+        lora_request=None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids: list[int] = [int(t) for t in prompt_token_ids]
@@ -118,6 +119,13 @@ class Request:
         # size per engine). Kept here, not in the pool, so a waiting request that is looked up every step is
         # hashed once and an aborted one leaves nothing behind.
         self.page_hashes: list[bytes] = []
+        # Multi-LoRA: the adapter (a jserve.lora.LoRARequest, None: the base model), the device slot it runs with
+        # while scheduled (1-based; 0: none held) and since when it waits for a slot. Its prefix-cache hashes
+        # chain from the adapter's own root, so cached K/V are shared only among requests of one adapter.
+        self.lora_request = lora_request
+        self.lora_slot = 0
+        self.lora_wait_since: float | None = None
+        self.hash_root: bytes = b"" if lora_request is None else lora_request.cache_root
         self._all_token_ids: list[int] = list(self.prompt_token_ids)
 
     def append_output_token(self, token_id: int) -> None:

@@ -46,6 +46,8 @@ from jserve.engine.batch import StepInput, StepPlan, padding_step
 from jserve.engine.sampler import SamplerOutput, SamplingTensors, sample, top_logprobs
 from jserve.engine.shapes import StepShapes
 from jserve.executable_cache import ExecutableCache, compile_lowered
+from jserve.lora.device import one_slot_shapes, slot_shardings, write_slot, zero_slots
+from jserve.lora.targets import LoRASpec, StepLoRA, token_mask
 from jserve.models.layer_stack import StackedLayers, plan_stack, stack_states
 from jserve.models.llama import KVCache, kv_cache_shape
 from jserve.parallel import sharding as shard_rules
@@ -325,6 +327,8 @@ def _param_name(path: tuple, first_layer: int) -> str:
     keys = [k for k in keys if k not in ("value", "states")]
     if keys[0] == "0":
         return "/".join(keys[1:])
+    if keys[0] == "2":  # adapter slots: lora/{target}/A or B
+        return "/".join(["lora", keys[1], "AB"[int(keys[2])]])
     return "/".join(["stacked", str(first_layer + int(keys[1])), *keys[2:]])
 
 
@@ -360,12 +364,14 @@ class _Stage:
     first: bool
     last: bool
     param_leaves: list = field(default_factory=list)
-    treedef: object = None  # of (nnx state, StackedLayers or None), flattened to param_leaves
+    treedef: object = None  # of (nnx state, StackedLayers or None, LoRAWeights or None), flattened to param_leaves
     param_names: list[str] = field(default_factory=list)
     kv_cache: KVCache = ()
     kv_sharding: NamedSharding | None = None
     kv_scale_sharding: NamedSharding | None = None  # of the scales of int8 / fp8 pages
     fn: object = None  # the jitted stage step (lowered and compiled per bucket by compile_programs)
+    lora_positions: list[int] = field(default_factory=list)  # where the adapter slots sit in param_leaves
+    lora_write_fn: object = None  # the jitted write of one adapter into one slot (multi-LoRA)
     programs: dict[int, object] = field(default_factory=dict)  # token bucket -> compiled executable
 
 
@@ -389,11 +395,15 @@ class ModelRunner:
         draft: tuple[ModelConfig, nnx.GraphDef, nnx.State] | None = None,
         defer_sampling: bool = False,
         scan_layers: bool = False,
+        lora: LoRASpec | None = None,
     ):
         """``defer_sampling``: also build the sampling programs of deferred steps (structured outputs under
         async scheduling; one stage of one device, one process). ``scan_layers``: run each stage's layers in a loop
-        over stacked params (``layer_stack``: trace and compile cost independent of depth) instead of unrolled."""
+        over stacked params (``layer_stack``: trace and compile cost independent of depth) instead of unrolled.
+        ``lora``: hold adapter slots (multi-LoRA); each token's slot is a step input."""
         self.scan_layers = scan_layers
+        self.lora = lora
+        self.lora_write_programs: dict[int, object] = {}  # stage index -> compiled slot write
         self.config = cfg
         self.spec = spec
         self.draft_config = draft[0] if draft is not None else None
@@ -451,6 +461,9 @@ class ModelRunner:
         self.step_costs = StepCosts(plain={}, verify={})  # filled by measure_step_costs (speculation's policy)
         for stage in self.stages:
             self._jit_step(stage, graphdef)
+            if self.lora is not None:
+                shardings = tuple(slot_shardings(self.lora, self.config, len(stage.layers), stage.mesh))
+                stage.lora_write_fn = jax.jit(write_slot, donate_argnums=(0,), out_shardings=shardings)
         if self.spec is not None:
             self._jit_speculation(self.stages[0], graphdef, draft_graphdef)
         self.sample_fn = jax.jit(
@@ -501,9 +514,14 @@ class ModelRunner:
             name = "/".join(str(p) for p in path)
             target = shardings[name] if var.get_value().ndim else shard_rules.replicated(stage.mesh)
             var.set_value(jax.device_put(var.get_value(), target))
-        with_paths, stage.treedef = jax.tree_util.tree_flatten_with_path((nnx.from_flat_state(flat), stacked))
+        lora = None
+        if self.lora is not None:
+            dtype = state["embed"]["embedding"].get_value().dtype
+            lora = zero_slots(self.lora, self.config, len(stage.layers), stage.mesh, dtype)
+        with_paths, stage.treedef = jax.tree_util.tree_flatten_with_path((nnx.from_flat_state(flat), stacked, lora))
         stage.param_leaves = [leaf for _, leaf in with_paths]
         stage.param_names = [_param_name(path, stage.layers.start) for path, _ in with_paths]
+        stage.lora_positions = [i for i, name in enumerate(stage.param_names) if name.startswith("lora/")]
 
     def _place_draft(self, stage: _Stage, cfg: ModelConfig, graphdef: nnx.GraphDef, state: nnx.State) -> None:
         """The draft model's params on the stage's mesh (sharded by the same rules) and its own KV pages, with
@@ -515,7 +533,7 @@ class ModelRunner:
             target = shardings[name] if var.get_value().ndim else shard_rules.replicated(stage.mesh)
             var.set_value(jax.device_put(var.get_value(), target))
         self._draft_graphdef = graphdef
-        leaves, self._draft_treedef = jax.tree_util.tree_flatten((nnx.from_flat_state(flat), None))  # unrolled
+        leaves, self._draft_treedef = jax.tree_util.tree_flatten((nnx.from_flat_state(flat), None, None))  # unrolled
         self.draft_leaves = leaves
         if is_quantized_kv(self.kv_dtype):
             raise ValueError("kv_cache_dtype: a draft model runs with an unquantized KV cache ('auto')")
@@ -637,7 +655,8 @@ class ModelRunner:
         """k draft steps: early exit over the target's first layers and pages, or the draft model over its own."""
         graphdef, treedef, layers, kv_layers = drafter  # kv_layers: early exit's (the target's pages), else None
         early_exit = kv_layers is not None
-        state, stacked = jax.tree.unflatten(treedef, param_leaves if early_exit else draft_leaves)
+        # (early exit drafts with the base model's first layers: a request's adapter applies when verifying)
+        state, stacked, _ = jax.tree.unflatten(treedef, param_leaves if early_exit else draft_leaves)
         model = nnx.merge(graphdef, state)
         rows = jax.tree.map(lambda a: a[proposal.verify_rows], drafting_tensors(sampling))
         pages, drafts, q = draft_tokens(
@@ -702,10 +721,47 @@ class ModelRunner:
                     x = jax.eval_shape(stage.fn, *args)[2]
                 tasks.append((stage.fn, stage.programs, bucket, args))
             rows_needed.add(self.shapes.sample_rows(bucket))
+        tasks += self._lora_tasks()
         if self.defers_sampling:
             for rows in sorted(rows_needed - set(self.sample_programs)):
                 tasks.append((self.sample_fn, self.sample_programs, rows, self._sample_args(rows)))
         return tasks
+
+    def _lora_tasks(self) -> list[tuple]:
+        """Each stage's slot-write program, while not built (it comes with the first buckets: an adapter may be
+        loaded as soon as the engine is ready)."""
+        if self.lora is None:
+            return []
+        return [
+            (stage.lora_write_fn, self.lora_write_programs, s, self._lora_write_args(stage, None))
+            for s, stage in enumerate(self.stages)
+            if s not in self.lora_write_programs
+        ]
+
+    def _lora_write_args(self, stage: _Stage, values: tuple | None) -> tuple:
+        """(slots, slot, values) of a stage's slot write; abstract when ``values`` is None."""
+        slots = tuple(stage.param_leaves[i] for i in stage.lora_positions)
+        if values is None:
+            values = tuple(
+                jax.ShapeDtypeStruct(shape, a.dtype, sharding=a.sharding)
+                for shape, a in zip(one_slot_shapes(slots), slots, strict=True)
+            )
+            return (_abstract(slots), jax.ShapeDtypeStruct((), jnp.int32), values)
+        placed = tuple(jax.device_put(v.astype(a.dtype), a.sharding) for v, a in zip(values, slots, strict=True))
+        return (slots, np.int32(0), placed)
+
+    def write_lora_slot(self, slot: int, adapter) -> None:
+        """Writes ``adapter`` (a ``HostAdapter``) into device slot ``slot`` (0-based) of every stage. Queued
+        like a step (asynchronous): the host-to-device copy overlaps the steps already on the device, and the
+        steps dispatched after it read the new slot."""
+        for s, stage in enumerate(self.stages):
+            values = adapter.slot_values(stage.layers, self.lora.targets)
+            slots, _, placed = self._lora_write_args(stage, values)
+            args = (slots, np.int32(slot), placed)
+            program = self._first_use(self.lora_write_programs, s, stage.lora_write_fn, args, "adapter slot write")
+            written = program(*args)
+            for position, array in zip(stage.lora_positions, written, strict=True):
+                stage.param_leaves[position] = array
 
     def _speculation_tasks(self) -> list[tuple]:
         """The verification programs of every verification bucket, and the device drafter's."""
@@ -793,9 +849,11 @@ class ModelRunner:
         if buckets is None:
             spec = 0 if self.spec is None else len(self.shapes.spec_token_buckets) + bool(self.spec.samples_drafts)
             sampling = len(self.shapes.sample_row_counts) if self.defers_sampling else 0
-            return len(self.shapes.token_buckets) * self.num_stages + spec + sampling
+            lora = self.num_stages if self.lora is not None else 0
+            return len(self.shapes.token_buckets) * self.num_stages + spec + sampling + lora
         rows = {self.shapes.sample_rows(b) for b in buckets} - set(self.sample_programs)
-        return len(buckets) * self.num_stages + (len(rows) if self.defers_sampling else 0)
+        lora = len(self._lora_tasks())
+        return len(buckets) * self.num_stages + (len(rows) if self.defers_sampling else 0) + lora
 
     @property
     def num_programs(self) -> int:
@@ -804,6 +862,7 @@ class ModelRunner:
             + len(self.verify_programs)
             + len(self.propose_programs)
             + len(self.sample_programs)
+            + len(self.lora_write_programs)
         )
 
     def warm_up(self, buckets: Sequence[int] | None = None) -> None:
@@ -883,7 +942,7 @@ class ModelRunner:
         draft_leaves,
         draft_kv,
     ):
-        state, stacked = jax.tree.unflatten(treedef, param_leaves)
+        state, stacked, lora_slots = jax.tree.unflatten(treedef, param_leaves)
         model = nnx.merge(graphdef, state)
         spec = inputs.spec
         if first:
@@ -892,6 +951,10 @@ class ModelRunner:
                 tokens = _fill_drafts(tokens, spec)
             with jax.named_scope("embed"):
                 x = model.embed(tokens)
+        lora = None
+        if lora_slots is not None:
+            num_slots = next(iter(lora_slots.values()))[0].shape[-2]
+            lora = StepLoRA(lora_slots, token_mask(inputs.lora_slots, num_slots, x.dtype))
         x, kv_cache = model.run_layers(
             x,
             inputs.positions,
@@ -901,11 +964,12 @@ class ModelRunner:
             layers,
             rope_lens=inputs.rope_lens,
             stacked=stacked,
+            lora=lora,
         )
         kv_cache = _constrain_pages(kv_cache, kv_sharding, kv_scale_sharding)
         if mirror is not None:  # the draft model's K/V of every token the target computes (one stage only)
             draft_graphdef, draft_treedef, draft_layers, draft_sharding = mirror
-            draft_state, draft_stacked = jax.tree.unflatten(draft_treedef, draft_leaves)
+            draft_state, draft_stacked, _ = jax.tree.unflatten(draft_treedef, draft_leaves)
             drafter = nnx.merge(draft_graphdef, draft_state)
 
             def mirrored(draft_kv):

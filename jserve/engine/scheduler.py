@@ -41,9 +41,13 @@ import bisect
 import dataclasses
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from jserve.engine.kv_cache import KVCacheManager
 from jserve.engine.request import Request, RequestStatus
+
+if TYPE_CHECKING:
+    from jserve.lora.slots import AdapterSlots
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -118,6 +122,7 @@ class Scheduler:
         self.prompt_tokens_recomputed = 0  # of which after a preemption
         self.speculating = False  # the engine speculates this step (set before schedule(); see _awaits_verification)
         self.suspects: set[str] = set()  # in a failed step: each runs alone until it passes a step (or is refused)
+        self.adapters: AdapterSlots | None = None  # multi-LoRA: a running request holds its adapter's device slot
 
     # ---- queries ---------------------------------------------------------------------------------
     @property
@@ -179,12 +184,16 @@ class Scheduler:
         request.drop_pending_tokens()  # sampled after the stop: discarded
         request.set_finished(status, stop_reason)
         self.kv_cache.free(request)
+        if self.adapters is not None:
+            self.adapters.release(request)
         del self._requests[request.request_id]
         del self._seq[request.request_id]
 
     def _preempt(self, request: Request) -> None:
         """Recompute preemption: drop its pages, keep its outputs, wait at the front of its priority."""
         self.kv_cache.free(request)
+        if self.adapters is not None:
+            self.adapters.release(request)
         request.num_computed_tokens = 0
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
@@ -265,8 +274,10 @@ class Scheduler:
         preempted: list[Request] = []
         cached_pages, num_cached = self.kv_cache.find_cached_prefix(request)
         num_new = self._chunk_len(request.num_tokens - num_cached, self.token_budget)
-        while len(self.running) >= self.config.max_num_seqs or not self.kv_cache.allocate(
-            request, num_new, cached_pages
+        while (
+            len(self.running) >= self.config.max_num_seqs
+            or not self._adapter_available(request)
+            or not self.kv_cache.allocate(request, num_new, cached_pages)
         ):
             if not self.running:  # the whole pool cannot hold it
                 self.waiting.remove(request)
@@ -348,6 +359,9 @@ class Scheduler:
                 self._finish(request, RequestStatus.FINISHED_LENGTH)
                 self._finished_ids.append(request.request_id)
                 continue
+            if not self._adapter_available(request):  # every adapter slot is in use: others may still run
+                deferred.append(self.waiting.pop(0))
+                continue
             cached_pages, num_cached = kv.find_cached_prefix(request)
             lead_key = kv.page_hashes(request, 1)[0] if kv.max_cached_pages(request) > 0 else None
             if lead_key is not None and self._must_wait_for_leader(request, lead_key):
@@ -372,8 +386,14 @@ class Scheduler:
             request.num_cached_tokens = num_cached
         request.num_computed_tokens = num_cached
         request.status = RequestStatus.RUNNING
+        if self.adapters is not None:
+            self.adapters.acquire(request)
         bisect.insort(self.running, request, key=self._rank)
         return self._make_chunk(request, num_new)
+
+    def _adapter_available(self, request: Request) -> bool:
+        """Multi-LoRA: its adapter is in a device slot, or a slot is idle to load it into."""
+        return self.adapters is None or self.adapters.can_run(request)
 
     def _must_wait_for_leader(self, request: Request, first_page: bytes) -> bool:
         """Prefix sharing: True while the leader of this first page has not computed the pages we share.

@@ -36,6 +36,7 @@ class StepShapes:
     spec_rows: int = 0
     num_spec_tokens: int = 0
     bitmask_words: int = 0  # structured outputs: ceil(vocab / 32) words per grammar bitmask row (0: no tokenizer)
+    lora: bool = False  # multi-LoRA: every step carries each token's adapter slot (StepInput.lora_slots)
 
     def sample_rows(self, num_tokens_padded: int) -> int:
         """Sampled rows of a plain step of this token bucket: each sampled row ends on one of the step's tokens,
@@ -69,6 +70,7 @@ class StepShapes:
         spec_rows: int = 0,
         num_spec_tokens: int = 0,
         bitmask_words: int = 0,
+        lora: bool = False,
     ) -> StepShapes:
         return cls(
             token_buckets=_powers_of_two(min(min_tokens, max_num_batched_tokens), max_num_batched_tokens),
@@ -80,4 +82,5 @@ class StepShapes:
             spec_rows=min(spec_rows, max_num_seqs),
             num_spec_tokens=num_spec_tokens,
             bitmask_words=bitmask_words,
+            lora=lora,
         )

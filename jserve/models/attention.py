@@ -10,6 +10,7 @@ from flax import nnx
 
 from jserve.attention import AttentionBackend
 from jserve.config import ModelConfig
+from jserve.lora.targets import LayerLoRA
 from jserve.models.layers import RMSNorm, apply_rope, linear_weight, param
 from jserve.quant.weights import QuantizedWeight, dense_einsum, einsum
 
@@ -49,6 +50,7 @@ class Attention(nnx.Module):
         kv: tuple[jax.Array, ...],  # this layer's pages [K, P, L, H] (+ scales [K, P, L] when quantized)
         meta,  # the backend's metadata for this step (AttentionBackend.plan)
         backend: AttentionBackend,
+        lora: LayerLoRA | None = None,  # adapter slots (multi-LoRA): each token's low-rank update
     ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
         # NOTE: the named scopes label the step's parts for scripts/profile_step.py (XLA op metadata)
         with jax.named_scope("qkv_proj"):
@@ -57,6 +59,8 @@ class Attention(nnx.Module):
             v = einsum("td,dkh->tkh", x, self.v_proj)
             if self.qkv_bias:
                 q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
+            if lora is not None:
+                q, k, v = lora.add("q_proj", x, q), lora.add("k_proj", x, k), lora.add("v_proj", x, v)
             if self.qk_norm:
                 q, k = self.q_norm(q), self.k_norm(k)
             q = apply_rope(q, *rope)
@@ -68,10 +72,12 @@ class Attention(nnx.Module):
                 q, kv, meta, sm_scale=self.sm_scale, sliding_window=self.sliding_window, soft_cap=self.soft_cap
             )
         with jax.named_scope("o_proj"):
-            out = self._project_out(out)
+            projected = self._project_out(out)
             if self.o_bias:
-                out = out + self.o_bias_param[...]
-        return out, kv
+                projected = projected + self.o_bias_param[...]
+            if lora is not None:
+                projected = lora.add("o_proj", out, projected)
+        return projected, kv
 
     def _project_out(self, out: jax.Array) -> jax.Array:  # [T, N, H] -> [T, D]
         """A dense o_proj runs as one [T, N*H] x [N*H, D] matmul: as a two-dim contraction XLA:CPU laid the

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jserve.config import ModelConfig, RopeScaling
+from jserve.lora.targets import LayerLoRA
 from jserve.quant.config import WeightQuant
 from jserve.quant.weights import QuantizedWeight, dense_einsum, einsum
 
@@ -166,13 +167,18 @@ class MLP(nnx.Module):
         self.mlp_bias = cfg.mlp_bias
         self.act = activation(cfg.hidden_act)
 
-    def __call__(self, x: jax.Array) -> jax.Array:  # [T, D] -> [T, D]
+    def __call__(self, x: jax.Array, lora: LayerLoRA | None = None) -> jax.Array:  # [T, D] -> [T, D]
         gate = einsum("td,df->tf", x, self.gate_proj)
         up = einsum("td,df->tf", x, self.up_proj)
         if self.mlp_bias:
             gate, up = gate + self.gate_bias[...], up + self.up_bias[...]
-        out = einsum("tf,fd->td", self.act(gate) * up, self.down_proj)
-        return out + self.down_bias[...] if self.mlp_bias else out
+        if lora is not None:
+            gate, up = lora.add("gate_proj", x, gate), lora.add("up_proj", x, up)
+        hidden = self.act(gate) * up
+        out = einsum("tf,fd->td", hidden, self.down_proj)
+        if self.mlp_bias:
+            out = out + self.down_bias[...]
+        return out if lora is None else lora.add("down_proj", hidden, out)
 
 
 class Embedding(nnx.Module):

@@ -16,6 +16,7 @@ from flax import nnx
 
 from jserve.attention import AttentionBackend
 from jserve.config import ModelConfig
+from jserve.lora.targets import LayerLoRA, StepLoRA
 from jserve.models.attention import Attention
 from jserve.models.layer_stack import StackedLayers, run_stacked
 from jserve.models.layers import MLP, Embedding, RMSNorm, param, rope_tables
@@ -47,13 +48,14 @@ class DecoderLayer(nnx.Module):
         else:
             self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, rope, kv, meta, backend):
-        attn_out, kv = self.attn(self.input_norm(x), rope, kv, meta, backend)
+    def __call__(self, x, rope, kv, meta, backend, lora: LayerLoRA | None = None):
+        attn_out, kv = self.attn(self.input_norm(x), rope, kv, meta, backend, lora)
         if self.sandwich:
             attn_out = self.attn_out_norm(attn_out)
         x = x + attn_out
         with jax.named_scope("mlp"):
-            mlp_out = self.mlp(self.post_attn_norm(x))
+            normed = self.post_attn_norm(x)
+            mlp_out = self.mlp(normed) if isinstance(self.mlp, MoE) else self.mlp(normed, lora)
         if self.sandwich:
             mlp_out = self.mlp_out_norm(mlp_out)
         return x + mlp_out, kv
@@ -97,13 +99,15 @@ class CausalLM(nnx.Module):
         *,
         kv_layers: range | None = None,
         stacked: StackedLayers | None = None,
+        lora: StepLoRA | None = None,
     ) -> tuple[jax.Array, KVCache]:
         """Runs a contiguous range of layers (a pipeline stage, or early exit's first layers).
 
         ``kv_cache`` holds the pages of ``kv_layers`` (default: ``layers``). ``stacked``: the layers' params
         stacked (run in a loop; this model's own layers are then stubs), else the layers run unrolled.
         ``rope_lens`` [T]: each token's sequence length for longrope (Phi-3); None: its row's length after this
-        step (drafting, where no prompt length is at hand)."""
+        step (drafting, where no prompt length is at hand). ``lora``: the adapter slots of ``kv_layers`` and
+        each token's slot (multi-LoRA)."""
         cfg = self.config
         kv_layers = layers if kv_layers is None else kv_layers
         pages_per_layer = kv_cache[0].shape[1] // len(kv_layers)
@@ -118,7 +122,8 @@ class CausalLM(nnx.Module):
         def run_layer(layer, i, like: int, carry):
             x, kv = carry
             layer_meta = backend.for_layer(meta, (i - kv_layers.start) * pages_per_layer)
-            return layer(x, tables[cfg.layer_rope(like)], kv, layer_meta, backend)
+            layer_lora = None if lora is None else lora.layer(i - kv_layers.start)
+            return layer(x, tables[cfg.layer_rope(like)], kv, layer_meta, backend, layer_lora)
 
         if stacked is None:
             carry = (x, tuple(kv_cache))

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 from jserve.engine.async_llm import AsyncLLM, EngineDeadError, EngineError, QueueFullError, RequestFailedError
 from jserve.limits import RequestLimits, RequestTooLargeError, check_prompt_chars, check_token_count
+from jserve.lora.registry import AdapterRegistry
+from jserve.lora.request import LoRARequest
 from jserve.metrics import ServerMetrics
 from jserve.outputs import RequestMetrics, RequestOutput
 from jserve.sampling_params import SamplingParams
@@ -81,8 +83,11 @@ class ServingCore:
         metrics: ServerMetrics | None = None,
         *,
         stall_timeout: float = DEFAULT_STALL_TIMEOUT,
+        adapters: AdapterRegistry | None = None,
     ):
+        """``adapters``: the served LoRA adapters by name (``--enable-lora``), None without LoRA."""
         self.llm = llm
+        self.adapters = adapters
         self.card = card
         self.stall_timeout = stall_timeout
         self.metrics = metrics or ServerMetrics(model_name=card.name)
@@ -189,6 +194,7 @@ class ServingCore:
         prompt: str | None = None,
         arrival: float | None = None,
         deadline_passed: Callable[[], bool] | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yields the request's deltas. Use it under ``contextlib.aclosing`` so that leaving early aborts the
         request at once instead of whenever the generator is collected."""
@@ -201,7 +207,9 @@ class ServingCore:
         request_metrics = None
         try:
             # NOTE: aclosing the inner generator too, or an early exit would leave the abort to the GC.
-            stream = self.llm.generate(token_ids, params, request_id=request_id, prompt=prompt)
+            stream = self.llm.generate(
+                token_ids, params, request_id=request_id, prompt=prompt, lora_request=lora_request
+            )
             async with contextlib.aclosing(stream):
                 async for out in stream:
                     request_metrics = out.metrics or request_metrics

@@ -22,6 +22,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from jserve.lora.registry import AdapterNotFoundError
+from jserve.lora.request import LoRARequest
 from jserve.sampling_params import SamplingParams
 from jserve.server.auth import ApiKeyInterceptor
 from jserve.server.core import EngineError, QueueFullError, RequestTooLargeError, ServingCore, Unavailable
@@ -51,6 +53,9 @@ async def _status_errors(context: grpc.aio.ServicerContext, core: ServingCore) -
     """Maps ServingCore's exceptions to status codes (see jserve.server.core)."""
     try:
         yield
+    except AdapterNotFoundError as e:
+        core.metrics.record_outcome("invalid")
+        await context.abort(grpc.StatusCode.NOT_FOUND, str(e.args[0]))
     except RequestTooLargeError as e:
         core.metrics.record_outcome("invalid")
         await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
@@ -65,6 +70,15 @@ async def _status_errors(context: grpc.aio.ServicerContext, core: ServingCore) -
         await context.abort(grpc.StatusCode.INTERNAL, str(e))
     except TimeoutError:
         await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded; the request was aborted")
+
+
+def _adapter(core: ServingCore, name: str, field: str) -> LoRARequest | None:
+    """The loaded adapter ``name`` selects (empty: the base model); NOT_FOUND when unknown."""
+    if not name:
+        return None
+    if core.adapters is None:
+        raise ValueError(f"{field}: this server serves no LoRA adapters (start it with --enable-lora)")
+    return core.adapters.get(name)
 
 
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:
@@ -96,6 +110,7 @@ class GenerationServicer(jserve_pb2_grpc.GenerationServicer):
             add_special = request.add_special_tokens if request.HasField("add_special_tokens") else True
             text, ids = self.core.encode_prompt(request.prompt, request.token_ids, add_special_tokens=add_special)
             params = sampling_from_proto(request.sampling)
+            lora = _adapter(self.core, request.lora_name, "lora_name")
             request_id = request.request_id or f"grpc-{uuid.uuid4().hex}"
             builder = ResponseBuilder()
             async with asyncio.timeout(_deadline(context)):
@@ -106,6 +121,7 @@ class GenerationServicer(jserve_pb2_grpc.GenerationServicer):
                     prompt=text,
                     arrival=arrival,
                     deadline_passed=_deadline_checker(context),
+                    lora_request=lora,
                 )
                 async with contextlib.aclosing(stream):
                     async for out in stream:
@@ -175,8 +191,7 @@ class OrchestratorServicer(jetstream_pb2_grpc.OrchestratorServicer):
         arrival = time.perf_counter()
         async with _status_errors(context, self.core):
             self.core.check_accepting()
-            if request.lora_adapter_id:
-                raise ValueError("lora_adapter_id: LoRA adapters are not supported")
+            lora = _adapter(self.core, request.lora_adapter_id, "lora_adapter_id")
             kind = request.WhichOneof("content")
             if kind is None:
                 raise ValueError("content: set text_content or token_content")
@@ -202,6 +217,7 @@ class OrchestratorServicer(jetstream_pb2_grpc.OrchestratorServicer):
                     prompt=text,
                     arrival=arrival,
                     deadline_passed=_deadline_checker(context),
+                    lora_request=lora,
                 )
                 async with contextlib.aclosing(stream):
                     async for out in stream:

@@ -28,11 +28,14 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from jserve.limits import check_prompt_chars
+from jserve.lora.registry import AdapterNotFoundError
+from jserve.lora.request import LoRARequest
 from jserve.outputs import CompletionOutput, RequestOutput
 from jserve.sampling_params import SamplingParams, StructuredOutputsParams
 from jserve.server.auth import key_from_headers, key_matches
 from jserve.server.body_limit import BodySizeLimit
 from jserve.server.core import EngineError, QueueFullError, ServingCore, Unavailable
+from jserve.server.lora_routes import adapter_models, add_lora_routes
 from jserve.server.openai_protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -90,13 +93,19 @@ class _Job:
 
 
 async def _merged(
-    core: ServingCore, jobs: Sequence[_Job], params: SamplingParams, request_id: str
+    core: ServingCore,
+    jobs: Sequence[_Job],
+    params: SamplingParams,
+    request_id: str,
+    lora_request: LoRARequest | None = None,
 ) -> AsyncIterator[tuple[_Job, RequestOutput]]:
     """Runs every prompt concurrently and yields (job, delta) as they come; closing it aborts them all."""
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(i: int, job: _Job) -> None:
-        stream = core.generate(job.ids, params, request_id=f"{request_id}-{i}", prompt=job.text)
+        stream = core.generate(
+            job.ids, params, request_id=f"{request_id}-{i}", prompt=job.text, lora_request=lora_request
+        )
         try:
             async with contextlib.aclosing(stream):
                 async for out in stream:
@@ -140,6 +149,8 @@ class OpenAIApp:
         self.app.post("/v1/completions")(self.completions)
         self.app.post("/v1/chat/completions")(self.chat_completions)
         self.app.get("/metrics", include_in_schema=False)(self.metrics)
+        if core.adapters is not None:
+            add_lora_routes(self.app, core.adapters)
         self.app.openapi = self._openapi
 
     def _openapi(self) -> dict:
@@ -201,7 +212,8 @@ class OpenAIApp:
                     "created": 0,
                     "owned_by": "jserve",
                     "max_model_len": card.max_model_len,
-                }
+                },
+                *adapter_models(self.core.adapters, card.max_model_len),
             ],
         }
 
@@ -210,22 +222,29 @@ class OpenAIApp:
         body, content_type = self.core.metrics.render()
         return Response(body, media_type=content_type)
 
-    def _check_model(self, model: str) -> JSONResponse | None:
-        if model != self.core.card.name:
-            return JSONResponse(
-                error_body(
-                    f"model {model!r} does not exist; this server serves {self.core.card.name!r}",
-                    "not_found_error",
-                    404,
-                    "model",
-                ),
+    def _check_model(self, model: str) -> JSONResponse | LoRARequest | None:
+        """None for the base model, the adapter a ``model`` names (``--enable-lora``), else a 404 response."""
+        if model == self.core.card.name:
+            return None
+        if self.core.adapters is not None:
+            try:
+                return self.core.adapters.get(model)
+            except AdapterNotFoundError:
+                pass
+        return JSONResponse(
+            error_body(
+                f"model {model!r} does not exist; this server serves {self.core.card.name!r}"
+                + (" and the adapters of /v1/models" if self.core.adapters is not None else ""),
+                "not_found_error",
                 404,
-            )
-        return None
+                "model",
+            ),
+            404,
+        )
 
     async def completions(self, body: CompletionRequest, request: Request):
-        if (missing := self._check_model(body.model)) is not None:
-            return missing
+        if isinstance(lora := self._check_model(body.model), JSONResponse):
+            return lora
         try:
             self.core.check_accepting()
             prompts = body.prompts()
@@ -238,7 +257,7 @@ class OpenAIApp:
                 jobs.append(_Job(text, ids, i * params.n, self._shown(text, ids, params) if body.echo else ""))
         except (ValueError, Unavailable, EngineError) as e:
             return _error_response(e, self.core)
-        return await self._respond(request, body, jobs, params, chat=False)
+        return await self._respond(request, body, jobs, params, chat=False, lora=lora)
 
     def _encode(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
         as_text = isinstance(prompt, str)
@@ -252,8 +271,8 @@ class OpenAIApp:
         return tok.decode(ids, skip_special_tokens=params.skip_special_tokens) if tok is not None else ""
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request):
-        if (missing := self._check_model(body.model)) is not None:
-            return missing
+        if isinstance(lora := self._check_model(body.model), JSONResponse):
+            return lora
         try:
             self.core.check_accepting()
             if self.core.tokenizer is None:
@@ -281,7 +300,7 @@ class OpenAIApp:
             self.core.validate(ids, params)
         except (ValueError, Unavailable, EngineError) as e:
             return _error_response(e, self.core)
-        return await self._respond(request, body, [_Job(None, ids, 0)], params, chat=True, tools=tools)
+        return await self._respond(request, body, [_Job(None, ids, 0)], params, chat=True, tools=tools, lora=lora)
 
     def _tool_choice(self, body: ChatCompletionRequest) -> ToolChoice:
         """The request's tool choice; "auto" needs the server's --tool-call-parser (vLLM's rule), and
@@ -312,6 +331,7 @@ class OpenAIApp:
         *,
         chat: bool,
         tools: ToolChoice | None = None,
+        lora: LoRARequest | None = None,
     ):
         """Runs the jobs; a client that disconnects before the response is complete aborts them (queued ones
         too): the work races a watcher of the connection, and losing the race closes the request stream."""
@@ -330,7 +350,7 @@ class OpenAIApp:
             tools=tools if tools is not None and tools.mode != "none" else None,
             tool_call_parser=self.tool_call_parser,
         )
-        stream = _merged(self.core, jobs, params, request_id)
+        stream = _merged(self.core, jobs, params, request_id, lora)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             # Fail before the 200 goes out when the request is refused at once (e.g. queue full).
