@@ -10,6 +10,7 @@ without the profiler) minus the device's busy time in it.
 
     python scripts/profile_step.py [--model bundled|llama-159m|DIR] [--batch 1] [--phase decode|prefill]
                                    [--prompt-len 64] [--max-num-seqs 64] [--steps 16] [--json out.json]
+                                   [--lora-adapters N --lora-rank R]  (multi-LoRA: the batch over N adapters)
 
 ``llama-159m`` is a random Llama of the shape our speed issue measures (hidden 1024, 8 layers, 16/8 heads,
 vocab 32000), written once to a temporary directory with transformers.
@@ -31,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 PARTS = (
+    "lora",
     "sampler",
     "prompt_logprobs",
     "lm_head",
@@ -68,15 +70,20 @@ def make_llama_159m(out_dir: Path) -> Path:
 
 
 def build_llm(args):
-    from jserve import LLM
+    from jserve import BUNDLED_MODEL, LLM
 
     kw = dict(dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, precompile=False)
-    if args.model == "bundled":
-        return LLM(**kw)
-    model = args.model
+    model = str(BUNDLED_MODEL) if args.model == "bundled" else args.model
     if model == "llama-159m":
         model = str(make_llama_159m(Path(tempfile.mkdtemp(prefix="jserve-159m-"))))
-    return LLM(model=model, **kw)
+    if not args.lora_adapters:
+        return LLM(model=model, **kw)
+    from benchmark_lora import ALL_TARGETS, make_adapters  # scripts/, next to this one
+
+    llm = LLM(model=model, enable_lora=True, max_loras=args.lora_adapters, max_lora_rank=args.lora_rank, **kw)
+    adapters = make_adapters(Path(model), args.lora_adapters, args.lora_rank, ALL_TARGETS, Path(tempfile.mkdtemp()))
+    llm.adapters = [None] if args.lora_base_requests else adapters
+    return llm
 
 
 def add_requests(llm, args, max_tokens: int) -> list[str]:
@@ -85,8 +92,12 @@ def add_requests(llm, args, max_tokens: int) -> list[str]:
     rng = np.random.default_rng(0)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     vocab = llm.engine.vocab_size
+    adapters = getattr(llm, "adapters", [None])
     return [
-        llm.engine.add_request(rng.integers(3, vocab, size=args.prompt_len).tolist(), params) for _ in range(args.batch)
+        llm.engine.add_request(
+            rng.integers(3, vocab, size=args.prompt_len).tolist(), params, lora_request=adapters[i % len(adapters)]
+        )
+        for i in range(args.batch)
     ]
 
 
@@ -270,6 +281,9 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=512)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--lora-adapters", type=int, default=0, help="spread the batch over N adapters (slots)")
+    parser.add_argument("--lora-rank", type=int, default=16)
+    parser.add_argument("--lora-base-requests", action="store_true", help="with --lora-adapters: no request uses one")
     parser.add_argument("--top", type=int, default=0, help="also list the N most expensive ops")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()

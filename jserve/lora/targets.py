@@ -8,7 +8,9 @@ writes into a slot.
 
 The update of a projection is two dense matmuls over all slots at once, ``(x @ A) * mask @ B`` with the mask
 keeping each token's own slot columns: no gathers, and every token's update depends on its own row only
-(batch invariant). A base token's mask is all zeros, so its update is exactly zero.
+(batch invariant). A base token's mask is all zeros, so its update is exactly zero; a step without any
+adapter token skips the updates altogether (a ``lax.cond`` per projection), so enabling LoRA costs base
+requests nothing but that branch.
 """
 
 from __future__ import annotations
@@ -112,20 +114,27 @@ def token_mask(token_slots: jax.Array, num_slots: int, dtype) -> jax.Array:
 class LayerLoRA:
     """One layer's adapter slots and the step's token mask; ``add`` applies a target's update."""
 
-    weights: dict[str, tuple[jax.Array, jax.Array]]  # target -> (A [*in, S, R], B [S, R, *out])
+    weights: LoRAWeights  # the stage's slots, stacked over its layers
+    index: int | jax.Array  # this layer's position in the stage (traced inside a loop over stacked layers)
     mask: jax.Array  # [T, S]
+    active: jax.Array  # [] bool: some token of the step has an adapter
 
     def add(self, target: str, x: jax.Array, out: jax.Array) -> jax.Array:
         """``out`` ([T, *out_dims], the base projection of ``x`` [T, *in_dims]) plus each token's update."""
         if target not in self.weights:
             return out
-        a, b = self.weights[target]
-        slots, rank = a.shape[-2], a.shape[-1]
-        tokens = x.shape[0]
-        shrunk = dense_einsum("ti,ir->tr", x.reshape(tokens, -1), a.reshape(-1, slots * rank))
-        shrunk = (shrunk.reshape(tokens, slots, rank) * self.mask[:, :, None].astype(shrunk.dtype)).reshape(tokens, -1)
-        delta = dense_einsum("tr,ro->to", shrunk, b.reshape(slots * rank, -1), out_dtype=out.dtype)
-        return out + delta.reshape(out.shape)
+        def updated(x, out, a, b, mask):  # the layer's slice is taken here: a step without adapters copies nothing
+            a, b = a[self.index], b[self.index]
+            slots, rank = a.shape[-2], a.shape[-1]
+            tokens = x.shape[0]
+            shrunk = dense_einsum("ti,ir->tr", x.reshape(tokens, -1), a.reshape(-1, slots * rank))
+            shrunk = (shrunk.reshape(tokens, slots, rank) * mask[:, :, None].astype(shrunk.dtype)).reshape(tokens, -1)
+            delta = dense_einsum("tr,ro->to", shrunk, b.reshape(slots * rank, -1), out_dtype=out.dtype)
+            return out + delta.reshape(out.shape)
+
+        with jax.named_scope("lora"):
+            a, b = self.weights[target]
+            return jax.lax.cond(self.active, updated, lambda x, out, a, b, mask: out, x, out, a, b, self.mask)
 
 
 @dataclass(frozen=True)
@@ -137,4 +146,4 @@ class StepLoRA:
     mask: jax.Array
 
     def layer(self, index) -> LayerLoRA:
-        return LayerLoRA({t: (a[index], b[index]) for t, (a, b) in self.weights.items()}, self.mask)
+        return LayerLoRA(self.weights, index, self.mask, jnp.any(self.mask > 0))

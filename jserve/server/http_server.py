@@ -165,6 +165,7 @@ class OpenAIApp:
                 max_model_len=card.max_model_len,
                 limits=self.core.limits,
                 api_key=bool(self.api_key),
+                lora=self.core.adapters is not None,
             )
         return self.app.openapi_schema
 

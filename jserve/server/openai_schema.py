@@ -167,6 +167,8 @@ class ModelEntry(BaseModel):
     created: int
     owned_by: str
     max_model_len: int
+    parent: str | None = None  # a LoRA adapter's base model (--enable-lora)
+    root: str | None = None  # a LoRA adapter's path
 
 
 class ModelList(BaseModel):
@@ -230,9 +232,17 @@ def _generation_ok(response: str, chunk: str) -> dict[str, Any]:
 
 
 def document(
-    schema: dict[str, Any], *, model: str, vocab_size: int, max_model_len: int, limits: RequestLimits, api_key: bool
+    schema: dict[str, Any],
+    *,
+    model: str,
+    vocab_size: int,
+    max_model_len: int,
+    limits: RequestLimits,
+    api_key: bool,
+    lora: bool = False,
 ) -> dict[str, Any]:
-    """Rewrites FastAPI's ``schema`` in place (see the module docstring) and returns it."""
+    """Rewrites FastAPI's ``schema`` in place (see the module docstring) and returns it. ``lora``: adapters
+    loaded while serving are models too, so ``model`` is any name ``/v1/models`` lists."""
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     for name in ("HTTPValidationError", "ValidationError"):
         components.pop(name, None)
@@ -259,6 +269,12 @@ def document(
     for name, extra in (("CompletionRequest", _completion_only), ("ChatCompletionRequest", _chat_only)):
         body = components[name]
         body["properties"]["model"] = {"type": "string", "enum": [model], "title": "Model"}
+        if lora:
+            body["properties"]["model"] = {
+                "type": "string",
+                "title": "Model",
+                "description": f"{model!r} or a loaded LoRA adapter's name (GET /v1/models)",
+            }
         required = body.setdefault("required", [])
         if "model" not in required:
             required.insert(0, "model")

@@ -140,17 +140,24 @@ def test_an_engine_without_lora_refuses_adapters(llama):
     [
         ("qwen2-tied", {}),
         ("gemma", dict(tensor_parallel_size=2, scan_layers=True)),
+        ("llama-gqa", dict(pipeline_parallel_size=2)),
+        ("llama-gqa", dict(speculative_model="ngram", num_speculative_tokens=3, speculative_adaptive=False)),
     ],
+    ids=["qwen2", "gemma-tp2-scan", "llama-pp2", "llama-ngram"],
 )
-def test_families_tensor_parallel_and_stacked_layers_match_peft(tmp_path, family, engine_args):
+def test_families_and_engine_modes_match_peft(tmp_path, family, engine_args):
+    """Qwen2 and Gemma, and adapters under tensor parallelism with stacked layers, pipeline stages (each
+    stage writes its layers' slots) and n-gram speculation (verification applies the adapter)."""
     path, base = make_checkpoint(family, tmp_path / family, initializer_range=0.1)
     adapter_dir, model = make_adapter(base, tmp_path / "a", seed=6, rank=4)
     llm = LLM(
         path, enable_lora=True, max_loras=1, max_lora_rank=4, precompile=False, progress=False, **ENGINE, **engine_args
     )
-    prompts = _prompts(2, seed=17)
+    prompts = [(p[:5] * 5)[:24] for p in _prompts(2, seed=17)]  # repeats: n-gram speculation drafts from them
     outs = llm.generate(
         prompt_token_ids=prompts, sampling_params=PARAMS, lora_request=[request(adapter_dir, 1), None], use_tqdm=False
     )
     _check(outs[0], model, prompts[0])
     _check(outs[1], base, prompts[1])
+    if "speculative_model" in engine_args:
+        assert llm.stats()["spec_num_draft_tokens"] > 0
