@@ -13,9 +13,9 @@ real PEFT adapters of the checkpoint (``peft.get_peft_model`` with random weight
 - ``N adapters``: for each N of ``--adapters`` (more than ``--max-loras`` swaps adapters through the slots).
 
 Each row is the median of ``--repeats`` rounds (engines alternate within a round; prefix caches reset) after an
-untimed warm-up. Besides output tok/s and the ratio to ``no LoRA`` it reports each request's longest wait
-between two of its tokens (its first counts from the workload's start): a request parked for an adapter slot
-shows there.
+untimed warm-up. Besides output tok/s and the ratio to ``no LoRA`` it reports the time to first token (median
+and longest: a request parked for an adapter slot shows there) and the longest wait between two tokens of a
+request once it runs.
 
     python scripts/benchmark_lora.py [--model DIR] [--requests 64] [--adapters 1 8 32] [--max-loras 8] [--json out.json]
 """
@@ -58,12 +58,14 @@ def make_adapters(model_dir: Path, count: int, rank: int, targets: list[str], ou
 
 
 def run_workload(llm: LLM, prompts: list[list[int]], params: SamplingParams, adapters: list) -> dict:
-    """All requests added at once, stepped to the end; tokens/s and each request's longest token gap."""
+    """All requests added at once, stepped to the end: tokens/s, time to first token (median, max) and the
+    longest wait between two tokens of a running request."""
     engine = llm.engine
     engine.reset_prefix_cache()
     start = time.perf_counter()
     last: dict[str, float] = {}
-    gaps: dict[str, float] = {}
+    first: dict[str, float] = {}
+    gap = 0.0
     tokens = 0
     for i, prompt in enumerate(prompts):
         adapter = adapters[i % len(adapters)] if adapters else None
@@ -76,11 +78,21 @@ def run_workload(llm: LLM, prompts: list[list[int]], params: SamplingParams, ada
             new = sum(len(c.token_ids) for c in out.outputs)
             if new:
                 tokens += new
-                gaps[out.request_id] = max(gaps.get(out.request_id, 0.0), now - last[out.request_id])
+                if out.request_id in first:
+                    gap = max(gap, now - last[out.request_id])
+                else:
+                    first[out.request_id] = now - start
                 last[out.request_id] = now
             done += out.finished
     wall = time.perf_counter() - start
-    return {"tok_s": tokens / wall, "wall_s": wall, "max_gap_s": max(gaps.values())}
+    ttft = sorted(first.values())
+    return {
+        "tok_s": tokens / wall,
+        "wall_s": wall,
+        "ttft_p50_s": ttft[len(ttft) // 2],
+        "ttft_max_s": ttft[-1],
+        "max_token_gap_s": gap,
+    }
 
 
 def main() -> None:
@@ -135,9 +147,12 @@ def report(args, runs: dict[str, list[dict]], stats: dict) -> None:
         f"{args.requests} requests x {args.max_tokens} tokens, prompt {args.prompt_len}, rank {args.rank}, "
         f"max_loras {args.max_loras}, targets {args.targets}; median of {args.repeats}"
     )
-    print(f"{'workload':<30}{'tok/s':>10}{'vs no LoRA':>12}{'max gap s':>11}")
+    print(f"{'workload':<30}{'tok/s':>10}{'vs no LoRA':>12}{'TTFT p50 s':>12}{'TTFT max s':>12}{'max gap s':>11}")
     for name, row in median.items():
-        print(f"{name:<30}{row['tok_s']:>10.1f}{row['tok_s'] / reference:>11.2f}x{row['max_gap_s']:>11.2f}")
+        print(
+            f"{name:<30}{row['tok_s']:>10.1f}{row['tok_s'] / reference:>11.2f}x{row['ttft_p50_s']:>12.2f}"
+            f"{row['ttft_max_s']:>12.2f}{row['max_token_gap_s']:>11.2f}"
+        )
     spread = {name: statistics.pstdev([r["tok_s"] for r in rs]) for name, rs in runs.items()}
     print("lora counters:", {k: v for k, v in stats.items() if k.startswith("lora_")})
     if args.json:

@@ -733,12 +733,12 @@ class ModelRunner:
         if self.lora is None:
             return []
         return [
-            (stage.lora_write_fn, self.lora_write_programs, s, self._lora_write_args(stage, None))
+            (stage.lora_write_fn, self.lora_write_programs, s, self._lora_write_args(stage))
             for s, stage in enumerate(self.stages)
             if s not in self.lora_write_programs
         ]
 
-    def _lora_write_args(self, stage: _Stage, values: tuple | None) -> tuple:
+    def _lora_write_args(self, stage: _Stage, slot: int | None = None, values: tuple | None = None) -> tuple:
         """(slots, slot, values) of a stage's slot write; abstract when ``values`` is None."""
         slots = tuple(stage.param_leaves[i] for i in stage.lora_positions)
         if values is None:
@@ -748,19 +748,16 @@ class ModelRunner:
             )
             return (_abstract(slots), jax.ShapeDtypeStruct((), jnp.int32), values)
         placed = tuple(jax.device_put(v.astype(a.dtype), a.sharding) for v, a in zip(values, slots, strict=True))
-        return (slots, np.int32(0), placed)
+        return (slots, np.int32(slot), placed)
 
     def write_lora_slot(self, slot: int, adapter) -> None:
         """Writes ``adapter`` (a ``HostAdapter``) into device slot ``slot`` (0-based) of every stage. Queued
         like a step (asynchronous): the host-to-device copy overlaps the steps already on the device, and the
         steps dispatched after it read the new slot."""
         for s, stage in enumerate(self.stages):
-            values = adapter.slot_values(stage.layers, self.lora.targets)
-            slots, _, placed = self._lora_write_args(stage, values)
-            args = (slots, np.int32(slot), placed)
+            args = self._lora_write_args(stage, slot, adapter.slot_values(stage.layers, self.lora.targets))
             program = self._first_use(self.lora_write_programs, s, stage.lora_write_fn, args, "adapter slot write")
-            written = program(*args)
-            for position, array in zip(stage.lora_positions, written, strict=True):
+            for position, array in zip(stage.lora_positions, program(*args), strict=True):
                 stage.param_leaves[position] = array
 
     def _speculation_tasks(self) -> list[tuple]:

@@ -139,5 +139,5 @@ def test_metrics_count_adapters_and_nothing_compiles_while_serving(server):
     labels = {"model_name": BASE}
     assert metric_value(samples, "jserve:lora_slots", **labels) == 2
     assert metric_value(samples, "jserve:lora_adapters_resident", **labels) >= 1
-    assert metric_value(samples, "jserve:lora_loads_total", **labels) >= 2
+    assert metric_value(samples, "jserve:lora_loads_total", **labels) >= 1
     assert metric_value(samples, "jserve:programs_lowered_while_serving_total", **labels) == 0
