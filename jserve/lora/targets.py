@@ -123,6 +123,7 @@ class LayerLoRA:
         """``out`` ([T, *out_dims], the base projection of ``x`` [T, *in_dims]) plus each token's update."""
         if target not in self.weights:
             return out
+
         def updated(x, out, a, b, mask):  # the layer's slice is taken here: a step without adapters copies nothing
             a, b = a[self.index], b[self.index]
             slots, rank = a.shape[-2], a.shape[-1]
