@@ -249,6 +249,13 @@ class _TensorReader:
         return np.asarray(part)  # bf16 files come as jax arrays: numpy (ml_dtypes bfloat16), no copy to convert
 
 
+def read_safetensors(file: Path) -> dict[str, np.ndarray]:
+    """Every tensor of one safetensors file as numpy (bf16 and fp8 included), e.g. a PEFT adapter's."""
+    names = [name for name in _header(file)[0] if name != "__metadata__"]
+    reader = _TensorReader(dict.fromkeys(names, file))
+    return {name: reader.read_full(name) for name in names}
+
+
 def _header(file: Path) -> tuple[dict, int]:
     """A safetensors file's JSON header and the offset where tensor data starts."""
     with open(file, "rb") as f:

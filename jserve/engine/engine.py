@@ -59,6 +59,7 @@ from jserve.speculative.config import DRAFT, SpeculativeConfig
 from jserve.speculative.controller import SpeculationController
 
 if TYPE_CHECKING:
+    from jserve.lora.peft_adapter import HostAdapter
     from jserve.structured import CompiledGrammar, GrammarCompiler
     from jserve.tokenizer import Tokenizer
 
@@ -95,6 +96,7 @@ class _Add:
     arrival_time: float
     stream: bool = True
     lora_request: LoRARequest | None = None
+    lora_adapter: HostAdapter | None = None  # its host copy, read on the caller's thread
 
 
 def _charging_lowerings(method):
@@ -231,7 +233,7 @@ class Engine:
         caller's thread, unless the engine holds it already."""
         params.validate()
         self.validate(prompt_token_ids, params)
-        self.register_adapter(lora_request)
+        adapter = self.register_adapter(lora_request)
         if params.structured_outputs is not None and grammar is None:
             grammar = self.compile_grammar(params)  # this thread waits (bounded), never the engine's
         request_id = request_id if request_id is not None else f"req-{next(self._auto_ids)}"
@@ -243,19 +245,20 @@ class Engine:
                 self._compiled[request_id] = grammar
         arrival = time.time() if arrival_time is None else arrival_time
         self._inbox.put(
-            _Add(request_id, prompt, [int(t) for t in prompt_token_ids], params, arrival, stream, lora_request)
+            _Add(request_id, prompt, [int(t) for t in prompt_token_ids], params, arrival, stream, lora_request, adapter)
         )
         return request_id
 
-    def register_adapter(self, lora_request: LoRARequest | None) -> None:
-        """Reads an adapter into the host tier; ValueError when it cannot be served. Any thread."""
+    def register_adapter(self, lora_request: LoRARequest | None) -> HostAdapter | None:
+        """The adapter's host copy, read (and checked) unless the host tier holds it; ValueError when it cannot
+        be served. Any thread."""
         if lora_request is None:
-            return
+            return None
         if not isinstance(lora_request, LoRARequest):
             raise ValueError(f"lora_request must be a jserve.LoRARequest, got {type(lora_request).__name__}")
         if self.scheduler.adapters is None:
             raise ValueError("lora_request: this engine serves no adapters (start it with enable_lora=True)")
-        self.scheduler.adapters.register(lora_request)
+        return self.scheduler.adapters.register(lora_request)
 
     def unload_adapter(self, lora_int_id: int) -> None:
         """Drops an adapter from the host tier and its device slot; requests running with it finish. Any thread."""
@@ -328,6 +331,7 @@ class Engine:
                 arrival_time=add.arrival_time,
                 lora_request=add.lora_request,
             )
+            request.lora_adapter = add.lora_adapter
             if compiled is not None:
                 request.grammar = compiled.new_state()
             detok = None
@@ -428,9 +432,7 @@ class Engine:
                 self._sequences[chunk.request_id].draft_synced = False
         if self.fault_injector is not None:
             self.fault_injector("dispatch", [c.request_id for c in sched.chunks])
-        if self.scheduler.adapters is not None:  # adapters the scheduler gave slots to: queued before the step
-            for slot, adapter in self.scheduler.adapters.take_loads():
-                self.runner.write_lora_slot(slot, adapter)
+        self._write_adapters()
         step = _Step(sched, plans, self.runner.dispatch(plans, previous.pending if previous else None))
         step.sampling_deferred = any(plan.defers_sampling for plan in plans)
         if self._speculation is not None:
@@ -440,6 +442,21 @@ class Engine:
             self.scheduler.advance(sched)  # the next schedule sees this step's tokens as pending
             step.advanced = True
         return step
+
+    def _write_adapters(self) -> None:
+        """Queues the adapters the scheduler gave slots to, before the step that reads them. A write that fails
+        leaves its slot (and those after it) holding no known adapter, and fails the step."""
+        adapters = self.scheduler.adapters
+        if adapters is None:
+            return
+        loads = adapters.take_loads()
+        for i, (slot, adapter) in enumerate(loads):
+            try:
+                self.runner.write_lora_slot(slot, adapter)
+            except Exception:
+                for unwritten, _ in loads[i:]:
+                    adapters.unwritten(unwritten)
+                raise
 
     def _constrained(self) -> bool:
         """Some live request has structured outputs. Its next mask needs its last token on the host: without

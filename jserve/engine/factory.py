@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import jax
+import numpy as np
 from tqdm.auto import tqdm
 
 from jserve import compilation_cache
@@ -177,7 +178,10 @@ def _build_replica(
     )
     graphdef, state = _load_weights(path, model_config, dtype, meshes)
     kv_dtype = kv_storage_dtype(cache_config.kv_cache_dtype, dtype, platform)
-    num_pages, max_model_len = _size_kv_pool(args, model_config, cache_config, kv_dtype, meshes)
+    lora = _lora_spec(args, model_config)
+    layers_per_stage = -(-model_config.num_layers // len(meshes))
+    reserved = lora.nbytes(model_config, layers_per_stage, np.dtype(dtype).itemsize) if lora is not None else 0
+    num_pages, max_model_len = _size_kv_pool(args, model_config, cache_config, kv_dtype, meshes, reserved)
     max_num_batched_tokens = args.max_num_batched_tokens or max(
         min(DEFAULT_MAX_NUM_BATCHED_TOKENS, max_model_len), args.max_num_seqs
     )
@@ -189,7 +193,6 @@ def _build_replica(
     eos = list(tokenizer.eos_token_ids) if tokenizer is not None else list(model_config.eos_token_ids)
     spec = _speculative_config(args, model_config)
     shapes = _step_shapes(args, scheduler_config, cache_config.page_size, model_config, platform, spec, grammar, eos)
-    lora = _lora_spec(args, model_config)
     shapes = dataclasses.replace(shapes, lora=lora is not None)
     backend = select_backend(
         args.attention_backend,
@@ -242,6 +245,8 @@ def _lora_spec(args: EngineArgs, cfg: ModelConfig) -> LoRASpec | None:
     """The adapter slots (None without ``enable_lora``)."""
     if not args.enable_lora:
         return None
+    if jax.process_count() > 1:
+        raise ValueError("enable_lora: adapters are not served across hosts yet (one process only)")
     return LoRASpec.for_model(cfg, args.max_loras, args.max_lora_rank, args.lora_targets)
 
 
@@ -255,16 +260,19 @@ def _load_weights(path: Path, cfg: ModelConfig, dtype, meshes: list):
     return load_params(path, cfg, dtype, shardings)
 
 
-def _size_kv_pool(args: EngineArgs, cfg: ModelConfig, cache: CacheConfig, kv_dtype, meshes: list) -> tuple[int, int]:
+def _size_kv_pool(
+    args: EngineArgs, cfg: ModelConfig, cache: CacheConfig, kv_dtype, meshes: list, reserved: int = 0
+) -> tuple[int, int]:
     """(num_pages, max_model_len): pages from free device memory unless set (never more than max_num_seqs full
-    sequences could use), and the default max_model_len capped by what one sequence can hold."""
+    sequences could use), and the default max_model_len capped by what one sequence can hold. ``reserved``:
+    bytes per device allocated after this (adapter slots)."""
     max_model_len = args.max_model_len or cfg.max_position_embeddings
     if cache.num_pages is not None:
         num_pages = cache.num_pages
     else:
         tp = meshes[0].devices.size
         local = [d for m in meshes for d in m.devices.flat if d.process_index == jax.process_index()]
-        free = min(_free_device_bytes(d) for d in local)  # multi-host: only local devices report memory
+        free = min(_free_device_bytes(d) for d in local) - reserved  # multi-host: only local devices report
         # a device holds its stage's layers, and 1/tp of each page when kv heads are split
         kv_split = tp if cfg.num_kv_heads % tp == 0 else 1
         bytes_per_page = kv_cache_bytes_per_page(cfg, cache.page_size, kv_dtype)

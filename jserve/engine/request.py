@@ -123,6 +123,7 @@ class Request:
         # while scheduled (1-based; 0: none held) and since when it waits for a slot. Its prefix-cache hashes
         # chain from the adapter's own root, so cached K/V are shared only among requests of one adapter.
         self.lora_request = lora_request
+        self.lora_adapter = None  # its host copy (a jserve.lora.peft_adapter.HostAdapter), read when requested
         self.lora_slot = 0
         self.lora_wait_since: float | None = None
         self.hash_root: bytes = b"" if lora_request is None else lora_request.cache_root

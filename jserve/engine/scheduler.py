@@ -276,7 +276,7 @@ class Scheduler:
         num_new = self._chunk_len(request.num_tokens - num_cached, self.token_budget)
         while (
             len(self.running) >= self.config.max_num_seqs
-            or not self._adapter_available(request)
+            or not self._take_adapter(request)
             or not self.kv_cache.allocate(request, num_new, cached_pages)
         ):
             if not self.running:  # the whole pool cannot hold it
@@ -348,6 +348,8 @@ class Scheduler:
             if r.status == RequestStatus.RUNNING and r.num_computed_tokens < r.num_prompt_tokens
         }
         deferred: list[Request] = []
+        # a request parked too long for an adapter slot: requests that would take slots wait behind it
+        starving = self.adapters is not None and self.adapters.starving(self.waiting)
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
             if request.num_pending_tokens or request.awaiting_verification:  # preempted while tokens are on the way
@@ -359,7 +361,7 @@ class Scheduler:
                 self._finish(request, RequestStatus.FINISHED_LENGTH)
                 self._finished_ids.append(request.request_id)
                 continue
-            if not self._adapter_available(request):  # every adapter slot is in use: others may still run
+            if starving and request.lora_request is not None and request.lora_wait_since is None:
                 deferred.append(self.waiting.pop(0))
                 continue
             cached_pages, num_cached = kv.find_cached_prefix(request)
@@ -367,8 +369,13 @@ class Scheduler:
             if lead_key is not None and self._must_wait_for_leader(request, lead_key):
                 deferred.append(self.waiting.pop(0))
                 continue
+            if not self._take_adapter(request):  # every adapter slot is in use: others may still run
+                deferred.append(self.waiting.pop(0))
+                continue
             num_new = self._chunk_len(request.num_tokens - num_cached, budget)
             if num_new == 0 or not kv.allocate(request, num_new, cached_pages):
+                if self.adapters is not None:
+                    self.adapters.release(request)
                 break  # FCFS: the head waits for budget or pages rather than being overtaken
             self.waiting.pop(0)
             if lead_key is not None and lead_key not in self._leaders:
@@ -386,14 +393,13 @@ class Scheduler:
             request.num_cached_tokens = num_cached
         request.num_computed_tokens = num_cached
         request.status = RequestStatus.RUNNING
-        if self.adapters is not None:
-            self.adapters.acquire(request)
         bisect.insort(self.running, request, key=self._rank)
         return self._make_chunk(request, num_new)
 
-    def _adapter_available(self, request: Request) -> bool:
-        """Multi-LoRA: its adapter is in a device slot, or a slot is idle to load it into."""
-        return self.adapters is None or self.adapters.can_run(request)
+    def _take_adapter(self, request: Request) -> bool:
+        """Multi-LoRA: the request holds its adapter's device slot (loaded into an idle one if not resident);
+        False while every slot is in use. A request that is then not admitted gives it back."""
+        return self.adapters is None or self.adapters.try_acquire(request)
 
     def _must_wait_for_leader(self, request: Request, first_page: bytes) -> bool:
         """Prefix sharing: True while the leader of this first page has not computed the pages we share.

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import load_file
 
+from jserve.checkpoint import read_safetensors
 from jserve.config import ModelConfig
 from jserve.lora.request import LoRARequest
 from jserve.lora.targets import ALL_TARGETS, MLP_TARGETS, LoRASpec, target_dims
@@ -28,6 +28,8 @@ _FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_pro
 _REFUSED_OPTIONS = {
     "use_dora": "DoRA adapters (use_dora) are not supported",
     "fan_in_fan_out": "fan_in_fan_out adapters (Conv1D base layers) are not supported",
+    "lora_bias": "adapters with a bias on lora_B (lora_bias) are not supported",
+    "layer_replication": "layer_replication (layers repeated beyond the base model's) is not supported",
 }
 
 
@@ -141,7 +143,7 @@ def _read_tensors(path: Path) -> dict[str, np.ndarray]:
             raise ValueError("adapter_model.bin is not read: save the adapter with safe_serialization=True")
         raise ValueError("no adapter_model.safetensors")
     try:
-        return load_file(str(file))
+        return read_safetensors(file)
     except Exception as e:  # a truncated or foreign file: safetensors raises its own error types
         raise ValueError(f"adapter_model.safetensors is not readable: {e}") from None
 

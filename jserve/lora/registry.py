@@ -39,9 +39,12 @@ class AdapterRegistry:
             self._next_id += 1
         self.engine.register_adapter(request)  # raises ValueError, naming the reason
         with self._lock:
-            if name in self._by_name:  # a concurrent load of the same name won
-                raise ValueError(f"lora_name {name!r} is already loaded (unload it first)")
-            self._by_name[name] = request
+            lost = name in self._by_name  # a concurrent load of the same name won
+            if not lost:
+                self._by_name[name] = request
+        if lost:
+            self.engine.unload_adapter(request.lora_int_id)
+            raise ValueError(f"lora_name {name!r} is already loaded (unload it first)")
         return request
 
     def unload(self, name: str) -> None:

@@ -92,6 +92,14 @@ class LoRASpec:
     def b_shape(self, cfg: ModelConfig, target: str, num_layers: int) -> tuple[int, ...]:
         return (num_layers, self.max_loras, self.max_lora_rank, *target_dims(cfg, target).out_dims)
 
+    def nbytes(self, cfg: ModelConfig, num_layers: int, itemsize: int) -> int:
+        """Bytes of every slot of ``num_layers`` layers (an upper bound per device: tensor parallel splits some)."""
+        elements = sum(
+            math.prod(self.a_shape(cfg, t, num_layers)) + math.prod(self.b_shape(cfg, t, num_layers))
+            for t in self.targets
+        )
+        return elements * itemsize
+
     @staticmethod
     def a_axes(cfg: ModelConfig, target: str) -> tuple[str | None, ...]:
         return (None, *target_dims(cfg, target).in_axes, None, None)

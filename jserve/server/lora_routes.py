@@ -37,7 +37,7 @@ def add_lora_routes(app: FastAPI, adapters: AdapterRegistry) -> None:
 
     async def unload_lora_adapter(body: UnloadLoRAAdapterRequest):
         try:
-            adapters.unload(body.lora_name)
+            await asyncio.to_thread(adapters.unload, body.lora_name)
         except AdapterNotFoundError as e:
             return JSONResponse(error_body(str(e.args[0]), "not_found_error", 404, "lora_name"), 404)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")

@@ -138,3 +138,23 @@ def test_phi3_fused_projections_split_like_the_base_weights(tmp_path):
         a, b = adapter.weights[name]
         parts.append(x.numpy() @ a[0].reshape(cfg.hidden_size, -1) @ b[0].reshape(b.shape[1], -1))
     np.testing.assert_allclose(np.concatenate(parts, axis=1), fused, atol=1e-5)
+
+
+def test_a_bfloat16_adapter_reads_like_its_float32_original(llama, tmp_path):
+    path, base, cfg = llama
+    adapter_dir, model = make_adapter(base, tmp_path / "f32", seed=4, rank=4, targets=["q_proj", "down_proj"])
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    f32 = load_peft_adapter(request(adapter_dir, 1), cfg, _spec(cfg), np.float32)
+    bf16 = load_peft_adapter(request(tmp_path / "bf16", 2), cfg, _spec(cfg), np.float32)
+    for target in ("q_proj", "down_proj"):
+        for ours, theirs in zip(bf16.weights[target], f32.weights[target], strict=True):
+            np.testing.assert_allclose(ours, theirs, rtol=1e-2, atol=1e-2)
+
+
+def test_lora_bias_and_layer_replication_are_refused(llama, tmp_path):
+    path, base, cfg = llama
+    adapter_dir, _ = make_adapter(base, tmp_path / "a", seed=1, targets=["q_proj"])
+    for option, reason in (({"lora_bias": True}, "lora_bias"), ({"layer_replication": [[0, 2]]}, "layer_replication")):
+        _edit_config(adapter_dir, **{"lora_bias": False, "layer_replication": None, **option})
+        with pytest.raises(ValueError, match=reason):
+            load_peft_adapter(request(adapter_dir, 1), cfg, _spec(cfg), np.float32)
