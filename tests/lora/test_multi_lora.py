@@ -40,6 +40,12 @@ def llama(tmp_path_factory):
     return llm, base, requests, [m for _, m in adapters], path
 
 
+@pytest.fixture(scope="module")
+def plain(llama):
+    """An engine of the same checkpoint without LoRA."""
+    return LLM(llama[4], precompile=False, progress=False, **ENGINE)
+
+
 def _check(out, model, prompt):
     np.testing.assert_allclose(ours(out, prompt), prompt_logprobs(model, prompt), atol=LOGPROB_TOL, rtol=0)
     assert out.outputs[0].token_ids == greedy(model, prompt, NEW_TOKENS)
@@ -96,9 +102,8 @@ def test_prefix_cache_is_shared_within_an_adapter_only(llama):
     assert cached(None) > 0
 
 
-def test_base_requests_give_the_tokens_of_an_engine_without_lora(llama):
-    llm, _, requests, _, path = llama
-    plain = LLM(path, precompile=False, progress=False, **ENGINE)
+def test_base_requests_give_the_tokens_of_an_engine_without_lora(llama, plain):
+    llm, _, requests, _, _ = llama
     prompts = _prompts(3, seed=13)
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=0)
     with_lora = llm.generate(
@@ -128,9 +133,8 @@ def test_refusals_name_the_reason_and_leave_the_engine_serving(llama, tmp_path):
     assert llm.engine.stats()["num_waiting"] == 0
 
 
-def test_an_engine_without_lora_refuses_adapters(llama):
-    llm, _, requests, _, path = llama
-    plain = LLM(path, precompile=False, progress=False, **ENGINE)
+def test_an_engine_without_lora_refuses_adapters(llama, plain):
+    _, _, requests, _, _ = llama
     with pytest.raises(ValueError, match="enable_lora=True"):
         plain.generate(prompt_token_ids=_prompts(1), lora_request=requests[0], use_tqdm=False)
 
