@@ -132,8 +132,9 @@ class AsyncLLM:
         grammar = None
         if params.structured_outputs is not None:  # compiled in the engine's pool; this loop only awaits it
             grammar = await self.engine.grammar_compiler().compile_async(params.structured_outputs)
-        if lora_request is not None:
-            await asyncio.to_thread(self.engine.register_adapter, lora_request)
+        adapter = None
+        if lora_request is not None:  # read (and checked) off this loop; cancelling here leaves nothing behind
+            adapter = await asyncio.to_thread(self.engine.register_adapter, lora_request)
         request_id = request_id or f"async-{next(self._ids)}"
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:
@@ -151,6 +152,7 @@ class AsyncLLM:
                 prompt=prompt,
                 grammar=grammar,
                 lora_request=lora_request,
+                lora_adapter=adapter,
             )
             self._wake.set()
             # NOTE: the engine may have died after the check above and snapshotted _streams before this

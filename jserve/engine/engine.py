@@ -219,6 +219,7 @@ class Engine:
         stream: bool = True,
         grammar: CompiledGrammar | None = None,
         lora_request: LoRARequest | None = None,
+        lora_adapter: HostAdapter | None = None,
     ) -> str:
         """Validates and enqueues a request; returns its id. Safe to call from any thread.
 
@@ -230,10 +231,11 @@ class Engine:
         model's step on CPU).
 
         ``lora_request``: run with this PEFT adapter (``enable_lora``); it is read (and checked) here, on the
-        caller's thread, unless the engine holds it already."""
+        caller's thread, unless the engine holds it already or ``lora_adapter`` is its copy from
+        ``register_adapter``."""
         params.validate()
         self.validate(prompt_token_ids, params)
-        adapter = self.register_adapter(lora_request)
+        adapter = lora_adapter if lora_adapter is not None else self.register_adapter(lora_request)
         if params.structured_outputs is not None and grammar is None:
             grammar = self.compile_grammar(params)  # this thread waits (bounded), never the engine's
         request_id = request_id if request_id is not None else f"req-{next(self._auto_ids)}"

@@ -122,6 +122,7 @@ def test_base_requests_give_the_tokens_of_an_engine_without_lora(llama, plain):
 def test_refusals_name_the_reason_and_leave_the_engine_serving(llama, tmp_path):
     llm, _, requests, _, _ = llama
     prompt = _prompts(1)[0]
+    llm.engine.register_adapter(requests[0])  # id 1 names adapter-1 from here on
     with pytest.raises(ValueError, match="no adapter_config.json"):
         llm.generate(prompt_token_ids=[prompt], lora_request=request(tmp_path, 9), use_tqdm=False)
     with pytest.raises(ValueError, match="lora_int_id 1 already names adapter"):
