@@ -69,11 +69,13 @@ class LLM:
         adapters = lora_request if isinstance(lora_request, list) else [lora_request] * len(prompts)
         if len(adapters) != len(prompts):
             raise ValueError(f"lora_request: got {len(adapters)} for {len(prompts)} prompts")
-        for adapter in dict.fromkeys(a for a in adapters if a is not None):  # each read (and checked) once
-            self.engine.register_adapter(adapter)
+        # each adapter read (and checked) once, before anything is enqueued; its copy goes with every request
+        copies = {a: self.engine.register_adapter(a) for a in dict.fromkeys(adapters) if a is not None}
         grammars = self._compile_grammars(params)
         return [
-            self.engine.add_request(ids, p, prompt=text, stream=stream, grammar=g, lora_request=a)
+            self.engine.add_request(
+                ids, p, prompt=text, stream=stream, grammar=g, lora_request=a, lora_adapter=copies.get(a)
+            )
             for (text, ids), p, g, a in zip(prompts, params, grammars, adapters, strict=True)
         ]
 

@@ -135,10 +135,7 @@ def _check_serving_flags(ns: argparse.Namespace) -> None:
             raise ValueError(f"TLS file {path!r} does not exist")
     if ns.lora_modules and not ns.enable_lora:
         raise ValueError("--lora-modules needs --enable-lora")
-    for module in ns.lora_modules:
-        name, _, path = module.partition("=")
-        if not name or not path:
-            raise ValueError(f"--lora-modules: expected NAME=PATH, got {module!r}")
+    _lora_modules(ns)
 
 
 def _inject_step_failure(engine, after_steps: int) -> None:
@@ -239,10 +236,20 @@ def _load_adapters(engine, ns: argparse.Namespace, base_name: str):
     from jserve.lora.registry import AdapterRegistry
 
     adapters = AdapterRegistry(engine, base_name)
-    for module in ns.lora_modules:
-        name, _, path = module.partition("=")
+    for name, path in _lora_modules(ns):
         adapters.load(name, path)
     return adapters
+
+
+def _lora_modules(ns: argparse.Namespace) -> list[tuple[str, str]]:
+    """``--lora-modules`` as (name, path) pairs; ValueError for one that is not NAME=PATH."""
+    pairs = []
+    for module in ns.lora_modules:
+        name, _, path = module.partition("=")
+        if not name or not path:
+            raise ValueError(f"--lora-modules: expected NAME=PATH, got {module!r}")
+        pairs.append((name, path))
+    return pairs
 
 
 async def serve(engine, ns: argparse.Namespace, args, adapters=None) -> tuple[int, bool]:

@@ -35,8 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from jserve import BUNDLED_MODEL, LLM, LoRARequest, SamplingParams
-
-ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from jserve.lora.request import ALL_TARGETS
 
 
 def make_adapters(model_dir: Path, count: int, rank: int, targets: list[str], out_dir: Path) -> list[LoRARequest]:
@@ -49,7 +48,7 @@ def make_adapters(model_dir: Path, count: int, rank: int, targets: list[str], ou
     requests = []
     for i in range(count):
         torch.manual_seed(i)
-        config = peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, init_lora_weights=False)
+        config = peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets), init_lora_weights=False)
         model = peft.get_peft_model(copy.deepcopy(base), config)
         path = out_dir / f"adapter-{i}"
         model.save_pretrained(path)

@@ -78,7 +78,9 @@ def build_llm(args):
         model = str(make_llama_159m(Path(tempfile.mkdtemp(prefix="jserve-159m-"))))
     if not args.lora_adapters:
         return LLM(model=model, **kw)
-    from benchmark_lora import ALL_TARGETS, make_adapters  # scripts/, next to this one
+    from benchmark_lora import make_adapters  # scripts/, next to this one
+
+    from jserve.lora.request import ALL_TARGETS
 
     llm = LLM(model=model, enable_lora=True, max_loras=args.lora_adapters, max_lora_rank=args.lora_rank, **kw)
     adapters = make_adapters(Path(model), args.lora_adapters, args.lora_rank, ALL_TARGETS, Path(tempfile.mkdtemp()))

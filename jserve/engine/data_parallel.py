@@ -85,10 +85,10 @@ class DataParallelEngine:
             self._pending[id(engine)] += 1
         return request_id
 
-    def register_adapter(self, lora_request) -> None:
-        """Reads an adapter into every replica's host tier (each replica has its own slots)."""
-        for engine in self.replicas:
-            engine.register_adapter(lora_request)
+    def register_adapter(self, lora_request):
+        """Reads an adapter into every replica's host tier (each replica has its own slots); returns a host
+        copy, which any replica's ``add_request`` takes."""
+        return [engine.register_adapter(lora_request) for engine in self.replicas][0]
 
     def unload_adapter(self, lora_int_id: int) -> None:
         for engine in self.replicas:

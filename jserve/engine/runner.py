@@ -47,7 +47,7 @@ from jserve.engine.sampler import SamplerOutput, SamplingTensors, sample, top_lo
 from jserve.engine.shapes import StepShapes
 from jserve.executable_cache import ExecutableCache, compile_lowered
 from jserve.lora.device import one_slot_shapes, slot_shardings, write_slot, zero_slots
-from jserve.lora.targets import LoRASpec, StepLoRA, token_mask
+from jserve.lora.targets import LoRASpec, StepLoRA
 from jserve.models.layer_stack import StackedLayers, plan_stack, stack_states
 from jserve.models.llama import KVCache, kv_cache_shape
 from jserve.parallel import sharding as shard_rules
@@ -950,8 +950,7 @@ class ModelRunner:
                 x = model.embed(tokens)
         lora = None
         if lora_slots is not None:
-            num_slots = next(iter(lora_slots.values()))[0].shape[-2]
-            lora = StepLoRA(lora_slots, token_mask(inputs.lora_slots, num_slots, x.dtype))
+            lora = StepLoRA.for_step(lora_slots, inputs.lora_slots, x.dtype)
         x, kv_cache = model.run_layers(
             x,
             inputs.positions,

@@ -152,7 +152,14 @@ class StepLoRA:
     inside a loop over stacked layers)."""
 
     weights: LoRAWeights
-    mask: jax.Array
+    mask: jax.Array  # [T, S]
+    active: jax.Array  # [] bool: some token of the step has an adapter
+
+    @classmethod
+    def for_step(cls, weights: LoRAWeights, token_slots: jax.Array, dtype) -> StepLoRA:
+        """The slots ``weights`` and each token's slot ``token_slots`` [T] (1-based; 0: the base model)."""
+        num_slots = next(iter(weights.values()))[0].shape[-2]
+        return cls(weights, token_mask(token_slots, num_slots, dtype), jnp.any(token_slots > 0))
 
     def layer(self, index) -> LayerLoRA:
-        return LayerLoRA(self.weights, index, self.mask, jnp.any(self.mask > 0))
+        return LayerLoRA(self.weights, index, self.mask, self.active)

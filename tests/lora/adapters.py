@@ -11,10 +11,9 @@ import peft
 import torch
 
 from jserve import LoRARequest
+from jserve.lora.request import ALL_TARGETS
 from tests.models.test_parity import _hf_greedy as greedy  # noqa: F401 - re-exported for the LoRA tests
 from tests.models.test_parity import _hf_prompt_logprobs as prompt_logprobs  # noqa: F401
-
-ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def make_adapter(
@@ -24,13 +23,19 @@ def make_adapter(
     seed: int,
     rank: int = 8,
     alpha: float = 16,
-    targets: list[str] | str = ALL,
+    targets: list[str] | tuple[str, ...] | str = ALL_TARGETS,
     scale: float = 0.3,
     **config,
 ) -> tuple[Path, torch.nn.Module]:
     """Writes an adapter of ``base`` (left untouched) to ``out_dir``; returns (dir, the peft model, eval mode)."""
     torch.manual_seed(seed)
-    cfg = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=False, **config)
+    cfg = peft.LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        target_modules=targets if isinstance(targets, str) else list(targets),
+        init_lora_weights=False,
+        **config,
+    )
     model = peft.get_peft_model(copy.deepcopy(base), cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
