@@ -175,6 +175,11 @@ class LLM:
         """Engine state: page counts, queue lengths, preemptions, prefix-cache hit rate (docs/api.md)."""
         return self.engine.stats()
 
+    def reset_prefix_cache(self) -> bool:
+        """Forgets every cached prefix, on the device and in the host tier; False (nothing changed) while
+        requests run."""
+        return self.engine.reset_prefix_cache()
+
 
 def _token_id(t) -> int:
     if isinstance(t, bool) or not isinstance(t, int):

@@ -72,6 +72,17 @@ class EngineArgs:
     num_pages: int | None = setting(None, "KV pages (default: kv_cache_memory_fraction of free device memory)")
     kv_cache_memory_fraction: float = setting(0.5, "share of free device memory for the KV pool")
     enable_prefix_caching: bool = setting(True, "reuse the KV pages of cached prompt prefixes")
+    kv_offloading_size: float | None = setting(
+        None,
+        "GiB of host memory for a second prefix-cache tier: pages evicted from the device are copied there and "
+        "copied back when a prompt needs them again (split among data-parallel replicas; default: off)",
+    )
+    preemption_mode: str | None = setting(
+        None,
+        "a preempted request's pages: 'swap' keeps them in the host tier, 'recompute' drops them (default: swap "
+        "with a host tier)",
+        choices=("recompute", "swap"),
+    )
     quantization: str | None = setting(
         None,
         "quantize every linear layer on load: int8 (per channel), int4 (groups), fp8 (e4m3, per channel); "
@@ -190,6 +201,18 @@ class EngineArgs:
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
         self._check_lora()
+        self._check_offloading()
+
+    def _check_offloading(self) -> None:
+        size = self.kv_offloading_size
+        if size is not None and (isinstance(size, bool) or not isinstance(size, (int, float)) or not size > 0):
+            raise ValueError(f"kv_offloading_size must be a number of GiB > 0, got {size!r}")
+        if size is not None and not self.enable_prefix_caching:
+            raise ValueError("kv_offloading_size: the host tier extends the prefix cache (enable_prefix_caching)")
+        if self.preemption_mode not in (None, "recompute", "swap"):
+            raise ValueError(f"preemption_mode must be 'recompute' or 'swap', got {self.preemption_mode!r}")
+        if self.preemption_mode == "swap" and size is None:
+            raise ValueError("preemption_mode 'swap' needs a host tier to swap to (kv_offloading_size)")
 
     def _check_lora(self) -> None:
         for name in ("max_loras", "max_lora_rank", "max_cpu_loras"):

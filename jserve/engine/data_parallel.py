@@ -142,4 +142,4 @@ class DataParallelEngine:
             engine.mark_ready()
 
     def reset_prefix_cache(self) -> bool:
-        return all(e.kv_cache.reset_prefix_cache() for e in self.replicas)
+        return all([e.reset_prefix_cache() for e in self.replicas])  # every replica tries

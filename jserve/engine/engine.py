@@ -59,6 +59,7 @@ from jserve.speculative.config import DRAFT, SpeculativeConfig
 from jserve.speculative.controller import SpeculationController
 
 if TYPE_CHECKING:
+    from jserve.kv_offload.offloader import KVOffloader
     from jserve.lora.peft_adapter import HostAdapter
     from jserve.structured import CompiledGrammar, GrammarCompiler
     from jserve.tokenizer import Tokenizer
@@ -172,6 +173,7 @@ class Engine:
         self.num_step_failures = 0
         self.fault_injector: FaultInjector | None = None
         self._lowerings = compile_watch.LoweringCounter()  # programs lowered inside this engine's steps
+        self.offloader: KVOffloader | None = None  # the host tier's copies (kv_offloading_size)
 
     def mark_ready(self) -> None:
         """Every program is compiled: lowerings in its steps from now on count as
@@ -435,6 +437,8 @@ class Engine:
         if self.fault_injector is not None:
             self.fault_injector("dispatch", [c.request_id for c in sched.chunks])
         self._write_adapters()
+        if self.offloader is not None:  # evicted pages out before the step overwrites them, restored ones in
+            self.offloader.flush(*self.kv_cache.take_transfers())
         step = _Step(sched, plans, self.runner.dispatch(plans, previous.pending if previous else None))
         step.sampling_deferred = any(plan.defers_sampling for plan in plans)
         if self._speculation is not None:
@@ -554,7 +558,9 @@ class Engine:
         logger.error("step failed (%d requests%s): %r", len(failed_ids), ", alone" if alone else "", exc)
         self._in_flight = None  # its results read the failed step's outputs: never collected
         self.scheduler.requeue_all()
-        self.kv_cache.reset_prefix_cache()  # pages the failed step registered may hold garbage
+        self.kv_cache.reset_prefix_cache()  # pages the failed step registered may hold garbage (both tiers)
+        if self.offloader is not None:
+            self.offloader.drop_pending()
         if not self.runner.kv_cache_usable():
             self.runner.reset_kv_cache()
         for seq_id in failed_ids:
@@ -754,8 +760,13 @@ class Engine:
     # ------------------------------------------------------------------ introspection
 
     def reset_prefix_cache(self) -> bool:
-        """Forget cached prefixes (refused while requests hold pages); benchmarks use it between runs."""
-        return self.kv_cache.reset_prefix_cache()
+        """Forget cached prefixes, in both tiers (refused while requests hold pages); benchmarks use it between
+        runs."""
+        if not self.kv_cache.reset_prefix_cache():
+            return False
+        if self.offloader is not None:
+            self.offloader.drop_pending()
+        return True
 
     def speculation_stats(self) -> dict[str, float | int | str]:
         """Drafted / accepted tokens, acceptance rate and mean tokens per verification (accepted + 1)."""
@@ -787,7 +798,31 @@ class Engine:
             "kv_bytes_per_token": self.runner.kv_bytes_per_token,
             **self.speculation_stats(),
             **self.lora_stats(),
+            **self.host_tier_stats(),
             "programs_lowered_while_serving": self._lowerings.count,
+        }
+
+    def host_tier_stats(self) -> dict[str, float | int]:
+        """The host KV tier's counters (empty without ``kv_offloading_size``)."""
+        host = self.kv_cache.host
+        if host is None:
+            return {}
+        c = host.counters
+        costs = self.offloader.costs if self.offloader is not None else None
+        measured = {} if costs is None else {f"host_{k}_seconds": v for k, v in vars(costs).items()}
+        return {
+            "host_tier_active": int(self.kv_cache.host_active),
+            **measured,
+            "host_pages_total": host.num_pages,
+            "host_pages_used": host.num_used_pages,
+            "host_hit_tokens": c.hit_tokens,
+            "host_pages_offloaded": c.pages_offloaded,
+            "host_pages_restored": c.pages_restored,
+            "host_pages_evicted": c.pages_evicted,
+            "host_pages_corrupted": c.pages_corrupted,
+            "host_bytes_to_host": c.bytes_to_host,
+            "host_bytes_to_device": c.bytes_to_device,
+            "host_copy_seconds": c.copy_seconds,
         }
 
     def lora_stats(self) -> dict[str, float | int]:

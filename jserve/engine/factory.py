@@ -25,10 +25,13 @@ from jserve.engine.data_parallel import DataParallelEngine
 from jserve.engine.engine import Engine
 from jserve.engine.kv_cache import KVCacheManager, default_num_pages
 from jserve.engine.runner import ModelRunner
-from jserve.engine.scheduler import Scheduler, SchedulerConfig
+from jserve.engine.scheduler import RECOMPUTE, SWAP, Scheduler, SchedulerConfig
 from jserve.engine.shapes import StepShapes
 from jserve.engine_args import BACKGROUND, EngineArgs
 from jserve.executable_cache import ExecutableCache
+from jserve.kv_offload.host_tier import HostKVTier
+from jserve.kv_offload.offloader import KVOffloader
+from jserve.kv_offload.policy import decide, measure_copy_costs
 from jserve.lora.peft_adapter import load_peft_adapter
 from jserve.lora.slots import AdapterSlots
 from jserve.lora.targets import LoRASpec
@@ -103,6 +106,9 @@ def build_engine(args: EngineArgs, devices: list[jax.Device] | None = None) -> E
     else:
         for replica in engines:
             replica.runner.compile_on_first_use = True
+    if args.precompile:
+        for replica in engines:
+            _decide_host_tier(replica)
     engine = engines[0] if len(engines) == 1 else DataParallelEngine(engines)
     engine.mark_ready()
     return engine
@@ -219,13 +225,18 @@ def _build_replica(
         defer_sampling=args.async_scheduling and grammar is not None and spec is None,
         scan_layers=args.scan_layers,
         lora=lora,
+        kv_offload=args.kv_offloading_size is not None,
     )
     kv_cache = KVCacheManager(num_pages, cache_config.page_size, cache_config.enable_prefix_caching)
+    kv_cache.host = _host_tier(args, runner)
+    kv_cache.draft_kv = spec is not None and spec.method == DRAFT
+    swap = kv_cache.host is not None and args.preemption_mode != RECOMPUTE
+    scheduler_config = dataclasses.replace(scheduler_config, preemption_mode=SWAP if swap else RECOMPUTE)
     scheduler = Scheduler(scheduler_config, kv_cache)
     if lora is not None:
         load = functools.partial(load_peft_adapter, cfg=model_config, spec=lora, dtype=dtype)
         scheduler.adapters = AdapterSlots(lora.max_loras, args.max_cpu_loras or lora.max_loras, load)
-    return Engine(
+    engine = Engine(
         runner=runner,
         scheduler=scheduler,
         kv_cache=kv_cache,
@@ -239,6 +250,33 @@ def _build_replica(
         speculative=spec,
         grammar=grammar,
     )
+    if kv_cache.host is not None:
+        engine.offloader = KVOffloader(kv_cache.host, runner.page_mover, runner.program_for)
+    return engine
+
+
+def _decide_host_tier(engine: Engine) -> None:
+    """Keeps the host tier on only where copying a page back beats recomputing it (measured: policy.py)."""
+    if engine.offloader is not None:
+        engine.offloader.costs = measure_copy_costs(engine.runner)
+        engine.kv_cache.host_active = decide(engine.offloader.costs)
+
+
+def _host_tier(args: EngineArgs, runner: ModelRunner) -> HostKVTier | None:
+    """The replica's host tier: its share of ``kv_offloading_size`` in pages laid out like the runner's."""
+    if args.kv_offloading_size is None:
+        return None
+    if jax.process_count() > 1:
+        raise ValueError("kv_offloading_size: the host tier is not served across hosts yet (one process only)")
+    layouts = runner.page_mover.layouts()
+    page_bytes = sum(layout.nbytes for layout in layouts)
+    size = int(args.kv_offloading_size * 2**30) // args.parallel.data_parallel_size
+    if size < page_bytes:
+        raise ValueError(
+            f"kv_offloading_size: {args.kv_offloading_size} GiB per {args.parallel.data_parallel_size} replica(s) "
+            f"holds no page of {page_bytes} bytes"
+        )
+    return HostKVTier(size // page_bytes, layouts)
 
 
 def _lora_spec(args: EngineArgs, cfg: ModelConfig) -> LoRASpec | None:

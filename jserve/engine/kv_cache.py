@@ -15,6 +15,11 @@ The chain starts from the request's ``hash_root``: empty for the base model, the
 LoRA request (K/V computed under one adapter are never served to another).
 When a request ends, its cached pages keep their content and stay findable until a fresh page is needed and
 they are evicted, least recently freed first.
+
+Host tier (``host``, a ``HostKVTier``; ``kv_offloading_size``): an evicted cached page's K/V are first copied to
+a host page under the same hash (queued in ``take_transfers``: the engine issues the copy before the step that
+overwrites the page). A lookup that runs out of device pages goes on in the host tier; each host hit takes a
+fresh device page, keyed at once, whose content the engine copies back before the step that reads it.
 """
 
 from __future__ import annotations
@@ -22,8 +27,13 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from jserve.engine.request import Request
+
+if TYPE_CHECKING:
+    from jserve.kv_offload.host_tier import HostKVTier
 
 
 def hash_page(parent_hash: bytes, token_ids: list[int]) -> bytes:
@@ -53,6 +63,19 @@ def default_num_pages(bytes_available: int, bytes_per_page: int, fraction: float
     return num_pages
 
 
+@dataclass
+class PrefixHit:
+    """A request's cached leading pages: on the device, then (continuing the chain) in the host tier."""
+
+    device_pages: list[int] = field(default_factory=list)
+    host_pages: list[int] = field(default_factory=list)
+    host_hashes: list[bytes] = field(default_factory=list)  # the hash of each host page
+
+    @property
+    def num_pages(self) -> int:
+        return len(self.device_pages) + len(self.host_pages)
+
+
 class KVCacheManager:
     """Hands out page ids to requests and keeps the prefix cache. Owned by the engine thread."""
 
@@ -76,6 +99,13 @@ class KVCacheManager:
         self._without_draft: set[int] = set()
         self.num_queried_tokens = 0
         self.num_hit_tokens = 0
+        self.host: HostKVTier | None = None  # the host tier, when kv_offloading_size is set
+        self.host_active = True  # False where restoring a page was measured to cost more than recomputing it
+        self.draft_kv = False  # draft-model speculation: the host tier holds no draft K/V (restored pages lack them)
+        # (device page, host page, its reservation's generation) to copy before the next step
+        self._offloads: list[tuple[int, int, int]] = []
+        self._restores: list[tuple[int, int]] = []  # (host page, device page) to copy before the next step
+        self._no_offload: set[int] = set()  # recompute preemption: pages the host tier does not take
 
     # ---- counters --------------------------------------------------------------------------------
     @property
@@ -130,19 +160,28 @@ class KVCacheManager:
             return 0
         return (request.num_tokens - 1) // self.page_size
 
-    def find_cached_prefix(self, request: Request) -> tuple[list[int], int]:
-        """The longest run of cached pages matching the request's leading tokens, and the tokens they cover.
+    def find_cached_prefix(self, request: Request) -> tuple[PrefixHit, int]:
+        """The longest run of cached pages matching the request's leading tokens (device pages, then host
+        pages), and the tokens they cover.
 
-        Pure lookup: counters are updated by ``allocate`` when the hit is taken, so a request that is looked
-        up on several steps before it is admitted counts once.
+        A lookup: counters are updated by ``allocate`` when the hit is taken, so a request that is looked
+        up on several steps before it is admitted counts once. (A host page whose checksum fails is dropped.)
         """
-        pages: list[int] = []
-        for h in self.page_hashes(request, self.max_cached_pages(request)):
+        hit = PrefixHit()
+        hashes = self.page_hashes(request, self.max_cached_pages(request))
+        for h in hashes:
             page = self._hash_to_page.get(h)
             if page is None:
                 break
-            pages.append(page)
-        return pages, len(pages) * self.page_size
+            hit.device_pages.append(page)
+        if self.host is not None and self.host_active:
+            for h in hashes[len(hit.device_pages) :]:
+                page = self.host.lookup(h)
+                if page is None:
+                    break
+                hit.host_pages.append(page)
+                hit.host_hashes.append(h)
+        return hit, hit.num_pages * self.page_size
 
     def cache_computed_pages(self, request: Request) -> None:
         """Registers the pages now full of computed, known tokens (a pending token's page waits until the
@@ -179,44 +218,75 @@ class KVCacheManager:
         self._without_draft.clear()
         self._free.extend(self._evictable)
         self._evictable.clear()
+        self._offloads.clear()
+        self._restores.clear()
+        self._no_offload.clear()
+        if self.host is not None:
+            self.host.clear()
         return True
 
+    def take_transfers(self) -> tuple[list[tuple[int, int, int]], list[tuple[int, int]]]:
+        """The host tier's copies the next step depends on: (device page, host page, generation) offloads, which
+        must read the pages before the step overwrites them, then (host page, device page) restores."""
+        transfers = (self._offloads, self._restores)
+        self._offloads, self._restores = [], []
+        return transfers
+
     # ---- allocation ------------------------------------------------------------------------------
-    def allocate(self, request: Request, num_new_tokens: int, cached_pages: list[int] | tuple = ()) -> bool:
+    def allocate(self, request: Request, num_new_tokens: int, cached: PrefixHit | None = None) -> bool:
         """Grows the request's block table to cover ``num_computed_tokens + cached + num_new_tokens`` tokens.
 
-        ``cached_pages`` (from ``find_cached_prefix``, only on the first allocation after admission) are
-        taken first with their refcount raised. Returns False, changing nothing, if the pool cannot supply
-        the pages.
+        ``cached`` (from ``find_cached_prefix``, only on the first allocation after admission): its device
+        pages are taken first with their refcount raised, then a fresh page per host page, keyed and queued
+        to be restored. Returns False, changing nothing, if the pool cannot supply the pages.
         """
         rid = request.request_id
         table = self._tables.get(rid)
-        if cached_pages and table:
-            raise ValueError("cached_pages may only be passed on a request's first allocation")
-        num_tokens = request.num_computed_tokens + len(cached_pages) * self.page_size + num_new_tokens
-        num_have = (len(table) if table else 0) + len(cached_pages)
+        cached = cached if cached is not None else PrefixHit()
+        if cached.num_pages and table:
+            raise ValueError("cached pages may only be passed on a request's first allocation")
+        num_tokens = request.num_computed_tokens + cached.num_pages * self.page_size + num_new_tokens
+        num_have = (len(table) if table else 0) + len(cached.device_pages)
         num_fresh = self.pages_needed(num_tokens) - num_have
         # Evictable cached pages we are about to reuse are not available as fresh pages.
-        num_reused_evictable = sum(1 for p in cached_pages if self._refcount[p] == 0)
+        num_reused_evictable = sum(1 for p in cached.device_pages if self._refcount[p] == 0)
         if num_fresh > self.num_free_pages - num_reused_evictable:
             return False
         if table is None:
             table = self._tables[rid] = []
             if self._uses_cache(request):
                 self.num_queried_tokens += request.num_tokens
-                self.num_hit_tokens += len(cached_pages) * self.page_size
-        for page in cached_pages:
+                self.num_hit_tokens += cached.num_pages * self.page_size
+        for page in cached.device_pages:
             if self._refcount[page] == 0:
                 del self._evictable[page]
             self._refcount[page] += 1
+            self._no_offload.discard(page)
             table.append(page)
             if page in self._without_draft:
                 request.draft_synced = False  # the draft model's K/V of this prefix were never computed
-        if cached_pages:
-            self._num_registered[rid] = len(cached_pages)
-        for _ in range(max(num_fresh, 0)):
+        if cached.host_pages:
+            self._take_host_pages(request, table, cached)
+        if cached.num_pages:
+            self._num_registered[rid] = cached.num_pages
+        for _ in range(max(num_fresh - len(cached.host_pages), 0)):
             table.append(self._take_fresh_page())
         return True
+
+    def _take_host_pages(self, request: Request, table: list[int], cached: PrefixHit) -> None:
+        """A fresh device page per host hit, keyed by its hash now (later requests of this step hit it on the
+        device) and queued to be restored before the step."""
+        self.host.begin_restore(cached.host_pages)  # NOTE: before taking fresh pages, whose evictions feed the host
+        self.host.counters.hit_tokens += len(cached.host_pages) * self.page_size
+        for host_page, h in zip(cached.host_pages, cached.host_hashes, strict=True):
+            page = self._take_fresh_page()
+            self._hash_to_page[h] = page
+            self._page_to_hash[page] = h
+            self._restores.append((host_page, page))
+            table.append(page)
+            if self.draft_kv:
+                self._without_draft.add(page)
+                request.draft_synced = False
 
     def trim(self, request: Request, num_tokens: int) -> None:
         """Speculative decoding: gives back the pages past the first ``num_tokens`` tokens (rejected drafts' slots);
@@ -243,13 +313,20 @@ class KVCacheManager:
             page = self._free.popleft()
         else:
             page, _ = self._evictable.popitem(last=False)  # least recently freed
-            del self._hash_to_page[self._page_to_hash.pop(page)]
+            h = self._page_to_hash.pop(page)
+            del self._hash_to_page[h]
             self._without_draft.discard(page)
+            if self.host is not None and self.host_active and page not in self._no_offload:
+                host_page = self.host.reserve(h)
+                if host_page is not None:
+                    self._offloads.append((page, host_page, self.host.generation(host_page)))
+            self._no_offload.discard(page)
         self._refcount[page] = 1
         return page
 
-    def free(self, request: Request) -> None:
-        """Drops the request's references: unreferenced cached pages become evictable, others go free."""
+    def free(self, request: Request, offload: bool = True) -> None:
+        """Drops the request's references: unreferenced cached pages become evictable, others go free.
+        ``offload=False`` (recompute preemption): the host tier does not take the pages it alone held."""
         table = self._tables.pop(request.request_id, None)
         self._num_registered.pop(request.request_id, None)
         if not table:
@@ -258,6 +335,8 @@ class KVCacheManager:
         # its head, so evicting the head first would strand the rest).
         for page in reversed(table):
             self._release(page)
+            if not offload and page in self._evictable:
+                self._no_offload.add(page)
 
     # ---- debugging ------------------------------------------------------------------------------------
     def check_invariants(self) -> None:
@@ -285,6 +364,9 @@ class KVCacheManager:
         inverse = {page: h for h, page in self._hash_to_page.items()}
         _require(inverse == self._page_to_hash, "hash map and page keys disagree")
         _require(self._without_draft <= self._page_to_hash.keys(), "a page without draft K/V is not cached")
+        _require(self._no_offload <= self._evictable.keys(), "a page kept off the host tier is not evictable")
+        if self.host is not None:
+            self.host.check_invariants()
 
 
 def _require(condition: bool, message: str) -> None:

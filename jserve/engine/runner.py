@@ -46,6 +46,7 @@ from jserve.engine.batch import StepInput, StepPlan, padding_step
 from jserve.engine.sampler import SamplerOutput, SamplingTensors, sample, top_logprobs
 from jserve.engine.shapes import StepShapes
 from jserve.executable_cache import ExecutableCache, compile_lowered
+from jserve.kv_offload.page_mover import PageMover
 from jserve.lora.device import one_slot_shapes, slot_shardings, write_slot, zero_slots
 from jserve.lora.targets import LoRASpec, StepLoRA
 from jserve.models.layer_stack import StackedLayers, plan_stack, stack_states
@@ -396,11 +397,13 @@ class ModelRunner:
         defer_sampling: bool = False,
         scan_layers: bool = False,
         lora: LoRASpec | None = None,
+        kv_offload: bool = False,
     ):
         """``defer_sampling``: also build the sampling programs of deferred steps (structured outputs under
         async scheduling; one stage of one device, one process). ``scan_layers``: run each stage's layers in a loop
         over stacked params (``layer_stack``: trace and compile cost independent of depth) instead of unrolled.
-        ``lora``: hold adapter slots (multi-LoRA); each token's slot is a step input."""
+        ``lora``: hold adapter slots (multi-LoRA); each token's slot is a step input. ``kv_offload``: also
+        build the programs that copy pages to and from the host tier (``page_mover``)."""
         self.scan_layers = scan_layers
         self.lora = lora
         self.lora_write_programs: dict[int, object] = {}  # stage index -> compiled slot write
@@ -421,6 +424,7 @@ class ModelRunner:
         # ~1.5 ms of host time. A multi-host mesh needs global arrays, so there they are put explicitly.
         self._multiprocess = jax.process_count() > 1
         self._place_weights_and_pages(state, draft, graphdef)
+        self.page_mover = PageMover(self.stages, num_pages, shapes.max_pages_per_seq) if kv_offload else None
         # (not with tensor parallelism: the logits would have to be gathered whole every step to be handed over)
         self.defers_sampling = (
             defer_sampling
@@ -722,6 +726,8 @@ class ModelRunner:
                 tasks.append((stage.fn, stage.programs, bucket, args))
             rows_needed.add(self.shapes.sample_rows(bucket))
         tasks += self._lora_tasks()
+        if self.page_mover is not None:
+            tasks += self.page_mover.tasks()  # with the first buckets: a page may be evicted in the first step
         if self.defers_sampling:
             for rows in sorted(rows_needed - set(self.sample_programs)):
                 tasks.append((self.sample_fn, self.sample_programs, rows, self._sample_args(rows)))
@@ -847,10 +853,12 @@ class ModelRunner:
             spec = 0 if self.spec is None else len(self.shapes.spec_token_buckets) + bool(self.spec.samples_drafts)
             sampling = len(self.shapes.sample_row_counts) if self.defers_sampling else 0
             lora = self.num_stages if self.lora is not None else 0
-            return len(self.shapes.token_buckets) * self.num_stages + spec + sampling + lora
+            copies = self.page_mover.num_programs if self.page_mover is not None else 0
+            return len(self.shapes.token_buckets) * self.num_stages + spec + sampling + lora + copies
         rows = {self.shapes.sample_rows(b) for b in buckets} - set(self.sample_programs)
         lora = len(self._lora_tasks())
-        return len(buckets) * self.num_stages + (len(rows) if self.defers_sampling else 0) + lora
+        copies = len(self.page_mover.tasks()) if self.page_mover is not None else 0
+        return len(buckets) * self.num_stages + (len(rows) if self.defers_sampling else 0) + lora + copies
 
     @property
     def num_programs(self) -> int:
@@ -860,6 +868,7 @@ class ModelRunner:
             + len(self.propose_programs)
             + len(self.sample_programs)
             + len(self.lora_write_programs)
+            + (len(self.page_mover.programs) if self.page_mover is not None else 0)
         )
 
     def warm_up(self, buckets: Sequence[int] | None = None) -> None:
@@ -1026,6 +1035,10 @@ class ModelRunner:
         if self.executables is None:
             return compile_lowered(fn.lower(*args))
         return self.executables.build(fn, args)
+
+    def program_for(self, programs: dict, key, fn, args: tuple, what: str):
+        """A built program of ``programs`` (for the copy programs of ``page_mover``; see ``_first_use``)."""
+        return self._first_use(programs, key, fn, args, what)
 
     def _first_use(self, programs: dict, key, fn, args: tuple, what: str):
         """A program of ``programs``, built on first use only where ``compile_on_first_use`` allows it."""

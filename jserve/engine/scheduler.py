@@ -9,6 +9,11 @@ Each ``schedule()`` builds one mixed step under two limits, ``max_num_seqs`` run
     2. if nobody was preempted, waiting requests in order (priority, then arrival; preempted ones first within
        a priority), each with a prefix-cache lookup, until a limit or the pool runs out.
 
+Preemption (``preemption_mode``): the preempted request's pages are freed either way and it recomputes what
+neither cache tier holds when it resumes. Its full pages stay in the prefix cache; with ``swap`` (the default
+when a host tier exists) those evicted from the device go to the host tier and come back when it resumes,
+with ``recompute`` they are dropped when evicted.
+
 ``update()`` applies a finished step: ``advance()`` (its tokens are computed; each sampling chunk gets a pending
 token) then ``resolve()`` (the sampled tokens replace the pending ones; token-level stops). With async
 scheduling the engine calls ``advance()`` right after dispatching a step and ``resolve()`` once its tokens reach
@@ -50,6 +55,10 @@ if TYPE_CHECKING:
     from jserve.lora.slots import AdapterSlots
 
 
+RECOMPUTE, SWAP = "recompute", "swap"  # preemption modes
+PREEMPTION_MODES = (RECOMPUTE, SWAP)
+
+
 @dataclass(frozen=True, kw_only=True)
 class SchedulerConfig:
     """Per-replica scheduling limits."""
@@ -58,6 +67,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int
     enable_chunked_prefill: bool = True
+    preemption_mode: str = RECOMPUTE
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
@@ -69,6 +79,8 @@ class SchedulerConfig:
                 f"max_num_batched_tokens must be >= max_num_seqs ({self.max_num_seqs}), "
                 f"got {self.max_num_batched_tokens}"
             )
+        if self.preemption_mode not in PREEMPTION_MODES:
+            raise ValueError(f"preemption_mode must be one of {PREEMPTION_MODES}, got {self.preemption_mode!r}")
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
             raise ValueError(
                 f"max_num_batched_tokens must be >= max_model_len ({self.max_model_len}) when "
@@ -190,8 +202,9 @@ class Scheduler:
         del self._seq[request.request_id]
 
     def _preempt(self, request: Request) -> None:
-        """Recompute preemption: drop its pages, keep its outputs, wait at the front of its priority."""
-        self.kv_cache.free(request)
+        """Drops its pages (their cached copies stay findable: see the module docstring), keeps its outputs,
+        waits at the front of its priority."""
+        self.kv_cache.free(request, offload=self.config.preemption_mode == SWAP)
         if self.adapters is not None:
             self.adapters.release(request)
         request.num_computed_tokens = 0
@@ -272,12 +285,12 @@ class Scheduler:
         request = min((self._requests[r] for r in self.suspects), key=self._rank)
         chunks: list[ScheduledChunk] = []
         preempted: list[Request] = []
-        cached_pages, num_cached = self.kv_cache.find_cached_prefix(request)
+        cached, num_cached = self.kv_cache.find_cached_prefix(request)
         num_new = self._chunk_len(request.num_tokens - num_cached, self.token_budget)
         while (
             len(self.running) >= self.config.max_num_seqs
             or not self._take_adapter(request)
-            or not self.kv_cache.allocate(request, num_new, cached_pages)
+            or not self.kv_cache.allocate(request, num_new, cached)
         ):
             if not self.running:  # the whole pool cannot hold it
                 self.waiting.remove(request)
@@ -364,7 +377,7 @@ class Scheduler:
             if starving and request.lora_request is not None and request.lora_wait_since is None:
                 deferred.append(self.waiting.pop(0))
                 continue
-            cached_pages, num_cached = kv.find_cached_prefix(request)
+            cached, num_cached = kv.find_cached_prefix(request)
             lead_key = kv.page_hashes(request, 1)[0] if kv.max_cached_pages(request) > 0 else None
             if lead_key is not None and self._must_wait_for_leader(request, lead_key):
                 deferred.append(self.waiting.pop(0))
@@ -373,7 +386,7 @@ class Scheduler:
                 deferred.append(self.waiting.pop(0))
                 continue
             num_new = self._chunk_len(request.num_tokens - num_cached, budget)
-            if num_new == 0 or not kv.allocate(request, num_new, cached_pages):
+            if num_new == 0 or not kv.allocate(request, num_new, cached):
                 if self.adapters is not None:
                     self.adapters.release(request)
                 break  # FCFS: the head waits for budget or pages rather than being overtaken

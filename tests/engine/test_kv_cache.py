@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from jserve.engine.kv_cache import KVCacheManager, default_num_pages, hash_page
+from jserve.engine.kv_cache import KVCacheManager, PrefixHit, default_num_pages, hash_page
 from jserve.engine.request import Request
 from jserve.sampling_params import SamplingParams
 
@@ -23,8 +23,9 @@ def compute(kv: KVCacheManager, request: Request, num_tokens: int | None = None)
 
 def admit(kv: KVCacheManager, request: Request) -> tuple[list[int], int]:
     """What the scheduler does on admission: take the cached prefix, allocate the rest, compute it all."""
-    pages, num_cached = kv.find_cached_prefix(request)
-    assert kv.allocate(request, request.num_tokens - num_cached, pages)
+    hit, num_cached = kv.find_cached_prefix(request)
+    pages = hit.device_pages
+    assert kv.allocate(request, request.num_tokens - num_cached, hit)
     request.num_computed_tokens = num_cached
     compute(kv, request)
     return pages, num_cached
@@ -77,9 +78,10 @@ def test_prefix_hit_shares_pages_and_refcounts():
     a = make_request("a", list(range(10)))  # 2 full pages + 2 tokens
     admit(kv, a)
     b = make_request("b", list(range(8)) + [99, 98, 97])
-    pages, num_cached = kv.find_cached_prefix(b)
+    hit, num_cached = kv.find_cached_prefix(b)
+    pages = hit.device_pages
     assert pages == kv.block_table("a")[:2] and num_cached == 8
-    assert kv.allocate(b, b.num_tokens - num_cached, pages)
+    assert kv.allocate(b, b.num_tokens - num_cached, hit)
     assert kv.block_table("b")[:2] == pages and len(kv.block_table("b")) == 3
     assert all(kv._refcount[p] == 2 for p in pages)
     assert kv.num_queried_tokens == 10 + 11 and kv.num_hit_tokens == 8
@@ -99,7 +101,8 @@ def test_prefix_hit_never_covers_whole_sequence():
     admit(kv, a)
     kv.free(a)
     same = make_request("b", list(range(8)))  # all 8 tokens cached, but the last must be recomputed
-    pages, num_cached = kv.find_cached_prefix(same)
+    hit, num_cached = kv.find_cached_prefix(same)
+    pages = hit.device_pages
     assert len(pages) == 1 and num_cached == 4
     longer = make_request("c", list(range(9)))
     assert kv.find_cached_prefix(longer)[1] == 8
@@ -110,7 +113,7 @@ def test_hash_is_chained_over_the_prefix():
     a = make_request("a", [1, 1, 1, 1, 5, 6, 7, 8, 0])
     admit(kv, a)
     b = make_request("b", [2, 2, 2, 2, 5, 6, 7, 8, 0])  # same second page after a different first page
-    assert kv.find_cached_prefix(b) == ([], 0)
+    assert kv.find_cached_prefix(b)[1] == 0
     assert hash_page(b"", [5, 6, 7, 8]) != kv.page_hashes(a, 2)[1]
     assert kv.page_hashes(a, 2)[1] == hash_page(hash_page(b"", [1, 1, 1, 1]), [5, 6, 7, 8])
 
@@ -118,12 +121,12 @@ def test_hash_is_chained_over_the_prefix():
 def test_prefix_cache_off_and_prompt_logprobs_get_no_hits():
     kv = KVCacheManager(num_pages=16, page_size=PAGE, enable_prefix_caching=False)
     admit(kv, make_request("a", list(range(9))))
-    assert kv.find_cached_prefix(make_request("b", list(range(9)))) == ([], 0)
+    assert kv.find_cached_prefix(make_request("b", list(range(9))))[1] == 0
     assert kv._hash_to_page == {} and kv.prefix_cache_hit_rate == 0.0
 
     kv = KVCacheManager(num_pages=16, page_size=PAGE)
     admit(kv, make_request("a", list(range(9))))
-    assert kv.find_cached_prefix(make_request("b", list(range(9)), prompt_logprobs=1)) == ([], 0)
+    assert kv.find_cached_prefix(make_request("b", list(range(9)), prompt_logprobs=1))[1] == 0
 
 
 def test_only_computed_full_pages_are_cached():
@@ -206,16 +209,18 @@ def test_hit_takes_page_out_of_the_evictable_lru():
     admit(kv, a)
     kv.free(a)
     b = make_request("b", [1] * 4 + [7, 7, 7, 7, 7])
-    pages, num_cached = kv.find_cached_prefix(b)
+    hit, num_cached = kv.find_cached_prefix(b)
+    pages = hit.device_pages
     assert num_cached == 4
     # 3 pages in all: the cached one plus 2 fresh; the cached page must not also be evicted as "fresh"
-    assert kv.allocate(b, b.num_tokens - num_cached, pages)
+    assert kv.allocate(b, b.num_tokens - num_cached, hit)
     assert kv.block_table("b")[0] == pages[0] and len(set(kv.block_table("b"))) == 3
     check_consistent(kv)
     c = make_request("c", [1] * 4 + [0] * 9)
-    pages, num_cached = kv.find_cached_prefix(c)
+    hit, num_cached = kv.find_cached_prefix(c)
+    pages = hit.device_pages
     kv.free(b)
-    assert not kv.allocate(c, c.num_tokens - num_cached, pages)  # 4 pages > 3 usable
+    assert not kv.allocate(c, c.num_tokens - num_cached, hit)  # 4 pages > 3 usable
     check_consistent(kv)
 
 
@@ -246,7 +251,7 @@ def test_reset_prefix_cache():
     assert kv.reset_prefix_cache()
     check_consistent(kv)
     assert kv.num_cached_pages == 0 and kv.num_free_pages == kv.pages_total
-    assert kv.find_cached_prefix(make_request("p", [5] * 9)) == ([], 0)
+    assert kv.find_cached_prefix(make_request("p", [5] * 9))[1] == 0
 
 
 def test_cached_pages_only_on_first_allocation():
@@ -255,8 +260,8 @@ def test_cached_pages_only_on_first_allocation():
     admit(kv, a)
     b = make_request("b", [5] * 9)
     assert kv.allocate(b, 1)
-    with pytest.raises(ValueError, match="cached_pages"):
-        kv.allocate(b, 1, kv.block_table("a")[:1])
+    with pytest.raises(ValueError, match="cached pages"):
+        kv.allocate(b, 1, PrefixHit(device_pages=kv.block_table("a")[:1]))
 
 
 def test_check_invariants_catches_corruption():
