@@ -157,6 +157,10 @@ class _EngineCollector(Collector):
             ("prefix_cache_hits", "Prompt tokens found in the prefix cache.", "prefix_cache_hits"),
         ]
         counters += [(name, doc, s[key]) for name, doc, key in optional if key in s]
+        if "host_pages_total" in s:  # the host KV tier (--kv-offloading-size)
+            tier_gauges, tier_counters = _host_tier_families(s)
+            gauges += tier_gauges
+            counters += tier_counters
         if "lora_slots" in s:  # multi-LoRA (--enable-lora)
             gauges += [
                 ("lora_slots", "Adapter slots on the device (max_loras).", s["lora_slots"]),
@@ -192,6 +196,39 @@ class _EngineCollector(Collector):
                 s["spec_acceptance_rate"],
                 method=method,
             )
+
+
+def _host_tier_families(s: dict) -> tuple[list, list]:
+    """(gauges, counters) of the host KV tier, from ``Engine.stats()``."""
+    gauges = [
+        (
+            "kv_host_tier_active",
+            "1 while the host tier runs; 0 where restoring a page was measured to cost more than recomputing it.",
+            s["host_tier_active"],
+        ),
+        ("kv_host_pages_total", "Pages the host tier holds (kv_offloading_size).", s["host_pages_total"]),
+        ("kv_host_pages_used", "Host pages holding a cached page.", s["host_pages_used"]),
+    ]
+    counters = [
+        (
+            "prefix_cache_device_hits",
+            "Prompt tokens found in the device tier of the prefix cache.",
+            s["prefix_cache_hits"] - s["host_hit_tokens"],
+        ),
+        ("prefix_cache_host_hits", "Prompt tokens found in the host tier (copied back).", s["host_hit_tokens"]),
+        ("kv_offload_pages_to_host", "Evicted device pages copied to the host tier.", s["host_pages_offloaded"]),
+        ("kv_offload_pages_to_device", "Host pages copied back to the device.", s["host_pages_restored"]),
+        ("kv_offload_bytes_to_host", "Bytes copied device to host.", s["host_bytes_to_host"]),
+        ("kv_offload_bytes_to_device", "Bytes copied host to device.", s["host_bytes_to_device"]),
+        (
+            "kv_offload_copy_seconds",
+            "Engine-thread seconds spent issuing and landing the copies.",
+            s["host_copy_seconds"],
+        ),
+        ("kv_host_pages_evicted", "Host pages dropped for newer ones (LRU).", s["host_pages_evicted"]),
+        ("kv_host_pages_corrupted", "Host pages that failed their checksum (recomputed).", s["host_pages_corrupted"]),
+    ]
+    return gauges, counters
 
 
 class ServerMetrics:

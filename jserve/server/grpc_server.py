@@ -176,6 +176,10 @@ class GenerationServicer(jserve_pb2_grpc.GenerationServicer):
             speculative_method=stats.get("spec_method", ""),
             spec_num_draft_tokens=stats.get("spec_num_draft_tokens", 0),
             spec_num_accepted_tokens=stats.get("spec_num_accepted_tokens", 0),
+            host_pages_total=stats.get("host_pages_total", 0),
+            host_pages_used=stats.get("host_pages_used", 0),
+            device_cache_hit_tokens=stats["prefix_cache_hits"] - stats.get("host_hit_tokens", 0),
+            host_cache_hit_tokens=stats.get("host_hit_tokens", 0),
         )
 
 

@@ -77,6 +77,34 @@ def test_optional_engine_counters_and_speculation_appear_once_reported():
     assert _value(samples, "jserve:spec_decode_acceptance_rate", method="ngram") == 0.4
 
 
+def test_host_kv_tier_appears_once_reported():
+    tier = {
+        "prefix_cache_hits": 300,
+        "host_tier_active": 1,
+        "host_pages_total": 64,
+        "host_pages_used": 40,
+        "host_hit_tokens": 120,
+        "host_pages_offloaded": 50,
+        "host_pages_restored": 15,
+        "host_pages_evicted": 3,
+        "host_pages_corrupted": 1,
+        "host_bytes_to_host": 5000,
+        "host_bytes_to_device": 1500,
+        "host_copy_seconds": 0.25,
+    }
+    assert "jserve:kv_host_pages_total" not in _samples(ServerMetrics(lambda: STATS, model_name="m"))
+    samples = _samples(ServerMetrics(lambda: {**STATS, **tier}, model_name="m"))
+    assert _value(samples, "jserve:kv_host_tier_active") == 1
+    assert _value(samples, "jserve:kv_host_pages_total") == 64
+    assert _value(samples, "jserve:kv_host_pages_used") == 40
+    assert _value(samples, "jserve:prefix_cache_device_hits_total") == 180
+    assert _value(samples, "jserve:prefix_cache_host_hits_total") == 120
+    assert _value(samples, "jserve:kv_offload_pages_to_host_total") == 50
+    assert _value(samples, "jserve:kv_offload_bytes_to_device_total") == 1500
+    assert _value(samples, "jserve:kv_offload_copy_seconds_total") == 0.25
+    assert _value(samples, "jserve:kv_host_pages_corrupted_total") == 1
+
+
 def test_request_records():
     metrics = ServerMetrics(model_name="m")
     metrics.record_outcome("length")

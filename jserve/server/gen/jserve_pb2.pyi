@@ -186,7 +186,7 @@ class ParallelLayout(_message.Message):
     def __init__(self, tensor_parallel_size: _Optional[int] = ..., pipeline_parallel_size: _Optional[int] = ..., data_parallel_size: _Optional[int] = ..., num_devices: _Optional[int] = ..., platform: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_name", "vocab_size", "max_model_len", "parallel", "page_size", "pages_total", "pages_free", "pages_cached", "num_running", "num_waiting", "max_num_seqs", "dtype", "weight_bytes", "kv_bytes_per_token", "quantization", "kv_cache_dtype", "speculative_method", "spec_num_draft_tokens", "spec_num_accepted_tokens")
+    __slots__ = ("model_name", "vocab_size", "max_model_len", "parallel", "page_size", "pages_total", "pages_free", "pages_cached", "num_running", "num_waiting", "max_num_seqs", "dtype", "weight_bytes", "kv_bytes_per_token", "quantization", "kv_cache_dtype", "speculative_method", "spec_num_draft_tokens", "spec_num_accepted_tokens", "host_pages_total", "host_pages_used", "device_cache_hit_tokens", "host_cache_hit_tokens")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
@@ -206,6 +206,10 @@ class ModelInfo(_message.Message):
     SPECULATIVE_METHOD_FIELD_NUMBER: _ClassVar[int]
     SPEC_NUM_DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SPEC_NUM_ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    HOST_PAGES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    HOST_PAGES_USED_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_CACHE_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    HOST_CACHE_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     vocab_size: int
     max_model_len: int
@@ -225,4 +229,8 @@ class ModelInfo(_message.Message):
     speculative_method: str
     spec_num_draft_tokens: int
     spec_num_accepted_tokens: int
-    def __init__(self, model_name: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., parallel: _Optional[_Union[ParallelLayout, _Mapping]] = ..., page_size: _Optional[int] = ..., pages_total: _Optional[int] = ..., pages_free: _Optional[int] = ..., pages_cached: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., dtype: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., kv_bytes_per_token: _Optional[int] = ..., quantization: _Optional[str] = ..., kv_cache_dtype: _Optional[str] = ..., speculative_method: _Optional[str] = ..., spec_num_draft_tokens: _Optional[int] = ..., spec_num_accepted_tokens: _Optional[int] = ...) -> None: ...
+    host_pages_total: int
+    host_pages_used: int
+    device_cache_hit_tokens: int
+    host_cache_hit_tokens: int
+    def __init__(self, model_name: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., parallel: _Optional[_Union[ParallelLayout, _Mapping]] = ..., page_size: _Optional[int] = ..., pages_total: _Optional[int] = ..., pages_free: _Optional[int] = ..., pages_cached: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., dtype: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., kv_bytes_per_token: _Optional[int] = ..., quantization: _Optional[str] = ..., kv_cache_dtype: _Optional[str] = ..., speculative_method: _Optional[str] = ..., spec_num_draft_tokens: _Optional[int] = ..., spec_num_accepted_tokens: _Optional[int] = ..., host_pages_total: _Optional[int] = ..., host_pages_used: _Optional[int] = ..., device_cache_hit_tokens: _Optional[int] = ..., host_cache_hit_tokens: _Optional[int] = ...) -> None: ...
