@@ -135,6 +135,10 @@ class DataParallelEngine:
         total["prefix_cache_hit_rate"] = hits / queried if queried else 0.0
         total["num_replicas"] = len(self.replicas)
         total["kv_bytes_per_token"] = per_replica[0]["kv_bytes_per_token"]  # a property of the layout, not summed
+        if "host_tier_active" in total:  # the host tier: on only if on in every replica; per-page costs averaged
+            total["host_tier_active"] = min(s["host_tier_active"] for s in per_replica)
+            for key in [k for k in total if k.endswith("_per_page_seconds")]:
+                total[key] /= len(per_replica)
         return total
 
     def mark_ready(self) -> None:
@@ -142,4 +146,7 @@ class DataParallelEngine:
             engine.mark_ready()
 
     def reset_prefix_cache(self) -> bool:
-        return all([e.reset_prefix_cache() for e in self.replicas])  # every replica tries
+        """Every replica's caches, both tiers; False, changing nothing, while any replica has requests running."""
+        if any(e.kv_cache.holds_pages for e in self.replicas):
+            return False
+        return all([e.reset_prefix_cache() for e in self.replicas])

@@ -100,15 +100,14 @@ def build_engine(args: EngineArgs, devices: list[jax.Device] | None = None) -> E
         runners = [e.runner for e in engines]
         background = args.precompile == BACKGROUND and _can_build_in_background(runners)
         compile_programs(runners, progress=args.progress, first_only=background)
+        for replica in engines:  # (before background builds: they would skew the timings)
+            _decide_host_tier(replica)
         if background:
             for runner in runners:
                 runner.build_in_background()
     else:
         for replica in engines:
             replica.runner.compile_on_first_use = True
-    if args.precompile:
-        for replica in engines:
-            _decide_host_tier(replica)
     engine = engines[0] if len(engines) == 1 else DataParallelEngine(engines)
     engine.mark_ready()
     return engine

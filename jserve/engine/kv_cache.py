@@ -176,7 +176,9 @@ class KVCacheManager:
             hit.device_pages.append(page)
         if self.host is not None and self.host_active:
             for h in hashes[len(hit.device_pages) :]:
-                page = self.host.lookup(h)
+                # NOTE: a later page of the chain may still be keyed on the device (the device's chain has a
+                # hole): keying a restored copy under that hash too would give one hash two pages.
+                page = None if h in self._hash_to_page else self.host.lookup(h)
                 if page is None:
                     break
                 hit.host_pages.append(page)
@@ -224,6 +226,11 @@ class KVCacheManager:
         if self.host is not None:
             self.host.clear()
         return True
+
+    @property
+    def holds_pages(self) -> bool:
+        """Some request holds pages (``reset_prefix_cache`` refuses then)."""
+        return bool(self._tables)
 
     def take_transfers(self) -> tuple[list[tuple[int, int, int]], list[tuple[int, int]]]:
         """The host tier's copies the next step depends on: (device page, host page, generation) offloads, which

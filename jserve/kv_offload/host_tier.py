@@ -5,8 +5,10 @@ KV buffer (per pipeline stage: K, V and, for int8 / fp8 pages, their scales), ho
 of the stage. Each host page is in one of these states:
 
     free         not keyed
-    incoming     keyed; its data is still on the way from the device (``pending_rows``), trusted
-    stored       keyed; its data in the pool, with a checksum taken when it arrived
+    incoming     keyed; its data is still on the way from the device, trusted
+    stored       keyed; its data in the pool, with a checksum taken when it arrived (checked again at the first
+                 lookup after it arrived or was last restored, not at every lookup: a waiting request is looked
+                 up every step)
     restoring    keyed; being copied back to a device page this step: out of the LRU, so never evicted
 
 Keyed pages that are not restoring sit in the LRU (``_lru``, oldest first); a full tier evicts the oldest.
@@ -70,6 +72,7 @@ class HostKVTier:
         self._restoring: set[int] = set()
         self._incoming: set[int] = set()
         self._checksums: dict[int, int] = {}
+        self._verified: set[int] = set()  # stored pages checked since they arrived or were last restored
         self._generation = [0] * num_pages  # bumped at each reserve: tells a late copy from a reused page's
         self.counters = HostCounters()
 
@@ -128,6 +131,14 @@ class HostKVTier:
             self._incoming.discard(page)
             self._checksums[page] = self._checksum(page)
 
+    def drop_incoming(self, pages: Sequence[int], generations: Sequence[int]) -> None:
+        """The copies of ``pages`` will never arrive (a failed step): forget the pages still waiting for them."""
+        for page, generation in zip(pages, generations, strict=True):
+            if page in self._incoming and self._generation[page] == generation:
+                self._lru.pop(page, None)
+                self._restoring.discard(page)
+                self._forget(page)
+
     def is_incoming(self, page: int) -> bool:
         return page in self._incoming
 
@@ -135,9 +146,11 @@ class HostKVTier:
     def lookup(self, page_hash: bytes) -> int | None:
         """The host page holding ``page_hash``'s data, or None (absent, or its checksum failed: dropped)."""
         page = self._hash_to_page.get(page_hash)
-        if page is None or page in self._incoming or page in self._restoring:
+        if page is None or page in self._incoming or page in self._restoring or page in self._verified:
             return page
-        if self._checksum(page) != self._checksums.get(page):
+        if self._checksum(page) == self._checksums.get(page):
+            self._verified.add(page)
+        else:
             logger.error("host KV page %d failed its checksum: dropped, its tokens will be recomputed", page)
             self.counters.pages_corrupted += 1
             self._lru.pop(page, None)
@@ -152,10 +165,12 @@ class HostKVTier:
             self._restoring.add(page)
 
     def end_restore(self, pages: Sequence[int]) -> None:
-        """Restored: the pages stay cached here too, as the most recent."""
-        for page in pages:
+        """Restored: the pages stay cached here too, as the most recent, the chain's head last (a chain is
+        found from its head: its tail should be dropped first)."""
+        for page in reversed(pages):
             if page in self._restoring:
                 self._restoring.discard(page)
+                self._verified.discard(page)
                 self._lru[page] = None
 
     # ---- whole tier ------------------------------------------------------------------------------
@@ -178,6 +193,7 @@ class HostKVTier:
     def _forget(self, page: int) -> None:
         del self._hash_to_page[self._page_to_hash.pop(page)]
         self._incoming.discard(page)
+        self._verified.discard(page)
         self._checksums.pop(page, None)
         self._free.append(page)
 
@@ -197,3 +213,4 @@ class HostKVTier:
         assert set(self._lru) | self._restoring == keyed, "a keyed page is neither in the LRU nor restoring"
         assert not set(self._lru) & self._restoring, "a restoring page is evictable"
         assert self._incoming <= keyed, "an incoming page is not keyed"
+        assert self._verified <= keyed - self._incoming, "a page not stored is marked verified"

@@ -71,5 +71,8 @@ class KVOffloader:
             self.host.store(host_pages, generations, [np.asarray(array) for array in arrays])
 
     def drop_pending(self) -> None:
-        """Forgets the copies on their way (after a failed step: the tier is cleared, their data untrusted)."""
-        self._pending.clear()
+        """Forgets the copies on their way, and the host pages waiting for them (after a failed step: their
+        data is not to be trusted)."""
+        pending, self._pending = self._pending, []
+        for host_pages, generations, _ in pending:
+            self.host.drop_incoming(host_pages, generations)

@@ -13,13 +13,14 @@ import jax.numpy as jnp
 import numpy as np
 
 MIN_TRANSFER_BUCKET = 8
+MAX_TRANSFER_BUCKET = 64  # a copy's staging buffer is this many pages at most (~128 MiB for an 8B model)
 
 
 def transfer_buckets(max_pages: int) -> tuple[int, ...]:
     """Page counts the copy programs are built for: powers of two from ``MIN_TRANSFER_BUCKET`` to the first
-    that holds ``max_pages`` (larger copies run in several calls of the largest)."""
+    that holds ``max_pages``, at most ``MAX_TRANSFER_BUCKET`` (larger copies run in several calls)."""
     buckets = [MIN_TRANSFER_BUCKET]
-    while buckets[-1] < max_pages:
+    while buckets[-1] < min(max_pages, MAX_TRANSFER_BUCKET):
         buckets.append(buckets[-1] * 2)
     return tuple(buckets)
 

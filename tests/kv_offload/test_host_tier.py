@@ -204,31 +204,33 @@ def test_reset_forgets_both_tiers():
 
 @settings(max_examples=200, deadline=None)
 @given(
-    st.lists(st.tuples(st.integers(0, 5), st.integers(1, 30), st.booleans()), min_size=1, max_size=40),
+    st.lists(st.tuples(st.integers(0, 5), st.integers(1, 30), st.booleans(), st.booleans()), min_size=1, max_size=40),
     st.integers(1, 12),
 )
 def test_content_survives_any_sequence_of_evictions_and_restores(ops, host_pages):
-    """Requests from 6 conversations (shared heads, varied lengths) admitted and freed in random order, with
-    at most 2 running: every page a request is handed holds its tokens' content, whichever tier it came from,
-    and the bookkeeping stays consistent."""
+    """Requests from 6 conversations (shared heads, varied lengths; some with prompt logprobs, which compute
+    every token and leave private copies of cached pages) admitted and freed in random order, with at most 2
+    running: every page a request is handed holds its tokens' content, whichever tier it came from, and the
+    bookkeeping stays consistent."""
     kv = make_kv(num_pages=12, host_pages=host_pages)
     device = SimulatedDevice(kv)
     running: list[Request] = []
-    for n, (conversation, length, finish_oldest) in enumerate(ops):
+    for n, (conversation, length, finish_oldest, scores) in enumerate(ops):
         if finish_oldest and running or len(running) == 2:
             kv.free(running.pop(0))
             kv.check_invariants()
         tokens = [conversation % 3] * 8 + [conversation * 1000 + t for t in range(length)]
-        request = make_request(f"r{n}", tokens)
+        params = SamplingParams(max_tokens=1, prompt_logprobs=1 if scores else None)
+        request = Request(f"r{n}", tokens, params, arrival_time=0.0)
         hit, num_cached = kv.find_cached_prefix(request)
         if not kv.allocate(request, request.num_tokens - num_cached, hit):
             continue
         request.num_computed_tokens = num_cached
         device.flush()
-        device.check(request) if num_cached == request.num_tokens else None
         for i, page in enumerate(kv.block_table(request.request_id)[: hit.num_pages]):
             assert tuple(device.pages[page]) == fingerprint(tokens[: (i + 1) * PAGE])
         device.compute(request)
+        device.check(request)
         running.append(request)
         kv.check_invariants()
 
@@ -251,3 +253,56 @@ def test_resident_memory_stays_within_the_tier():
     grown = _rss_bytes() - before
     assert host.counters.pages_evicted == 240 and host.num_used_pages == 16
     assert grown < 16 * mib + 24 * mib, grown
+
+
+def test_a_hash_still_on_the_device_is_not_restored_a_second_time():
+    """The device's chain can have a hole (its head evicted, later pages kept by a request that computed them
+    privately): the host lookup stops there rather than key a second device page under a live hash."""
+    kv = make_kv(num_pages=9, host_pages=16)  # 8 usable device pages
+    device = SimulatedDevice(kv)
+    tokens = list(range(13))  # pages h0 h1 h2 + 1 token
+    x = make_request("x", tokens)
+    admit(kv, device, x)
+    kv.free(x)
+    filler = make_request("f", [900 + t for t in range(29)])  # 8 pages: every cached page of x to the host
+    admit(kv, device, filler)
+    kv.free(filler)
+    head = make_request("a", tokens[:5])  # restores h0 only
+    admit(kv, device, head)
+    scorer = Request("p", tokens, SamplingParams(max_tokens=1, prompt_logprobs=1), arrival_time=0.0)
+    assert kv.allocate(scorer, len(tokens))  # computes everything: h0 stays the head's, h1 and h2 are its own
+    device.compute(scorer)
+    kv.free(head)
+    kv.free(scorer)
+    assert kv.host.counters.pages_restored == 0  # (the simulated flush does not count)
+    h0, h1 = x.page_hashes[0], x.page_hashes[1]
+    assert h1 in kv._hash_to_page
+    evict = make_request("e", [700 + t for t in range(13)])  # takes free pages first, then the oldest: h0's
+    while h0 in kv._hash_to_page:
+        assert kv.allocate(evict, 4) if kv.block_table("e") else kv.allocate(evict, 12)
+        evict.num_computed_tokens = len(kv.block_table("e")) * PAGE
+        device.flush()
+    kv.free(evict)
+    again = make_request("r", tokens)
+    hit, num_cached = kv.find_cached_prefix(again)
+    assert hit.device_pages == [] and len(hit.host_pages) == 1  # h0 from the host; h1 is the device's
+    admit(kv, device, again)
+    kv.check_invariants()
+
+
+def test_copies_that_never_arrive_leave_nothing_trusted():
+    host = HostKVTier(4, LAYOUT)
+    page = host.reserve(b"lost")
+    host.drop_incoming([page], [host.generation(page)])
+    assert b"lost" not in host and host.num_used_pages == 0
+    host.check_invariants()
+
+
+def test_restored_chains_drop_their_tail_first():
+    host = HostKVTier(3, LAYOUT)
+    pages = [host.reserve(h) for h in (b"head", b"mid", b"tail")]
+    host.store(pages, [host.generation(p) for p in pages], [np.zeros((3, 2), np.int64)])
+    host.begin_restore(pages)
+    host.end_restore(pages)
+    host.reserve(b"new")  # full: the least recent goes
+    assert b"tail" not in host and b"head" in host and b"mid" in host

@@ -143,3 +143,24 @@ def test_host_memory_is_bounded(tiny_model_dir):
     llm.engine.offloader.finish_arrived()
     assert not llm.engine.offloader._pending
     check_pool(llm)
+
+
+def test_speculative_decoding_with_the_host_tier(tiny_model_dir, reference):
+    """n-gram speculation (drafts take fresh pages, which may evict to the host; rejected drafts' pages are
+    trimmed) on the tight pool: every token is plain decoding's. (A draft model's own K/V are not kept in the
+    host tier: a request whose prefix came back from it does not draft; test_host_tier checks that.)"""
+    replies, _ = reference
+    llm = LLM(
+        model=tiny_model_dir,
+        num_pages=TIGHT,
+        kv_offloading_size=HOST_GIB,
+        speculative_model="ngram",
+        num_speculative_tokens=3,
+        speculative_adaptive=False,
+        precompile=False,
+        **COMMON,
+    )
+    assert converse(llm) == replies
+    stats = llm.stats()
+    assert stats["host_pages_restored"] > 0 and stats["spec_num_draft_tokens"] > 0
+    check_pool(llm)
