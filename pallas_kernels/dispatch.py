@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import compat, reference
+from pallas_kernels import reference
 from pallas_kernels.checks import GPU_MIN_QUANTIZED_PAGE_SIZE
 
 BACKENDS = ("auto", "xla", "gpu", "tpu")
@@ -57,6 +57,14 @@ def pick_backend(
     return resolved
 
 
+def _finished_if_interpreted(out, interpret):
+    """``compat.wait_if_interpreted``, imported here: compat imports Pallas (Mosaic GPU and TPU), which a process
+    on the XLA path never needs (it costs ~0.4 s of start-up)."""
+    from pallas_kernels.compat import wait_if_interpreted
+
+    return wait_if_interpreted(out, interpret)
+
+
 def _kernel_module(backend: str, name: str):
     if backend == "gpu":
         from pallas_kernels import gpu as platform
@@ -98,7 +106,7 @@ def flash_attention(
     if backend == "xla":
         return reference.flash_attention(q, k, v, **kwargs)
     out = _kernel_module(backend, "flash_attention")(q, k, v, interpret=interpret, **kwargs)
-    return compat.wait_if_interpreted(out, interpret)
+    return _finished_if_interpreted(out, interpret)
 
 
 def paged_attention(
@@ -131,7 +139,7 @@ def paged_attention(
         return reference.paged_attention(q, k_pages, v_pages, lengths, block_tables, **kwargs)
     fn = _kernel_module(backend, "paged_attention")
     out = fn(q, k_pages, v_pages, lengths, block_tables, interpret=interpret, **kwargs)
-    return compat.wait_if_interpreted(out, interpret)
+    return _finished_if_interpreted(out, interpret)
 
 
 def ragged_paged_attention(
@@ -174,4 +182,4 @@ def ragged_paged_attention(
     if backend == "xla":
         return reference.ragged_paged_attention(*args, **kwargs)
     out = _kernel_module(backend, "ragged_paged_attention")(*args, interpret=interpret, **kwargs)
-    return compat.wait_if_interpreted(out, interpret)
+    return _finished_if_interpreted(out, interpret)

@@ -5,6 +5,7 @@ page, no programs lowered while serving and host memory bounded."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -87,19 +88,33 @@ def test_a_corrupted_host_page_is_recomputed(reference, tiered, caplog):
     check_pool(tiered)
 
 
-def test_swap_preemption_brings_pages_back(tiny_model_dir):
-    """A pool too small for the running batch: preempted requests' pages come back from the host tier
-    (swap) instead of being recomputed, with the same tokens."""
-    prompts = [np.random.default_rng(i).integers(3, 500, 40).tolist() for i in range(8)]
+def _preempting(llm: LLM, mode: str) -> tuple[list[list[int]], dict]:
+    """Six requests of 40 + 40 tokens on the 20-page pool (each needs 10): preemptions, in ``mode``."""
+    engine = llm.engine
+    engine.scheduler.config = dataclasses.replace(engine.scheduler.config, preemption_mode=mode)
+    assert llm.reset_prefix_cache()
+    before = llm.stats()
+    prompts = [np.random.default_rng(i).integers(3, 500, 40).tolist() for i in range(6)]
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
-    common = dict(COMMON, max_num_seqs=8, num_pages=36, precompile=False)
-    results = {}
-    for mode in ("recompute", "swap"):
-        llm = LLM(model=tiny_model_dir, kv_offloading_size=HOST_GIB, preemption_mode=mode, **common)
-        outs = llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
-        results[mode] = ([o.outputs[0].token_ids for o in outs], llm.stats())
-        check_pool(llm)
-    (recomputed, r_stats), (swapped, s_stats) = results["recompute"], results["swap"]
+    outs = llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
+    after = llm.stats()
+    check_pool(llm)
+    return [o.outputs[0].token_ids for o in outs], {k: after[k] - before[k] for k in before if k.startswith(COUNTED)}
+
+
+COUNTED = ("num_preemptions", "host_hit_tokens", "prompt_tokens_recomputed")
+
+
+def test_swap_preemption_brings_pages_back(tiered):
+    """A pool too small for the running batch: preempted requests' pages come back from the host tier
+    (swap, the default with a tier) instead of being recomputed, with the same tokens."""
+    default = tiered.engine.scheduler.config.preemption_mode
+    assert default == "swap"
+    try:
+        recomputed, r_stats = _preempting(tiered, "recompute")
+        swapped, s_stats = _preempting(tiered, "swap")
+    finally:
+        tiered.engine.scheduler.config = dataclasses.replace(tiered.engine.scheduler.config, preemption_mode=default)
     assert swapped == recomputed
     assert r_stats["num_preemptions"] > 0 and s_stats["num_preemptions"] > 0
     assert s_stats["host_hit_tokens"] > 0 and r_stats["host_hit_tokens"] == 0
@@ -107,12 +122,21 @@ def test_swap_preemption_brings_pages_back(tiny_model_dir):
 
 
 def test_int8_pages_travel_with_their_scales(tiny_model_dir):
-    common = dict(COMMON, kv_cache_dtype="int8", precompile=False)
-    expected = converse(LLM(model=tiny_model_dir, num_pages=ROOMY, **common))
-    llm = LLM(model=tiny_model_dir, num_pages=TIGHT, kv_offloading_size=HOST_GIB, **common)
-    assert converse(llm) == expected
+    """The same engine with its tier switched off gives the reference (the same compiled programs)."""
+    llm = LLM(
+        model=tiny_model_dir,
+        num_pages=TIGHT,
+        kv_offloading_size=HOST_GIB,
+        kv_cache_dtype="int8",
+        precompile=False,
+        **COMMON,
+    )
+    with_tier = converse(llm)
     assert llm.stats()["host_pages_restored"] > 0
     check_pool(llm)
+    assert llm.reset_prefix_cache()
+    llm.engine.kv_cache.host_active = False
+    assert converse(llm) == with_tier
 
 
 @pytest.mark.parametrize("layout", [dict(tensor_parallel_size=2, data_parallel_size=2), dict(pipeline_parallel_size=2)])

@@ -15,6 +15,7 @@ from collections import Counter
 import pytest
 
 from jserve import BUNDLED_DRAFT_MODEL, BUNDLED_MODEL, LLM, SamplingParams
+from jserve.speculative.policy import FIRST_PROBE
 from jserve.stdlib_corpus import function_sources, repeat_prompt
 from tests.engine.workloads import assert_no_leak
 from tests.lowerings import count_lowerings
@@ -324,11 +325,15 @@ def test_adaptive_speculation_matches_plain_and_drafts_where_it_pays(plain, adap
     for a, b in zip(got, expected, strict=True):
         _same(a, b)
     name, source = next(iter(function_sources(min_lines=8, max_lines=14)))
-    copy = SamplingParams(temperature=0.0, max_tokens=64)
+    copy = SamplingParams(temperature=0.0, max_tokens=96)
     single = llm.generate([repeat_prompt(name, source)], copy, use_tqdm=False)[0]
     _same(single, plain.generate([repeat_prompt(name, source)], copy, use_tqdm=False)[0])
-    if method == "ngram":  # a lookup of the copied text: accepted at ~90%, which pays at batch 1
-        assert single.metrics.num_accepted_tokens > 0
+    # A lookup of the copied text is accepted at ~90%, which pays at batch 1: the request drafts, at the latest
+    # when it is first probed. (The probe spacing follows the measured costs: on a machine so loaded that a
+    # verification step costs several plain ones, the first probe may come after the last token: no claim then.)
+    first_probe = max(FIRST_PROBE, llm.engine._speculation._probe_spacing())
+    if method == "ngram" and first_probe < copy.max_tokens - 8:
+        assert single.metrics.num_accepted_tokens > 0, f"no drafts accepted (first probe at step {first_probe:.0f})"
     assert llm.stats()["programs_lowered_while_serving"] == lowered_before
     assert_no_leak(llm)
     llm.engine.kv_cache.check_invariants()
