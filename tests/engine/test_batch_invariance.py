@@ -13,7 +13,8 @@ in the batch mostly without it.
 
 Engines are built once per module (compilation dominates on a 2-core CPU), and examples are derandomized (the
 same 3 batches per test on every run). The default run covers an llm-compressor FP8_DYNAMIC checkpoint, int8
-weights on load, int8 and fp8 KV caches, n-gram and early-exit speculation and a regex constraint; ``-m slow``
+weights on load, int8 and fp8 KV caches, n-gram and early-exit speculation, a regex constraint and the host KV
+tier (a small pool: preemption, swapping and restored prefixes); ``-m slow``
 the other compressed-tensors schemes and quantizations on load, every model family and draft-model speculation.
 """
 
@@ -100,6 +101,9 @@ CONFIGS: dict[str, Callable[[Checkpoints], dict]] = {
         model=c.tiny, speculative_model="early_exit", speculative_exit_layer=1, **SPECULATION
     ),
     "spec-draft": lambda c: dict(model=c.tiny, speculative_model=str(c.draft()), **SPECULATION),
+    # a pool a third of the batch's pages: requests are preempted and swapped, prefixes evicted to the host tier
+    # and restored (the probe itself, with prompt logprobs, computes its prompt: it shares steps with them)
+    "host-tier": lambda c: dict(model=c.tiny, num_pages=56, kv_offloading_size=0.01),
 }
 
 
@@ -247,6 +251,14 @@ def test_model_families(engines, family, batch):
 @given(batch=batches())
 def test_speculative_decoding(engines, method, batch):
     check_batch_invariance(engines, f"spec-{method}", batch)
+
+
+@EXAMPLES
+@given(batch=batches())
+def test_host_kv_tier(engines, batch):
+    """(Of the three derandomized batches, the second and third overflow the pool: measured 29 and 84 pages
+    offloaded, 3 and 1 restored, a preemption each.)"""
+    check_batch_invariance(engines, "host-tier", batch)
 
 
 @pytest.mark.parametrize("method", _params(["ngram"], ["early_exit", "draft"]))
