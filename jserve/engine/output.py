@@ -95,14 +95,18 @@ class RequestGroup:
             sample.text += sample.detokenizer.flush()
 
     def record_prompt_logprobs(self, rows: PromptLogprobRows, result: StepResult) -> None:
-        """Prompt logprobs from one chunk's rows; recorded once (siblings and recomputes repeat them)."""
+        """Prompt logprobs from one chunk's rows, each position recorded once: siblings repeat them, and a
+        request preempted mid-prompt recomputes it in chunks that may straddle what it had recorded (the budget
+        cut them elsewhere), so the positions not recorded yet are taken from wherever they come."""
         k = self.params.prompt_logprobs or 0
-        if self.prompt_logprobs is None or len(self.prompt_logprobs) != rows.first_position + 1:
+        if self.prompt_logprobs is None:
             return
         for j in range(rows.count):
             position = rows.first_position + j + 1
-            if position >= len(self.prompt_token_ids):
-                break
+            if position >= len(self.prompt_token_ids) or position > len(self.prompt_logprobs):
+                break  # the end, or a gap (never: chunks run in order)
+            if position < len(self.prompt_logprobs):
+                continue  # recorded already
             row = rows.start + j
             entry = _top_logprobs(result.prompt_top_ids[row], result.prompt_top_logprobs[row], k)
             entry[self.prompt_token_ids[position]] = float(result.prompt_target_logprobs[row])
