@@ -558,9 +558,7 @@ class Engine:
         logger.error("step failed (%d requests%s): %r", len(failed_ids), ", alone" if alone else "", exc)
         self._in_flight = None  # its results read the failed step's outputs: never collected
         self.scheduler.requeue_all()
-        self.kv_cache.reset_prefix_cache()  # pages the failed step registered may hold garbage (both tiers)
-        if self.offloader is not None:
-            self.offloader.drop_pending()
+        self.reset_prefix_cache()  # pages the failed step registered may hold garbage (both tiers)
         if not self.runner.kv_cache_usable():
             self.runner.reset_kv_cache()
         for seq_id in failed_ids:

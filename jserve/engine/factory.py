@@ -29,7 +29,7 @@ from jserve.engine.scheduler import RECOMPUTE, SWAP, Scheduler, SchedulerConfig
 from jserve.engine.shapes import StepShapes
 from jserve.engine_args import BACKGROUND, EngineArgs
 from jserve.executable_cache import ExecutableCache
-from jserve.kv_offload.host_tier import HostKVTier
+from jserve.kv_offload.host_tier import HostKVTier, page_bytes
 from jserve.kv_offload.offloader import KVOffloader
 from jserve.kv_offload.policy import decide, measure_copy_costs
 from jserve.lora.peft_adapter import load_peft_adapter
@@ -268,14 +268,14 @@ def _host_tier(args: EngineArgs, runner: ModelRunner) -> HostKVTier | None:
     if jax.process_count() > 1:
         raise ValueError("kv_offloading_size: the host tier is not served across hosts yet (one process only)")
     layouts = runner.page_mover.layouts()
-    page_bytes = sum(layout.nbytes for layout in layouts)
+    one_page = page_bytes(layouts)
     size = int(args.kv_offloading_size * 2**30) // args.parallel.data_parallel_size
-    if size < page_bytes:
+    if size < one_page:
         raise ValueError(
             f"kv_offloading_size: {args.kv_offloading_size} GiB per {args.parallel.data_parallel_size} replica(s) "
-            f"holds no page of {page_bytes} bytes"
+            f"holds no page of {one_page} bytes"
         )
-    return HostKVTier(size // page_bytes, layouts)
+    return HostKVTier(size // one_page, layouts)
 
 
 def _lora_spec(args: EngineArgs, cfg: ModelConfig) -> LoRASpec | None:

@@ -68,8 +68,7 @@ class PrefixHit:
     """A request's cached leading pages: on the device, then (continuing the chain) in the host tier."""
 
     device_pages: list[int] = field(default_factory=list)
-    host_pages: list[int] = field(default_factory=list)
-    host_hashes: list[bytes] = field(default_factory=list)  # the hash of each host page
+    host_pages: list[int] = field(default_factory=list)  # (their hashes: the request's page hashes that follow)
 
     @property
     def num_pages(self) -> int:
@@ -182,7 +181,6 @@ class KVCacheManager:
                 if page is None:
                     break
                 hit.host_pages.append(page)
-                hit.host_hashes.append(h)
         return hit, hit.num_pages * self.page_size
 
     def cache_computed_pages(self, request: Request) -> None:
@@ -285,7 +283,8 @@ class KVCacheManager:
         device) and queued to be restored before the step."""
         self.host.begin_restore(cached.host_pages)  # NOTE: before taking fresh pages, whose evictions feed the host
         self.host.counters.hit_tokens += len(cached.host_pages) * self.page_size
-        for host_page, h in zip(cached.host_pages, cached.host_hashes, strict=True):
+        hashes = self.page_hashes(request, cached.num_pages)[len(cached.device_pages) :]
+        for host_page, h in zip(cached.host_pages, hashes, strict=True):
             page = self._take_fresh_page()
             self._hash_to_page[h] = page
             self._page_to_hash[page] = h

@@ -762,7 +762,7 @@ class ModelRunner:
         steps dispatched after it read the new slot."""
         for s, stage in enumerate(self.stages):
             args = self._lora_write_args(stage, slot, adapter.slot_values(stage.layers, self.lora.targets))
-            program = self._first_use(self.lora_write_programs, s, stage.lora_write_fn, args, "adapter slot write")
+            program = self.program_for(self.lora_write_programs, s, stage.lora_write_fn, args, "adapter slot write")
             for position, array in zip(stage.lora_positions, program(*args), strict=True):
                 stage.param_leaves[position] = array
 
@@ -1028,7 +1028,7 @@ class ModelRunner:
     def _program(self, stage: _Stage, plan: StepPlan, args: tuple):
         programs = self.verify_programs if plan.is_verification else stage.programs
         kind = "verification" if plan.is_verification else "step"
-        return self._first_use(programs, plan.bucket, stage.fn, args, f"{kind} program for token bucket {plan.bucket}")
+        return self.program_for(programs, plan.bucket, stage.fn, args, f"{kind} program for token bucket {plan.bucket}")
 
     def _compile(self, fn, args: tuple):
         """``fn``'s program on ``args``: loaded from the executable cache when it holds it, else compiled."""
@@ -1037,10 +1037,6 @@ class ModelRunner:
         return self.executables.build(fn, args)
 
     def program_for(self, programs: dict, key, fn, args: tuple, what: str):
-        """A built program of ``programs`` (for the copy programs of ``page_mover``; see ``_first_use``)."""
-        return self._first_use(programs, key, fn, args, what)
-
-    def _first_use(self, programs: dict, key, fn, args: tuple, what: str):
         """A program of ``programs``, built on first use only where ``compile_on_first_use`` allows it."""
         program = programs.get(key)
         if program is None:
@@ -1085,7 +1081,7 @@ class ModelRunner:
         """Device-drafted speculation: runs the drafter's k steps and hands its drafts (and their q) to the
         verification step, all on the device (no host round trip between drafting and verifying)."""
         args = (stage.param_leaves, stage.kv_cache, self.draft_leaves, self.draft_kv, plan.proposal, inputs.sampling)
-        stage.kv_cache, self.draft_kv, (drafts, q) = self._first_use(
+        stage.kv_cache, self.draft_kv, (drafts, q) = self.program_for(
             self.propose_programs, 0, self.propose_fn, args, "drafting program"
         )(*args)
         inputs = dataclasses.replace(inputs, spec=dataclasses.replace(inputs.spec, draft_tokens=drafts, draft_probs=q))
@@ -1145,7 +1141,8 @@ class ModelRunner:
         sampling = dataclasses.replace(inputs.sampling, token_bitmask=bitmask)
         args = (logits, sampling, inputs.history_src, inputs.history_col, inputs.prev_tokens)
         rows = int(logits.shape[0])
-        program = self._first_use(self.sample_programs, rows, self.sample_fn, args, f"sampling program for {rows} rows")
+        what = f"sampling program for {rows} rows"
+        program = self.program_for(self.sample_programs, rows, self.sample_fn, args, what)
         pending.outputs[0] = (program(*args), prompt, logits)
         return pending
 

@@ -41,6 +41,11 @@ class BufferLayout:
         return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
 
 
+def page_bytes(layouts: Sequence[BufferLayout]) -> int:
+    """Host bytes of one page: its rows in every buffer."""
+    return sum(layout.nbytes for layout in layouts)
+
+
 @dataclass
 class HostCounters:
     """What the host tier did (``Engine.stats`` and /metrics)."""
@@ -79,7 +84,7 @@ class HostKVTier:
     # ---- sizes -----------------------------------------------------------------------------------
     @property
     def page_bytes(self) -> int:
-        return sum(layout.nbytes for layout in self.layouts)
+        return page_bytes(self.layouts)
 
     @property
     def nbytes(self) -> int:

@@ -24,7 +24,7 @@ from jserve.kv_offload.transfer import (
 )
 
 ProgramFor = Callable[[dict, object, object, tuple, str], object]
-"""``ModelRunner._first_use``: (programs, key, fn, args, what) -> the compiled program."""
+"""``ModelRunner.program_for``: (programs, key, fn, args, what) -> the compiled program."""
 
 
 def _page_sharding(buffer_sharding: NamedSharding, buffer_ndim: int) -> NamedSharding:
@@ -39,7 +39,6 @@ class PageMover:
 
     def __init__(self, stages: Sequence, num_pages: int, max_pages: int) -> None:
         self.stages = stages  # the runner's _Stage objects: their kv_cache is read and replaced here
-        self.num_pages = num_pages
         self.buckets = transfer_buckets(max_pages)
         self.programs: dict[tuple[str, int, int], object] = {}  # (kind, stage, bucket) -> compiled
         self._gather = []
@@ -56,13 +55,13 @@ class PageMover:
     def _buffer_shardings(stage) -> list[NamedSharding]:
         return [stage.kv_sharding if a.ndim == 4 else stage.kv_scale_sharding for a in stage.kv_cache]
 
+    @staticmethod
+    def _stage_layouts(stage) -> list[BufferLayout]:
+        return [BufferLayout(page_layout(a.shape, len(stage.layers)), np.dtype(a.dtype)) for a in stage.kv_cache]
+
     def layouts(self) -> list[BufferLayout]:
         """One host page's layout per buffer, stage by stage (the host tier's pools)."""
-        return [
-            BufferLayout(page_layout(a.shape, len(stage.layers)), np.dtype(a.dtype))
-            for stage in self.stages
-            for a in stage.kv_cache
-        ]
+        return [layout for stage in self.stages for layout in self._stage_layouts(stage)]
 
     # ---- programs --------------------------------------------------------------------------------
     def _args(self, s: int, bucket: int, kind: str) -> tuple:
@@ -75,10 +74,8 @@ class PageMover:
         if kind == "gather":
             return (kv, ids)
         data = tuple(
-            jax.ShapeDtypeStruct(
-                (bucket, *page_layout(a.shape, len(stage.layers))), a.dtype, sharding=_page_sharding(sh, a.ndim)
-            )
-            for a, sh in zip(stage.kv_cache, shardings, strict=True)
+            jax.ShapeDtypeStruct((bucket, *layout.shape), layout.dtype, sharding=_page_sharding(sh, len(layout.shape)))
+            for layout, sh in zip(self._stage_layouts(stage), shardings, strict=True)
         )
         return (kv, ids, data)
 
