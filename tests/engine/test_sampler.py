@@ -20,6 +20,9 @@ from jserve.engine.sampler import (
     RowSpec,
     SamplerOutput,
     SamplingTensors,
+    _ordered_keys,
+    _value_of,
+    categorical,
     filtered_logits,
     greedy_ids,
     make_sampling_tensors,
@@ -213,6 +216,78 @@ def test_combined_filter_mask_matches_numpy(row, k, p, min_p):
     assert set(np.flatnonzero(kept).tolist()) == expected
 
 
+tied_rows = st.lists(st.integers(-8, 8).map(lambda i: i / 2) | st.just(float("-inf")), min_size=V_HYP, max_size=V_HYP)
+
+
+def np_filter_keep(row: np.ndarray, k: int, p: float, min_p: float) -> np.ndarray:
+    """The filters by a full sort, in float64: the threshold is the last value of the sorted prefix (top-k,
+    then exclusive top-k mass below p); every token tied with it survives."""
+    ordered = np.sort(row.astype(np.float64))[::-1]
+    top = ordered[: k if 0 < k < len(row) else len(row)]
+    probs = np.exp(top - top[0])
+    probs /= probs.sum()
+    keep = (np.cumsum(probs) - probs < p) | (p >= 1.0)
+    keep[0] = True
+    survives = row >= top[keep.sum() - 1]
+    if min_p > 0:
+        survives &= row >= row.max() + np.log(min_p)
+    return survives & np.isfinite(row)
+
+
+@HYP
+@given(row=tied_rows, k=st.integers(0, V_HYP + 2), p=st.floats(0.05, 1.0), min_p=st.sampled_from([0.0, 0.05, 0.3]))
+def test_filters_keep_ties_and_match_a_full_sort(row, k, p, min_p):
+    """Many tied logits and -inf entries: the bisection's thresholds are the sorted reference's."""
+    row = np.asarray(row, np.float32)
+    assume(np.isfinite(row).any())
+    ordered = np.sort(row[np.isfinite(row)].astype(np.float64))[::-1]
+    probs = np.exp(ordered[: k if 0 < k < len(ordered) else len(ordered)] - ordered[0])
+    assume(p >= 1.0 or np.min(np.abs(np.cumsum(probs / probs.sum()) - p)) > 1e-4)
+    t = tensors(1, top_k=k, top_p=p, min_p=min_p)
+    kept = np.isfinite(np.asarray(FILTERED(jnp.asarray(row[None]), t))[0])
+    np.testing.assert_array_equal(kept, np_filter_keep(row, k, p, min_p))
+
+
+def test_top_p_counts_only_k_of_the_values_tied_at_the_kth():
+    """top-k 2 over [2, 1, 1, 1, 0, ...]: the renormalised top-2 mass is e^2 + e^1 (one of the three tied 1s),
+    so the first 1 has exclusive mass e^2 / (e^2 + e) = 0.731; then every token tied with it survives."""
+    row = np.array([[2.0, 1.0, 1.0, 1.0] + [0.0] * 4], np.float32)
+    for p, expected in [(0.75, [0, 1, 2, 3]), (0.7, [0])]:
+        kept = np.isfinite(np.asarray(FILTERED(jnp.asarray(row), tensors(1, top_k=2, top_p=p)))[0])
+        assert np.flatnonzero(kept).tolist() == expected, p
+
+
+def test_ordered_keys_sort_like_the_floats():
+    """The bisection's integer keys order float32 values as the floats do (signed zeros, infinities and
+    subnormals included) and map back to the same values."""
+    rng = np.random.default_rng(11)
+    special = np.array([0.0, -0.0, np.inf, -np.inf, 1e-45, -1e-45, 3.4e38, -3.4e38, 1.0, -1.0], np.float32)
+    values = np.concatenate([special, (rng.normal(size=500) * 10.0 ** rng.integers(-30, 30, 500)).astype(np.float32)])
+    keys = np.asarray(jax.jit(_ordered_keys)(jnp.asarray(values)))
+    order = np.argsort(keys, kind="stable")
+    assert np.all(np.diff(values[order].astype(np.float64)) >= 0)
+    np.testing.assert_array_equal(np.asarray(jax.jit(_value_of)(jnp.asarray(keys))), values + np.float32(0.0))
+
+
+def test_categorical_draws_only_finite_entries():
+    """Inverse-CDF draws: never a -inf entry, the lone finite entry always, token 0 for a row with none, and
+    every finite entry of a flat row of a large vocabulary reachable."""
+    b, v = 4000, 40
+    logits = np.full((b, v), -np.inf, np.float32)
+    logits[:, [3, 17, 39]] = [0.0, 1.0, -1.0]
+    logits[0] = -np.inf
+    logits[1] = -np.inf
+    logits[1, 25] = 2.0
+    keys = jax.vmap(jax.random.key)(jnp.arange(b, dtype=jnp.uint32))
+    drawn = np.asarray(jax.jit(categorical)(keys, jnp.asarray(logits)))
+    assert drawn[0] == 0 and drawn[1] == 25
+    counts = np.bincount(drawn[2:], minlength=v)
+    assert set(np.flatnonzero(counts)) == {3, 17, 39}
+    assert chi2(counts[[3, 17, 39]], np_softmax(np.array([0.0, 1.0, -1.0]))) < CHI2_CRIT[2]
+    flat = jnp.zeros((b, 32000), jnp.float32)
+    assert len(np.unique(np.asarray(jax.jit(categorical)(keys, flat)))) > 3500
+
+
 def test_top_p_applies_to_renormalised_top_k():
     probs = np.array([0.3, 0.2, 0.1] + [0.4 / 13] * 13)
     logits = np.log(probs).astype(np.float32)[None]
@@ -401,7 +476,7 @@ def test_steps_and_seeds_give_different_streams():
 # Distribution
 # ----------------------------------------------------------------------------------------------------
 
-CHI2_CRIT = {7: 29.9, 3: 21.1}  # chi-square critical values at p = 1e-4 for 7 and 3 degrees of freedom
+CHI2_CRIT = {7: 29.9, 3: 21.1, 2: 18.4}  # chi-square critical values at p = 1e-4 by degrees of freedom
 
 
 def chi2(counts: np.ndarray, probs: np.ndarray) -> float:
