@@ -35,6 +35,7 @@ import numpy as np
 from jax.experimental import serialize_executable
 
 import jserve
+from jserve import memory_maps
 from jserve.compilation_cache import ENTRY_SUFFIX, TMP_SUFFIX, remove_stale_temporaries, write_atomically
 
 try:  # the jax internal that reads its persistent cache; a jax that moved it keeps its cache on for us too
@@ -61,8 +62,13 @@ def compile_lowered(lowered):
     threads still trace and lower the next program while one compiles. Accelerator compiles stay parallel."""
     if jax.default_backend() != "cpu":
         return lowered.compile()
-    with _CPU_COMPILE:
+    with _CPU_COMPILE, memory_maps.tracking("a compiled program"):
         return lowered.compile()
+
+
+def _tracking_maps_on_cpu(what: str) -> contextlib.AbstractContextManager:
+    """``memory_maps.tracking`` where programs are XLA:CPU's (loaded kernels each map memory), else nothing."""
+    return memory_maps.tracking(what) if jax.default_backend() == "cpu" else contextlib.nullcontext()
 
 
 class ExecutableCache:
@@ -86,7 +92,8 @@ class ExecutableCache:
     def build(self, fn, args: tuple):
         """The compiled program of jitted ``fn`` on ``args`` (arrays or ShapeDtypeStructs)."""
         entry = self.directory / f"{program_key(fn, args)}{ENTRY_SUFFIX}"
-        compiled = self._load(entry)
+        with _tracking_maps_on_cpu("a program from the executable cache"):
+            compiled = self._load(entry)
         if compiled is not None:
             self.loaded += 1
             return compiled

@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 
-from jserve import LLM, SamplingParams
+from jserve import LLM, SamplingParams, memory_maps
 from tests.engine.workloads import assert_no_leak, random_prompts
 from tests.lowerings import count_lowerings
 
@@ -155,3 +155,20 @@ def test_reallocating_the_pages_after_a_device_failure_lowers_nothing(llm, promp
     assert llm.engine.reset_prefix_cache()  # the zeroed pages hold no cached prefix any more
     again = llm.generate(prompt_token_ids=prompts[:4], sampling_params=GREEDY, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in again] == clean[:4]
+
+
+def test_no_room_for_a_program_fails_its_requests_with_the_reason_not_the_process(
+    tiny_model_dir, prompts, clean, monkeypatch
+):
+    """A program that compiles on first use, in a process near ``vm.max_map_count`` (where XLA:CPU would crash
+    it), fails the requests that needed it, saying why; once there is room, the same requests complete."""
+    fresh = LLM(model=tiny_model_dir, num_pages=256, max_num_batched_tokens=512, **COMMON)  # nothing built yet
+    used = memory_maps.maps_in_use()
+    monkeypatch.setattr(memory_maps, "map_limit", lambda: used + memory_maps.MARGIN)
+    outs = fresh.generate(prompt_token_ids=prompts[:2], sampling_params=GREEDY, use_tqdm=False)
+    assert [o.outputs[0].finish_reason for o in outs] == ["error", "error"]
+    assert all("vm.max_map_count" in o.error for o in outs)
+    assert_no_leak(fresh)
+    monkeypatch.undo()
+    again = fresh.generate(prompt_token_ids=prompts[:2], sampling_params=GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in again] == clean[:2]
