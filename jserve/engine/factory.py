@@ -184,17 +184,7 @@ def _build_replica(
     graphdef, state = _load_weights(path, model_config, dtype, meshes)
     kv_dtype = kv_storage_dtype(cache_config.kv_cache_dtype, dtype, platform)
     lora = _lora_spec(args, model_config)
-    layers_per_stage = -(-model_config.num_layers // len(meshes))
-    reserved = lora.nbytes(model_config, layers_per_stage, np.dtype(dtype).itemsize) if lora is not None else 0
-    num_pages, max_model_len = _size_kv_pool(args, model_config, cache_config, kv_dtype, meshes, reserved)
-    max_num_batched_tokens = args.max_num_batched_tokens or max(
-        min(DEFAULT_MAX_NUM_BATCHED_TOKENS, max_model_len), args.max_num_seqs
-    )
-    scheduler_config = SchedulerConfig(
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=max_num_batched_tokens,
-        max_model_len=max_model_len,
-    )
+    num_pages, scheduler_config = _size_replica(args, model_config, cache_config, kv_dtype, meshes, lora, dtype)
     eos = list(tokenizer.eos_token_ids) if tokenizer is not None else list(model_config.eos_token_ids)
     spec = _speculative_config(args, model_config)
     shapes = _step_shapes(args, scheduler_config, cache_config.page_size, model_config, platform, spec, grammar, eos)
@@ -226,28 +216,74 @@ def _build_replica(
         lora=lora,
         kv_offload=args.kv_offloading_size is not None,
     )
+    parts = _ReplicaParts(model_config, dtype, cache_config, scheduler_config, eos, spec, lora, grammar)
+    return _assemble_engine(args, runner, num_pages, tokenizer, parts)
+
+
+def _size_replica(
+    args: EngineArgs,
+    model_config: ModelConfig,
+    cache_config: CacheConfig,
+    kv_dtype,
+    meshes: list,
+    lora: LoRASpec | None,
+    dtype: np.dtype,
+) -> tuple[int, SchedulerConfig]:
+    """The KV pool's pages (what free memory holds after the adapter slots) and the scheduler's limits."""
+    layers_per_stage = -(-model_config.num_layers // len(meshes))
+    reserved = lora.nbytes(model_config, layers_per_stage, np.dtype(dtype).itemsize) if lora is not None else 0
+    num_pages, max_model_len = _size_kv_pool(args, model_config, cache_config, kv_dtype, meshes, reserved)
+    max_num_batched_tokens = args.max_num_batched_tokens or max(
+        min(DEFAULT_MAX_NUM_BATCHED_TOKENS, max_model_len), args.max_num_seqs
+    )
+    scheduler_config = SchedulerConfig(
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens,
+        max_model_len=max_model_len,
+    )
+    return num_pages, scheduler_config
+
+
+@dataclasses.dataclass(frozen=True)
+class _ReplicaParts:
+    """What ``_build_replica`` decided that the engine around its runner needs too."""
+
+    model_config: ModelConfig
+    dtype: np.dtype  # the compute dtype (resolved)
+    cache_config: CacheConfig
+    scheduler_config: SchedulerConfig
+    eos: list[int]
+    spec: SpeculativeConfig | None
+    lora: LoRASpec | None
+    grammar: GrammarCompiler | None
+
+
+def _assemble_engine(args: EngineArgs, runner: ModelRunner, num_pages: int, tokenizer, parts: _ReplicaParts) -> Engine:
+    """The page allocator (and host tier), the scheduler (and adapter slots) and the engine around a runner."""
+    cache_config, spec, lora = parts.cache_config, parts.spec, parts.lora
     kv_cache = KVCacheManager(num_pages, cache_config.page_size, cache_config.enable_prefix_caching)
     kv_cache.host = _host_tier(args, runner)
     kv_cache.draft_kv = spec is not None and spec.method == DRAFT
     swap = kv_cache.host is not None and args.preemption_mode != RECOMPUTE
-    scheduler_config = dataclasses.replace(scheduler_config, preemption_mode=SWAP if swap else RECOMPUTE)
-    scheduler = Scheduler(scheduler_config, kv_cache)
+    scheduler = Scheduler(
+        dataclasses.replace(parts.scheduler_config, preemption_mode=SWAP if swap else RECOMPUTE), kv_cache
+    )
     if lora is not None:
-        load = functools.partial(load_peft_adapter, cfg=model_config, spec=lora, dtype=dtype)
+        load = functools.partial(load_peft_adapter, cfg=parts.model_config, spec=lora, dtype=parts.dtype)
         scheduler.adapters = AdapterSlots(lora.max_loras, args.max_cpu_loras or lora.max_loras, load)
     engine = Engine(
         runner=runner,
         scheduler=scheduler,
         kv_cache=kv_cache,
         tokenizer=tokenizer,
-        eos_token_ids=eos,
-        vocab_size=model_config.vocab_size,
-        max_model_len=max_model_len,
+        eos_token_ids=parts.eos,
+        vocab_size=parts.model_config.vocab_size,
+        max_model_len=parts.scheduler_config.max_model_len,
         limits=args.limits,
         seed=args.seed,
         async_scheduling=args.async_scheduling,
         speculative=spec,
-        grammar=grammar,
+        grammar=parts.grammar,
     )
     if kv_cache.host is not None:
         engine.offloader = KVOffloader(kv_cache.host, runner.page_mover, runner.program_for)
