@@ -82,7 +82,11 @@ def test_scanned_int8_kv_cache_matches_unrolled(prompts):
     _assert_same(ours, reference)
 
 
-@pytest.mark.parametrize("drafter", ["early_exit", str(BUNDLED_DRAFT_MODEL)], ids=["early_exit", "draft"])
+@pytest.mark.parametrize(  # the draft model's stack is the unrolled one's (only the target scans): slow
+    "drafter",
+    ["early_exit", pytest.param(str(BUNDLED_DRAFT_MODEL), marks=pytest.mark.slow)],
+    ids=["early_exit", "draft"],
+)
 def test_scanned_speculation_is_lossless(prompts, unrolled, drafter):
     """Greedy speculation emits plain decoding's tokens; early exit drafts through the stack's first layers and
     writes their pages in the stage's one buffer."""

@@ -73,7 +73,7 @@ seq_strategy = st.lists(
 )
 
 
-@settings(max_examples=12, deadline=None, derandomize=True)
+@settings(max_examples=8, deadline=None, derandomize=True)
 @given(
     seqs=seq_strategy,
     group=st.sampled_from([1, 4, 8]),

@@ -12,7 +12,7 @@ from tests.kernels.common import assert_close, make_ragged_case, numpy_ragged
 seq_strategy = st.lists(st.tuples(st.integers(1, 12), st.integers(0, 40)), min_size=1, max_size=5)
 
 
-@settings(max_examples=12, deadline=None, derandomize=True)
+@settings(max_examples=8, deadline=None, derandomize=True)
 @given(
     seqs=seq_strategy,
     group=st.sampled_from([1, 4, 8]),
