@@ -150,6 +150,7 @@ class Engine:
         self._live_ids: set[str] = set()  # ids added and not yet fully reported, across threads
         self.num_steps = 0
         self._late: dict[str, set[str]] = {}  # group -> samples whose final delta is due at the next emit
+        self._unreported: set[str] = set()  # groups finished but not reported yet (``_collect_finished``)
         # async scheduling: the step dispatched last, whose tokens the host has not seen (one pipeline stage only:
         # a microbatched step has no single row order for the next step to read from)
         self.async_scheduling = async_scheduling and runner.num_stages == 1
@@ -656,7 +657,7 @@ class Engine:
                     continue
                 seq_ids = list(group.samples)
             outputs.append(self._delta(group, seq_ids))
-        self._collect_finished()
+        self._collect_finished(touched)
         return outputs
 
     def _group_of(self, seq_id: str) -> RequestGroup | None:
@@ -744,10 +745,17 @@ class Engine:
     def _delta(self, group: RequestGroup, seq_ids: list[str]) -> RequestOutput:
         return group.delta({s: self._sequences[s] for s in group.samples}, seq_ids)
 
-    def _collect_finished(self) -> None:
-        for group_id in [g for g, group in self._groups.items() if group.finished]:
-            group = self._groups[group_id]
+    def _collect_finished(self, touched: dict[str, list[str]]) -> None:
+        """Forgets the groups that finished and were reported. Only a group this step touched can have
+        finished (every way a sample ends passes through ``_emit``'s touched groups), plus those finished
+        earlier but not yet reported: checking every live group cost ~2.5% of a 256-row step's host time."""
+        candidates, self._unreported = {*touched, *self._unreported}, set()
+        for group_id in candidates:
+            group = self._groups.get(group_id)
+            if group is None or not group.finished:
+                continue
             if not all(s.reported_finish for s in group.samples.values()):
+                self._unreported.add(group_id)
                 continue
             for seq_id in group.samples:
                 del self._sequences[seq_id], self._seq_to_group[seq_id], self._seeds[seq_id]

@@ -186,12 +186,14 @@ class KVCacheManager:
     def cache_computed_pages(self, request: Request) -> None:
         """Registers the pages now full of computed, known tokens (a pending token's page waits until the
         token arrives: hashes cover known tokens only); call whenever either count grows."""
+        start = self._num_registered.get(request.request_id, 0)
+        if not self.enable_prefix_caching or request.num_computed_tokens // self.page_size <= start:
+            return  # (most calls: no page filled since the last)
         table = self._tables.get(request.request_id)
-        if not self.enable_prefix_caching or table is None:
+        if table is None:
             return
         known = request.num_tokens - request.num_pending_tokens
         num_full = min(min(request.num_computed_tokens, known) // self.page_size, len(table))
-        start = self._num_registered.get(request.request_id, 0)
         if num_full <= start:
             return
         hashes = self.page_hashes(request, num_full)
@@ -247,6 +249,8 @@ class KVCacheManager:
         """
         rid = request.request_id
         table = self._tables.get(rid)
+        if cached is None and table and len(table) * self.page_size >= request.num_computed_tokens + num_new_tokens:
+            return True  # the common decode step: its pages already hold the new tokens
         cached = cached if cached is not None else PrefixHit()
         if cached.num_pages and table:
             raise ValueError("cached pages may only be passed on a request's first allocation")

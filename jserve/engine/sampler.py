@@ -28,7 +28,9 @@ seed, step and logits row give the same token whatever else is in the batch and 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -340,9 +342,9 @@ def sample(logits: jax.Array, tensors: SamplingTensors, max_logprobs: int = 0) -
 # ----------------------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class RowSpec:
-    """One row of a sampling batch, as the engine knows it on the host."""
+class RowSpec(NamedTuple):
+    """One row of a sampling batch, as the engine knows it on the host (a tuple: the engine makes one per
+    sampled row and step, and a frozen dataclass's ``__init__`` cost ~1 us a field)."""
 
     params: SamplingParams
     seed: int  # resolved: the request's seed, or one the engine assigned
@@ -421,6 +423,8 @@ def _penalty_history(
     width = needed if history_len is None else int(history_len)
     if width < needed:
         raise ValueError(f"history_len must be >= the longest penalised history, got {width} < {needed}")
+    if not pen_rows:
+        return _empty_history(b, width)
     token_history = np.full((b, width), -1, dtype=np.int32)
     history_is_output = np.zeros((b, width), dtype=bool)
     for i in pen_rows:
@@ -430,6 +434,16 @@ def _penalty_history(
         if lo:
             token_history[i, lp : lp + lo] = rows[i].output_token_ids
             history_is_output[i, lp : lp + lo] = True
+    return token_history, history_is_output
+
+
+@functools.lru_cache(maxsize=32)
+def _empty_history(b: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """The history of a batch without penalties, shared (read-only): most steps' rows need none, and the
+    runner then sends its resident copy instead."""
+    token_history = np.full((b, width), -1, dtype=np.int32)
+    history_is_output = np.zeros((b, width), dtype=bool)
+    token_history.flags.writeable = history_is_output.flags.writeable = False
     return token_history, history_is_output
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from jserve.attention.xla_page_loop import XlaPageLoopBackend
 from jserve.engine.batch import build_layout, build_prompt_logprobs, build_sampling, build_step, padding_step
@@ -43,6 +45,56 @@ def test_build_layout():
     np.testing.assert_array_equal(layout.kv_lens, [6, 4, 0])
     np.testing.assert_array_equal(layout.cu_q_lens, [0, 4, 5, 5])
     np.testing.assert_array_equal(layout.num_seqs, [2])
+
+
+def _layout_one_chunk_at_a_time(chunks, shapes, t, previous_rows):
+    """The layout as the definition reads: each chunk's tokens, positions and slots in turn."""
+    tokens, token_src, positions, slots = (np.full(t, v, np.int32) for v in (0, -1, 0, 0))
+    tables = np.zeros((shapes.max_num_seqs, shapes.max_pages_per_seq), np.int32)
+    kv_lens, cu = np.zeros(shapes.max_num_seqs, np.int32), np.zeros(shapes.max_num_seqs + 1, np.int32)
+    cursor = 0
+    for i, chunk in enumerate(chunks):
+        for j, token in enumerate(chunk.token_ids):
+            pos = chunk.start_pos + j
+            pending = token == PENDING_TOKEN
+            tokens[cursor + j] = 0 if pending else token
+            token_src[cursor + j] = previous_rows[chunk.request_id] if pending else -1
+            positions[cursor + j] = pos
+            slots[cursor + j] = chunk.block_table[pos // shapes.page_size] * shapes.page_size + pos % shapes.page_size
+        tables[i, : len(chunk.block_table)] = chunk.block_table
+        kv_lens[i] = chunk.start_pos + len(chunk.token_ids)
+        cu[i] = cursor
+        cursor += len(chunk.token_ids)
+    cu[len(chunks) :] = cursor
+    return tokens, token_src, positions, slots, tables, kv_lens, cu
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(st.lists(st.tuples(st.integers(0, 9), st.integers(1, 6), st.booleans()), max_size=3))
+def test_build_layout_matches_a_chunk_by_chunk_reference(specs):
+    """Random steps (prefill chunks, decodes with a pending token, none at all) on SHAPES."""
+    chunks, previous, total = [], {}, 0
+    for i, (start, n, pending) in enumerate(specs):
+        n = min(n, 16 - start, 16 - total)  # max_pages_per_seq x page_size; the largest bucket
+        if n == 0:
+            continue
+        total += n
+        ids = [100 + i * 10 + j for j in range(n)]
+        if pending and n == 1:
+            ids, previous[f"r{i}"] = [PENDING_TOKEN], i
+        table = [1 + 4 * i + p for p in range(-(-(start + n) // SHAPES.page_size))]
+        chunks.append(ScheduledChunk(f"r{i}", ids, start, table, sample=True, prompt_logprobs=False))
+    t = 8 if sum(len(c.token_ids) for c in chunks) <= 8 else 16
+    tokens, token_src, positions, layout = build_layout(chunks, SHAPES, t, previous_rows=previous)
+    got = (tokens, token_src, positions, layout.slot_mapping, layout.block_tables, layout.kv_lens, layout.cu_q_lens)
+    for name, a, b in zip(
+        "tokens src positions slots tables kv_lens cu".split(),
+        got,
+        _layout_one_chunk_at_a_time(chunks, SHAPES, t, previous),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a, b, err_msg=name)
+    np.testing.assert_array_equal(layout.num_seqs, [len(chunks)])
 
 
 def test_build_sampling():
