@@ -28,7 +28,6 @@ seed, step and logits row give the same token whatever else is in the batch and 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -437,14 +436,13 @@ def _penalty_history(
     return token_history, history_is_output
 
 
-@functools.lru_cache(maxsize=32)
 def _empty_history(b: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """The history of a batch without penalties, shared (read-only): most steps' rows need none, and the
-    runner then sends its resident copy instead."""
-    token_history = np.full((b, width), -1, dtype=np.int32)
-    history_is_output = np.zeros((b, width), dtype=bool)
-    token_history.flags.writeable = history_is_output.flags.writeable = False
-    return token_history, history_is_output
+    """The history of a batch without penalties, as read-only broadcast views of one row (no [b, width]
+    arrays to fill each step: most steps' rows need none, and the runner then sends its resident copy)."""
+    return (
+        np.broadcast_to(np.full(width, -1, np.int32), (b, width)),
+        np.broadcast_to(np.zeros(width, bool), (b, width)),
+    )
 
 
 def _banned(rows: Sequence[RowSpec], b: int, banned_len: int | None) -> np.ndarray:

@@ -14,7 +14,9 @@ def random_prompts(n: int, lo: int, hi: int, seed: int = 0) -> list[list[int]]:
 
 
 def assert_no_leak(llm: LLM) -> None:
-    """Nothing running or waiting, and every page back in the pool."""
+    """Nothing running or waiting, no request's state kept, and every page back in the pool."""
     stats = llm.stats()
     assert stats["num_running"] == stats["num_waiting"] == 0
     assert stats["pages_free"] == stats["pages_total"]
+    for engine in getattr(llm.engine, "replicas", [llm.engine]):  # every finished request reported and forgotten
+        assert not engine._groups and not engine._sequences
