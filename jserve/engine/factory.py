@@ -136,7 +136,7 @@ def compile_programs(runners: list[ModelRunner], *, progress: bool = True, first
     total = sum(r.num_program_tasks(f) for r, f in zip(runners, firsts, strict=True))
     with tqdm(total=total, desc="jserve: compiling", unit="program", disable=not progress, file=sys.stderr) as bar:
         for runner, first in zip(runners, firsts, strict=True):
-            runner.compile_programs(bar.update, buckets=first)
+            runner.compile_programs(bar.update, buckets=first, warm=True)
     cache = runners[0].executables  # one per engine, shared by its replicas
     loaded = cache.loaded if cache is not None else 0
     if cache is not None and progress:

@@ -461,6 +461,8 @@ class ModelRunner:
         self.executables: ExecutableCache | None = None  # set by the factory: programs loaded, not rebuilt
         self.compile_on_first_use = False  # EngineArgs.precompile=False: programs compile when first needed
         self._background: threading.Thread | None = None  # precompile="background"'s builder
+        self._warming = threading.Lock()  # one warm-up run at a time (they pass the donated KV pages along)
+        self._warmed: set[int] = set()  # token buckets whose programs warm_up ran
         self._stop_building = threading.Event()
         self.step_costs = StepCosts(plain={}, verify={})  # filled by measure_step_costs (speculation's policy)
         for stage in self.stages:
@@ -691,13 +693,16 @@ class ModelRunner:
         buckets: Sequence[int] | None = None,
         *,
         publish_each: bool = False,
+        warm: bool = False,
     ) -> int:
         """Builds (compiles, or loads from the executable cache) the programs of ``buckets`` (None: every token
         bucket, and speculation's programs); returns how many. ``progress(n)`` is called as each finishes.
         Worker threads trace and lower (under the GIL) while XLA compiles (outside it; one compile at a time on
         CPU, ``compile_lowered``). ``publish_each``: a bucket becomes usable (``ready_shapes``) as soon as its
-        programs are built, not once all are."""
-        tasks = self._bucket_tasks(self.shapes.token_buckets if buckets is None else buckets)
+        programs are built, not once all are. ``warm``: each bucket is warmed (``warm_up``) as soon as its
+        programs are built (before ready only: nothing else may run steps meanwhile)."""
+        scope = self.shapes.token_buckets if buckets is None else buckets
+        tasks = self._bucket_tasks(scope)
         if buckets is None and self.spec is not None:
             tasks += self._speculation_tasks()
 
@@ -708,6 +713,8 @@ class ModelRunner:
                 self._publish_ready_buckets()
             if progress is not None:
                 progress(1)
+            if warm:
+                self._warm_built(scope)
 
         _run_in_threads(build, tasks, min(len(tasks), os.cpu_count() or 1), self._stop_building)
         self._publish_ready_buckets()
@@ -879,12 +886,7 @@ class ModelRunner:
         of the bundled model's warm start). ``buckets``: only these token buckets' programs, and no verification
         programs (None: all)."""
         for bucket in self.shapes.token_buckets if buckets is None else buckets:
-            plain = padding_step(self.shapes, bucket)
-            self.collect(self.dispatch([_every_branch(plain, self.backend)], planned=True))
-            if self.defers_sampling:
-                deferred = _deferred(plain)
-                pending = self.dispatch([deferred])
-                self.collect(self.sample_deferred(pending, deferred.inputs.sampling.token_bitmask))
+            self._warm_bucket(bucket)
         if self.spec is None or buckets is not None:
             return
         for bucket in self.shapes.spec_token_buckets:
@@ -893,6 +895,27 @@ class ModelRunner:
             planned_proposal = self._planned(plain).proposal
             every = _every_verification_branch(plain, self.backend)
             self.collect(self.dispatch([dataclasses.replace(every, proposal=planned_proposal)], planned=True))
+
+    def _warm_bucket(self, bucket: int) -> None:
+        """``warm_up``'s runs of one token bucket's programs (once: a bucket warmed as it was built is skipped)."""
+        with self._warming:
+            if bucket in self._warmed:
+                return
+            plain = padding_step(self.shapes, bucket)
+            self.collect(self.dispatch([_every_branch(plain, self.backend)], planned=True))
+            if self.defers_sampling:
+                deferred = _deferred(plain)
+                pending = self.dispatch([deferred])
+                self.collect(self.sample_deferred(pending, deferred.inputs.sampling.token_bitmask))
+            self._warmed.add(bucket)
+
+    def _warm_built(self, buckets: Sequence[int]) -> None:
+        """Warms the buckets of ``buckets`` whose programs are all built, while the build threads go on loading
+        or compiling the rest: a program's first run (~50-100 ms of one-time costs on CPU) then overlaps them
+        instead of following them all."""
+        for bucket in buckets:
+            if bucket not in self._warmed and self._bucket_ready(bucket):
+                self._warm_bucket(bucket)
 
     def measure_step_costs(self, repeats: int = 3) -> StepCosts:
         """Times every compiled program (median of ``repeats`` all-padding runs, after ``warm_up``): a plain
