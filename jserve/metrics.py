@@ -89,113 +89,133 @@ class _EngineCollector(Collector):
 
     def collect(self) -> Iterator:
         s = self._stats()
-        total = s["pages_total"]
-        used = total - s["pages_free"]
-        gauges = [
-            (
-                "num_requests_running",
-                "Sequences in the running batch (a request with n samples counts n).",
-                s["num_running"],
-            ),
-            ("num_requests_waiting", "Sequences waiting to be scheduled.", s["num_waiting"]),
-            (
-                "kv_cache_usage_perc",
-                "Fraction of KV cache pages held by requests, 0-1 (unreferenced prefix-cache pages count as free).",
-                used / total if total else 0.0,
-            ),
-            ("kv_cache_pages_total", "KV cache pages in the pool.", total),
-            ("kv_cache_pages_used", "KV cache pages held by requests.", used),
-            (
-                "kv_cache_pages_cached",
-                "Unreferenced prefix-cache pages (evictable, counted as free).",
-                s["pages_cached"],
-            ),
-            (
-                "prefix_cache_hit_rate",
-                "Prompt tokens served from the prefix cache / prompt tokens looked up in it, since start.",
-                s["prefix_cache_hit_rate"],
-            ),
-            (
-                "compiled_programs",
-                "Step programs built (compiled or loaded; steps, and their sampling when deferred); below "
-                "compiled_programs_expected while precompile='background' builds the rest.",
-                s["num_programs"],
-            ),
-            (
-                "compiled_programs_expected",
-                "Step programs the engine uses once all are built.",
-                s["num_programs_total"],
-            ),
-        ]
-        counters = [
-            ("num_preemptions", "Sequences preempted for lack of KV pages.", s["num_preemptions"]),
-            (
-                "prompt_tokens_computed",
-                "Prefill tokens the engine ran: prompt_tokens_total - prompt_tokens_cached_total + "
-                "prompt_tokens_recomputed_total (up to requests in flight).",
-                s["prompt_tokens_computed"],
-            ),
-            (
-                "engine_step_failures",
-                "Engine steps that raised; their requests were recomputed, and any that failed alone refused.",
-                s.get("num_step_failures", 0),
-            ),
-            (
-                "programs_lowered_while_serving",
-                "XLA programs lowered after the engine was ready (should stay 0: serving never compiles).",
-                s["programs_lowered_while_serving"],
-            ),
-        ]
-        optional = [  # only once Engine.stats() reports them
-            (
-                "prompt_tokens_recomputed",
-                "Tokens prefilled again after a preemption (the prompt and what was generated before it); "
-                "prompt_tokens_computed_total = prompt_tokens_total - prompt_tokens_cached_total + this.",
-                "prompt_tokens_recomputed",
-            ),
-            ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", "prefix_cache_queries"),
-            ("prefix_cache_hits", "Prompt tokens found in the prefix cache.", "prefix_cache_hits"),
-        ]
-        counters += [(name, doc, s[key]) for name, doc, key in optional if key in s]
+        gauges, counters = _engine_gauges(s), _engine_counters(s)
         if "host_pages_total" in s:  # the host KV tier (--kv-offloading-size)
             tier_gauges, tier_counters = _host_tier_families(s)
             gauges += tier_gauges
             counters += tier_counters
         if "lora_slots" in s:  # multi-LoRA (--enable-lora)
-            gauges += [
-                ("lora_slots", "Adapter slots on the device (max_loras).", s["lora_slots"]),
-                ("lora_adapters_resident", "Adapters in device slots.", s["lora_resident"]),
-                ("lora_adapters_on_host", "Adapters loaded in host memory (max_cpu_loras).", s["lora_on_host"]),
-            ]
-            counters += [
-                ("lora_loads", "Adapters written into a device slot.", s["lora_loads"]),
-                ("lora_evictions", "Resident adapters replaced in their slot by another.", s["lora_evictions"]),
-                ("lora_slot_waits", "Requests that waited for an adapter slot.", s["lora_slot_waits"]),
-                (
-                    "lora_slot_wait_seconds",
-                    "Seconds requests spent waiting for an adapter slot.",
-                    s["lora_slot_wait_seconds"],
-                ),
-            ]
+            lora_gauges, lora_counters = _lora_families(s)
+            gauges += lora_gauges
+            counters += lora_counters
         for name, doc, value in gauges:
             yield self._family(GaugeMetricFamily, name, doc, value)
         for name, doc, value in counters:
             yield self._family(CounterMetricFamily, name, doc, value)
         if "spec_method" in s:  # vLLM's names, per method
-            method = s["spec_method"]
-            for name, doc, key in (
-                ("spec_decode_num_drafts", "Verifications that carried drafts.", "spec_num_drafting_rows"),
-                ("spec_decode_num_draft_tokens", "Draft tokens verified.", "spec_num_draft_tokens"),
-                ("spec_decode_num_accepted_tokens", "Draft tokens accepted.", "spec_num_accepted_tokens"),
-            ):
-                yield self._family(CounterMetricFamily, name, doc, s[key], method=method)
-            yield self._family(
-                GaugeMetricFamily,
-                "spec_decode_acceptance_rate",
-                "Accepted / verified draft tokens, since start.",
-                s["spec_acceptance_rate"],
-                method=method,
-            )
+            yield from self._speculation_families(s)
+
+    def _speculation_families(self, s: dict) -> Iterator:
+        method = s["spec_method"]
+        for name, doc, key in (
+            ("spec_decode_num_drafts", "Verifications that carried drafts.", "spec_num_drafting_rows"),
+            ("spec_decode_num_draft_tokens", "Draft tokens verified.", "spec_num_draft_tokens"),
+            ("spec_decode_num_accepted_tokens", "Draft tokens accepted.", "spec_num_accepted_tokens"),
+        ):
+            yield self._family(CounterMetricFamily, name, doc, s[key], method=method)
+        yield self._family(
+            GaugeMetricFamily,
+            "spec_decode_acceptance_rate",
+            "Accepted / verified draft tokens, since start.",
+            s["spec_acceptance_rate"],
+            method=method,
+        )
+
+
+def _engine_gauges(s: dict) -> list:
+    """(name, doc, value) of the engine's gauges, from ``Engine.stats()``."""
+    total = s["pages_total"]
+    used = total - s["pages_free"]
+    return [
+        (
+            "num_requests_running",
+            "Sequences in the running batch (a request with n samples counts n).",
+            s["num_running"],
+        ),
+        ("num_requests_waiting", "Sequences waiting to be scheduled.", s["num_waiting"]),
+        (
+            "kv_cache_usage_perc",
+            "Fraction of KV cache pages held by requests, 0-1 (unreferenced prefix-cache pages count as free).",
+            used / total if total else 0.0,
+        ),
+        ("kv_cache_pages_total", "KV cache pages in the pool.", total),
+        ("kv_cache_pages_used", "KV cache pages held by requests.", used),
+        (
+            "kv_cache_pages_cached",
+            "Unreferenced prefix-cache pages (evictable, counted as free).",
+            s["pages_cached"],
+        ),
+        (
+            "prefix_cache_hit_rate",
+            "Prompt tokens served from the prefix cache / prompt tokens looked up in it, since start.",
+            s["prefix_cache_hit_rate"],
+        ),
+        (
+            "compiled_programs",
+            "Step programs built (compiled or loaded; steps, and their sampling when deferred); below "
+            "compiled_programs_expected while precompile='background' builds the rest.",
+            s["num_programs"],
+        ),
+        (
+            "compiled_programs_expected",
+            "Step programs the engine uses once all are built.",
+            s["num_programs_total"],
+        ),
+    ]
+
+
+def _engine_counters(s: dict) -> list:
+    """(name, doc, value) of the engine's counters; the optional ones once ``Engine.stats()`` reports them."""
+    counters = [
+        ("num_preemptions", "Sequences preempted for lack of KV pages.", s["num_preemptions"]),
+        (
+            "prompt_tokens_computed",
+            "Prefill tokens the engine ran: prompt_tokens_total - prompt_tokens_cached_total + "
+            "prompt_tokens_recomputed_total (up to requests in flight).",
+            s["prompt_tokens_computed"],
+        ),
+        (
+            "engine_step_failures",
+            "Engine steps that raised; their requests were recomputed, and any that failed alone refused.",
+            s.get("num_step_failures", 0),
+        ),
+        (
+            "programs_lowered_while_serving",
+            "XLA programs lowered after the engine was ready (should stay 0: serving never compiles).",
+            s["programs_lowered_while_serving"],
+        ),
+    ]
+    optional = [  # only once Engine.stats() reports them
+        (
+            "prompt_tokens_recomputed",
+            "Tokens prefilled again after a preemption (the prompt and what was generated before it); "
+            "prompt_tokens_computed_total = prompt_tokens_total - prompt_tokens_cached_total + this.",
+            "prompt_tokens_recomputed",
+        ),
+        ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", "prefix_cache_queries"),
+        ("prefix_cache_hits", "Prompt tokens found in the prefix cache.", "prefix_cache_hits"),
+    ]
+    return counters + [(name, doc, s[key]) for name, doc, key in optional if key in s]
+
+
+def _lora_families(s: dict) -> tuple[list, list]:
+    """(gauges, counters) of multi-LoRA, from ``Engine.stats()``."""
+    gauges = [
+        ("lora_slots", "Adapter slots on the device (max_loras).", s["lora_slots"]),
+        ("lora_adapters_resident", "Adapters in device slots.", s["lora_resident"]),
+        ("lora_adapters_on_host", "Adapters loaded in host memory (max_cpu_loras).", s["lora_on_host"]),
+    ]
+    counters = [
+        ("lora_loads", "Adapters written into a device slot.", s["lora_loads"]),
+        ("lora_evictions", "Resident adapters replaced in their slot by another.", s["lora_evictions"]),
+        ("lora_slot_waits", "Requests that waited for an adapter slot.", s["lora_slot_waits"]),
+        (
+            "lora_slot_wait_seconds",
+            "Seconds requests spent waiting for an adapter slot.",
+            s["lora_slot_wait_seconds"],
+        ),
+    ]
+    return gauges, counters
 
 
 def _host_tier_families(s: dict) -> tuple[list, list]:
