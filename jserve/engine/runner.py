@@ -274,6 +274,62 @@ def _make_stages(cfg: ModelConfig, meshes: list[Mesh] | None, spec: SpeculativeC
     return stages
 
 
+def _mirror_to_draft(mirror: tuple, draft_leaves, draft_kv, tokens: jax.Array, inputs: StepInput, backend):
+    """Draft-model speculation: the draft model's K/V of the step's tokens (while ``inputs.run_draft``), so its
+    cache holds every token the target computed."""
+    draft_graphdef, draft_treedef, draft_layers, draft_sharding = mirror
+    draft_state, draft_stacked, _ = jax.tree.unflatten(draft_treedef, draft_leaves)
+    drafter = nnx.merge(draft_graphdef, draft_state)
+
+    def mirrored(draft_kv):
+        _, draft_kv = drafter.run_layers(
+            drafter.embed(tokens),
+            inputs.positions,
+            draft_kv,
+            inputs.attention,
+            backend,
+            range(draft_layers),
+            rope_lens=inputs.rope_lens,
+            stacked=draft_stacked,
+        )
+        return _constrain_pages(draft_kv, draft_sharding, None)
+
+    return jax.lax.cond(inputs.run_draft, mirrored, lambda kv: kv, draft_kv)
+
+
+def _sampled_rows(model, hidden, inputs: StepInput, sampling: SamplingTensors, max_logprobs: int, keep: bool):
+    """A plain step's head: logits of the rows that sample, then the sampler (skipped for a deferred step);
+    the logits too when ``keep`` (a deferred step's sampling program reads them)."""
+    logits = model.logits(hidden[inputs.logits_indices])
+    with jax.named_scope("sampler"):
+        sampled = jax.lax.cond(
+            inputs.defer_sampling,
+            lambda logits, t: _unsampled(logits.shape[0], max_logprobs),
+            functools.partial(sample, max_logprobs=max_logprobs),
+            logits,
+            sampling,
+        )
+    return _padded_ids(sampled, inputs.prev_tokens.shape[0]), logits if keep else None
+
+
+def _verified_rows(model, hidden, inputs: StepInput, sampling: SamplingTensors, max_logprobs: int):
+    """A verification step's head: every verified position's logits, the drafts' acceptance, and each row's
+    last emitted token as the step's sampled ids (what a next step's pending tokens read)."""
+    spec = inputs.spec
+    drafts, probs = spec.drafts_by_row()
+    rows = expand_rows(sampling, drafts, spec.num_drafts, spec.history_base)
+    logits = model.logits(hidden[spec.verify_indices.reshape(-1)])
+    verified = verify(logits, rows, drafts, spec.num_drafts, probs, max_logprobs)
+    b, k = inputs.logits_indices.shape[0], max_logprobs
+    sampled = SamplerOutput(
+        token_ids=_last_emitted(verified, b),
+        logprobs=jnp.zeros(b, jnp.float32),
+        top_ids=jnp.zeros((b, k), jnp.int32),
+        top_logprobs=jnp.zeros((b, k), jnp.float32),
+    )
+    return sampled, verified
+
+
 def _constrain_pages(kv: KVCache, page_sharding, scale_sharding) -> KVCache:
     """The pages [K, N * P, L, H] (and the scales [K, N * P, L] of int8 / fp8 caches) kept on their shardings."""
     return tuple(jax.lax.with_sharding_constraint(a, page_sharding if a.ndim == 4 else scale_sharding) for a in kv)
@@ -997,24 +1053,7 @@ class ModelRunner:
         )
         kv_cache = _constrain_pages(kv_cache, kv_sharding, kv_scale_sharding)
         if mirror is not None:  # the draft model's K/V of every token the target computes (one stage only)
-            draft_graphdef, draft_treedef, draft_layers, draft_sharding = mirror
-            draft_state, draft_stacked, _ = jax.tree.unflatten(draft_treedef, draft_leaves)
-            drafter = nnx.merge(draft_graphdef, draft_state)
-
-            def mirrored(draft_kv):
-                _, draft_kv = drafter.run_layers(
-                    drafter.embed(tokens),
-                    inputs.positions,
-                    draft_kv,
-                    inputs.attention,
-                    backend,
-                    range(draft_layers),
-                    rope_lens=inputs.rope_lens,
-                    stacked=draft_stacked,
-                )
-                return _constrain_pages(draft_kv, draft_sharding, None)
-
-            draft_kv = jax.lax.cond(inputs.run_draft, mirrored, lambda kv: kv, draft_kv)
+            draft_kv = _mirror_to_draft(mirror, draft_leaves, draft_kv, tokens, inputs, backend)
         if not last:
             return kv_cache, draft_kv, x
         hidden = model.final_norm(x)
@@ -1023,30 +1062,10 @@ class ModelRunner:
         with jax.named_scope("prompt_logprobs"):
             prompt = _prompt_logprobs(model.logits, hidden, inputs.prompt_targets, max_logprobs)
         if spec is None:
-            logits = model.logits(hidden[inputs.logits_indices])
-            with jax.named_scope("sampler"):
-                sampled = jax.lax.cond(
-                    inputs.defer_sampling,
-                    lambda logits, t: _unsampled(logits.shape[0], max_logprobs),
-                    functools.partial(sample, max_logprobs=max_logprobs),
-                    logits,
-                    sampling,
-                )
-            sampled = _padded_ids(sampled, inputs.prev_tokens.shape[0])
-            kept = logits if defers_sampling else None  # for a deferred step's sampling program
+            sampled, kept = _sampled_rows(model, hidden, inputs, sampling, max_logprobs, defers_sampling)
             # replicated results: every process of a multi-host mesh can read them
             return kv_cache, draft_kv, jax.lax.with_sharding_constraint((sampled, prompt, kept), replicated)
-        drafts, probs = spec.drafts_by_row()
-        rows = expand_rows(sampling, drafts, spec.num_drafts, spec.history_base)
-        logits = model.logits(hidden[spec.verify_indices.reshape(-1)])
-        verified = verify(logits, rows, drafts, spec.num_drafts, probs, max_logprobs)
-        b, k = inputs.logits_indices.shape[0], max_logprobs
-        sampled = SamplerOutput(  # only token_ids is read: a next step's pending tokens
-            token_ids=_last_emitted(verified, b),
-            logprobs=jnp.zeros(b, jnp.float32),
-            top_ids=jnp.zeros((b, k), jnp.int32),
-            top_logprobs=jnp.zeros((b, k), jnp.float32),
-        )
+        sampled, verified = _verified_rows(model, hidden, inputs, sampling, max_logprobs)
         return kv_cache, draft_kv, jax.lax.with_sharding_constraint((sampled, prompt, verified), replicated)
 
     def _program(self, stage: _Stage, plan: StepPlan, args: tuple):
