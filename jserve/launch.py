@@ -257,38 +257,13 @@ async def serve(engine, ns: argparse.Namespace, args, adapters=None) -> tuple[in
     from jserve.engine.async_llm import AsyncLLM
     from jserve.metrics import ServerMetrics
     from jserve.server.core import ServingCore
-    from jserve.server.grpc_server import GrpcOptions, build_grpc_server
-    from jserve.server.http_server import HttpServer
 
     card = _model_card(engine, args, ns.served_model_name or Path(args.model).name)
     llm = AsyncLLM(engine, max_queue_size=ns.max_queue_size)
     metrics = ServerMetrics(engine.stats, model_name=card.name)
     core = ServingCore(llm, card, metrics, stall_timeout=ns.engine_stall_timeout, adapters=adapters)
     try:
-        server, health, port = build_grpc_server(
-            core,
-            GrpcOptions(
-                host=ns.host,
-                port=ns.port,
-                max_message_bytes=ns.max_message_bytes,
-                tls_cert=ns.tls_cert,
-                tls_key=ns.tls_key,
-                api_key=ns.api_key,
-            ),
-        )
-        http = None
-        if ns.http_port is not None:
-            http = HttpServer(
-                core,
-                ns.host,
-                ns.http_port,
-                api_key=ns.api_key,
-                tls_cert=ns.tls_cert,
-                tls_key=ns.tls_key,
-                max_body_bytes=ns.max_message_bytes,
-                tool_call_parser=ns.tool_call_parser,
-            )
-        metrics_port = metrics.serve(ns.host, ns.metrics_port) if ns.metrics_port is not None else None
+        server, health, port, http, metrics_port = _listeners(core, metrics, ns)
     except (OSError, RuntimeError, ValueError) as e:
         llm.shutdown()
         return _fail(f"cannot listen: {e}"), True
@@ -317,22 +292,7 @@ async def serve(engine, ns: argparse.Namespace, args, adapters=None) -> tuple[in
         loop.add_signal_handler(signum, on_signal, signum)
     watchdog = loop.create_task(_watch_engine(core, health))
     await stop.wait()
-
-    print(
-        f"jserve: draining {core.num_in_flight} in-flight calls (up to {ns.drain_timeout:g}s)",
-        file=sys.stderr,
-        flush=True,
-    )
-    core.start_draining()
-    await health.shutting_down()
-    idle, forced = loop.create_task(core.wait_idle(ns.drain_timeout)), loop.create_task(force.wait())
-    await asyncio.wait({idle, forced}, return_when=asyncio.FIRST_COMPLETED)
-    forced.cancel()
-    code = 0
-    if not (idle.done() and idle.result()):
-        idle.cancel()
-        code = EXIT_DRAIN_CUT_SHORT
-        print(f"jserve: drain cut short; cancelling {core.num_in_flight} calls", file=sys.stderr, flush=True)
+    code = await _drain(core, health, ns.drain_timeout, force)
     watchdog.cancel()
     if http is not None:
         await http.stop()
@@ -340,6 +300,58 @@ async def serve(engine, ns: argparse.Namespace, args, adapters=None) -> tuple[in
     llm.shutdown(timeout=1.0)
     print("jserve: stopped", file=sys.stderr, flush=True)
     return code, not llm.thread_alive
+
+
+def _listeners(core, metrics, ns: argparse.Namespace) -> tuple:
+    """The gRPC server (with its health service and port), the HTTP server (or None) and the metrics port (or
+    None), bound but not started."""
+    from jserve.server.grpc_server import GrpcOptions, build_grpc_server
+    from jserve.server.http_server import HttpServer
+
+    options = GrpcOptions(
+        host=ns.host,
+        port=ns.port,
+        max_message_bytes=ns.max_message_bytes,
+        tls_cert=ns.tls_cert,
+        tls_key=ns.tls_key,
+        api_key=ns.api_key,
+    )
+    server, health, port = build_grpc_server(core, options)
+    http = None
+    if ns.http_port is not None:
+        http = HttpServer(
+            core,
+            ns.host,
+            ns.http_port,
+            api_key=ns.api_key,
+            tls_cert=ns.tls_cert,
+            tls_key=ns.tls_key,
+            max_body_bytes=ns.max_message_bytes,
+            tool_call_parser=ns.tool_call_parser,
+        )
+    metrics_port = metrics.serve(ns.host, ns.metrics_port) if ns.metrics_port is not None else None
+    return server, health, port, http, metrics_port
+
+
+async def _drain(core, health, drain_timeout: float, force: asyncio.Event) -> int:
+    """Stops taking calls and waits for those in flight, up to ``drain_timeout`` or a second signal; the exit
+    code (EXIT_DRAIN_CUT_SHORT when calls had to be cancelled)."""
+    print(
+        f"jserve: draining {core.num_in_flight} in-flight calls (up to {drain_timeout:g}s)",
+        file=sys.stderr,
+        flush=True,
+    )
+    core.start_draining()
+    await health.shutting_down()
+    loop = asyncio.get_running_loop()
+    idle, forced = loop.create_task(core.wait_idle(drain_timeout)), loop.create_task(force.wait())
+    await asyncio.wait({idle, forced}, return_when=asyncio.FIRST_COMPLETED)
+    forced.cancel()
+    if idle.done() and idle.result():
+        return 0
+    idle.cancel()
+    print(f"jserve: drain cut short; cancelling {core.num_in_flight} calls", file=sys.stderr, flush=True)
+    return EXIT_DRAIN_CUT_SHORT
 
 
 def _model_card(engine, args, name: str):
