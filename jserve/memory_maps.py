@@ -22,9 +22,13 @@ SELF_MAPS = "/proc/self/maps"
 MAX_MAP_COUNT = "/proc/sys/vm/max_map_count"
 FIRST_ESTIMATE = 2_000  # maps one program may take before any was measured (the bundled model's: ~500)
 MARGIN = 1_000  # left for everything else that maps memory (threads, arenas, libraries)
+MEASURED_PROGRAMS = 3  # programs whose own growth is measured (two reads each); later ones are estimated
 
 _lock = threading.Lock()
-_largest_growth = 0
+_largest_growth = 0  # the most maps one program took (measured, or averaged between two reads)
+_last_used: int | None = None  # the count at the last read of /proc/self/maps
+_since_read = 0  # programs built since that read
+_measured = 0
 
 
 class MemoryMapsExhausted(RuntimeError):
@@ -50,11 +54,26 @@ def maps_in_use() -> int | None:
 
 
 def ensure_room(what: str) -> None:
-    """Raises ``MemoryMapsExhausted`` if building ``what`` could take this process past its map limit."""
-    limit, used = map_limit(), maps_in_use()
-    if limit is None or used is None:
+    """Raises ``MemoryMapsExhausted`` if building ``what`` could take this process past its map limit.
+
+    Reading ``/proc/self/maps`` costs ~1 us a map (~30 ms at 30,000), so it is read only once the estimate
+    (the last count plus what the programs since then may have taken) reaches half the limit."""
+    global _last_used, _since_read, _largest_growth
+    limit = map_limit()
+    if limit is None:
         return
-    need = max(_largest_growth, FIRST_ESTIMATE)
+    with _lock:
+        need = max(_largest_growth, FIRST_ESTIMATE)
+        if _last_used is not None and _last_used + (_since_read + 1) * need + MARGIN <= limit // 2:
+            return
+    used = maps_in_use()
+    if used is None:
+        return
+    with _lock:
+        if _last_used is not None and _since_read:  # the programs since the last read, on average
+            _largest_growth = max(_largest_growth, (used - _last_used) // _since_read)
+        _last_used, _since_read = used, 0
+        need = max(_largest_growth, FIRST_ESTIMATE)
     if used + need + MARGIN <= limit:
         return
     raise MemoryMapsExhausted(
@@ -68,12 +87,17 @@ def ensure_room(what: str) -> None:
 
 @contextlib.contextmanager
 def tracking(what: str) -> Iterator[None]:
-    """``ensure_room(what)``, then records how many maps the block added (the next estimate)."""
-    global _largest_growth
+    """``ensure_room(what)``, then counts the program in the estimate; the first few programs' own growth is
+    measured (the estimate's starting point)."""
+    global _largest_growth, _last_used, _since_read, _measured
     ensure_room(what)
-    before = maps_in_use()
+    before = maps_in_use() if _measured < MEASURED_PROGRAMS else None
     yield
-    after = maps_in_use()
-    if before is not None and after is not None:
-        with _lock:
+    after = maps_in_use() if before is not None else None
+    with _lock:
+        if before is not None and after is not None:
             _largest_growth = max(_largest_growth, after - before)
+            _measured += 1
+            _last_used, _since_read = after, 0
+        else:
+            _since_read += 1

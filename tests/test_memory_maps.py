@@ -35,6 +35,27 @@ def test_a_program_that_could_cross_the_limit_is_refused(monkeypatch):
 
 def test_with_room_a_program_builds_and_its_growth_is_recorded(monkeypatch):
     monkeypatch.setattr(memory_maps, "_largest_growth", 0)
+    monkeypatch.setattr(memory_maps, "_measured", 0)
     compiled = compile_lowered(_lowered(2))
     assert float(compiled(jnp.ones((8, 8)))[0]) == pytest.approx(8 * float(jnp.tanh(10.0)) * float(jnp.cos(1.0)))
     assert memory_maps._largest_growth > 0  # XLA:CPU mapped the program's kernels
+
+
+def test_far_from_the_limit_the_maps_are_not_read(monkeypatch):
+    """Reading /proc/self/maps costs ~1 us a map: below half the limit (by the estimate) it is skipped, and the
+    programs built meanwhile count in the next estimate."""
+    reads = []
+    count = memory_maps.maps_in_use
+    monkeypatch.setattr(memory_maps, "maps_in_use", lambda: reads.append(1) or count())
+    monkeypatch.setattr(memory_maps, "_measured", memory_maps.MEASURED_PROGRAMS)
+    monkeypatch.setattr(memory_maps, "_last_used", 1_000)
+    monkeypatch.setattr(memory_maps, "_since_read", 0)
+    monkeypatch.setattr(memory_maps, "map_limit", lambda: 100_000)
+    for _ in range(5):
+        with memory_maps.tracking("a program"):
+            pass
+    assert reads == [] and memory_maps._since_read == 5
+    monkeypatch.setattr(memory_maps, "map_limit", lambda: 2 * (1_000 + 6 * memory_maps.FIRST_ESTIMATE))
+    with memory_maps.tracking("a program"):  # the estimate reaches half the limit: counted again
+        pass
+    assert len(reads) == 1 and memory_maps._since_read == 1  # read before it, then it counts
