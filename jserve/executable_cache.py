@@ -92,8 +92,7 @@ class ExecutableCache:
     def build(self, fn, args: tuple):
         """The compiled program of jitted ``fn`` on ``args`` (arrays or ShapeDtypeStructs)."""
         entry = self.directory / f"{program_key(fn, args)}{ENTRY_SUFFIX}"
-        with _tracking_maps_on_cpu("a program from the executable cache"):
-            compiled = self._load(entry)
+        compiled = self._load(entry)
         if compiled is not None:
             self.loaded += 1
             return compiled
@@ -109,15 +108,17 @@ class ExecutableCache:
             data = entry.read_bytes()
         except FileNotFoundError:
             return None
-        try:
-            device_ids, blob, in_tree, out_tree = pickle.loads(_verified(data))
-            by_id = {d.id: d for d in jax.devices()}
-            devices = [by_id[i] for i in device_ids]  # the program's own devices, not the whole backend's
-            return serialize_executable.deserialize_and_load(blob, in_tree, out_tree, execution_devices=devices)
-        except Exception as err:  # noqa: BLE001 - a damaged or stale entry is rebuilt, never fatal
-            logger.warning("executable cache: %s is damaged (%s); deleted, compiling it again", entry.name, err)
-            entry.unlink(missing_ok=True)
-            return None
+        # (the memory-map check raises before the try: no room is not a damaged entry)
+        with _tracking_maps_on_cpu("a program from the executable cache"):
+            try:
+                device_ids, blob, in_tree, out_tree = pickle.loads(_verified(data))
+                by_id = {d.id: d for d in jax.devices()}
+                devices = [by_id[i] for i in device_ids]  # the program's own devices, not the whole backend's
+                return serialize_executable.deserialize_and_load(blob, in_tree, out_tree, execution_devices=devices)
+            except Exception as err:  # noqa: BLE001 - a damaged or stale entry is rebuilt, never fatal
+                logger.warning("executable cache: %s is damaged (%s); deleted, compiling it again", entry.name, err)
+                entry.unlink(missing_ok=True)
+                return None
 
     def _store(self, entry: Path, compiled) -> None:
         if _calls_the_host(compiled):
