@@ -44,10 +44,10 @@ def test_with_room_a_program_builds_and_its_growth_is_recorded(monkeypatch):
 def test_far_from_the_limit_the_maps_are_not_read(monkeypatch):
     """Reading /proc/self/maps costs ~1 us a map: below half the limit (by the estimate) it is skipped, and the
     programs built meanwhile count in the next estimate."""
-    reads = []
-    count = memory_maps.maps_in_use
-    monkeypatch.setattr(memory_maps, "maps_in_use", lambda: reads.append(1) or count())
+    reads = []  # each read reports 100 maps more than the last (this process's real count does not matter here)
+    monkeypatch.setattr(memory_maps, "maps_in_use", lambda: reads.append(1) or 1_000 + 100 * len(reads))
     monkeypatch.setattr(memory_maps, "_measured", memory_maps.MEASURED_PROGRAMS)
+    monkeypatch.setattr(memory_maps, "_largest_growth", 0)
     monkeypatch.setattr(memory_maps, "_last_used", 1_000)
     monkeypatch.setattr(memory_maps, "_since_read", 0)
     monkeypatch.setattr(memory_maps, "map_limit", lambda: 100_000)
