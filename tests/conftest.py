@@ -38,3 +38,14 @@ def tiny_model_dir(tmp_path_factory, sp_model):
     path, _ = make_checkpoint("llama-gqa", tmp_path_factory.mktemp("tiny") / "llama", initializer_range=0.1)
     write_hf_tokenizer_files(path, sp_model)
     return path
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """After each module, drop jax's in-memory caches of compiled programs. XLA:CPU maps every kernel of a
+    program separately, and a worker that ran the kernel suites held ~23,000 maps of programs no later test
+    calls (hypothesis draws a new shape each example); with the engines of a later module on top, a CI worker
+    reached 43,000 of the 65,530 that ``vm.max_map_count`` allows (jserve/memory_maps.py refuses past it).
+    Programs a later module needs again come back from the persistent compilation cache."""
+    yield
+    jax.clear_caches()

@@ -139,7 +139,13 @@ def test_int8_pages_travel_with_their_scales(tiny_model_dir):
     assert converse(llm) == with_tier
 
 
-@pytest.mark.parametrize("layout", [dict(tensor_parallel_size=2, data_parallel_size=2), dict(pipeline_parallel_size=2)])
+@pytest.mark.parametrize(
+    "layout",
+    [
+        dict(tensor_parallel_size=2, data_parallel_size=2),
+        pytest.param(dict(pipeline_parallel_size=2), marks=pytest.mark.slow),  # ~18 s; stages' pages: test_layouts
+    ],
+)
 def test_parallel_layouts(tiny_model_dir, reference, layout):
     """Each tensor-parallel shard moves its heads of a page, each pipeline stage its layers; each data-parallel
     replica has its own host tier (its share of kv_offloading_size)."""

@@ -129,7 +129,7 @@ def test_mixtral_expert_parallel_matches_single_device(mixtral_dir, prompts, tp)
     assert shard_shape(params["layers/0/mlp/down_proj"]) == (4 // tp, 64, 64)
 
 
-@pytest.mark.parametrize("family", ["qwen3", "qwen3-moe"])
+@pytest.mark.parametrize("family", [pytest.param("qwen3", marks=pytest.mark.slow), "qwen3-moe"])  # both: q/k norms
 def test_qwen3_tensor_parallel_matches_single_device(family, prompts, tmp_path):
     """Qwen3's q/k norms and head_dim != hidden / heads split over tp=2; Qwen3-MoE's experts go one half per
     device (expert parallel) while its dense layer splits on mlp."""
