@@ -11,7 +11,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -328,18 +328,29 @@ def int_key(node: dict, key: str) -> bool:
     return key.isdigit() and int(key) in node
 
 
+Shardings = dict[str, jax.sharding.Sharding] | Callable[[nnx.State], dict[str, jax.sharding.Sharding]] | None
+
+
+def _resolved(shardings: Shardings, abstract_state: nnx.State) -> dict[str, jax.sharding.Sharding] | None:
+    """``shardings`` as a dict: a callable gets the abstract state the loader built anyway (building it costs
+    ~0.09 s for the bundled model, ~0.4 s at 32 layers; a caller deriving shardings need not build another)."""
+    return shardings(abstract_state) if callable(shardings) else shardings
+
+
 def load_hf_params(
     path: str | os.PathLike,
     cfg: ModelConfig,
     dtype,
-    shardings: dict[str, jax.sharding.Sharding] | None = None,
+    shardings: Shardings = None,
     use_tqdm: bool | None = None,
 ) -> tuple[nnx.GraphDef, nnx.State]:
-    """Reads a HF checkpoint dir into (graphdef, state); ``shardings`` maps flat param paths to target shardings."""
+    """Reads a HF checkpoint dir into (graphdef, state); ``shardings`` maps flat param paths to target shardings
+    (or is a function of the abstract state that returns that map)."""
     path = Path(path)
     files = _safetensors_files(path)
     reader = _TensorReader(files)
     graphdef, abstract_state = abstract_model(cfg, dtype)
+    shardings = _resolved(shardings, abstract_state)
     pure = nnx.to_pure_dict(abstract_state)
     expected = dict(_flatten(pure))
     specs = _param_specs(cfg)
@@ -516,11 +527,12 @@ def load_orbax(
     path: str | os.PathLike,
     cfg: ModelConfig,
     dtype,
-    shardings: dict[str, jax.sharding.Sharding] | None = None,
+    shardings: Shardings = None,
 ) -> tuple[nnx.GraphDef, nnx.State]:
     import orbax.checkpoint as ocp
 
     graphdef, abstract_state = abstract_model(cfg, dtype)
+    shardings = _resolved(shardings, abstract_state)
     target = nnx.to_pure_dict(abstract_state)
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     for flat_path, leaf in list(_flatten(target)):
@@ -533,7 +545,7 @@ def load_orbax(
 
 
 def load_params(
-    path: str | os.PathLike, cfg: ModelConfig, dtype, shardings=None, use_tqdm: bool | None = None
+    path: str | os.PathLike, cfg: ModelConfig, dtype, shardings: Shardings = None, use_tqdm: bool | None = None
 ) -> tuple[nnx.GraphDef, nnx.State]:
     """HF or Orbax directory -> (graphdef, state)."""
     if is_orbax_checkpoint(path):

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from jserve import compilation_cache
 from jserve.attention import select_backend
-from jserve.checkpoint import abstract_model, is_orbax_checkpoint, load_params, resolve_dtype
+from jserve.checkpoint import is_orbax_checkpoint, load_params, resolve_dtype
 from jserve.config import CacheConfig, ModelConfig
 from jserve.engine.data_parallel import DataParallelEngine
 from jserve.engine.engine import Engine
@@ -326,11 +326,13 @@ def _lora_spec(args: EngineArgs, cfg: ModelConfig) -> LoRASpec | None:
 def _load_weights(path: Path, cfg: ModelConfig, dtype, meshes: list):
     """(graphdef, state): each param loaded straight onto its shards with one stage; pipeline stages are placed
     by the runner."""
-    shardings = None
-    if len(meshes) == 1:
-        _, abstract_state = abstract_model(cfg, dtype)
-        shardings = param_shardings(abstract_state, cfg, meshes[0])
+    shardings = functools.partial(_shardings_of, cfg=cfg, mesh=meshes[0]) if len(meshes) == 1 else None
     return load_params(path, cfg, dtype, shardings)
+
+
+def _shardings_of(abstract_state, *, cfg: ModelConfig, mesh):
+    """Each param's sharding on ``mesh``, from the abstract state the checkpoint loader builds."""
+    return param_shardings(abstract_state, cfg, mesh)
 
 
 def _size_kv_pool(
@@ -427,10 +429,8 @@ def _load_draft(spec: SpeculativeConfig, cfg: ModelConfig, dtype, meshes: list):
             "speculative_model: the draft must share the model's head_dim and sliding windows (it runs on the same "
             f"attention backend); got head_dim {draft_cfg.head_dim} vs {cfg.head_dim}"
         )
-    _, abstract_state = abstract_model(draft_cfg, dtype)
-    graphdef, state = load_params(
-        spec.draft_model, draft_cfg, dtype, param_shardings(abstract_state, draft_cfg, meshes[0])
-    )
+    shardings = functools.partial(_shardings_of, cfg=draft_cfg, mesh=meshes[0])
+    graphdef, state = load_params(spec.draft_model, draft_cfg, dtype, shardings)
     return draft_cfg, graphdef, state
 
 
