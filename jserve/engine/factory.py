@@ -326,13 +326,8 @@ def _lora_spec(args: EngineArgs, cfg: ModelConfig) -> LoRASpec | None:
 def _load_weights(path: Path, cfg: ModelConfig, dtype, meshes: list):
     """(graphdef, state): each param loaded straight onto its shards with one stage; pipeline stages are placed
     by the runner."""
-    shardings = functools.partial(_shardings_of, cfg=cfg, mesh=meshes[0]) if len(meshes) == 1 else None
-    return load_params(path, cfg, dtype, shardings)
-
-
-def _shardings_of(abstract_state, *, cfg: ModelConfig, mesh):
-    """Each param's sharding on ``mesh``, from the abstract state the checkpoint loader builds."""
-    return param_shardings(abstract_state, cfg, mesh)
+    shardings = functools.partial(param_shardings, cfg=cfg, mesh=meshes[0]) if len(meshes) == 1 else None
+    return load_params(path, cfg, dtype, shardings)  # (the loader hands param_shardings the abstract state)
 
 
 def _size_kv_pool(
@@ -429,7 +424,7 @@ def _load_draft(spec: SpeculativeConfig, cfg: ModelConfig, dtype, meshes: list):
             "speculative_model: the draft must share the model's head_dim and sliding windows (it runs on the same "
             f"attention backend); got head_dim {draft_cfg.head_dim} vs {cfg.head_dim}"
         )
-    shardings = functools.partial(_shardings_of, cfg=draft_cfg, mesh=meshes[0])
+    shardings = functools.partial(param_shardings, cfg=draft_cfg, mesh=meshes[0])
     graphdef, state = load_params(spec.draft_model, draft_cfg, dtype, shardings)
     return draft_cfg, graphdef, state
 
