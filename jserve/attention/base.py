@@ -53,6 +53,9 @@ class AttentionBackend:
     """One attention path. Subclasses set ``name`` and implement ``attend``; ``plan`` defaults to the layout."""
 
     name = "base"
+    # a short step's metadata (``plan_short``) is the layout itself, so the device may edit it: chained
+    # verification moves a row's positions there (jserve.speculative.chain); kernels planned on the host cannot
+    shifts_on_device = True
 
     def __init__(self, shapes: StepShapes, *, mesh: Mesh | None = None):
         """``shapes``: the engine's step shapes (rows, block-table width, page size) that plans are padded to."""
@@ -80,6 +83,11 @@ class AttentionBackend:
 
     def layout_of(self, metadata) -> AttentionLayout:
         return metadata
+
+    def with_layout(self, metadata, layout: AttentionLayout):
+        """``metadata`` with its layout replaced (only for ``plan_short`` metadata of a ``shifts_on_device``
+        backend)."""
+        return layout
 
     def for_layer(self, metadata, page_offset: jax.Array | int):
         """The metadata with every page id moved ``page_offset`` pages on: one layer's pages in the stacked cache.

@@ -115,6 +115,9 @@ class XlaWorkItemsBackend(AttentionBackend):
     def layout_of(self, metadata: WorkItemsMetadata) -> AttentionLayout:
         return metadata.layout
 
+    def with_layout(self, metadata: WorkItemsMetadata, layout: AttentionLayout) -> WorkItemsMetadata:
+        return dataclasses.replace(metadata, layout=layout)
+
     def for_layer(self, metadata: WorkItemsMetadata, page_offset) -> WorkItemsMetadata:
         def moved(items: ItemSet) -> ItemSet:
             return dataclasses.replace(items, item_pages=items.item_pages + page_offset)

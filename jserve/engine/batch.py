@@ -36,6 +36,7 @@ from jserve.engine.request import PENDING_TOKEN, Request
 from jserve.engine.sampler import RowSpec, SamplingTensors, make_sampling_tensors
 from jserve.engine.scheduler import ScheduledChunk, SchedulerOutput
 from jserve.engine.shapes import StepShapes, round_up
+from jserve.speculative.chain import build_chain
 from jserve.speculative.verify import SpecInput
 from jserve.structured.matcher import fill_bitmask_rows
 
@@ -152,10 +153,12 @@ def build_layout(
     tokens[:n] = list(itertools.chain.from_iterable(chunk.token_ids for chunk in chunks))
     token_src = np.full(t, -1, np.int32)
     last = ends - 1
-    pending = np.flatnonzero(tokens[last] == PENDING_TOKEN)  # only a decode chunk's last token can be pending
+    # a decode chunk's last token can be pending, and a chained verification's first (its drafts follow it)
+    edge = np.where(tokens[last] == PENDING_TOKEN, last, ends - lengths)
+    pending = np.flatnonzero(tokens[edge] == PENDING_TOKEN)
     if len(pending):
-        token_src[last[pending]] = [previous_rows[chunks[i].request_id] for i in pending]
-        tokens[last[pending]] = 0
+        token_src[edge[pending]] = [previous_rows[chunks[i].request_id] for i in pending]
+        tokens[edge[pending]] = 0
     positions = np.zeros(t, np.int32)
     positions[:n] = pos
     slots = np.zeros(t, np.int32)
@@ -209,6 +212,9 @@ def build_sampling(
         request = requests[chunk.request_id]
         sampled.append((chunk, request))
         row = len(sampled_ids)
+        # a chained row follows a verification still on the device: it samples after that row's tokens, all
+        # assumed accepted (the device moves the step back by those it rejected)
+        in_flight = chunk.chain_assumed + 1 if chunk.chain_assumed >= 0 and request.awaiting_verification else 0
         logits_indices[row] = cursor - 1
         if request.num_pending_tokens:
             history_src[row] = previous_rows[chunk.request_id]
@@ -218,7 +224,7 @@ def build_sampling(
             RowSpec(
                 params=request.sampling_params,
                 seed=seed_of(request),
-                step=request.num_sampled,
+                step=request.num_sampled + in_flight,
                 prompt_token_ids=request.prompt_token_ids,
                 output_token_ids=request.output_token_ids,
                 banned_token_ids=banned_ids_of(request),
@@ -325,7 +331,7 @@ def build_step(
         device_drafts,
         defer,
     )
-    spec = build_verification(chunks, shapes, t_pad) if verifying else None
+    spec = build_verification(chunks, shapes, t_pad, requests, previous_rows) if verifying else None
     proposal = build_proposal(chunks, shapes) if verifying and device_drafts else None
     prompt_targets, prompt_rows = build_prompt_logprobs(chunks, requests, t_pad)
     n = len(sampled_ids)
@@ -415,8 +421,15 @@ def draft_mask_filler(
     return fill
 
 
-def build_verification(chunks: Sequence[ScheduledChunk], shapes: StepShapes, num_tokens_padded: int) -> SpecInput:
-    """Where each sampled row's verified positions and drafts sit in the step (see ``jserve.speculative.verify``)."""
+def build_verification(
+    chunks: Sequence[ScheduledChunk],
+    shapes: StepShapes,
+    num_tokens_padded: int,
+    requests: dict[str, Request] | None = None,
+    previous_rows: dict[str, int] | None = None,
+) -> SpecInput:
+    """Where each sampled row's verified positions and drafts sit in the step (see ``jserve.speculative.verify``),
+    and its chained rows (``shapes.spec_chain``: n-gram engines)."""
     s, k = shapes.spec_rows, shapes.num_spec_tokens
     verify_indices = np.zeros((s, k + 1), np.int32)
     draft_tokens = np.zeros((s, k), np.int32)
@@ -441,7 +454,8 @@ def build_verification(chunks: Sequence[ScheduledChunk], shapes: StepShapes, num
         num_drafts[row] = d
         history_base[row] = chunk.start_pos + n - d
         row += 1
-    return SpecInput(verify_indices, draft_tokens, num_drafts, draft_token_index, draft_rows, history_base)
+    chain = build_chain(chunks, requests, shapes, num_tokens_padded, previous_rows) if shapes.spec_chain else None
+    return SpecInput(verify_indices, draft_tokens, num_drafts, draft_token_index, draft_rows, history_base, chain=chain)
 
 
 def build_proposal(chunks: Sequence[ScheduledChunk], shapes: StepShapes) -> ProposalInput:

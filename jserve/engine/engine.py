@@ -19,6 +19,9 @@ Structured outputs keep the lookahead: a step with a constrained row whose last 
 forward at once and defers its sampling, which ``finish_step`` queues once the previous step's tokens have
 reached the grammars and the masks are filled (the device computes the forward meanwhile); without deferred
 sampling (speculative decoding) the engine steps synchronously while a constrained request is live.
+Speculative decoding keeps it too with n-gram drafts: a request's next verification is chained to the one still
+on the device, which the device makes exact and drafts for itself (``jserve.speculative.chain``); a request
+drafted by a model on the device sits a step out, its next draft needing its last token first.
 
 Failure isolation: an exception while building, dispatching or collecting a step does not end the engine.
 Every running request goes back to waiting to be recomputed (tokens still on the device are dropped, the
@@ -83,6 +86,7 @@ class _Step:
     advanced: bool = False  # async scheduling: the scheduler counts its tokens as pending until it is finished
     sampling_deferred: bool = False  # its logits are queued, its sampling waits for grammar masks (see _sample)
     failure: Exception | None = None  # building or dispatching it raised (see Engine._recover)
+    chained: bool = False  # holds rows chained to the step before it, attached once that one reports
 
 
 _NOTHING = SchedulerOutput(chunks=[], num_batched_tokens=0)
@@ -398,11 +402,13 @@ class Engine:
         )
         if self.async_scheduling and not lookahead and self._in_flight is not None:
             return _Step(_NOTHING)  # structured outputs (or suspects) arrived: let the step in flight finish first
-        self._draft()
+        self._draft(lookahead)
         self.scheduler.token_budget = self.runner.ready_shapes.token_buckets[-1]  # only programs that exist
         sched = self.scheduler.schedule()
         if self.speculative is not None and not self._verifiable(sched):
             sched = self.scheduler.without_drafts(sched)
+        elif not self._chainable(sched):
+            sched = self.scheduler.without_chained(sched)
         self._finished_by_scheduler(sched.finished_ids)
         if not sched.chunks:
             return _Step(sched)
@@ -442,9 +448,10 @@ class Engine:
             self.offloader.flush(*self.kv_cache.take_transfers())
         step = _Step(sched, plans, self.runner.dispatch(plans, previous.pending if previous else None))
         step.sampling_deferred = any(plan.defers_sampling for plan in plans)
+        step.chained = any(c.chain_assumed >= 0 for c in sched.chunks)
         if self._speculation is not None:
             speculated = any(c.num_drafts for c in sched.chunks)
-            self._speculation.observe_dispatch(speculated, sched.num_batched_tokens)
+            self._speculation.observe_dispatch(speculated, sched.num_batched_tokens, behind=previous is not None)
         if lookahead:
             self.scheduler.advance(sched)  # the next schedule sees this step's tokens as pending
             step.advanced = True
@@ -481,7 +488,25 @@ class Engine:
         (plan,) = step.plans
         self.runner.sample_deferred(step.pending, fill_deferred_masks(plan, self._sequences))
 
-    def _draft(self) -> None:
+    def _chainable(self, sched: SchedulerOutput) -> bool:
+        """Chained rows need the layout-only attention metadata of short steps (the device edits it), which a
+        step with a longer chunk (a prefill) does not get."""
+        longest = max((len(c.token_ids) for c in sched.chunks), default=0)
+        return self.speculative is None or longest <= self.runner.shapes.num_spec_tokens + 1
+
+    def _may_chain(self, request: Request) -> bool:
+        """n-gram drafts looked up on the device, in a row chained to the request's step still there: not for
+        grammars (masks need the tokens on the host) or penalties (their history would need them too)."""
+        params = request.sampling_params
+        return (
+            request.grammar is None
+            and not request.chained
+            and params.repetition_penalty == 1.0
+            and params.presence_penalty == 0.0
+            and params.frequency_penalty == 0.0
+        )
+
+    def _draft(self, lookahead: bool = False) -> None:
         """Speculative decoding: which running requests draft this step, and their drafts (n-gram lookups here;
         the device drafters' are placeholders the device fills in).
 
@@ -500,7 +525,10 @@ class Engine:
         self.scheduler.speculating = len(running) <= spec.max_batch_size and self._speculation.keeps_draft_model(
             [*running, *self.scheduler.waiting]
         )
-        self._speculation.plan(running, self._may_draft, allowed=self.scheduler.speculating)
+        chain = lookahead and self.runner.shapes.spec_chain and self.runner.backend.shifts_on_device
+        self._speculation.plan(
+            running, self._may_draft, allowed=self.scheduler.speculating, may_chain=self._may_chain if chain else None
+        )
 
     @staticmethod
     def _may_draft(request: Request) -> bool:
@@ -598,6 +626,7 @@ class Engine:
         rows: dict[str, tuple[StepResult, int]] = {}
         sampled: dict[str, int] = {}
         verified: dict[str, list[int]] = {}
+        drafted: dict[str, int] = {}
         for plan, result in zip(step.plans, results, strict=True):
             for i, rid in enumerate(plan.sampled_ids):
                 rows[rid] = (result, i)
@@ -605,10 +634,8 @@ class Engine:
                 sampled[rid] = tokens[-1]
                 if plan.num_drafts and plan.num_drafts[i]:
                     verified[rid] = tokens
-                    self.num_drafting_rows += 1
-                    self.num_draft_tokens += plan.num_drafts[i]
-                    if rid in self._sequences:
-                        self._speculation.record(self._sequences[rid], len(tokens) - 1)
+                    drafted[rid] = int(result.spec_num_drafts[i])  # (a chained row's: looked up on the device)
+                    self._count_verification(rid, plan.num_drafts[i], drafted[rid], len(tokens) - 1)
             for prompt_rows in plan.prompt_rows:
                 group = self._group_of(prompt_rows.request_id)
                 if group is not None:
@@ -616,9 +643,10 @@ class Engine:
         before = {rid: self._sequences[rid].num_output_tokens for rid in verified if rid in self._sequences}
         accepted_before = {rid: self._sequences[rid].num_accepted_tokens for rid in before}
         if step.advanced:
-            updated = self.scheduler.resolve(step.sched, sampled, verified)
+            updated = self.scheduler.resolve(step.sched, sampled, verified, drafted)
         else:
-            updated = self.scheduler.update(step.sched, sampled, verified)
+            updated = self.scheduler.update(step.sched, sampled, verified, drafted)
+        self._attach_chained()
         for rid, count in accepted_before.items():  # accepted drafts kept (a stop token drops those after it)
             self.num_accepted_tokens += self._sequences[rid].num_accepted_tokens - count
         return [
@@ -629,6 +657,30 @@ class Engine:
             )
             for request in updated
         ]
+
+    def _count_verification(self, request_id: str, slots: int, num_drafts: int, num_accepted: int) -> None:
+        """A verified row of ``slots`` draft slots and ``num_drafts`` drafts: the engine's counters and the
+        request's acceptance estimate (offered: the slots, so a lookup that found nothing counts as rejected
+        drafts, as on the host)."""
+        if num_drafts:
+            self.num_drafting_rows += 1
+            self.num_draft_tokens += num_drafts
+        request = self._sequences.get(request_id)
+        if request is not None:
+            request.drafts_offered = max(request.drafts_offered, slots)
+            self._speculation.record(request, num_accepted)
+
+    def _attach_chained(self) -> None:
+        """The step just reported: the rows of the step after it that were chained to it become exact now that
+        their requests' tokens are known (``Scheduler.attach_chained``); their requests stopped: left out."""
+        step = self._in_flight
+        if step is None or not step.chained:
+            return
+        step.chained = False
+        chunks = step.sched.chunks
+        for i, chunk in enumerate(chunks):
+            if chunk.chain_assumed >= 0:
+                chunks[i] = self.scheduler.attach_chained(chunk) or chunk
 
     def _emit(self, step: _Step, updated: list[tuple[Request, StepResult, int, int]]) -> list[RequestOutput]:
         """Host part: detokenize, check stop strings, build the deltas."""

@@ -99,6 +99,11 @@ class Request:
         # the device fills them), whether a verification step is on the device, and per-request counters.
         self.draft_token_ids: list[int] = []
         self.awaiting_verification = False
+        self.in_flight_drafts = 0  # draft slots of the verification on the device
+        # n-gram under async scheduling (jserve.speculative.chain): drafts to look up on the device in a row
+        # chained to the step still on the device (0: none), and whether such a row is on its way
+        self.chain_drafts = 0
+        self.chained = False
         # draft-model speculation: every computed token also went through the draft (False once a step ran
         # without it, above the policy's batch size: the request then decodes plainly to the end)
         self.draft_synced = True

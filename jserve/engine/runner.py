@@ -53,6 +53,7 @@ from jserve.models.layer_stack import StackedLayers, plan_stack, stack_states
 from jserve.models.llama import KVCache, kv_cache_shape
 from jserve.parallel import sharding as shard_rules
 from jserve.quant.kv import is_quantized_kv, kv_bytes_per_token
+from jserve.speculative.chain import apply_chain
 from jserve.speculative.config import EARLY_EXIT, SpeculativeConfig
 from jserve.speculative.policy import StepCosts
 from jserve.speculative.propose import draft_tokens, drafting_tensors
@@ -79,6 +80,7 @@ class StepResult:
     spec_logprobs: np.ndarray | None = None
     spec_top_ids: np.ndarray | None = None
     spec_top_logprobs: np.ndarray | None = None
+    spec_num_drafts: np.ndarray | None = None  # [S] drafts each row verified (chained rows: the device's)
 
     def emitted(self, row: int) -> list[int]:
         """The tokens sampled row ``row`` produced: one, or a verification row's accepted drafts + one."""
@@ -147,6 +149,22 @@ def _fill_pending_history(t: SamplingTensors, src: jax.Array, col: jax.Array, pr
         token_history=t.token_history.at[rows, col].set(token),
         history_is_output=t.history_is_output.at[rows, col].set(is_output),
     )
+
+
+def _with_previous_verification(inputs: StepInput, previous: PendingStep) -> StepInput:
+    """A step with chained rows reads its previous step's verification outputs (a plain previous step: the
+    placeholders the host built, one token emitted per row)."""
+    spec = inputs.spec
+    if spec is None or spec.chain is None or not previous.plans[0].is_verification:
+        return inputs
+    verified = previous.outputs[0][2]
+    chain = dataclasses.replace(
+        spec.chain,
+        prev_verified=np.asarray(True),
+        prev_spec_tokens=verified.token_ids,
+        prev_num_emitted=verified.num_emitted,
+    )
+    return dataclasses.replace(inputs, spec=dataclasses.replace(spec, chain=chain))
 
 
 def _unsampled(rows: int, max_logprobs: int) -> SamplerOutput:
@@ -663,11 +681,23 @@ class ModelRunner:
                 self.max_logprobs,
                 self._mirror(),
                 self.defers_sampling,
+                self._chain_rule(),
             ),
             # (param_leaves, kv_cache, x, inputs, draft_leaves, draft_kv): the step's inputs are pinned
             # replicated, so numpy inputs passed straight in run exactly like device_put ones
             in_shardings=(None, None, None, shard_rules.replicated(stage.mesh), None, None),
             donate_argnums=(1, 5),
+        )
+
+    def _chain_rule(self):
+        """n-gram speculation: how a verification step makes its chained rows exact on the device, or None."""
+        if not self.shapes.spec_chain:
+            return None
+        return functools.partial(
+            apply_chain,
+            page_size=self.shapes.page_size,
+            min_n=self.spec.prompt_lookup_min,
+            max_n=self.spec.prompt_lookup_max,
         )
 
     def _mirror(self):
@@ -1021,6 +1051,7 @@ class ModelRunner:
         max_logprobs,
         mirror,
         defers_sampling,
+        chain_rule,
         param_leaves,
         kv_cache,
         x,
@@ -1030,6 +1061,8 @@ class ModelRunner:
     ):
         state, stacked, lora_slots = jax.tree.unflatten(treedef, param_leaves)
         model = nnx.merge(graphdef, state)
+        if inputs.spec is not None and inputs.spec.chain is not None:
+            inputs = chain_rule(inputs, backend)  # rows chained to a verification still running: made exact
         spec = inputs.spec
         if first:
             tokens = _fill_pending(inputs.tokens, inputs.token_src, inputs.prev_tokens)
@@ -1145,11 +1178,8 @@ class ModelRunner:
         if any(p.reads_previous for p in plans):
             if previous is None or len(previous.outputs) != 1 or len(plans) != 1:
                 raise ValueError("a step reading pending tokens needs exactly one previous microbatch")
-            plans = [
-                dataclasses.replace(
-                    plans[0], inputs=dataclasses.replace(plans[0].inputs, prev_tokens=previous.outputs[0][0].token_ids)
-                )
-            ]
+            inputs = dataclasses.replace(plans[0].inputs, prev_tokens=previous.outputs[0][0].token_ids)
+            plans = [dataclasses.replace(plans[0], inputs=_with_previous_verification(inputs, previous))]
         carried: list = [None] * len(plans)
         outputs: list = [None] * len(plans)
         for tick in range(len(plans) + self.num_stages - 1):
@@ -1201,6 +1231,7 @@ class ModelRunner:
                     v.num_emitted,
                     v.logprobs,
                     (v.top_ids, v.top_logprobs) if plan.wants_top_logprobs else None,
+                    v.num_drafts,
                 )
             wanted.append(
                 (
@@ -1224,11 +1255,12 @@ class ModelRunner:
                 prompt_top_logprobs=None if prompt is None else prompt[2],
             )
             if spec is not None:
-                spec_ids, emitted, spec_lps, spec_top = spec
+                spec_ids, emitted, spec_lps, spec_top, drafted = spec
                 result = dataclasses.replace(
                     result,
                     spec_token_ids=spec_ids,
                     num_emitted=emitted,
+                    spec_num_drafts=drafted,
                     spec_logprobs=spec_lps,
                     spec_top_ids=None if spec_top is None else spec_top[0],
                     spec_top_logprobs=None if spec_top is None else spec_top[1],

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from jserve.engine.kv_cache import KVCacheManager
-from jserve.engine.request import Request, RequestStatus
+from jserve.engine.request import PENDING_TOKEN, Request, RequestStatus
 
 if TYPE_CHECKING:
     from jserve.lora.slots import AdapterSlots
@@ -99,6 +99,9 @@ class ScheduledChunk:
     sample: bool  # the chunk reaches the end of the request's tokens: sample a next token
     prompt_logprobs: bool  # the request wants prompt logprobs and this chunk holds prompt tokens
     num_drafts: int = 0  # speculative decoding: the last num_drafts token_ids are drafts to verify
+    # chained verification (jserve.speculative.chain): >= 0 when the request's previous step is still on the
+    # device, laid out as if its row had accepted this many drafts; its first token is that step's last one
+    chain_assumed: int = -1
 
 
 @dataclass(frozen=True)
@@ -228,6 +231,7 @@ class Scheduler:
     def _reset_in_flight(request: Request) -> None:
         request.drop_pending_tokens()
         request.awaiting_verification = False
+        request.chained = False
         request.draft_token_ids = []
 
     # ---- one step --------------------------------------------------------------------------------
@@ -242,9 +246,12 @@ class Scheduler:
         # 1. Running requests, most important first.
         i = 0
         decoding: list[int] = []  # chunks of one-token decodes whose requests carry drafts
+        chaining: list[Request] = []  # requests whose step is on the device, chained to it (jserve.speculative.chain)
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             if self._awaits_last_token(request) or self._awaits_verification(request):
+                if request.chain_drafts and not self._awaits_last_token(request):
+                    chaining.append(request)
                 i += 1
                 continue
             remaining = request.num_tokens - request.num_computed_tokens
@@ -264,6 +271,12 @@ class Scheduler:
             if num_drafts <= budget and self.kv_cache.allocate(request, 1 + num_drafts):
                 chunks[index] = self._make_chunk(request, 1 + num_drafts, num_drafts)
                 budget -= num_drafts
+        for request in chaining:
+            if request.status == RequestStatus.RUNNING and 1 + request.chain_drafts <= budget:
+                chunk = self._chained_chunk(request)
+                if chunk is not None:
+                    chunks.append(chunk)
+                    budget -= len(chunk.token_ids)
 
         # 3. Waiting requests, unless the pool was just too tight for the running ones.
         if not preempted:
@@ -311,9 +324,64 @@ class Scheduler:
             finished_ids=finished_ids,
         )
 
+    def _chained_chunk(self, request: Request) -> ScheduledChunk | None:
+        """The request's next verification, chained to its step on the device: laid out as if that step accepted
+        every draft it verifies, with pages for that; None when the pool cannot spare them (it waits a step)."""
+        assumed = request.in_flight_drafts if request.awaiting_verification else 0
+        num_drafts = request.chain_drafts
+        if not self.kv_cache.allocate(request, assumed + 1 + num_drafts):
+            return None
+        request.chained = True
+        return ScheduledChunk(
+            request_id=request.request_id,
+            token_ids=[PENDING_TOKEN] + [0] * num_drafts,
+            start_pos=request.num_computed_tokens + assumed,
+            block_table=list(self.kv_cache.block_table(request.request_id)),
+            sample=True,
+            prompt_logprobs=False,
+            num_drafts=num_drafts,
+            chain_assumed=assumed,
+        )
+
+    def attach_chained(self, chunk: ScheduledChunk) -> ScheduledChunk | None:
+        """The step before a chained chunk reported: the chunk as the device ran it (its first token known, its
+        positions moved back by the drafts that step rejected), applied as ``advance`` would have; None when
+        its request stopped meanwhile (the device's work for it is discarded)."""
+        request = self._requests.get(chunk.request_id)
+        if request is None or not request.chained:
+            return None
+        request.chained = False
+        if request.status != RequestStatus.RUNNING or request.num_pending_tokens or request.awaiting_verification:
+            return None
+        start = request.num_computed_tokens  # its last token's: the one the chained row begins with
+        request.num_computed_tokens += 1
+        request.awaiting_verification = True
+        request.in_flight_drafts = chunk.num_drafts
+        self.kv_cache.trim(request, start + 1 + chunk.num_drafts)
+        self.kv_cache.cache_computed_pages(request)
+        return dataclasses.replace(
+            chunk,
+            token_ids=[request.all_token_ids[start], *chunk.token_ids[1:]],
+            start_pos=start,
+            block_table=list(self.kv_cache.block_table(request.request_id)),
+        )
+
+    def without_chained(self, output: SchedulerOutput) -> SchedulerOutput:
+        """The same step without its chained chunks (their requests wait a step), their extra pages given back."""
+        chunks = []
+        for chunk in output.chunks:
+            if chunk.chain_assumed < 0:
+                chunks.append(chunk)
+                continue
+            request = self._requests[chunk.request_id]
+            request.chained = False
+            self.kv_cache.trim(request, chunk.start_pos)
+        return dataclasses.replace(output, chunks=chunks, num_batched_tokens=sum(len(c.token_ids) for c in chunks))
+
     def without_drafts(self, output: SchedulerOutput) -> SchedulerOutput:
         """The same step decoding plainly: drafts dropped and their pages given back (a step too large for the
         verification programs)."""
+        output = self.without_chained(output)
         chunks = []
         for chunk in output.chunks:
             if chunk.num_drafts:
@@ -471,11 +539,15 @@ class Scheduler:
 
     # ---- after the step --------------------------------------------------------------------------------
     def update(
-        self, output: SchedulerOutput, sampled: dict[str, int], verified: dict[str, list[int]] | None = None
+        self,
+        output: SchedulerOutput,
+        sampled: dict[str, int],
+        verified: dict[str, list[int]] | None = None,
+        drafted: dict[str, int] | None = None,
     ) -> list[Request]:
         """Applies a finished step (synchronous scheduling): ``advance`` then ``resolve``."""
         self.advance(output)
-        return self.resolve(output, sampled, verified)
+        return self.resolve(output, sampled, verified, drafted)
 
     def advance(self, output: SchedulerOutput) -> None:
         """The step's tokens are computed (or will be, once the dispatched step runs: any later step that reads
@@ -486,9 +558,12 @@ class Scheduler:
             request = self._requests.get(chunk.request_id)
             if request is None or request.status != RequestStatus.RUNNING:
                 continue  # finished (aborted) between schedule() and now
+            if chunk.chain_assumed >= 0:
+                continue  # applied once the step before it reports (attach_chained)
             if chunk.num_drafts:  # the drafts' K/V count once verified (resolve)
                 request.num_computed_tokens += len(chunk.token_ids) - chunk.num_drafts
                 request.awaiting_verification = True
+                request.in_flight_drafts = chunk.num_drafts
             else:
                 request.num_computed_tokens += len(chunk.token_ids)
                 if chunk.sample:
@@ -496,11 +571,16 @@ class Scheduler:
             self.kv_cache.cache_computed_pages(request)
 
     def resolve(
-        self, output: SchedulerOutput, sampled: dict[str, int], verified: dict[str, list[int]] | None = None
+        self,
+        output: SchedulerOutput,
+        sampled: dict[str, int],
+        verified: dict[str, list[int]] | None = None,
+        drafted: dict[str, int] | None = None,
     ) -> list[Request]:
         """The step's sampled tokens arrived: they replace the pending tokens, then token-level stops apply.
-        ``verified``: per speculating request, its accepted drafts plus the target's next token. Returns the
-        requests that got new tokens, in chunk order."""
+        ``verified``: per speculating request, its accepted drafts plus the target's next token; ``drafted``:
+        how many drafts it verified, where the device chose (chained rows). Returns the requests that got new
+        tokens, in chunk order."""
         new_token_requests: list[Request] = []
         finished: list[tuple[Request, RequestStatus, int | None]] = []
         now = time.time()
@@ -509,7 +589,8 @@ class Scheduler:
             if chunk.num_drafts:
                 if request is None or not request.awaiting_verification:
                     continue  # finished (aborted) since the step was scheduled
-                self._apply_verified(request, chunk, verified[chunk.request_id])
+                num_drafts = (drafted or {}).get(chunk.request_id, chunk.num_drafts)
+                self._apply_verified(request, num_drafts, verified[chunk.request_id])
             elif request is None or (chunk.sample and not request.num_pending_tokens):
                 continue  # finished (aborted, stopped) since the step was scheduled
             elif chunk.sample:
@@ -532,18 +613,20 @@ class Scheduler:
             self._finish(request, status, stop_reason)
         return new_token_requests
 
-    def _apply_verified(self, request: Request, chunk: ScheduledChunk, tokens: list[int]) -> None:
+    def _apply_verified(self, request: Request, num_drafts: int, tokens: list[int]) -> None:
         """Appends the verified tokens (up to a token-level stop); the accepted drafts' K/V become computed and
-        the rejected drafts' slots go back (a page they alone used returns to the pool)."""
+        the rejected drafts' slots go back (a page they alone used returns to the pool; a chained chunk still
+        on the device keeps its pages until it is attached)."""
         request.awaiting_verification = False
         accepted = len(tokens) - 1
         appended = request.append_verified_tokens(tokens, lambda r: self._check_stop(r)[0] is not None)
-        request.num_draft_tokens += chunk.num_drafts
+        request.num_draft_tokens += num_drafts
         request.last_accepted = min(accepted, appended)  # drafts after a stop token inside the run are dropped
         request.num_accepted_tokens += request.last_accepted
         if request.status == RequestStatus.RUNNING:  # not preempted while the step ran
             request.num_computed_tokens += min(accepted, appended)
-            self.kv_cache.trim(request, request.num_computed_tokens)
+            if not request.chained:
+                self.kv_cache.trim(request, request.num_computed_tokens)
 
     def _check_stop(self, request: Request) -> tuple[RequestStatus | None, int | None]:
         """Token-level stops after a token was resolved. Stop strings are the engine's (finish_request)."""

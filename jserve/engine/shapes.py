@@ -35,6 +35,9 @@ class StepShapes:
     # have their own programs for the token buckets up to spec_rows * (num_spec_tokens + 1)
     spec_rows: int = 0
     num_spec_tokens: int = 0
+    # n-gram speculation under async scheduling: verification steps carry a ChainInput (drafts looked up on the
+    # device for rows whose previous verification is still running; jserve.speculative.chain)
+    spec_chain: bool = False
     bitmask_words: int = 0  # structured outputs: ceil(vocab / 32) words per grammar bitmask row (0: no tokenizer)
     lora: bool = False  # multi-LoRA: every step carries each token's adapter slot (StepInput.lora_slots)
 
@@ -69,6 +72,7 @@ class StepShapes:
         min_tokens: int = 8,
         spec_rows: int = 0,
         num_spec_tokens: int = 0,
+        spec_chain: bool = False,
         bitmask_words: int = 0,
         lora: bool = False,
     ) -> StepShapes:
@@ -81,6 +85,7 @@ class StepShapes:
             banned_len=banned_len,
             spec_rows=min(spec_rows, max_num_seqs),
             num_spec_tokens=num_spec_tokens,
+            spec_chain=spec_chain and spec_rows > 0,
             bitmask_words=bitmask_words,
             lora=lora,
         )

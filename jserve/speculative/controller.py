@@ -2,9 +2,9 @@
 
 Each step, before scheduling, ``plan`` asks the policy (``jserve.speculative.policy``) which of the requests
 that may draft should, and how many drafts each: by their acceptance estimates and the measured step costs.
-When none should, the step is a plain one and keeps async scheduling's lookahead. Requests chosen to draft
-need all their tokens on the host (the draft continues them), so one still carrying a pending token sits this
-step out (``Request.wants_drafts``) and drafts at the next.
+When none should, the step is a plain one and keeps async scheduling's lookahead. A request chosen to draft
+whose step is still on the device either drafts in a row chained to it (n-gram, looked up on the device:
+``jserve.speculative.chain``) or sits this step out (``Request.wants_drafts``) and drafts at the next.
 
 A request that has not drafted for a while is probed (drafts once whatever the policy says), with the interval
 doubling after each probe that did not pay (16 steps, then 32, ... up to 256) and never shorter than what keeps
@@ -38,7 +38,9 @@ class SpeculationController:
         self.config = config
         self.costs = costs
         self.max_model_len = max_model_len
-        self._last_dispatch: tuple[float, bool, int] | None = None  # (time, speculated, tokens) of the last step
+        # the last dispatch: its time, its step's kind (speculated, tokens), and the kind of the step that was
+        # still on the device then (async scheduling), whose end the next dispatch waits for
+        self._last_dispatch: tuple[float, tuple[bool, int], tuple[bool, int] | None] | None = None
 
     def keeps_draft_model(self, requests: list[Request]) -> bool:
         """Draft-model speculation: the draft model's K/V follow every token the target computes (a cost in
@@ -60,13 +62,16 @@ class SpeculationController:
             self.max_model_len - request.num_tokens - 1,
         )
 
-    def plan(self, running: list[Request], may_draft, allowed: bool = True) -> bool:
+    def plan(self, running: list[Request], may_draft, allowed: bool = True, may_chain=None) -> bool:
         """Sets each running request's ``draft_token_ids`` and ``wants_drafts`` for this step; returns whether
         any request drafts (the step speculates). ``may_draft(request)``: the engine's eligibility check, all
-        but the pending-token one; ``allowed``: the step may speculate at all (the batch bound)."""
+        but the pending-token one; ``allowed``: the step may speculate at all (the batch bound);
+        ``may_chain(request)``: a request whose step is on the device may draft in a row chained to it
+        (``chain_drafts``; jserve.speculative.chain) instead of sitting this step out."""
         for request in running:
             request.draft_token_ids = []
             request.wants_drafts = False
+            request.chain_drafts = 0
         if not allowed or len(running) > self.config.max_batch_size:
             return False
         limits = {r.request_id: self.draft_limit(r) for r in running if may_draft(r)}
@@ -89,9 +94,19 @@ class SpeculationController:
                 continue
             request.wants_drafts = True
             if request.num_pending_tokens or request.awaiting_verification:
-                continue  # drafts continue its last token: it sits this step out and drafts at the next
+                # drafts continue its last token: chained to its step on the device, or it drafts at the next
+                if may_chain is not None and may_chain(request):
+                    request.chain_drafts = min(n, self.chain_limit(request))
+                continue
             self._draft(request, n)
         return any(r.wants_drafts for r in running)
+
+    def chain_limit(self, request: Request) -> int:
+        """Draft slots a chained row can hold: k, less near the model's length as if the step on the device
+        accepted all it verifies (the device caps the drafts at what max_tokens leaves after that step's
+        actual tokens, as a synchronous step would)."""
+        in_flight = request.in_flight_drafts + 1 if request.awaiting_verification else 0
+        return max(0, min(self.config.num_tokens, self.max_model_len - request.num_tokens - in_flight - 1))
 
     def _probe_spacing(self) -> float:
         """Steps between probes that keep their cost under PROBE_COST_SHARE of a lone request's time: a probe
@@ -129,14 +144,19 @@ class SpeculationController:
         request.probe_interval = FIRST_PROBE if paid else min(request.probe_interval * 2, MAX_PROBE)
         request.steps_without_drafts = 0
 
-    def observe_dispatch(self, speculated: bool, num_tokens: int) -> None:
-        """Called as each step is dispatched: the time since the previous dispatch is that step's wall time
-        (the engine was busy in between), which corrects the startup costs by the host's share."""
+    def observe_dispatch(self, speculated: bool, num_tokens: int, behind: bool = False) -> None:
+        """Called as each step is dispatched: the time since the previous dispatch (the engine was busy in
+        between) corrects the startup costs by the host's share. It is the previous step's wall time, or, when
+        that one was dispatched ``behind`` a step still on the device (async scheduling), the wall time of that
+        earlier step, whose end the engine waited for."""
         now = time.perf_counter()
+        kind = (speculated, num_tokens)
+        in_flight = None
         if self._last_dispatch is not None:
-            then, was_speculating, tokens = self._last_dispatch
-            self.costs.observe(was_speculating, tokens, now - then)
-        self._last_dispatch = (now, speculated, num_tokens)
+            then, last_kind, last_in_flight = self._last_dispatch
+            self.costs.observe(*(last_in_flight or last_kind), now - then)
+            in_flight = last_kind if behind else None
+        self._last_dispatch = (now, kind, in_flight)
 
     def idle(self) -> None:
         """The engine had nothing to run: the next interval is not a step's."""

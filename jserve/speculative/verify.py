@@ -55,6 +55,7 @@ class SpecInput:
     draft_rows: jax.Array  # [S] i32: drafting-order row of sampled row s's drafts
     history_base: jax.Array  # [S] i32: penalty-history column where row s's drafts go (its token count)
     draft_probs: jax.Array | None = None  # [S, k, V] f32 drafting order: q of device drafts (n-gram: None)
+    chain: object | None = None  # n-gram under async scheduling: the chained rows (jserve.speculative.chain)
 
     def drafts_by_row(self) -> tuple[jax.Array, jax.Array | None]:
         """Drafts [S, k] (and q [S, k, V]) reordered to sampled rows."""
@@ -70,6 +71,7 @@ class SpecOutput:
     logprobs: jax.Array  # [S, J] f32: the target's raw-logit logprob of each emitted token
     top_ids: jax.Array  # [S, J, L] i32
     top_logprobs: jax.Array  # [S, J, L] f32
+    num_drafts: jax.Array  # [S] i32: drafts each row verified (chained rows: those looked up on the device)
 
 
 def expand_rows(
@@ -172,4 +174,5 @@ def verify(
         logprobs=chosen,
         top_ids=top_ids.reshape(s, j, -1),
         top_logprobs=top_lp.reshape(s, j, -1),
+        num_drafts=num_drafts,
     )

@@ -289,10 +289,10 @@ def test_policy_turns_speculation_off_for_large_batches(speculative):
     original, real_draft = engine.speculative, engine._draft
     seen: list[tuple[int, bool]] = []
 
-    def spy() -> None:
-        real_draft()
+    def spy(*args) -> None:
+        real_draft(*args)
         running = engine.scheduler.running
-        seen.append((len(running), any(r.draft_token_ids for r in running)))
+        seen.append((len(running), any(r.draft_token_ids or r.chain_drafts for r in running)))
 
     engine.speculative = dataclasses.replace(original, max_batch_size=2)
     engine._draft = spy
