@@ -451,7 +451,9 @@ class Engine:
         step.chained = any(c.chain_assumed >= 0 for c in sched.chunks)
         if self._speculation is not None:
             speculated = any(c.num_drafts for c in sched.chunks)
-            self._speculation.observe_dispatch(speculated, sched.num_batched_tokens, behind=previous is not None)
+            self._speculation.observe_dispatch(
+                speculated, sched.num_batched_tokens, behind=previous is not None, ahead=lookahead
+            )
         if lookahead:
             self.scheduler.advance(sched)  # the next schedule sees this step's tokens as pending
             step.advanced = True
@@ -635,7 +637,9 @@ class Engine:
                 if plan.num_drafts and plan.num_drafts[i]:
                     verified[rid] = tokens
                     drafted[rid] = int(result.spec_num_drafts[i])  # (a chained row's: looked up on the device)
-                    self._count_verification(rid, plan.num_drafts[i], drafted[rid], len(tokens) - 1)
+                    request = self._sequences.get(rid)
+                    if request is not None and not request.is_finished:  # (else its row is discarded)
+                        self._count_verification(request, plan.num_drafts[i], drafted[rid], len(tokens) - 1)
             for prompt_rows in plan.prompt_rows:
                 group = self._group_of(prompt_rows.request_id)
                 if group is not None:
@@ -658,17 +662,15 @@ class Engine:
             for request in updated
         ]
 
-    def _count_verification(self, request_id: str, slots: int, num_drafts: int, num_accepted: int) -> None:
+    def _count_verification(self, request: Request, slots: int, num_drafts: int, num_accepted: int) -> None:
         """A verified row of ``slots`` draft slots and ``num_drafts`` drafts: the engine's counters and the
         request's acceptance estimate (offered: the slots, so a lookup that found nothing counts as rejected
         drafts, as on the host)."""
         if num_drafts:
             self.num_drafting_rows += 1
             self.num_draft_tokens += num_drafts
-        request = self._sequences.get(request_id)
-        if request is not None:
-            request.drafts_offered = max(request.drafts_offered, slots)
-            self._speculation.record(request, num_accepted)
+        request.drafts_offered = max(request.drafts_offered, slots)
+        self._speculation.record(request, num_accepted)
 
     def _attach_chained(self) -> None:
         """The step just reported: the rows of the step after it that were chained to it become exact now that

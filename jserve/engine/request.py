@@ -13,6 +13,8 @@ import enum
 import time
 from collections.abc import Iterable
 
+import numpy as np
+
 from jserve.sampling_params import SamplingParams
 from jserve.speculative.policy import FIRST_PROBE, Acceptance
 
@@ -133,6 +135,8 @@ class Request:
         self.lora_wait_since: float | None = None
         self.hash_root: bytes = b"" if lora_request is None else lora_request.cache_root
         self._all_token_ids: list[int] = list(self.prompt_token_ids)
+        self._known_array: np.ndarray | None = None  # known_token_array's buffer, valid up to _known_valid
+        self._known_valid = 0
 
     def append_output_token(self, token_id: int) -> None:
         if self.num_pending_tokens:
@@ -167,6 +171,7 @@ class Request:
 
     def truncate_output(self, num_output_tokens: int) -> None:
         """Drops the output tokens past the first ``num_output_tokens`` (a stop string inside a verified run)."""
+        self._known_valid = min(self._known_valid, self.num_prompt_tokens + num_output_tokens)
         if num_output_tokens < len(self.output_token_ids):
             del self.output_token_ids[num_output_tokens:]
             self._all_token_ids = (
@@ -179,6 +184,22 @@ class Request:
             del self._all_token_ids[-self.num_pending_tokens :]
             self.num_pending_tokens = 0
             self.num_computed_tokens = min(self.num_computed_tokens, len(self._all_token_ids))
+
+    def known_token_array(self) -> np.ndarray:
+        """The prompt and output tokens on the host as int32 (a view of a buffer kept with the request and
+        extended by the tokens added since the last call, so a long context is not converted every step)."""
+        n = self.num_prompt_tokens + self.num_output_tokens
+        cached = self._known_array
+        valid = min(self._known_valid, n)
+        if cached is None or cached.shape[0] < n:
+            grown = np.zeros(max(n, 2 * (0 if cached is None else cached.shape[0]), 64), np.int32)
+            if cached is not None:
+                grown[:valid] = cached[:valid]
+            cached = self._known_array = grown
+        if valid < n:
+            cached[valid:n] = self.all_token_ids[valid:n]
+        self._known_valid = n
+        return cached[:n]
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -573,6 +573,10 @@ class ModelRunner:
         self._open_bitmask_spec = jax.device_put(
             bitmask(shapes.spec_rows * (shapes.num_spec_tokens + 1)), self.replicated[0]
         )
+        # n-gram verification steps without a chained row read this instead of sending their [S, W] history
+        self._empty_chain_history = jax.device_put(
+            np.zeros((shapes.spec_rows, shapes.history_len), np.int32), self.replicated[0]
+        )
 
     # ------------------------------------------------------------------ construction steps
 
@@ -1153,6 +1157,16 @@ class ModelRunner:
             sampling = dataclasses.replace(sampling, token_bitmask=mask)
         return dataclasses.replace(inputs, sampling=sampling)
 
+    def _without_chain_history(self, inputs: StepInput) -> StepInput:
+        """An n-gram verification step with no chained row reads the resident zero history (no [S, W] copy)."""
+        spec = inputs.spec
+        if spec is None or spec.chain is None or isinstance(spec.chain.history, jax.Array):
+            return inputs
+        if (np.asarray(spec.chain.src) >= 0).any():
+            return inputs
+        chain = dataclasses.replace(spec.chain, history=self._empty_chain_history)
+        return dataclasses.replace(inputs, spec=dataclasses.replace(spec, chain=chain))
+
     def _draft(self, stage: _Stage, plan: StepPlan, inputs: StepInput) -> StepInput:
         """Device-drafted speculation: runs the drafter's k steps and hands its drafts (and their q) to the
         verification step, all on the device (no host round trip between drafting and verifying)."""
@@ -1189,6 +1203,7 @@ class ModelRunner:
                     continue
                 stage, plan = self.stages[s], plans[m]
                 inputs = self._with_history(plan, s) if stage.last else plan.inputs
+                inputs = self._without_chain_history(inputs)
                 if plan.proposal is not None and self.spec is not None and self.spec.samples_drafts:
                     inputs = self._draft(stage, plan, inputs)
                 if self._multiprocess:

@@ -80,7 +80,7 @@ def build_chain(
                 request.sampling_params.max_tokens - request.num_output_tokens - 1,
                 shapes.history_len - known - 1,  # (history_len: max_model_len)
             )
-            history[row, :known] = request.all_token_ids[:known]
+            history[row, :known] = request.known_token_array()
             history_len[row] = known
             token_seq[cursor : cursor + n] = c
             seq_row[c] = row

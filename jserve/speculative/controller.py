@@ -38,9 +38,9 @@ class SpeculationController:
         self.config = config
         self.costs = costs
         self.max_model_len = max_model_len
-        # the last dispatch: its time, its step's kind (speculated, tokens), and the kind of the step that was
-        # still on the device then (async scheduling), whose end the next dispatch waits for
-        self._last_dispatch: tuple[float, tuple[bool, int], tuple[bool, int] | None] | None = None
+        # the last dispatch: its time, the kind (speculated, tokens) of the step whose end the next dispatch
+        # waits for (None: none, see observe_dispatch), and its own step's kind
+        self._last_dispatch: tuple[float, tuple[bool, int] | None, tuple[bool, int]] | None = None
 
     def keeps_draft_model(self, requests: list[Request]) -> bool:
         """Draft-model speculation: the draft model's K/V follow every token the target computes (a cost in
@@ -144,19 +144,22 @@ class SpeculationController:
         request.probe_interval = FIRST_PROBE if paid else min(request.probe_interval * 2, MAX_PROBE)
         request.steps_without_drafts = 0
 
-    def observe_dispatch(self, speculated: bool, num_tokens: int, behind: bool = False) -> None:
+    def observe_dispatch(self, speculated: bool, num_tokens: int, behind: bool = False, ahead: bool = False) -> None:
         """Called as each step is dispatched: the time since the previous dispatch (the engine was busy in
-        between) corrects the startup costs by the host's share. It is the previous step's wall time, or, when
-        that one was dispatched ``behind`` a step still on the device (async scheduling), the wall time of that
-        earlier step, whose end the engine waited for."""
+        between) corrects the startup costs by the host's share. That time is the wall time of the step the
+        engine waited for before this dispatch: the previous step when it ran synchronously, or, when the
+        previous step was dispatched ``behind`` a step still on the device (async scheduling), that earlier
+        step. A step dispatched ``ahead`` (async) with nothing on the device before it was not waited for: the
+        time after it is host work alone, and is not counted."""
         now = time.perf_counter()
         kind = (speculated, num_tokens)
-        in_flight = None
         if self._last_dispatch is not None:
-            then, last_kind, last_in_flight = self._last_dispatch
-            self.costs.observe(*(last_in_flight or last_kind), now - then)
-            in_flight = last_kind if behind else None
-        self._last_dispatch = (now, kind, in_flight)
+            then, measured, _ = self._last_dispatch
+            if measured is not None:
+                self.costs.observe(*measured, now - then)
+        last_kind = self._last_dispatch[2] if self._last_dispatch is not None else None
+        measured = (last_kind if behind else None) if ahead else kind
+        self._last_dispatch = (now, measured, kind)
 
     def idle(self) -> None:
         """The engine had nothing to run: the next interval is not a step's."""
