@@ -53,9 +53,6 @@ class AttentionBackend:
     """One attention path. Subclasses set ``name`` and implement ``attend``; ``plan`` defaults to the layout."""
 
     name = "base"
-    # a short step's metadata (``plan_short``) is the layout itself, so the device may edit it: chained
-    # verification moves a row's positions there (jserve.speculative.chain); kernels planned on the host cannot
-    shifts_on_device = True
 
     def __init__(self, shapes: StepShapes, *, mesh: Mesh | None = None):
         """``shapes``: the engine's step shapes (rows, block-table width, page size) that plans are padded to."""
@@ -85,8 +82,8 @@ class AttentionBackend:
         return metadata
 
     def with_layout(self, metadata, layout: AttentionLayout):
-        """``metadata`` with its layout replaced (only for ``plan_short`` metadata of a ``shifts_on_device``
-        backend)."""
+        """``metadata`` with its layout replaced: chained verification moves a row's positions in a short step's
+        metadata on the device (jserve.speculative.chain), which every backend's ``plan_short`` keeps a layout."""
         return layout
 
     def for_layer(self, metadata, page_offset: jax.Array | int):

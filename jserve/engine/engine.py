@@ -527,7 +527,7 @@ class Engine:
         self.scheduler.speculating = len(running) <= spec.max_batch_size and self._speculation.keeps_draft_model(
             [*running, *self.scheduler.waiting]
         )
-        chain = lookahead and self.runner.shapes.spec_chain and self.runner.backend.shifts_on_device
+        chain = lookahead and self.runner.shapes.spec_chain
         self._speculation.plan(
             running, self._may_draft, allowed=self.scheduler.speculating, may_chain=self._may_chain if chain else None
         )

@@ -11,8 +11,9 @@ made exact before anything reads it:
 - its drafts are looked up there (``ngram_device``) over the history the host knew plus N's emitted tokens.
 
 The host learns what happened when N reports (``Scheduler.attach_chained``). The attention metadata must be the
-backend-neutral layout for this (``AttentionBackend.shifts_on_device``); steps that need a host-side plan of
-their contexts (long prefill chunks, Pallas kernels) do not chain, and the request waits a step as before.
+backend-neutral layout for this, as every backend's ``plan_short`` gives (``AttentionBackend.with_layout``); a
+step with a chunk longer than k + 1 tokens (a prefill, whose metadata the work-items path plans on the host)
+does not chain, and the request waits a step as before.
 """
 
 from __future__ import annotations
