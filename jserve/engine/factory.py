@@ -381,7 +381,8 @@ def _step_shapes(
         min_tokens=args.min_token_bucket or default_min_token_bucket(platform),
         spec_rows=spec.max_batch_size if spec is not None else 0,
         num_spec_tokens=spec.num_tokens if spec is not None else 0,
-        spec_chain=spec is not None and not spec.samples_drafts,
+        spec_chain=spec is not None,
+        spec_lookup=spec is not None and not spec.samples_drafts,
         bitmask_words=bitmask_words(cfg.vocab_size) if grammar is not None else 0,
     )
 

@@ -53,7 +53,7 @@ from jserve.models.layer_stack import StackedLayers, plan_stack, stack_states
 from jserve.models.llama import KVCache, kv_cache_shape
 from jserve.parallel import sharding as shard_rules
 from jserve.quant.kv import is_quantized_kv, kv_bytes_per_token
-from jserve.speculative.chain import apply_chain
+from jserve.speculative.chain import apply_chain, chain_proposal, for_drafter
 from jserve.speculative.config import EARLY_EXIT, SpeculativeConfig
 from jserve.speculative.policy import StepCosts
 from jserve.speculative.propose import draft_tokens, drafting_tensors
@@ -573,9 +573,10 @@ class ModelRunner:
         self._open_bitmask_spec = jax.device_put(
             bitmask(shapes.spec_rows * (shapes.num_spec_tokens + 1)), self.replicated[0]
         )
-        # n-gram verification steps without a chained row read this instead of sending their [S, W] history
+        # verification steps without a chained row (or with device drafts) read this instead of sending their
+        # [S, W] history
         self._empty_chain_history = jax.device_put(
-            np.zeros((shapes.spec_rows, shapes.history_len), np.int32), self.replicated[0]
+            np.zeros((shapes.spec_rows, shapes.chain_history_len), np.int32), self.replicated[0]
         )
 
     # ------------------------------------------------------------------ construction steps
@@ -694,15 +695,12 @@ class ModelRunner:
         )
 
     def _chain_rule(self):
-        """n-gram speculation: how a verification step makes its chained rows exact on the device, or None."""
+        """How a verification step makes its chained rows exact on the device (n-gram: drafts looked up there
+        too), or None."""
         if not self.shapes.spec_chain:
             return None
-        return functools.partial(
-            apply_chain,
-            page_size=self.shapes.page_size,
-            min_n=self.spec.prompt_lookup_min,
-            max_n=self.spec.prompt_lookup_max,
-        )
+        lookup = (self.spec.prompt_lookup_min, self.spec.prompt_lookup_max) if self.shapes.spec_lookup else None
+        return functools.partial(apply_chain, page_size=self.shapes.page_size, lookup=lookup)
 
     def _mirror(self):
         """The draft model the target's steps also run their tokens through (its K/V stay complete), or None."""
@@ -722,16 +720,12 @@ class ModelRunner:
         else:
             drafter = (draft_graphdef, self._draft_treedef, range(self.draft_config.num_layers), None)
             shardings = (self._draft_kv_sharding, None)
+        chain_rule = None
+        if self.shapes.spec_chain:
+            chain_rule = functools.partial(chain_proposal, page_size=self.shapes.page_size)
         self.propose_fn = jax.jit(
-            functools.partial(self._propose, drafter, backend, *shardings),
-            in_shardings=(
-                None,
-                None,
-                None,
-                None,
-                shard_rules.replicated(stage.mesh),
-                shard_rules.replicated(stage.mesh),
-            ),
+            functools.partial(self._propose, drafter, backend, *shardings, chain_rule),
+            in_shardings=(None, None, None, None, *[shard_rules.replicated(stage.mesh)] * 4),
             donate_argnums=(1, 3),
         )
 
@@ -741,16 +735,22 @@ class ModelRunner:
         backend,
         kv_sharding,
         kv_scale_sharding,
+        chain_rule,
         param_leaves,
         kv_cache,
         draft_leaves,
         draft_kv,
         proposal,
         sampling,
+        chain,
+        prev_tokens,
     ):
-        """k draft steps: early exit over the target's first layers and pages, or the draft model over its own."""
+        """k draft steps: early exit over the target's first layers and pages, or the draft model over its own.
+        ``chain``: the verification's chained rows (None when the engine does not chain), moved back first."""
         graphdef, treedef, layers, kv_layers = drafter  # kv_layers: early exit's (the target's pages), else None
         early_exit = kv_layers is not None
+        if chain is not None:
+            proposal, sampling = chain_rule(proposal, chain, prev_tokens, sampling, backend)
         # (early exit drafts with the base model's first layers: a request's adapter applies when verifying)
         state, stacked, _ = jax.tree.unflatten(treedef, param_leaves if early_exit else draft_leaves)
         model = nnx.merge(graphdef, state)
@@ -874,7 +874,10 @@ class ModelRunner:
         if self.spec.samples_drafts:
             plan = self._planned(padding_step(self.shapes, self.shapes.spec_token_buckets[0], verification=True))
             kv, drafts = stage.kv_cache, self.draft_kv
-            args = _abstract((stage.param_leaves, kv, self.draft_leaves, drafts, plan.proposal, plan.inputs.sampling))
+            inputs = plan.inputs
+            chain = for_drafter(inputs.spec.chain)
+            args = (stage.param_leaves, kv, self.draft_leaves, drafts, plan.proposal, inputs.sampling, chain)
+            args = _abstract((*args, inputs.prev_tokens))
             tasks.append((self.propose_fn, self.propose_programs, 0, args))
         return tasks
 
@@ -1158,19 +1161,30 @@ class ModelRunner:
         return dataclasses.replace(inputs, sampling=sampling)
 
     def _without_chain_history(self, inputs: StepInput) -> StepInput:
-        """An n-gram verification step with no chained row reads the resident zero history (no [S, W] copy)."""
+        """A verification step that looks no history up (no chained row, or device drafts) reads the resident
+        zero history (no [S, W] copy)."""
         spec = inputs.spec
         if spec is None or spec.chain is None or isinstance(spec.chain.history, jax.Array):
             return inputs
-        if (np.asarray(spec.chain.src) >= 0).any():
+        if self.shapes.spec_lookup and (np.asarray(spec.chain.src) >= 0).any():
             return inputs
         chain = dataclasses.replace(spec.chain, history=self._empty_chain_history)
         return dataclasses.replace(inputs, spec=dataclasses.replace(spec, chain=chain))
 
     def _draft(self, stage: _Stage, plan: StepPlan, inputs: StepInput) -> StepInput:
         """Device-drafted speculation: runs the drafter's k steps and hands its drafts (and their q) to the
-        verification step, all on the device (no host round trip between drafting and verifying)."""
-        args = (stage.param_leaves, stage.kv_cache, self.draft_leaves, self.draft_kv, plan.proposal, inputs.sampling)
+        verification step, all on the device (no host round trip between drafting and verifying). Chained rows
+        are moved back first, as the verification moves them (``chain_proposal``)."""
+        args = (
+            stage.param_leaves,
+            stage.kv_cache,
+            self.draft_leaves,
+            self.draft_kv,
+            plan.proposal,
+            inputs.sampling,
+            for_drafter(inputs.spec.chain),
+            inputs.prev_tokens,
+        )
         stage.kv_cache, self.draft_kv, (drafts, q) = self.program_for(
             self.propose_programs, 0, self.propose_fn, args, "drafting program"
         )(*args)

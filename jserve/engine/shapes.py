@@ -35,9 +35,11 @@ class StepShapes:
     # have their own programs for the token buckets up to spec_rows * (num_spec_tokens + 1)
     spec_rows: int = 0
     num_spec_tokens: int = 0
-    # n-gram speculation under async scheduling: verification steps carry a ChainInput (drafts looked up on the
-    # device for rows whose previous verification is still running; jserve.speculative.chain)
+    # speculation under async scheduling: verification steps carry a ChainInput (rows chained to a previous
+    # verification still running; jserve.speculative.chain); spec_lookup: n-gram, whose chained rows' drafts
+    # are looked up on the device over the request's history
     spec_chain: bool = False
+    spec_lookup: bool = False
     bitmask_words: int = 0  # structured outputs: ceil(vocab / 32) words per grammar bitmask row (0: no tokenizer)
     lora: bool = False  # multi-LoRA: every step carries each token's adapter slot (StepInput.lora_slots)
 
@@ -51,6 +53,11 @@ class StepShapes:
     def sample_row_counts(self) -> tuple[int, ...]:
         """The distinct ``sample_rows`` of the plain buckets (the runner keeps a resident padding per count)."""
         return tuple(sorted({self.sample_rows(b) for b in self.token_buckets}))
+
+    @property
+    def chain_history_len(self) -> int:
+        """Width of a chained row's history: the request's tokens for n-gram lookups, else a placeholder."""
+        return self.history_len if self.spec_lookup else 1
 
     @property
     def spec_token_buckets(self) -> tuple[int, ...]:
@@ -73,6 +80,7 @@ class StepShapes:
         spec_rows: int = 0,
         num_spec_tokens: int = 0,
         spec_chain: bool = False,
+        spec_lookup: bool = False,
         bitmask_words: int = 0,
         lora: bool = False,
     ) -> StepShapes:
@@ -86,6 +94,7 @@ class StepShapes:
             spec_rows=min(spec_rows, max_num_seqs),
             num_spec_tokens=num_spec_tokens,
             spec_chain=spec_chain and spec_rows > 0,
+            spec_lookup=spec_chain and spec_lookup and spec_rows > 0,
             bitmask_words=bitmask_words,
             lora=lora,
         )

@@ -1,10 +1,11 @@
-"""Chained verification (n-gram under async scheduling, jserve/speculative/chain.py).
+"""Chained verification (speculation under async scheduling, jserve/speculative/chain.py).
 
 A request's next verification is dispatched while its current one is still on the device; the device moves
-the row back by the drafts the current one rejected and looks its drafts up itself. The same engine stepping
-synchronously (every verification laid out exactly on the host, drafts looked up on the host) is the
-reference: the tokens, logprobs and acceptance must be the same, with and without seeds, at any max_tokens,
-with stop tokens, whatever else shares the steps.
+the row back by the drafts the current one rejected, and looks its drafts up itself (n-gram) or runs the
+drafter's k steps at the moved-back positions (early exit, draft model). The same engine stepping
+synchronously (every verification laid out exactly on the host) is the reference: the tokens, logprobs and
+acceptance must be the same, with and without seeds, at any max_tokens, with stop tokens, whatever else shares
+the steps.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from jserve import SamplingParams
 from jserve.speculative.ngram import propose_ngram
 from jserve.speculative.ngram_device import append_emitted, propose_on_device
 from tests.engine.workloads import assert_no_leak
-from tests.speculative.test_speculative import _prompts, _speculative_engine
+from tests.speculative.test_speculative import METHODS, _prompts, _speculative_engine
 
 
 @settings(max_examples=60, deadline=None)
@@ -60,9 +61,9 @@ def test_appending_emitted_tokens():
     assert np.asarray(lengths).tolist() == [4, 6]  # (writes past the width are dropped)
 
 
-@pytest.fixture(scope="module")
-def ngram():
-    _, llm, _ = _speculative_engine("ngram")
+@pytest.fixture(scope="module", params=list(METHODS))
+def speculating(request):
+    _, llm, _ = _speculative_engine(request.param)
     return llm
 
 
@@ -116,7 +117,7 @@ def _assert_same(got, expected) -> None:
             assert lx.keys() == ly.keys() and max(abs(lx[t] - ly[t]) for t in lx) < 1e-5
 
 
-def test_chained_verification_gives_the_synchronous_engines_outputs(ngram):
+def test_chained_verification_gives_the_synchronous_engines_outputs(speculating):
     """One request at a time: the same tokens, logprobs, drafts and accepted drafts as the engine stepping
     synchronously (greedy and seeded sampling, max_tokens inside a verified run, stop tokens), most
     verifications chained, nothing lowered, nothing leaked."""
@@ -124,29 +125,29 @@ def test_chained_verification_gives_the_synchronous_engines_outputs(ngram):
     params = [_params(i) for i in range(8)]
     chained_steps = 0
     for prompt, p in zip(prompts, params, strict=True):
-        got, chained, counters = _run(ngram, [prompt], [p], chained=True)
-        expected, none, expected_counters = _run(ngram, [prompt], [p], chained=False)
+        got, chained, counters = _run(speculating, [prompt], [p], chained=True)
+        expected, none, expected_counters = _run(speculating, [prompt], [p], chained=False)
         _assert_same(got, expected)
         assert counters == expected_counters
         chained_steps += chained
         assert none == 0
     assert chained_steps > 16
-    assert ngram.stats()["programs_lowered_while_serving"] == 0
-    assert_no_leak(ngram)
-    ngram.engine.kv_cache.check_invariants()
+    assert speculating.stats()["programs_lowered_while_serving"] == 0
+    assert_no_leak(speculating)
+    speculating.engine.kv_cache.check_invariants()
 
 
-def test_chained_rows_share_steps_with_other_requests(ngram):
+def test_chained_rows_share_steps_with_other_requests(speculating):
     """Eight requests at once (prefill chunks, penalised requests that verify synchronously, stop tokens): the
     greedy ones give the synchronous engine's tokens and logprobs. (Seeded ones may draft at other steps here,
     as a step with a long prefill chunk leaves chained rows out, so their text may differ: documented.)"""
     prompts = _prompts(8)
     params = [_params(i) for i in range(8)]
-    got, chained, _ = _run(ngram, prompts, params, chained=True)
-    expected, _, _ = _run(ngram, prompts, params, chained=False)
+    got, chained, _ = _run(speculating, prompts, params, chained=True)
+    expected, _, _ = _run(speculating, prompts, params, chained=False)
     greedy = [i for i, p in enumerate(params) if p.temperature == 0]
     _assert_same([got[i] for i in greedy], [expected[i] for i in greedy])
     assert chained > 4
-    assert ngram.stats()["programs_lowered_while_serving"] == 0
-    assert_no_leak(ngram)
-    ngram.engine.kv_cache.check_invariants()
+    assert speculating.stats()["programs_lowered_while_serving"] == 0
+    assert_no_leak(speculating)
+    speculating.engine.kv_cache.check_invariants()
