@@ -317,7 +317,12 @@ def build_step(
     num_tokens = sum(len(c.token_ids) for c in chunks)
     verifying = any(c.num_drafts for c in chunks)
     defer = defer_grammar and not verifying and _awaits_pending_grammar(chunks, requests)
-    t_pad = round_up(num_tokens, shapes.spec_token_buckets if verifying else shapes.token_buckets)
+    if verifying:
+        t_pad = shapes.verify_bucket(num_tokens, sum(1 for c in chunks if c.sample))
+        if t_pad is None:
+            raise ValueError(f"a verification step of {num_tokens} tokens fits no verification program")
+    else:
+        t_pad = round_up(num_tokens, shapes.token_buckets)
     tokens, token_src, positions, layout = build_layout(chunks, shapes, t_pad, previous_rows)
     sampling, logits_indices, sampled_ids, history_src, history_col = build_sampling(
         chunks,

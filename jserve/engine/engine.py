@@ -449,11 +449,6 @@ class Engine:
         step = _Step(sched, plans, self.runner.dispatch(plans, previous.pending if previous else None))
         step.sampling_deferred = any(plan.defers_sampling for plan in plans)
         step.chained = any(c.chain_assumed >= 0 for c in sched.chunks)
-        if self._speculation is not None:
-            speculated = any(c.num_drafts for c in sched.chunks)
-            self._speculation.observe_dispatch(
-                speculated, sched.num_batched_tokens, behind=previous is not None, ahead=lookahead
-            )
         if lookahead:
             self.scheduler.advance(sched)  # the next schedule sees this step's tokens as pending
             step.advanced = True
@@ -522,7 +517,7 @@ class Engine:
             return
         running = self.scheduler.running
         if not running:
-            self._speculation.idle()  # the time since the last dispatch was no step's (the engine had no work)
+            self._speculation.idle()  # the time until the next step finishes was not all that step's
         # (the draft model runs every step's tokens too while this holds; a waiting request needs its prompt)
         self.scheduler.speculating = len(running) <= spec.max_batch_size and self._speculation.keeps_draft_model(
             [*running, *self.scheduler.waiting]
@@ -549,9 +544,8 @@ class Engine:
         """A step with drafts fits the verification programs (rows and tokens); else it decodes plainly."""
         if not any(c.num_drafts for c in sched.chunks):
             return True
-        shapes = self.runner.shapes
         rows = sum(1 for c in sched.chunks if c.sample)
-        return rows <= shapes.spec_rows and sched.num_batched_tokens <= shapes.spec_token_buckets[-1]
+        return self.runner.ready_shapes.verify_bucket(sched.num_batched_tokens, rows) is not None
 
     @_charging_lowerings
     def finish_step(self, step: _Step) -> list[RequestOutput]:
@@ -573,6 +567,10 @@ class Engine:
         except Exception as exc:  # noqa: BLE001 - the device part failed: so does the step queued behind it
             self._recover([c.request_id for c in done.sched.chunks], exc)
             return self._emit(_Step(_NOTHING), [])
+        if self._speculation is not None and done.plans:  # what the step cost: the policy's wall-time correction
+            # (a verification step's bucket also fits its rows)
+            bucket = max(plan.bucket for plan in done.plans)
+            self._speculation.observe_finished(any(p.is_verification for p in done.plans), bucket)
         outputs = self._emit(done, updated)
         try:
             self._sample(self._in_flight)  # its grammars have now seen every token before it

@@ -44,7 +44,7 @@ from jserve.attention import AttentionBackend
 from jserve.config import ModelConfig
 from jserve.engine.batch import StepInput, StepPlan, padding_step
 from jserve.engine.sampler import SamplerOutput, SamplingTensors, sample, top_logprobs
-from jserve.engine.shapes import StepShapes
+from jserve.engine.shapes import StepShapes, verification_rows
 from jserve.executable_cache import ExecutableCache, compile_lowered
 from jserve.kv_offload.page_mover import PageMover
 from jserve.lora.device import one_slot_shapes, slot_shardings, write_slot, zero_slots
@@ -334,10 +334,16 @@ def _verified_rows(model, hidden, inputs: StepInput, sampling: SamplingTensors, 
     """A verification step's head: every verified position's logits, the drafts' acceptance, and each row's
     last emitted token as the step's sampled ids (what a next step's pending tokens read)."""
     spec = inputs.spec
+    s, j = spec.verify_indices.shape
+    r = verification_rows(inputs.tokens.shape[0], s, j)  # the host put no more sampled rows in this bucket
     drafts, probs = spec.drafts_by_row()
-    rows = expand_rows(sampling, drafts, spec.num_drafts, spec.history_base)
-    logits = model.logits(hidden[spec.verify_indices.reshape(-1)])
-    verified = verify(logits, rows, drafts, spec.num_drafts, probs, max_logprobs)
+    drafts, probs, num_drafts = drafts[:r], None if probs is None else probs[:r], spec.num_drafts[:r]
+    mask = sampling.token_bitmask[: r * j]  # (one row per verified position)
+    sampling = jax.tree.map(lambda a: a[:r], dataclasses.replace(sampling, token_bitmask=mask[:0]))
+    sampling = dataclasses.replace(sampling, token_bitmask=mask)
+    rows = expand_rows(sampling, drafts, num_drafts, spec.history_base[:r])
+    logits = model.logits(hidden[spec.verify_indices[:r].reshape(-1)])
+    verified = _padded_rows(verify(logits, rows, drafts, num_drafts, probs, max_logprobs), s)
     b, k = inputs.logits_indices.shape[0], max_logprobs
     sampled = SamplerOutput(
         token_ids=_last_emitted(verified, b),
@@ -346,6 +352,18 @@ def _verified_rows(model, hidden, inputs: StepInput, sampling: SamplingTensors, 
         top_logprobs=jnp.zeros((b, k), jnp.float32),
     )
     return sampled, verified
+
+
+def _padded_rows(verified: SpecOutput, rows: int) -> SpecOutput:
+    """A verification's outputs padded to ``rows`` sampled rows (what the host and the next step read); padding
+    rows emit one token of id 0."""
+
+    def pad(a: jax.Array, value=0) -> jax.Array:
+        return jnp.pad(a, [(0, rows - a.shape[0])] + [(0, 0)] * (a.ndim - 1), constant_values=value)
+
+    return dataclasses.replace(
+        jax.tree.map(pad, verified), num_emitted=pad(verified.num_emitted, 1), num_drafts=pad(verified.num_drafts)
+    )
 
 
 def _constrain_pages(kv: KVCache, page_sharding, scale_sharding) -> KVCache:
@@ -1028,6 +1046,7 @@ class ModelRunner:
         self.step_costs.verify = {
             b: timed(padding_step(self.shapes, b, verification=True)) for b in self.shapes.spec_token_buckets
         }
+        self.step_costs.verify_rows = {b: self.shapes.verify_rows(b) for b in self.shapes.spec_token_buckets}
         return self.step_costs
 
     # ------------------------------------------------------------------ the step

@@ -54,6 +54,15 @@ class StepShapes:
         """The distinct ``sample_rows`` of the plain buckets (the runner keeps a resident padding per count)."""
         return tuple(sorted({self.sample_rows(b) for b in self.token_buckets}))
 
+    def verify_rows(self, num_tokens_padded: int) -> int:
+        """Sampled rows the verification program of this token bucket verifies (``verification_rows``)."""
+        return verification_rows(num_tokens_padded, self.spec_rows, self.num_spec_tokens + 1)
+
+    def verify_bucket(self, num_tokens: int, num_rows: int) -> int | None:
+        """The smallest verification bucket holding ``num_tokens`` tokens and ``num_rows`` sampled rows, or None
+        (the step decodes plainly)."""
+        return next((b for b in self.spec_token_buckets if b >= num_tokens and self.verify_rows(b) >= num_rows), None)
+
     @property
     def chain_history_len(self) -> int:
         """Width of a chained row's history: the request's tokens for n-gram lookups, else a placeholder."""
@@ -98,3 +107,11 @@ class StepShapes:
             bitmask_words=bitmask_words,
             lora=lora,
         )
+
+
+def verification_rows(num_tokens_padded: int, spec_rows: int, positions: int) -> int:
+    """Rows a verification program of ``num_tokens_padded`` tokens samples, ``positions`` (k + 1) each: about one
+    row per k + 1 tokens, so the LM head and the sampler cost what the bucket holds (one lone request verifying
+    k drafts fills the smallest bucket and samples one row, not ``spec_rows``). A step with more rows takes a
+    larger bucket (``StepShapes.verify_bucket``)."""
+    return min(spec_rows, max(1, -(-num_tokens_padded // positions)))

@@ -38,9 +38,7 @@ class SpeculationController:
         self.config = config
         self.costs = costs
         self.max_model_len = max_model_len
-        # the last dispatch: its time, the kind (speculated, tokens) of the step whose end the next dispatch
-        # waits for (None: none, see observe_dispatch), and its own step's kind
-        self._last_dispatch: tuple[float, tuple[bool, int] | None, tuple[bool, int]] | None = None
+        self._last_finish: float | None = None  # when the last step's results reached the host (None: idle since)
 
     def keeps_draft_model(self, requests: list[Request]) -> bool:
         """Draft-model speculation: the draft model's K/V follow every token the target computes (a cost in
@@ -144,23 +142,17 @@ class SpeculationController:
         request.probe_interval = FIRST_PROBE if paid else min(request.probe_interval * 2, MAX_PROBE)
         request.steps_without_drafts = 0
 
-    def observe_dispatch(self, speculated: bool, num_tokens: int, behind: bool = False, ahead: bool = False) -> None:
-        """Called as each step is dispatched: the time since the previous dispatch (the engine was busy in
-        between) corrects the startup costs by the host's share. That time is the wall time of the step the
-        engine waited for before this dispatch: the previous step when it ran synchronously, or, when the
-        previous step was dispatched ``behind`` a step still on the device (async scheduling), that earlier
-        step. A step dispatched ``ahead`` (async) with nothing on the device before it was not waited for: the
-        time after it is host work alone, and is not counted."""
+    def observe_finished(self, speculated: bool, bucket: int) -> None:
+        """Called as each step's results reach the host: the time since the previous step's did is what this
+        step cost, the host work on the critical path included. That holds with async scheduling as without:
+        in a busy engine one step completes per such interval, and an interval in which the engine also waited
+        for something else (a request sitting a step out, a synchronous verification) was caused by this step.
+        The first step after the engine idled is not counted (the interval was no step's)."""
         now = time.perf_counter()
-        kind = (speculated, num_tokens)
-        if self._last_dispatch is not None:
-            then, measured, _ = self._last_dispatch
-            if measured is not None:
-                self.costs.observe(*measured, now - then)
-        last_kind = self._last_dispatch[2] if self._last_dispatch is not None else None
-        measured = (last_kind if behind else None) if ahead else kind
-        self._last_dispatch = (now, measured, kind)
+        if self._last_finish is not None:
+            self.costs.observe(speculated, bucket, now - self._last_finish)
+        self._last_finish = now
 
     def idle(self) -> None:
         """The engine had nothing to run: the next interval is not a step's."""
-        self._last_dispatch = None
+        self._last_finish = None

@@ -70,6 +70,7 @@ class StepCosts:
 
     plain: dict[int, float]  # token bucket -> seconds
     verify: dict[int, float]  # verification token bucket -> seconds (the device drafter's k steps included)
+    verify_rows: dict[int, int] = field(default_factory=dict)  # verification token bucket -> rows it samples
     plain_overhead: float = 1.0
     spec_overhead: float = 1.0
     _observed: set[bool] = field(default_factory=set)  # kinds (speculated or not) with a real step seen
@@ -78,19 +79,23 @@ class StepCosts:
     def measured(self) -> bool:
         return bool(self.plain and self.verify)
 
-    def program(self, speculated: bool, num_tokens: int) -> float:
-        """The startup time of the program a step of this kind and size runs."""
-        return _bucket_cost(self.verify if speculated else self.plain, num_tokens)
+    def program(self, speculated: bool, num_tokens: int, num_rows: int = 1) -> float:
+        """The startup time of the program a step of this kind, size and (verification) rows runs."""
+        if not speculated:
+            return _bucket_cost(self.plain, num_tokens)
+        fitting = {b: t for b, t in self.verify.items() if self.verify_rows.get(b, num_rows) >= num_rows}
+        return _bucket_cost(fitting or self.verify, num_tokens)
 
     def plain_step(self, num_tokens: int) -> float:
         return self.program(False, num_tokens) * self.plain_overhead
 
-    def spec_step(self, num_tokens: int) -> float:
-        return self.program(True, num_tokens) * self.spec_overhead
+    def spec_step(self, num_tokens: int, num_rows: int = 1) -> float:
+        return self.program(True, num_tokens, num_rows) * self.spec_overhead
 
     def observe(self, speculated: bool, num_tokens: int, wall_seconds: float) -> None:
         """A finished step's wall time (dispatch of this step to dispatch of the next): updates that kind's
-        overhead ratio (the first observation replaces the startup value of 1)."""
+        overhead ratio (the first observation replaces the startup value of 1). ``num_tokens``: the step's
+        token bucket."""
         base = self.program(speculated, num_tokens)
         if base <= 0 or wall_seconds <= 0 or wall_seconds > MAX_OVERHEAD * base:
             return  # (a pause of the caller, not a step)
@@ -136,7 +141,7 @@ def choose_drafts(candidates: list[Candidate], num_plain_rows: int, costs: StepC
             if n <= 0:
                 continue
             gain = tokens_out - 1 + expected_tokens(c.rate, n)
-            rate = gain / costs.spec_step(tokens_in + n)
+            rate = gain / costs.spec_step(tokens_in + n, rows)
             if rate <= current:
                 break  # later candidates have lower rates: they would not pay either
             chosen[c.request_id] = n

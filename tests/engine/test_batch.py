@@ -140,3 +140,24 @@ def test_build_step_and_padding_step():
     assert shapes(padding_step(SHAPES, 8)) == shapes(plan)  # only the bucket picks the shape
     backend = XlaPageLoopBackend(SHAPES)
     assert backend.plan(plan.inputs.attention) is plan.inputs.attention  # the page loop reads the layout as is
+
+
+def test_verification_buckets_sample_about_one_row_per_k_plus_one_tokens():
+    """A lone request verifying k drafts runs the smallest bucket and samples one row (not ``spec_rows``); a
+    step with more rows than its tokens' bucket samples takes the bucket that samples them all."""
+    shapes = StepShapes.from_limits(
+        max_num_batched_tokens=64,
+        max_num_seqs=8,
+        max_model_len=128,
+        page_size=16,
+        banned_len=2,
+        spec_rows=4,
+        num_spec_tokens=7,
+    )
+    assert shapes.spec_token_buckets == (8, 16, 32)
+    assert [shapes.verify_rows(b) for b in shapes.spec_token_buckets] == [1, 2, 4]
+    assert shapes.verify_bucket(8, 1) == 8
+    assert shapes.verify_bucket(6, 3) == 32  # three rows of two tokens: bucket 8 samples only one
+    assert shapes.verify_bucket(9, 2) == 16
+    assert shapes.verify_bucket(20, 5) is None  # more rows than any verification program holds
+    assert shapes.verify_bucket(33, 1) is None

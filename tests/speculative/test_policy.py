@@ -151,3 +151,12 @@ def test_processes_in_lockstep_do_not_adapt(monkeypatch):
     assert factory._speculative_config(args, cfg).adaptive
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     assert not factory._speculative_config(args, cfg).adaptive
+
+
+def test_a_step_with_more_rows_costs_the_bucket_that_samples_them():
+    """Verification programs sample about one row per k + 1 tokens (``verification_rows``): a step whose rows
+    outnumber what its token count's bucket samples is costed at the larger bucket it will run in."""
+    c = StepCosts(plain={1: 1e-3}, verify={8: 2e-3, 16: 3e-3, 32: 5e-3}, verify_rows={8: 1, 16: 2, 32: 4})
+    assert c.spec_step(8) == pytest.approx(2e-3)
+    assert c.spec_step(8, num_rows=2) == pytest.approx(3e-3)
+    assert c.spec_step(5, num_rows=3) == pytest.approx(5e-3)
