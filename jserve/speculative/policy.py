@@ -15,13 +15,15 @@ the prior, so it is tried again after a while (``RETRY_DECAY``).
 from __future__ import annotations
 
 import bisect
+import statistics
+from collections import deque
 from dataclasses import dataclass, field
 
 PRIOR_ACCEPTED = 0.5  # the prior: half a draft accepted of one tried (a = 0.5 before any evidence)
 PRIOR_TRIALS = 1.0
 DECAY = 0.75  # per draft tried: evidence from a few verifications back hardly counts (text changes)
 RETRY_DECAY = 0.93  # per step without drafts: after ~20 such steps the evidence weighs a quarter of what it did
-OVERHEAD_EMA = 0.1  # weight of each step's wall time in the host-overhead estimates
+OVERHEAD_WINDOW = 32  # steps of each kind whose median wall-time ratio is the kind's host overhead
 MAX_OVERHEAD = 20.0  # a step's wall time above this many times its program's is a pause, not a step
 FIRST_PROBE = 16  # steps without drafts before a request is probed (jserve.speculative.controller)
 MAX_PROBE = 256
@@ -71,9 +73,22 @@ class StepCosts:
     plain: dict[int, float]  # token bucket -> seconds
     verify: dict[int, float]  # verification token bucket -> seconds (the device drafter's k steps included)
     verify_rows: dict[int, int] = field(default_factory=dict)  # verification token bucket -> rows it samples
-    plain_overhead: float = 1.0
-    spec_overhead: float = 1.0
-    _observed: set[bool] = field(default_factory=set)  # kinds (speculated or not) with a real step seen
+    # the last OVERHEAD_WINDOW observed ratios of wall time to program time, per kind (speculated or not)
+    _ratios: dict[bool, deque] = field(default_factory=lambda: {k: deque(maxlen=OVERHEAD_WINDOW) for k in (False, True)})
+
+    @property
+    def plain_overhead(self) -> float:
+        return self._overhead(False)
+
+    @property
+    def spec_overhead(self) -> float:
+        return self._overhead(True)
+
+    def _overhead(self, speculated: bool) -> float:
+        """The median of the kind's recent ratios (1 before any): one slow step (a first run, a pause of the
+        caller's) moves it little, a change of load within a window."""
+        ratios = self._ratios[speculated]
+        return statistics.median(ratios) if ratios else 1.0
 
     @property
     def measured(self) -> bool:
@@ -93,20 +108,12 @@ class StepCosts:
         return self.program(True, num_tokens, num_rows) * self.spec_overhead
 
     def observe(self, speculated: bool, num_tokens: int, wall_seconds: float) -> None:
-        """A finished step's wall time (dispatch of this step to dispatch of the next): updates that kind's
-        overhead ratio (the first observation replaces the startup value of 1). ``num_tokens``: the step's
-        token bucket."""
+        """A finished step's wall time (see ``SpeculationController.observe_finished``): one more ratio of that
+        kind. ``num_tokens``: the step's token bucket."""
         base = self.program(speculated, num_tokens)
         if base <= 0 or wall_seconds <= 0 or wall_seconds > MAX_OVERHEAD * base:
             return  # (a pause of the caller, not a step)
-        ratio = max(1.0, wall_seconds / base)
-        old = self.spec_overhead if speculated else self.plain_overhead
-        new = (1 - OVERHEAD_EMA) * old + OVERHEAD_EMA * ratio if speculated in self._observed else ratio
-        self._observed.add(speculated)
-        if speculated:
-            self.spec_overhead = new
-        else:
-            self.plain_overhead = new
+        self._ratios[speculated].append(max(1.0, wall_seconds / base))
 
 
 @dataclass(frozen=True)

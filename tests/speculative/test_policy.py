@@ -85,6 +85,19 @@ def test_observed_overheads_shift_the_choice():
     assert choose_drafts([Candidate("a", 0.5, 4)], 0, c, 4) == {}
 
 
+def test_one_slow_step_does_not_set_the_overhead():
+    """The overhead is the median of the kind's recent ratios: a first plain step four times its program's time
+    (a first run) among ordinary ones leaves plain decoding's estimate where the ordinary ones put it."""
+    c = costs(plain_ms=1.0, verify_ms=1.2)
+    c.observe(speculated=False, num_tokens=1, wall_seconds=4e-3)
+    for _ in range(4):
+        c.observe(speculated=False, num_tokens=1, wall_seconds=1.1e-3)
+    assert c.plain_overhead == pytest.approx(1.1)
+    for _ in range(40):  # the load changed: the window follows it
+        c.observe(speculated=False, num_tokens=1, wall_seconds=2e-3)
+    assert c.plain_overhead == pytest.approx(2.0)
+
+
 def _request(i: int, **params) -> Request:
     r = Request(f"r{i}", list(range(1, 40)), SamplingParams(max_tokens=100, **params))
     r.status = RequestStatus.RUNNING
