@@ -24,6 +24,7 @@ PRIOR_TRIALS = 1.0
 DECAY = 0.75  # per draft tried: evidence from a few verifications back hardly counts (text changes)
 RETRY_DECAY = 0.93  # per step without drafts: after ~20 such steps the evidence weighs a quarter of what it did
 OVERHEAD_WINDOW = 32  # steps of each kind whose median wall-time ratio is the kind's host overhead
+OVERHEAD_PRIOR_STEPS = 3  # ratios of 1 each window starts with
 MAX_OVERHEAD = 20.0  # a step's wall time above this many times its program's is a pause, not a step
 FIRST_PROBE = 16  # steps without drafts before a request is probed (jserve.speculative.controller)
 MAX_PROBE = 256
@@ -74,7 +75,10 @@ class StepCosts:
     verify: dict[int, float]  # verification token bucket -> seconds (the device drafter's k steps included)
     verify_rows: dict[int, int] = field(default_factory=dict)  # verification token bucket -> rows it samples
     # the last OVERHEAD_WINDOW observed ratios of wall time to program time, per kind (speculated or not)
-    _ratios: dict[bool, deque] = field(default_factory=lambda: {k: deque(maxlen=OVERHEAD_WINDOW) for k in (False, True)})
+    # (each window starts with OVERHEAD_PRIOR_STEPS ratios of 1: a prior, as for acceptance)
+    _ratios: dict[bool, deque] = field(
+        default_factory=lambda: {k: deque([1.0] * OVERHEAD_PRIOR_STEPS, maxlen=OVERHEAD_WINDOW) for k in (False, True)}
+    )
 
     @property
     def plain_overhead(self) -> float:
@@ -85,10 +89,10 @@ class StepCosts:
         return self._overhead(True)
 
     def _overhead(self, speculated: bool) -> float:
-        """The median of the kind's recent ratios (1 before any): one slow step (a first run, a pause of the
-        caller's) moves it little, a change of load within a window."""
-        ratios = self._ratios[speculated]
-        return statistics.median(ratios) if ratios else 1.0
+        """The median of the kind's recent ratios and the prior's: one slow step (the first plain step after a
+        run of verifications, a first run, a pause of the caller's) moves it little, a change of load within a
+        window."""
+        return statistics.median(self._ratios[speculated])
 
     @property
     def measured(self) -> bool:

@@ -77,8 +77,9 @@ def test_compute_bound_batches_decode_plainly():
 def test_observed_overheads_shift_the_choice():
     c = costs(plain_ms=1.0, verify_ms=1.2)
     assert choose_drafts([Candidate("a", 0.5, 4)], 0, c, 4)  # 1.94 tokens for 1.2x the time: pays
-    c.observe(speculated=True, num_tokens=5, wall_seconds=4e-3)  # speculating steps lose the lookahead
-    c.observe(speculated=False, num_tokens=1, wall_seconds=1e-3)
+    for _ in range(4):
+        c.observe(speculated=True, num_tokens=5, wall_seconds=4e-3)  # speculating steps lose the lookahead
+        c.observe(speculated=False, num_tokens=1, wall_seconds=1e-3)
     assert c.spec_overhead == pytest.approx(4 / 1.2) and c.plain_overhead == 1.0
     c.observe(speculated=False, num_tokens=1, wall_seconds=2.0)  # the caller paused between two steps
     assert c.plain_overhead == 1.0
@@ -86,11 +87,13 @@ def test_observed_overheads_shift_the_choice():
 
 
 def test_one_slow_step_does_not_set_the_overhead():
-    """The overhead is the median of the kind's recent ratios: a first plain step four times its program's time
-    (a first run) among ordinary ones leaves plain decoding's estimate where the ordinary ones put it."""
+    """The overhead is the median of the kind's recent ratios and a prior of three at 1: a plain step four times
+    its program's time (the first after a run of verifications) among ordinary ones leaves plain decoding's
+    estimate where the ordinary ones put it."""
     c = costs(plain_ms=1.0, verify_ms=1.2)
     c.observe(speculated=False, num_tokens=1, wall_seconds=4e-3)
-    for _ in range(4):
+    assert c.plain_overhead == 1.0  # the prior outweighs one step
+    for _ in range(6):
         c.observe(speculated=False, num_tokens=1, wall_seconds=1.1e-3)
     assert c.plain_overhead == pytest.approx(1.1)
     for _ in range(40):  # the load changed: the window follows it
