@@ -434,7 +434,7 @@ def build_verification(
     previous_rows: dict[str, int] | None = None,
 ) -> SpecInput:
     """Where each sampled row's verified positions and drafts sit in the step (see ``jserve.speculative.verify``),
-    and its chained rows (``shapes.spec_chain``: n-gram engines)."""
+    and its chained rows (``shapes.spec_chain``: engines that speculate under async scheduling)."""
     s, k = shapes.spec_rows, shapes.num_spec_tokens
     verify_indices = np.zeros((s, k + 1), np.int32)
     draft_tokens = np.zeros((s, k), np.int32)

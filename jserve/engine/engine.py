@@ -19,9 +19,10 @@ Structured outputs keep the lookahead: a step with a constrained row whose last 
 forward at once and defers its sampling, which ``finish_step`` queues once the previous step's tokens have
 reached the grammars and the masks are filled (the device computes the forward meanwhile); without deferred
 sampling (speculative decoding) the engine steps synchronously while a constrained request is live.
-Speculative decoding keeps it too with n-gram drafts: a request's next verification is chained to the one still
-on the device, which the device makes exact and drafts for itself (``jserve.speculative.chain``); a request
-drafted by a model on the device sits a step out, its next draft needing its last token first.
+Speculative decoding keeps it too: a request's next verification is chained to the one still on the device,
+which the device makes exact and drafts for itself, by an n-gram lookup or the drafter's k steps
+(``jserve.speculative.chain``); a request with penalties or a grammar sits a step out instead, its next step
+needing its last token on the host first.
 
 Failure isolation: an exception while building, dispatching or collecting a step does not end the engine.
 Every running request goes back to waiting to be recomputed (tokens still on the device are dropped, the
@@ -492,8 +493,9 @@ class Engine:
         return self.speculative is None or longest <= self.runner.shapes.num_spec_tokens + 1
 
     def _may_chain(self, request: Request) -> bool:
-        """n-gram drafts looked up on the device, in a row chained to the request's step still there: not for
-        grammars (masks need the tokens on the host) or penalties (their history would need them too)."""
+        """Drafts made on the device (an n-gram lookup or the drafter's steps), in a row chained to the request's
+        step still there: not for grammars (masks need the tokens on the host) or penalties (their history would
+        need them too)."""
         params = request.sampling_params
         return (
             request.grammar is None

@@ -102,8 +102,8 @@ class Request:
         self.draft_token_ids: list[int] = []
         self.awaiting_verification = False
         self.in_flight_drafts = 0  # draft slots of the verification on the device
-        # n-gram under async scheduling (jserve.speculative.chain): drafts to look up on the device in a row
-        # chained to the step still on the device (0: none), and whether such a row is on its way
+        # under async scheduling (jserve.speculative.chain): draft slots of a row chained to the step still on
+        # the device, drafted there (0: none), and whether such a row is on its way
         self.chain_drafts = 0
         self.chained = False
         # draft-model speculation: every computed token also went through the draft (False once a step ran

@@ -31,8 +31,9 @@ class StepShapes:
     page_size: int
     history_len: int  # penalty history width: max_model_len
     banned_len: int  # banned ids per row: max_stop_token_ids + the EOS ids
-    # speculative decoding: verification steps sample spec_rows rows of num_spec_tokens + 1 positions each and
-    # have their own programs for the token buckets up to spec_rows * (num_spec_tokens + 1)
+    # speculative decoding: verification steps lay out spec_rows rows of num_spec_tokens + 1 positions each
+    # (the program of a bucket samples verify_rows of them) and have their own programs for the token buckets
+    # up to spec_rows * (num_spec_tokens + 1)
     spec_rows: int = 0
     num_spec_tokens: int = 0
     # speculation under async scheduling: verification steps carry a ChainInput (rows chained to a previous

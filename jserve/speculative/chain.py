@@ -132,9 +132,8 @@ def _looked_up(chain: ChainInput, emitted: jax.Array, prev_tokens: jax.Array, *,
     return propose_on_device(history, length, _limits(chain, emitted), k=k, min_n=min_n, max_n=max_n)
 
 
-def _slots(tables: jax.Array, positions: jax.Array, page_size: int) -> jax.Array:
-    """KV slots of ``positions`` in the rows' block tables (``tables`` rows aligned with ``positions``)."""
-    pages = jnp.take_along_axis(tables, (positions // page_size)[..., None], axis=-1)[..., 0]
+def _slots(pages: jax.Array, positions: jax.Array, page_size: int) -> jax.Array:
+    """KV slots of ``positions`` on ``pages`` (the page holding each position)."""
     return pages * page_size + positions % page_size
 
 
@@ -161,7 +160,7 @@ def apply_chain(inputs, backend, *, page_size: int, lookup: tuple[int, int] | No
     row = jnp.where(seq >= 0, chain.seq_row[jnp.maximum(seq, 0)], -1)
     token_shift = jnp.where(row >= 0, shift[jnp.maximum(row, 0)], 0)
     positions = inputs.positions - token_shift
-    moved = _slots(layout.block_tables[jnp.maximum(seq, 0)], positions, page_size)
+    moved = _slots(layout.block_tables[jnp.maximum(seq, 0), positions // page_size], positions, page_size)
     slots = jnp.where(row >= 0, moved, layout.slot_mapping)
     seq_shift = jnp.where(chain.seq_row >= 0, shift[jnp.maximum(chain.seq_row, 0)], 0)
     layout = dataclasses.replace(layout, slot_mapping=slots, kv_lens=layout.kv_lens - seq_shift)
@@ -201,7 +200,8 @@ def chain_proposal(proposal, chain: ChainInput, prev_tokens: jax.Array, sampling
     step_positions = positions[None, :] + jnp.arange(k)[:, None]  # [k, S]
     live = chained[None, :] & (jnp.arange(k)[:, None] < chain.max_drafts[rows][None, :])
     tables = layout.block_tables[:, : rows.shape[0]]
-    slots = jnp.where(live, _slots(tables, step_positions, page_size), layout.slot_mapping)
+    pages = jnp.take_along_axis(tables, (step_positions // page_size)[..., None], axis=-1)[..., 0]
+    slots = jnp.where(live, _slots(pages, step_positions, page_size), layout.slot_mapping)
     seq_shift = jnp.zeros(layout.kv_lens.shape[1], jnp.int32).at[: rows.shape[0]].set(row_shift)
     layout = dataclasses.replace(layout, slot_mapping=slots, kv_lens=layout.kv_lens - seq_shift[None, :])
     tokens = jnp.where(chained, prev_tokens[jnp.maximum(chain.src[rows], 0)], proposal.tokens)

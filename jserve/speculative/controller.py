@@ -3,8 +3,9 @@
 Each step, before scheduling, ``plan`` asks the policy (``jserve.speculative.policy``) which of the requests
 that may draft should, and how many drafts each: by their acceptance estimates and the measured step costs.
 When none should, the step is a plain one and keeps async scheduling's lookahead. A request chosen to draft
-whose step is still on the device either drafts in a row chained to it (n-gram, looked up on the device:
-``jserve.speculative.chain``) or sits this step out (``Request.wants_drafts``) and drafts at the next.
+whose step is still on the device either drafts in a row chained to it (the device makes the drafts:
+``jserve.speculative.chain``) or, with penalties or a grammar, sits this step out (``Request.wants_drafts``)
+and drafts at the next.
 
 A request that has not drafted for a while is probed (drafts once whatever the policy says), with the interval
 doubling after each probe that did not pay (16 steps, then 32, ... up to 256) and never shorter than what keeps
@@ -145,8 +146,10 @@ class SpeculationController:
     def observe_finished(self, speculated: bool, bucket: int) -> None:
         """Called as each step's results reach the host: the time since the previous step's did is what this
         step cost, the host work on the critical path included. That holds with async scheduling as without:
-        in a busy engine one step completes per such interval, and an interval in which the engine also waited
-        for something else (a request sitting a step out, a synchronous verification) was caused by this step.
+        in a busy engine one step completes per such interval. An interval in which the engine also waited for
+        something else (a request sitting a step out after a synchronous verification) is charged to the step
+        that ends it, which may not be the one that caused it: each kind's overhead is a median, which a few
+        such intervals do not move.
         The first step after the engine idled is not counted (the interval was no step's)."""
         now = time.perf_counter()
         if self._last_finish is not None:

@@ -15,6 +15,7 @@ the prior, so it is tried again after a while (``RETRY_DECAY``).
 from __future__ import annotations
 
 import bisect
+import math
 import statistics
 from collections import deque
 from dataclasses import dataclass, field
@@ -80,19 +81,15 @@ class StepCosts:
         default_factory=lambda: {k: deque([1.0] * OVERHEAD_PRIOR_STEPS, maxlen=OVERHEAD_WINDOW) for k in (False, True)}
     )
 
+    _overheads: dict[bool, float] = field(default_factory=lambda: {False: 1.0, True: 1.0})  # their medians
+
     @property
     def plain_overhead(self) -> float:
-        return self._overhead(False)
+        return self._overheads[False]
 
     @property
     def spec_overhead(self) -> float:
-        return self._overhead(True)
-
-    def _overhead(self, speculated: bool) -> float:
-        """The median of the kind's recent ratios and the prior's: one slow step (the first plain step after a
-        run of verifications, a first run, a pause of the caller's) moves it little, a change of load within a
-        window."""
-        return statistics.median(self._ratios[speculated])
+        return self._overheads[True]
 
     @property
     def measured(self) -> bool:
@@ -102,8 +99,10 @@ class StepCosts:
         """The startup time of the program a step of this kind, size and (verification) rows runs."""
         if not speculated:
             return _bucket_cost(self.plain, num_tokens)
-        fitting = {b: t for b, t in self.verify.items() if self.verify_rows.get(b, num_rows) >= num_rows}
-        return _bucket_cost(fitting or self.verify, num_tokens)
+        for bucket in sorted(self.verify):
+            if bucket >= num_tokens and self.verify_rows.get(bucket, num_rows) >= num_rows:
+                return self.verify[bucket]
+        return math.inf if self.verify else 0.0  # no verification program holds it: the step decodes plainly
 
     def plain_step(self, num_tokens: int) -> float:
         return self.program(False, num_tokens) * self.plain_overhead
@@ -115,9 +114,14 @@ class StepCosts:
         """A finished step's wall time (see ``SpeculationController.observe_finished``): one more ratio of that
         kind. ``num_tokens``: the step's token bucket."""
         base = self.program(speculated, num_tokens)
-        if base <= 0 or wall_seconds <= 0 or wall_seconds > MAX_OVERHEAD * base:
+        if not 0 < base < math.inf or wall_seconds <= 0 or wall_seconds > MAX_OVERHEAD * base:
             return  # (a pause of the caller, not a step)
-        self._ratios[speculated].append(max(1.0, wall_seconds / base))
+        ratios = self._ratios[speculated]
+        ratios.append(max(1.0, wall_seconds / base))
+        # the median of the kind's recent ratios and the prior's: one slow step (the first plain step after a
+        # run of verifications, a first run, a pause of the caller's) moves it little, a change of load within
+        # a window
+        self._overheads[speculated] = statistics.median(ratios)
 
 
 @dataclass(frozen=True)

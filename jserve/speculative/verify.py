@@ -55,7 +55,7 @@ class SpecInput:
     draft_rows: jax.Array  # [S] i32: drafting-order row of sampled row s's drafts
     history_base: jax.Array  # [S] i32: penalty-history column where row s's drafts go (its token count)
     draft_probs: jax.Array | None = None  # [S, k, V] f32 drafting order: q of device drafts (n-gram: None)
-    chain: object | None = None  # n-gram under async scheduling: the chained rows (jserve.speculative.chain)
+    chain: object | None = None  # under async scheduling: the chained rows (jserve.speculative.chain)
 
     def drafts_by_row(self) -> tuple[jax.Array, jax.Array | None]:
         """Drafts [S, k] (and q [S, k, V]) reordered to sampled rows."""

@@ -176,3 +176,6 @@ def test_a_step_with_more_rows_costs_the_bucket_that_samples_them():
     assert c.spec_step(8) == pytest.approx(2e-3)
     assert c.spec_step(8, num_rows=2) == pytest.approx(3e-3)
     assert c.spec_step(5, num_rows=3) == pytest.approx(5e-3)
+    # no verification program holds five rows: such a step cannot verify, so the policy must not draft for it
+    assert c.spec_step(8, num_rows=5) == float("inf")
+    assert choose_drafts([Candidate(f"r{i}", 0.99, 3) for i in range(5)], 0, c, 3) == {}
