@@ -27,7 +27,6 @@ import dataclasses
 import functools
 import logging
 import os
-import statistics
 import threading
 import time
 import weakref
@@ -55,7 +54,7 @@ from jserve.parallel import sharding as shard_rules
 from jserve.quant.kv import is_quantized_kv, kv_bytes_per_token
 from jserve.speculative.chain import apply_chain, chain_proposal, for_drafter
 from jserve.speculative.config import EARLY_EXIT, SpeculativeConfig
-from jserve.speculative.policy import StepCosts
+from jserve.speculative.policy import StepCosts, no_dearer_than_larger
 from jserve.speculative.propose import draft_tokens, drafting_tensors
 from jserve.speculative.verify import SpecOutput, expand_rows, verify
 
@@ -1029,10 +1028,12 @@ class ModelRunner:
                 self._warm_bucket(bucket)
 
     def measure_step_costs(self, repeats: int = 3) -> StepCosts:
-        """Times every compiled program (median of ``repeats`` all-padding runs, after ``warm_up``): a plain
+        """Times every compiled program (fastest of ``repeats`` all-padding runs, after ``warm_up``): a plain
         step per token bucket and a verification step per verification bucket (the device drafter included),
-        which the speculation policy weighs. Padding steps attend to nothing; the engine corrects for that and
-        for the host's share with the wall time of real steps (``StepCosts.observe``)."""
+        which the speculation policy weighs. The fastest run, and no bucket dearer than a larger one
+        (``no_dearer_than_larger``): a run that met another thread's work reads high, never low. Padding steps
+        attend to nothing; the engine corrects for that and for the host's share with the wall time of real
+        steps (``StepCosts.observe``)."""
 
         def timed(plan: StepPlan) -> float:
             times = []
@@ -1040,12 +1041,12 @@ class ModelRunner:
                 start = time.perf_counter()
                 self.collect(self.dispatch([plan]))
                 times.append(time.perf_counter() - start)
-            return statistics.median(times)
+            return min(times)
 
-        self.step_costs.plain = {b: timed(padding_step(self.shapes, b)) for b in self.shapes.token_buckets}
-        self.step_costs.verify = {
-            b: timed(padding_step(self.shapes, b, verification=True)) for b in self.shapes.spec_token_buckets
-        }
+        plain = {b: timed(padding_step(self.shapes, b)) for b in self.shapes.token_buckets}
+        verify = {b: timed(padding_step(self.shapes, b, verification=True)) for b in self.shapes.spec_token_buckets}
+        self.step_costs.plain = no_dearer_than_larger(plain)
+        self.step_costs.verify = no_dearer_than_larger(verify)
         self.step_costs.verify_rows = {b: self.shapes.verify_rows(b) for b in self.shapes.spec_token_buckets}
         return self.step_costs
 

@@ -4,8 +4,10 @@ Each request keeps an estimate of the chance that a draft is accepted (``Accepta
 draft trials, with a prior and a decay so it follows the text). A row that verifies k drafts accepted with
 probability a each yields ``1 + a + ... + a^k`` tokens on average. The step's cost comes from
 ``StepCosts``: the compiled programs timed at startup (a plain step per token bucket, a verification step per
-token bucket, the device drafter), scaled by the wall time steps of each kind actually took (the host's share:
-a speculating step runs without async scheduling's lookahead). The policy picks the drafts that maximise the
+token bucket, the device drafter), scaled by the wall time steps of each kind actually took. The scale goes
+both ways: up for the host's share of a step, down where the startup timing caught the machine busy (on a
+shared CPU one program's startup time can read twice what its steps later take, and a plain step priced too
+high makes every draft look cheap). The policy picks the drafts that maximise the
 step's expected tokens per second and speculates only when that beats the plain step's rows per second.
 
 A request whose drafts keep failing stops drafting; while it does not draft its estimate decays back towards
@@ -27,6 +29,7 @@ RETRY_DECAY = 0.93  # per step without drafts: after ~20 such steps the evidence
 OVERHEAD_WINDOW = 32  # steps of each kind whose median wall-time ratio is the kind's host overhead
 OVERHEAD_PRIOR_STEPS = 3  # ratios of 1 each window starts with
 MAX_OVERHEAD = 20.0  # a step's wall time above this many times its program's is a pause, not a step
+MIN_OVERHEAD = 0.1  # nor one below a tenth of it (a step that finished together with the one before)
 FIRST_PROBE = 16  # steps without drafts before a request is probed (jserve.speculative.controller)
 MAX_PROBE = 256
 
@@ -67,10 +70,22 @@ def _bucket_cost(costs: dict[int, float], num_tokens: int) -> float:
     return costs[buckets[min(i, len(buckets) - 1)]] if buckets else 0.0
 
 
+def no_dearer_than_larger(costs: dict[int, float]) -> dict[int, float]:
+    """Bucket -> seconds with each bucket's time capped by every larger bucket's: a program over fewer tokens
+    does no more work, so a smaller bucket that timed dearer met interference (the larger one's time bounds
+    it)."""
+    capped, cheapest = {}, math.inf
+    for bucket in sorted(costs, reverse=True):
+        cheapest = min(cheapest, costs[bucket])
+        capped[bucket] = cheapest
+    return dict(sorted(capped.items()))
+
+
 @dataclass
 class StepCosts:
     """Seconds per run of each compiled program (measured at startup on all-padding steps), and the measured
-    ratio of a step's wall time to its program time for plain and for speculating steps."""
+    ratio of a step's wall time to its program time for plain and for speculating steps (the "overhead": above 1
+    for the host's share on the critical path, below 1 where the startup timing read high)."""
 
     plain: dict[int, float]  # token bucket -> seconds
     verify: dict[int, float]  # verification token bucket -> seconds (the device drafter's k steps included)
@@ -114,10 +129,10 @@ class StepCosts:
         """A finished step's wall time (see ``SpeculationController.observe_finished``): one more ratio of that
         kind. ``num_tokens``: the step's token bucket."""
         base = self.program(speculated, num_tokens)
-        if not 0 < base < math.inf or wall_seconds <= 0 or wall_seconds > MAX_OVERHEAD * base:
+        if not 0 < base < math.inf or not MIN_OVERHEAD * base <= wall_seconds <= MAX_OVERHEAD * base:
             return  # (a pause of the caller, not a step)
         ratios = self._ratios[speculated]
-        ratios.append(max(1.0, wall_seconds / base))
+        ratios.append(wall_seconds / base)
         # the median of the kind's recent ratios and the prior's: one slow step (the first plain step after a
         # run of verifications, a first run, a pause of the caller's) moves it little, a change of load within
         # a window

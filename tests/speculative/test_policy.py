@@ -17,6 +17,7 @@ from jserve.speculative.policy import (
     StepCosts,
     choose_drafts,
     expected_tokens,
+    no_dearer_than_larger,
 )
 
 
@@ -99,6 +100,31 @@ def test_one_slow_step_does_not_set_the_overhead():
     for _ in range(40):  # the load changed: the window follows it
         c.observe(speculated=False, num_tokens=1, wall_seconds=2e-3)
     assert c.plain_overhead == pytest.approx(2.0)
+
+
+def test_a_plain_step_timed_high_at_startup_is_corrected_by_real_steps():
+    """The startup timing of the 1-token program met another thread's work (4 ms where its steps take 2): real
+    steps scale the estimate down, and drafts that only looked cheap next to the inflated plain step stop."""
+    c = costs(plain_ms=4.0, verify_ms=4.5)
+    rate = 0.55  # 2.2 tokens a verification at k=4: 4.5 ms for them beats 4 ms a token, not 2 ms
+    assert choose_drafts([Candidate("a", rate, 4)], 0, c, 4) == {"a": 4}
+    for _ in range(8):
+        c.observe(speculated=False, num_tokens=1, wall_seconds=2e-3)
+        c.observe(speculated=True, num_tokens=5, wall_seconds=4.5e-3)
+    assert c.plain_overhead == pytest.approx(0.5) and c.spec_overhead == pytest.approx(1.0)
+    assert choose_drafts([Candidate("a", rate, 4)], 0, c, 4) == {}
+    c.observe(speculated=False, num_tokens=1, wall_seconds=1e-5)  # finished together with the step before
+    assert c.plain_overhead == pytest.approx(0.5)
+
+
+def test_startup_timings_are_capped_by_larger_buckets():
+    assert no_dearer_than_larger({1: 4.2e-3, 2: 1.7e-3, 4: 2.0e-3, 8: 3.3e-3, 16: 2.5e-3}) == {
+        1: 1.7e-3,
+        2: 1.7e-3,
+        4: 2.0e-3,
+        8: 2.5e-3,
+        16: 2.5e-3,
+    }
 
 
 def _request(i: int, **params) -> Request:
