@@ -48,10 +48,23 @@ class SpeculationController:
         model stops and those requests decode plainly to the end (their draft K/V are then stale)."""
         if self.config.method != DRAFT or not (self.config.adaptive and self.costs.measured):
             return True
+        can_pay = self.drafting_can_pay(min(len(requests), self.config.max_batch_size))
         return any(
-            r.draft_synced and r.sampling_params.speculative and r.steps_without_drafts < DRAFT_MODEL_GIVE_UP
+            r.draft_synced
+            and r.sampling_params.speculative
+            and (_reproducible_draws(r) or (can_pay and r.steps_without_drafts < DRAFT_MODEL_GIVE_UP))
             for r in requests
         )
+
+    def drafting_can_pay(self, num_rows: int) -> bool:
+        """Whether a step of ``num_rows`` requests (some of them drafting, every draft accepted) would beat
+        plain decoding at the measured costs. When not (a drafter as slow as k + 1 plain steps), nobody drafts
+        or is probed, and the draft model stops following the tokens at once instead of after
+        ``DRAFT_MODEL_GIVE_UP`` steps. Asked again each step: plain steps keep re-weighing their cost, so a
+        change of load that makes drafting pay is followed (except by requests whose draft K/V fell behind)."""
+        k = self.config.num_tokens
+        best_case = [Candidate(str(i), 1.0, k) for i in range(max(1, num_rows))]
+        return bool(choose_drafts(best_case, 0, self.costs, k))
 
     def draft_limit(self, request: Request) -> int:
         """Drafts the request can take: k, less near max_tokens or the model's length."""
@@ -83,9 +96,10 @@ class SpeculationController:
                 del chosen[c.request_id]
             others = len(running) - len(adaptive)
             chosen.update(choose_drafts(adaptive, others, self.costs, self.config.num_tokens))
+        probing = not (self.config.adaptive and self.costs.measured) or self.drafting_can_pay(len(running))
         for request in eligible:
             n = chosen.get(request.request_id, 0)
-            if not n and request.steps_without_drafts >= max(request.probe_interval, self._probe_spacing()):
+            if not n and probing and request.steps_without_drafts >= max(request.probe_interval, self._probe_spacing()):
                 n = limits[request.request_id]  # a probe
             if not n:
                 request.acceptance.skipped()

@@ -167,6 +167,23 @@ def test_seeded_sampling_drafts_whatever_the_costs():
     assert seeded.wants_drafts and not greedy.wants_drafts
 
 
+def test_nobody_drafts_or_is_probed_where_even_accepted_drafts_lose():
+    """A verification of k = 4 drafts that costs 6 plain steps loses even if all 4 are accepted: no request
+    drafts, none is probed (each probe would cost 5 plain steps' time), and the draft model stops at once;
+    a seeded request still drafts (its draws must not depend on timings) and keeps the draft model."""
+    config = SpeculativeConfig(method=NGRAM, num_tokens=4)
+    slow = costs(plain_ms=1.0, verify_ms=6.0)
+    controller = SpeculationController(config, slow, max_model_len=512)
+    assert not controller.drafting_can_pay(1) and not controller.drafting_can_pay(4)
+    request = _request(0, temperature=0.0)
+    for _ in range(600):
+        assert not controller.plan([request], lambda r: True)
+    assert SpeculationController(config, costs(plain_ms=1.0, verify_ms=4.0), 512).drafting_can_pay(1)
+    draft = SpeculationController(dataclasses.replace(config, method=DRAFT, draft_model="/d"), slow, 512)
+    fresh, seeded = _request(1, temperature=0.0), _request(2, temperature=0.7, seed=1)
+    assert not draft.keeps_draft_model([fresh]) and draft.keeps_draft_model([fresh, seeded])
+
+
 def test_draft_model_stops_once_no_request_may_draft_soon():
     config = SpeculativeConfig(method=DRAFT, num_tokens=3, draft_model="/draft")
     controller = SpeculationController(config, costs(plain_ms=1.0, verify_ms=3.0), max_model_len=512)
