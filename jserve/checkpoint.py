@@ -107,90 +107,107 @@ class StackedSpec:
         return np.stack([self.experts[j].read(reader, index[1:]) for j in chosen])
 
 
+def _linear(
+    name: str, in_dims: tuple[int, ...], out_dims: tuple[int, ...], offset: int = 0, fused: int | None = None
+) -> TensorSpec:
+    """HF nn.Linear weight [out, in] -> ours [*in_dims, *out_dims]; ``offset`` / ``fused``: our rows' start in a
+    fused weight of ``fused`` rows."""
+    return TensorSpec(name, out_dims, in_dims, transposed=True, row_offset=offset, fused_rows=fused)
+
+
 def _param_specs(cfg: ModelConfig) -> dict[str, TensorSpec | StackedSpec]:
     """Our flat param path ("layers/0/attn/q_proj") -> where and how to read it from the HF checkpoint."""
-    d, n, k, h, f, v = (
-        cfg.hidden_size,
-        cfg.num_heads,
-        cfg.num_kv_heads,
-        cfg.head_dim,
-        cfg.intermediate_size,
-        cfg.vocab_size,
-    )
-
-    def linear(
-        name: str, in_dims: tuple[int, ...], out_dims: tuple[int, ...], offset: int = 0, fused: int | None = None
-    ) -> TensorSpec:
-        """HF nn.Linear weight [out, in] -> ours [*in_dims, *out_dims]; ``offset`` / ``fused``: our rows' start
-        in a fused weight of ``fused`` rows."""
-        return TensorSpec(name, out_dims, in_dims, transposed=True, row_offset=offset, fused_rows=fused)
-
+    d, v = cfg.hidden_size, cfg.vocab_size
     specs: dict[str, TensorSpec | StackedSpec] = {
         "embed/embedding": TensorSpec("model.embed_tokens.weight", (v, d)),
         "final_norm/weight": TensorSpec("model.norm.weight", (d,)),
     }
     if not cfg.tie_word_embeddings:
-        specs["lm_head"] = linear("lm_head.weight", (d,), (v,))
+        specs["lm_head"] = _linear("lm_head.weight", (d,), (v,))
     for i in range(cfg.num_layers):
         hf, ours = f"model.layers.{i}.", f"layers/{i}/"
-        specs[ours + "input_norm/weight"] = TensorSpec(hf + "input_layernorm.weight", (d,))
-        if cfg.sandwich_norms:  # Gemma 2/3: HF's post_attention_layernorm normalises the attention output
-            specs[ours + "attn_out_norm/weight"] = TensorSpec(hf + "post_attention_layernorm.weight", (d,))
-            specs[ours + "post_attn_norm/weight"] = TensorSpec(hf + "pre_feedforward_layernorm.weight", (d,))
-            specs[ours + "mlp_out_norm/weight"] = TensorSpec(hf + "post_feedforward_layernorm.weight", (d,))
-        else:
-            specs[ours + "post_attn_norm/weight"] = TensorSpec(hf + "post_attention_layernorm.weight", (d,))
-        a = hf + "self_attn."
-        if cfg.fused_projections:  # Phi-3: one qkv_proj [(N + 2K) * H, D], split on load
-            qkv, rows = a + "qkv_proj.weight", (n + 2 * k) * h
-            specs[ours + "attn/q_proj"] = linear(qkv, (d,), (n, h), 0, rows)
-            specs[ours + "attn/k_proj"] = linear(qkv, (d,), (k, h), n * h, rows)
-            specs[ours + "attn/v_proj"] = linear(qkv, (d,), (k, h), (n + k) * h, rows)
-        else:
-            specs[ours + "attn/q_proj"] = linear(a + "q_proj.weight", (d,), (n, h))
-            specs[ours + "attn/k_proj"] = linear(a + "k_proj.weight", (d,), (k, h))
-            specs[ours + "attn/v_proj"] = linear(a + "v_proj.weight", (d,), (k, h))
-        specs[ours + "attn/o_proj"] = linear(a + "o_proj.weight", (n, h), (d,))
-        if cfg.qk_norm:
-            specs[ours + "attn/q_norm/weight"] = TensorSpec(a + "q_norm.weight", (h,))
-            specs[ours + "attn/k_norm/weight"] = TensorSpec(a + "k_norm.weight", (h,))
-        if cfg.attention_bias:
-            specs[ours + "attn/q_bias"] = TensorSpec(a + "q_proj.bias", (n, h), hf_flat=True)
-            specs[ours + "attn/k_bias"] = TensorSpec(a + "k_proj.bias", (k, h), hf_flat=True)
-            specs[ours + "attn/v_bias"] = TensorSpec(a + "v_proj.bias", (k, h), hf_flat=True)
-        if cfg.o_bias:
-            specs[ours + "attn/o_bias_param"] = TensorSpec(a + "o_proj.bias", (d,))
-        if cfg.is_moe_layer(i):
-            # Mixtral: block_sparse_moe.experts.j.w1 / w3 / w2; Qwen3-MoE: mlp.experts.j.gate / up / down_proj
-            mixtral = cfg.architecture == "MixtralForCausalLM"
-            moe = hf + ("block_sparse_moe." if mixtral else "mlp.")
-            specs[ours + "mlp/router"] = linear(moe + "gate.weight", (d,), (cfg.num_experts,))
-            fe = cfg.expert_size
-            for ours_name, hf_name, in_dim, out_dim in (
-                ("gate_proj", "w1" if mixtral else "gate_proj", d, fe),
-                ("up_proj", "w3" if mixtral else "up_proj", d, fe),
-                ("down_proj", "w2" if mixtral else "down_proj", fe, d),
-            ):
-                specs[ours + "mlp/" + ours_name] = StackedSpec(
-                    tuple(
-                        linear(f"{moe}experts.{j}.{hf_name}.weight", (in_dim,), (out_dim,))
-                        for j in range(cfg.num_experts)
-                    )
+        for part in (_norm_specs(cfg, hf), _attention_specs(cfg, hf + "self_attn."), _mlp_specs(cfg, i, hf)):
+            specs.update({ours + name: spec for name, spec in part.items()})
+    return specs
+
+
+def _norm_specs(cfg: ModelConfig, hf: str) -> dict[str, TensorSpec]:
+    """A decoder layer's norms (``hf``: the layer's HF prefix)."""
+    d = cfg.hidden_size
+    specs = {"input_norm/weight": TensorSpec(hf + "input_layernorm.weight", (d,))}
+    if cfg.sandwich_norms:  # Gemma 2/3: HF's post_attention_layernorm normalises the attention output
+        specs["attn_out_norm/weight"] = TensorSpec(hf + "post_attention_layernorm.weight", (d,))
+        specs["post_attn_norm/weight"] = TensorSpec(hf + "pre_feedforward_layernorm.weight", (d,))
+        specs["mlp_out_norm/weight"] = TensorSpec(hf + "post_feedforward_layernorm.weight", (d,))
+    else:
+        specs["post_attn_norm/weight"] = TensorSpec(hf + "post_attention_layernorm.weight", (d,))
+    return specs
+
+
+def _attention_specs(cfg: ModelConfig, a: str) -> dict[str, TensorSpec]:
+    """A layer's attention projections, norms and biases (``a``: HF's "model.layers.i.self_attn.")."""
+    d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    specs: dict[str, TensorSpec] = {}
+    if cfg.fused_projections:  # Phi-3: one qkv_proj [(N + 2K) * H, D], split on load
+        qkv, rows = a + "qkv_proj.weight", (n + 2 * k) * h
+        specs["attn/q_proj"] = _linear(qkv, (d,), (n, h), 0, rows)
+        specs["attn/k_proj"] = _linear(qkv, (d,), (k, h), n * h, rows)
+        specs["attn/v_proj"] = _linear(qkv, (d,), (k, h), (n + k) * h, rows)
+    else:
+        specs["attn/q_proj"] = _linear(a + "q_proj.weight", (d,), (n, h))
+        specs["attn/k_proj"] = _linear(a + "k_proj.weight", (d,), (k, h))
+        specs["attn/v_proj"] = _linear(a + "v_proj.weight", (d,), (k, h))
+    specs["attn/o_proj"] = _linear(a + "o_proj.weight", (n, h), (d,))
+    if cfg.qk_norm:
+        specs["attn/q_norm/weight"] = TensorSpec(a + "q_norm.weight", (h,))
+        specs["attn/k_norm/weight"] = TensorSpec(a + "k_norm.weight", (h,))
+    if cfg.attention_bias:
+        specs["attn/q_bias"] = TensorSpec(a + "q_proj.bias", (n, h), hf_flat=True)
+        specs["attn/k_bias"] = TensorSpec(a + "k_proj.bias", (k, h), hf_flat=True)
+        specs["attn/v_bias"] = TensorSpec(a + "v_proj.bias", (k, h), hf_flat=True)
+    if cfg.o_bias:
+        specs["attn/o_bias_param"] = TensorSpec(a + "o_proj.bias", (d,))
+    return specs
+
+
+def _mlp_specs(cfg: ModelConfig, i: int, hf: str) -> dict[str, TensorSpec | StackedSpec]:
+    """Layer ``i``'s MLP: a mixture of experts, Phi-3's fused gate/up, or three projections (and biases)."""
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    if cfg.is_moe_layer(i):
+        # Mixtral: block_sparse_moe.experts.j.w1 / w3 / w2; Qwen3-MoE: mlp.experts.j.gate / up / down_proj
+        mixtral = cfg.architecture == "MixtralForCausalLM"
+        moe = hf + ("block_sparse_moe." if mixtral else "mlp.")
+        specs: dict[str, TensorSpec | StackedSpec] = {
+            "mlp/router": _linear(moe + "gate.weight", (d,), (cfg.num_experts,))
+        }
+        fe = cfg.expert_size
+        for ours_name, hf_name, in_dim, out_dim in (
+            ("gate_proj", "w1" if mixtral else "gate_proj", d, fe),
+            ("up_proj", "w3" if mixtral else "up_proj", d, fe),
+            ("down_proj", "w2" if mixtral else "down_proj", fe, d),
+        ):
+            specs["mlp/" + ours_name] = StackedSpec(
+                tuple(
+                    _linear(f"{moe}experts.{j}.{hf_name}.weight", (in_dim,), (out_dim,)) for j in range(cfg.num_experts)
                 )
-        elif cfg.fused_projections:  # Phi-3: gate_up_proj [2F, D], gate first
-            m = hf + "mlp."
-            specs[ours + "mlp/gate_proj"] = linear(m + "gate_up_proj.weight", (d,), (f,), 0, 2 * f)
-            specs[ours + "mlp/up_proj"] = linear(m + "gate_up_proj.weight", (d,), (f,), f, 2 * f)
-            specs[ours + "mlp/down_proj"] = linear(m + "down_proj.weight", (f,), (d,))
-        else:
-            m = hf + "mlp."
-            specs[ours + "mlp/gate_proj"] = linear(m + "gate_proj.weight", (d,), (f,))
-            specs[ours + "mlp/up_proj"] = linear(m + "up_proj.weight", (d,), (f,))
-            specs[ours + "mlp/down_proj"] = linear(m + "down_proj.weight", (f,), (d,))
-            if cfg.mlp_bias:
-                specs[ours + "mlp/gate_bias"] = TensorSpec(m + "gate_proj.bias", (f,))
-                specs[ours + "mlp/up_bias"] = TensorSpec(m + "up_proj.bias", (f,))
-                specs[ours + "mlp/down_bias"] = TensorSpec(m + "down_proj.bias", (d,))
+            )
+        return specs
+    m = hf + "mlp."
+    if cfg.fused_projections:  # Phi-3: gate_up_proj [2F, D], gate first
+        return {
+            "mlp/gate_proj": _linear(m + "gate_up_proj.weight", (d,), (f,), 0, 2 * f),
+            "mlp/up_proj": _linear(m + "gate_up_proj.weight", (d,), (f,), f, 2 * f),
+            "mlp/down_proj": _linear(m + "down_proj.weight", (f,), (d,)),
+        }
+    specs = {
+        "mlp/gate_proj": _linear(m + "gate_proj.weight", (d,), (f,)),
+        "mlp/up_proj": _linear(m + "up_proj.weight", (d,), (f,)),
+        "mlp/down_proj": _linear(m + "down_proj.weight", (f,), (d,)),
+    }
+    if cfg.mlp_bias:
+        specs["mlp/gate_bias"] = TensorSpec(m + "gate_proj.bias", (f,))
+        specs["mlp/up_bias"] = TensorSpec(m + "up_proj.bias", (f,))
+        specs["mlp/down_bias"] = TensorSpec(m + "down_proj.bias", (d,))
     return specs
 
 
