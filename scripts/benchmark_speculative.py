@@ -12,9 +12,9 @@ For each set and batch size (default 1 and 16) every engine (plain, then each me
 and with --compare-fixed each method drafting whenever it can) generates --max-tokens greedy tokens for the
 same prompts; batch 1 runs --batch1-prompts prompts one after another. Each engine is built once, before any
 timing (every program compiled), and runs one untimed warm-up batch; each row is --repeats rounds over all
-engines (prefix cache reset before each run), and the median run is reported.
-Prints output tok/s, the speedup over plain decoding in the same run, and the acceptance counters; --json
-writes them.
+engines (prefix cache reset before each run, each round starting at another engine), and the median run is
+reported. Prints output tok/s, the speedup over plain decoding (the median over rounds of the ratio to plain
+decoding in the same round, and the rounds' range), and the acceptance counters; --json writes them.
 
     python scripts/benchmark_speculative.py [--max-tokens 96] [--batch-sizes 1 16] [--compare-fixed] [--json out.json]
 """
@@ -25,6 +25,7 @@ import argparse
 import itertools
 import json
 import platform
+import statistics
 import time
 from datetime import date
 
@@ -83,6 +84,36 @@ def timed(llm: LLM, prompts: list[str], batch: int, max_tokens: int) -> tuple[fl
     return seconds, tokens, delta
 
 
+def report_row(set_name: str, batch: int, name: str, runs: list, plain_runs: list) -> dict:
+    """One engine's row: its median run, and its speedup as the median over rounds of its rate over plain
+    decoding's rate in the same round (paired, so the machine's drift between rounds cancels), with the
+    rounds' lowest and highest ratio."""
+    seconds, tokens, spec = sorted(runs, key=lambda r: r[0])[len(runs) // 2]  # the median run
+    ratios = sorted((t / s) / (pt / ps) for (s, t, _), (ps, pt, _) in zip(runs, plain_runs, strict=True))
+    drafts = spec.get("spec_num_draft_tokens", 0)
+    accepted = spec.get("spec_num_accepted_tokens", 0)
+    drafting = spec.get("spec_num_drafting_rows", 0)
+    row = dict(
+        prompts=set_name,
+        batch=batch,
+        method=name,
+        tokens=tokens,
+        seconds=round(seconds, 3),
+        tok_s=round(tokens / seconds, 1),
+        speedup=round(statistics.median(ratios), 2),
+        speedup_range=[round(ratios[0], 2), round(ratios[-1], 2)],
+        acceptance_rate=round(accepted / drafts, 3) if drafts else None,
+        mean_accepted_length=round((accepted + drafting) / drafting, 2) if drafting else None,
+    )
+    print(
+        f"{set_name:16s} batch {batch:3d} {name:16s} {row['tok_s']:8.1f} tok/s  x{row['speedup']:.2f}"
+        f" ({ratios[0]:.2f}-{ratios[-1]:.2f})  acceptance {row['acceptance_rate']}"
+        f"  tokens/verification {row['mean_accepted_length']}",
+        flush=True,
+    )
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=["ngram", "early_exit", "draft"])
@@ -115,34 +146,12 @@ def main() -> None:
         for batch in args.batch_sizes:
             chosen = prompts[: args.batch1_prompts] if batch == 1 else prompts[:batch]
             runs: dict[str, list] = {name: [] for name in engines}
-            for _ in range(args.repeats):  # rounds over every engine, so drifts of the shared machine hit all
-                for name, llm in engines.items():
-                    runs[name].append(timed(llm, chosen, batch, args.max_tokens))
-            plain_rate = None
+            names = list(engines)
+            for r in range(args.repeats):  # rounds over every engine, so drifts of the shared machine hit all;
+                for name in names[r % len(names) :] + names[: r % len(names)]:  # each round starts elsewhere
+                    runs[name].append(timed(engines[name], chosen, batch, args.max_tokens))
             for name in engines:
-                seconds, tokens, spec = sorted(runs[name], key=lambda r: r[0])[len(runs[name]) // 2]  # median
-                rate = tokens / seconds
-                plain_rate = rate if name == "plain" else plain_rate
-                drafts = spec.get("spec_num_draft_tokens", 0)
-                accepted = spec.get("spec_num_accepted_tokens", 0)
-                drafting = spec.get("spec_num_drafting_rows", 0)
-                row = dict(
-                    prompts=set_name,
-                    batch=batch,
-                    method=name,
-                    tokens=tokens,
-                    seconds=round(seconds, 3),
-                    tok_s=round(rate, 1),
-                    speedup=round(rate / plain_rate, 2),
-                    acceptance_rate=round(accepted / drafts, 3) if drafts else None,
-                    mean_accepted_length=round((accepted + drafting) / drafting, 2) if drafting else None,
-                )
-                rows.append(row)
-                print(
-                    f"{set_name:16s} batch {batch:3d} {name:16s} {rate:8.1f} tok/s  x{row['speedup']:.2f}"
-                    f"  acceptance {row['acceptance_rate']}  tokens/verification {row['mean_accepted_length']}",
-                    flush=True,
-                )
+                rows.append(report_row(set_name, batch, name, runs[name], runs["plain"]))
     report = dict(
         date=date.today().isoformat(),
         machine=f"{platform.machine()} {platform.processor() or ''}".strip(),
