@@ -170,14 +170,7 @@ class ModelConfig:
     @classmethod
     def from_hf_dict(cls, hf: dict[str, Any]) -> ModelConfig:
         """Translates a HF ``config.json`` dict (transformers 4.x or 5.x spelling)."""
-        archs = hf.get("architectures") or []
-        if not archs:
-            raise ValueError(f"architectures: missing in config.json; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
-        arch = archs[0]
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(
-                f"architectures: {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-            )
+        arch = _architecture(hf)
         model_type = hf.get("model_type", "")
         num_heads = hf["num_attention_heads"]
         hidden = hf["hidden_size"]
@@ -185,8 +178,7 @@ class ModelConfig:
         num_layers = hf["num_hidden_layers"]
         is_gemma = arch in ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
         is_qwen2 = model_type == "qwen2" or arch == "Qwen2ForCausalLM"
-        is_gemma3 = arch == "Gemma3ForCausalLM"
-        rope_theta, rope_scaling, local_theta, local_scaling = _rope(hf, is_gemma3)
+        rope_theta, rope_scaling, local_theta, local_scaling = _rope(hf, arch == "Gemma3ForCausalLM")
         if hf.get("partial_rotary_factor", 1.0) != 1.0:
             raise ValueError("partial_rotary_factor: only 1.0 (RoPE over the whole head) is supported")
         windows = _sliding_windows(hf, num_layers, is_qwen2, arch)
@@ -194,13 +186,9 @@ class ModelConfig:
         eos = hf.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         act = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
-        weight_quant = quant_format = None
-        if hf.get("quantization_config"):
-            from jserve.quant.compressed_tensors import parse_quantization_config
-
-            weight_quant, quant_format = parse_quantization_config(hf["quantization_config"])
         if is_gemma and act == "gelu":
             act = "gelu_pytorch_tanh"  # Gemma checkpoints say "gelu" but were trained with the tanh approximation
+        weight_quant, quant_format = _weight_quant(hf)
         return cls(
             architecture=arch,
             vocab_size=hf["vocab_size"],
@@ -242,6 +230,27 @@ class ModelConfig:
             checkpoint_quant_format=quant_format,
             early_exit_layer=hf.get("early_exit_layer"),
         )
+
+
+def _architecture(hf: dict[str, Any]) -> str:
+    """config.json's first architecture, if jserve runs it (else ValueError naming the field)."""
+    archs = hf.get("architectures") or []
+    if not archs:
+        raise ValueError(f"architectures: missing in config.json; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    if archs[0] not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(
+            f"architectures: {archs[0]!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    return archs[0]
+
+
+def _weight_quant(hf: dict[str, Any]) -> tuple[Any, Any]:
+    """(weight quantization, checkpoint format) of a quantized checkpoint's ``quantization_config``, else Nones."""
+    if not hf.get("quantization_config"):
+        return None, None
+    from jserve.quant.compressed_tensors import parse_quantization_config
+
+    return parse_quantization_config(hf["quantization_config"])
 
 
 def _rope_scaling(params: dict[str, Any], hf: dict[str, Any]) -> tuple[float, RopeScaling]:
