@@ -244,7 +244,7 @@ def _architecture(hf: dict[str, Any]) -> str:
     return archs[0]
 
 
-def _weight_quant(hf: dict[str, Any]) -> tuple[Any, Any]:
+def _weight_quant(hf: dict[str, Any]) -> tuple[WeightQuant | None, str | None]:
     """(weight quantization, checkpoint format) of a quantized checkpoint's ``quantization_config``, else Nones."""
     if not hf.get("quantization_config"):
         return None, None

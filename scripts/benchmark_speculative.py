@@ -89,6 +89,8 @@ def report_row(set_name: str, batch: int, name: str, runs: list, plain_runs: lis
     decoding's rate in the same round (paired, so the machine's drift between rounds cancels), with the
     rounds' lowest and highest ratio."""
     seconds, tokens, spec = sorted(runs, key=lambda r: r[0])[len(runs) // 2]  # the median run
+    if any(t == 0 for _, t, _ in [*runs, *plain_runs]):
+        raise RuntimeError(f"{name} or plain decoding produced no tokens in a round: nothing to compare")
     ratios = sorted((t / s) / (pt / ps) for (s, t, _), (ps, pt, _) in zip(runs, plain_runs, strict=True))
     drafts = spec.get("spec_num_draft_tokens", 0)
     accepted = spec.get("spec_num_accepted_tokens", 0)

@@ -7,10 +7,11 @@ whose step is still on the device either drafts in a row chained to it (the devi
 ``jserve.speculative.chain``) or, with penalties or a grammar, sits this step out (``Request.wants_drafts``)
 and drafts at the next.
 
-A request that has not drafted for a while is probed (drafts once whatever the policy says), with the interval
+A request that has not drafted for a while is probed (drafts once whatever its estimate says), with the interval
 doubling after each probe that did not pay (16 steps, then 32, ... up to 256) and never shorter than what keeps
-probes under 3% of the request's time (a probe costs a speculating step where a plain one would have run): its
-estimate fades between probes, so text that turns repetitive is noticed at a bounded cost.
+probes under 3% of the request's time (a probe costs a speculating step where a plain one would have run), nor
+than 256 steps where even accepted drafts would lose at the measured costs: its estimate fades between probes,
+so text that turns repetitive is noticed at a bounded cost.
 """
 
 from __future__ import annotations
@@ -48,20 +49,16 @@ class SpeculationController:
         model stops and those requests decode plainly to the end (their draft K/V are then stale)."""
         if self.config.method != DRAFT or not (self.config.adaptive and self.costs.measured):
             return True
-        can_pay = self.drafting_can_pay(min(len(requests), self.config.max_batch_size))
         return any(
-            r.draft_synced
-            and r.sampling_params.speculative
-            and (_reproducible_draws(r) or (can_pay and r.steps_without_drafts < DRAFT_MODEL_GIVE_UP))
+            r.draft_synced and r.sampling_params.speculative and r.steps_without_drafts < DRAFT_MODEL_GIVE_UP
             for r in requests
         )
 
     def drafting_can_pay(self, num_rows: int) -> bool:
         """Whether a step of ``num_rows`` requests (some of them drafting, every draft accepted) would beat
-        plain decoding at the measured costs. When not (a drafter as slow as k + 1 plain steps), nobody drafts
-        or is probed, and the draft model stops following the tokens at once instead of after
-        ``DRAFT_MODEL_GIVE_UP`` steps. Asked again each step: plain steps keep re-weighing their cost, so a
-        change of load that makes drafting pay is followed (except by requests whose draft K/V fell behind)."""
+        plain decoding at the measured costs. When not (a drafter dearer than k + 1 plain steps), requests
+        are probed only every ``MAX_PROBE`` steps (each probe also re-measures what a verification costs, so a
+        change of load that makes drafting pay is noticed)."""
         k = self.config.num_tokens
         best_case = [Candidate(str(i), 1.0, k) for i in range(max(1, num_rows))]
         return bool(choose_drafts(best_case, 0, self.costs, k))
@@ -96,10 +93,12 @@ class SpeculationController:
                 del chosen[c.request_id]
             others = len(running) - len(adaptive)
             chosen.update(choose_drafts(adaptive, others, self.costs, self.config.num_tokens))
-        probing = not (self.config.adaptive and self.costs.measured) or self.drafting_can_pay(len(running))
+        probe_after = self._probe_spacing()
+        if self.config.adaptive and self.costs.measured and not self.drafting_can_pay(len(running)):
+            probe_after = max(probe_after, MAX_PROBE)
         for request in eligible:
             n = chosen.get(request.request_id, 0)
-            if not n and probing and request.steps_without_drafts >= max(request.probe_interval, self._probe_spacing()):
+            if not n and request.steps_without_drafts >= max(request.probe_interval, probe_after):
                 n = limits[request.request_id]  # a probe
             if not n:
                 request.acceptance.skipped()

@@ -26,7 +26,7 @@ PRIOR_ACCEPTED = 0.5  # the prior: half a draft accepted of one tried (a = 0.5 b
 PRIOR_TRIALS = 1.0
 DECAY = 0.75  # per draft tried: evidence from a few verifications back hardly counts (text changes)
 RETRY_DECAY = 0.93  # per step without drafts: after ~20 such steps the evidence weighs a quarter of what it did
-OVERHEAD_WINDOW = 32  # steps of each kind whose median wall-time ratio is the kind's host overhead
+OVERHEAD_WINDOW = 32  # steps of each kind whose median wall-time ratio scales the kind's startup timing
 OVERHEAD_PRIOR_STEPS = 3  # ratios of 1 each window starts with
 MAX_OVERHEAD = 20.0  # a step's wall time above this many times its program's is a pause, not a step
 MIN_OVERHEAD = 0.1  # nor one below a tenth of it (a step that finished together with the one before)
@@ -130,7 +130,7 @@ class StepCosts:
         kind. ``num_tokens``: the step's token bucket."""
         base = self.program(speculated, num_tokens)
         if not 0 < base < math.inf or not MIN_OVERHEAD * base <= wall_seconds <= MAX_OVERHEAD * base:
-            return  # (a pause of the caller, not a step)
+            return  # (a pause of the caller, or a step that finished with the one before: not a step's cost)
         ratios = self._ratios[speculated]
         ratios.append(wall_seconds / base)
         # the median of the kind's recent ratios and the prior's: one slow step (the first plain step after a
