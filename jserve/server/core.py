@@ -198,13 +198,11 @@ class ServingCore:
     ) -> AsyncIterator[RequestOutput]:
         """Yields the request's deltas. Use it under ``contextlib.aclosing`` so that leaving early aborts the
         request at once instead of whenever the generator is collected."""
-        arrival = time.perf_counter() if arrival is None else arrival
+        tally = _RequestTally(self.metrics, len(token_ids), time.perf_counter() if arrival is None else arrival)
         self.check_accepting()
         self.validate(token_ids, params)  # NOTE: front ends count "invalid" outcomes, wherever they arise
         self._in_flight += 1
         self._idle.clear()
-        outcome, first_token, last_token, num_out, reasons = "cancelled", None, None, 0, set()
-        request_metrics = None
         try:
             # NOTE: aclosing the inner generator too, or an early exit would leave the abort to the GC.
             stream = self.llm.generate(
@@ -212,56 +210,78 @@ class ServingCore:
             )
             async with contextlib.aclosing(stream):
                 async for out in stream:
-                    request_metrics = out.metrics or request_metrics
-                    new = sum(len(c.token_ids) for c in out.outputs)
-                    if new:
-                        now = time.perf_counter()
-                        if first_token is None:
-                            first_token = now
-                            cached = request_metrics.num_cached_tokens if request_metrics is not None else 0
-                            self.metrics.record_prefill(num_prompt_tokens=len(token_ids), num_cached_tokens=cached)
-                        else:
-                            self.metrics.itl.observe(now - last_token)
-                        last_token = now
-                    num_out += new
-                    reasons.update(c.finish_reason for c in out.outputs if c.finish_reason)
-                    if out.finished:
-                        outcome = _finish_outcome(reasons)
+                    tally.delta(out)
                     yield out
-        except QueueFullError:
-            outcome = "queue_full"
-            raise
-        except RequestFailedError:
-            outcome = "error"
-            raise
-        except EngineDeadError:
-            outcome = "error"
-            self.notify_engine_dead()
-            raise
-        except ValueError:
-            outcome = "invalid"
-            raise
-        except TimeoutError:
-            outcome = "deadline"
-            raise
         except (asyncio.CancelledError, GeneratorExit):
             if deadline_passed is not None and deadline_passed():
-                outcome = "deadline"
+                tally.outcome = "deadline"
+            raise
+        except Exception as exc:
+            tally.outcome = _failure_outcome(exc, tally.outcome)
+            if isinstance(exc, EngineDeadError):
+                self.notify_engine_dead()
             raise
         finally:
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
-            if outcome != "invalid":
-                self.metrics.record_outcome(outcome)
-            if outcome not in ("queue_full", "invalid"):
-                ttft = None if first_token is None else first_token - arrival
-                self.metrics.record_request(
-                    ttft=ttft,
-                    e2e=time.perf_counter() - arrival,
-                    num_output_tokens=num_out,
-                    queue_time=_queue_time(request_metrics),
-                )
+            tally.record()
+
+
+_FAILURE_OUTCOMES: tuple[tuple[type[BaseException], str], ...] = (
+    (QueueFullError, "queue_full"),
+    (EngineError, "error"),  # a request the engine refused alone, or a dead engine
+    (ValueError, "invalid"),
+    (TimeoutError, "deadline"),
+)
+
+
+def _failure_outcome(exc: Exception, current: str) -> str:
+    """The metrics outcome of a request that ended with ``exc`` (anything else keeps ``current``)."""
+    return next((outcome for kind, outcome in _FAILURE_OUTCOMES if isinstance(exc, kind)), current)
+
+
+class _RequestTally:
+    """One request's serving metrics as its deltas arrive: time to first token, gaps between tokens, output
+    tokens and finish reasons; ``record`` reports them once it ends (an invalid request counts nowhere but in
+    the front end's counters; one refused for a full queue only as an outcome)."""
+
+    def __init__(self, metrics: ServerMetrics, num_prompt_tokens: int, arrival: float):
+        self.metrics, self.num_prompt_tokens, self.arrival = metrics, num_prompt_tokens, arrival
+        self.outcome = "cancelled"
+        self.first_token: float | None = None
+        self.last_token: float | None = None
+        self.num_out = 0
+        self.reasons: set[str] = set()
+        self.request_metrics: RequestMetrics | None = None
+
+    def delta(self, out: RequestOutput) -> None:
+        self.request_metrics = out.metrics or self.request_metrics
+        new = sum(len(c.token_ids) for c in out.outputs)
+        if new:
+            now = time.perf_counter()
+            if self.first_token is None:
+                self.first_token = now
+                cached = self.request_metrics.num_cached_tokens if self.request_metrics is not None else 0
+                self.metrics.record_prefill(num_prompt_tokens=self.num_prompt_tokens, num_cached_tokens=cached)
+            else:
+                self.metrics.itl.observe(now - self.last_token)
+            self.last_token = now
+        self.num_out += new
+        self.reasons.update(c.finish_reason for c in out.outputs if c.finish_reason)
+        if out.finished:
+            self.outcome = _finish_outcome(self.reasons)
+
+    def record(self) -> None:
+        if self.outcome != "invalid":
+            self.metrics.record_outcome(self.outcome)
+        if self.outcome not in ("queue_full", "invalid"):
+            self.metrics.record_request(
+                ttft=None if self.first_token is None else self.first_token - self.arrival,
+                e2e=time.perf_counter() - self.arrival,
+                num_output_tokens=self.num_out,
+                queue_time=_queue_time(self.request_metrics),
+            )
 
 
 def _queue_time(m: RequestMetrics | None) -> float | None:
