@@ -212,24 +212,12 @@ def build_sampling(
         request = requests[chunk.request_id]
         sampled.append((chunk, request))
         row = len(sampled_ids)
-        # a chained row follows a verification still on the device: it samples after that row's tokens, all
-        # assumed accepted (the device moves the step back by those it rejected)
-        in_flight = chunk.chain_assumed + 1 if chunk.chain_assumed >= 0 and request.awaiting_verification else 0
         logits_indices[row] = cursor - 1
         if request.num_pending_tokens:
             history_src[row] = previous_rows[chunk.request_id]
             history_col[row] = request.num_prompt_tokens + request.num_output_tokens
         sampled_ids.append(chunk.request_id)
-        rows.append(
-            RowSpec(
-                params=request.sampling_params,
-                seed=seed_of(request),
-                step=request.num_sampled + in_flight,
-                prompt_token_ids=request.prompt_token_ids,
-                output_token_ids=request.output_token_ids,
-                banned_token_ids=banned_ids_of(request),
-            )
-        )
+        rows.append(_row_spec(chunk, request, seed_of, banned_ids_of))
     positions = shapes.num_spec_tokens + 1 if verifying else 1
     sampling = make_sampling_tensors(
         rows,
@@ -239,7 +227,38 @@ def build_sampling(
         bitmask_words=shapes.bitmask_words,
         positions_per_row=positions,
     )
-    constrained = [
+    if not defer_masks:
+        constrained = _constrained_rows(sampled, positions, device_drafts)
+        if constrained:
+            fill_bitmask_rows(constrained, sampling.token_bitmask)
+    return sampling, logits_indices, sampled_ids, history_src, history_col
+
+
+def _row_spec(
+    chunk: ScheduledChunk,
+    request: Request,
+    seed_of: Callable[[Request], int],
+    banned_ids_of: Callable[[Request], Sequence[int]],
+) -> RowSpec:
+    """One sampled row's settings. A chained row follows a verification still on the device: it samples after
+    that row's tokens, all assumed accepted (the device moves the step back by those it rejected)."""
+    in_flight = chunk.chain_assumed + 1 if chunk.chain_assumed >= 0 and request.awaiting_verification else 0
+    return RowSpec(
+        params=request.sampling_params,
+        seed=seed_of(request),
+        step=request.num_sampled + in_flight,
+        prompt_token_ids=request.prompt_token_ids,
+        output_token_ids=request.output_token_ids,
+        banned_token_ids=banned_ids_of(request),
+    )
+
+
+def _constrained_rows(
+    sampled: list[tuple[ScheduledChunk, Request]], positions: int, device_drafts: bool
+) -> list[tuple[object, int, Sequence[int]]]:
+    """(grammar, first bitmask row, drafts) of each constrained row: its masks start at row * positions, one
+    per verified position after the drafts before it (none known yet when the device drafts them)."""
+    return [
         (
             request.grammar,
             row * positions,
@@ -248,9 +267,6 @@ def build_sampling(
         for row, (chunk, request) in enumerate(sampled)
         if request.grammar is not None
     ]
-    if constrained and not defer_masks:
-        fill_bitmask_rows(constrained, sampling.token_bitmask)
-    return sampling, logits_indices, sampled_ids, history_src, history_col
 
 
 def build_prompt_logprobs(
