@@ -93,9 +93,7 @@ class SpeculationController:
                 del chosen[c.request_id]
             others = len(running) - len(adaptive)
             chosen.update(choose_drafts(adaptive, others, self.costs, self.config.num_tokens))
-        probe_after = self._probe_spacing()
-        if self.config.adaptive and self.costs.measured and not self.drafting_can_pay(len(running)):
-            probe_after = max(probe_after, MAX_PROBE)
+        probe_after = self._probe_spacing(len(running))
         for request in eligible:
             n = chosen.get(request.request_id, 0)
             if not n and request.steps_without_drafts >= max(request.probe_interval, probe_after):
@@ -120,14 +118,16 @@ class SpeculationController:
         in_flight = request.in_flight_drafts + 1 if request.awaiting_verification else 0
         return max(0, min(self.config.num_tokens, self.max_model_len - request.num_tokens - in_flight - 1))
 
-    def _probe_spacing(self) -> float:
+    def _probe_spacing(self, num_rows: int = 1) -> float:
         """Steps between probes that keep their cost under PROBE_COST_SHARE of a lone request's time: a probe
-        costs a speculating step (k + 1 tokens) where a plain one-token step would have run."""
+        costs a speculating step (k + 1 tokens) where a plain one-token step would have run; and at least
+        MAX_PROBE where even accepted drafts would lose in a step of ``num_rows`` (``drafting_can_pay``)."""
         if not self.costs.measured:
             return 0.0
         k = self.config.num_tokens
         extra = self.costs.spec_step(k + 1) / self.costs.plain_step(1) - 1.0
-        return max(0.0, extra) / PROBE_COST_SHARE
+        spacing = max(0.0, extra) / PROBE_COST_SHARE
+        return spacing if self.drafting_can_pay(num_rows) else max(spacing, MAX_PROBE)
 
     def _draft(self, request: Request, num_drafts: int) -> None:
         request.drafts_offered = num_drafts
